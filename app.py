@@ -1,0 +1,165 @@
+"""create_app(settings) -> Flask app. Only wiring: services, blueprints, error mapping, request ids."""
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from flask import Flask, g, jsonify, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from utils.errors import ServerError, Unauthorized
+from utils.settings import ServerSettings, load_settings
+
+log = logging.getLogger("model_server.app")
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+@dataclass
+class Services:
+    """Shared services, one instance per app, kept in app.extensions['model_server']."""
+    settings: ServerSettings
+    manager: Any
+    inference: Any
+    temp: Any
+    probe: Any
+    sweeper: Any = None
+
+
+class Sweeper:
+    """One background thread for every periodic chore (idle models, old temp files)."""
+
+    def __init__(self, interval: float, chores: list) -> None:
+        self.interval, self.chores = interval, chores
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sweeper", daemon=True)
+
+    def start(self) -> "Sweeper":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            for chore in self.chores:
+                try:
+                    chore()
+                except Exception:
+                    log.exception("sweeper chore %s failed", getattr(chore, "__name__", chore))
+
+
+def build_services(settings: ServerSettings) -> Services:
+    from utils.families import load_family
+    from utils.inference import InferenceService
+    from utils.media import MediaLimits
+    from utils.memory import MemoryProbe, estimate_model_bytes
+    from utils.model_manager import ModelManager
+    from utils.tmp_manage import TempManager
+
+    probe = MemoryProbe()
+    manager = ModelManager(settings, load_family, estimator=estimate_model_bytes, probe=probe)
+    media_limits = MediaLimits(**asdict(settings.media))
+    temp = TempManager(settings.tmp_dir, ttl_seconds=settings.tmp_ttl, max_total_bytes=settings.tmp_max_bytes)
+    return Services(settings=settings, manager=manager, inference=InferenceService(manager, media_limits),
+                    temp=temp, probe=probe)
+
+
+def create_app(settings: ServerSettings | None = None, *, background: bool = True) -> Flask:
+    settings = settings or load_settings()
+    for folder in (settings.models_dir, settings.tmp_dir, settings.log_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+    if settings.demo:
+        from utils.demo_models import build_demo_models
+        build_demo_models(settings.models_dir / "demo")  # cached: only the first start builds
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_content_length
+    app.json.sort_keys = False
+    services = build_services(settings)
+    app.extensions["model_server"] = services
+    services.temp.startup_sweep()
+
+    from utils.api.generate import bp as generate_bp
+    app.register_blueprint(generate_bp)
+    _install_request_ids(app)
+    _install_auth(app, settings)
+    _install_error_handlers(app)
+
+    if background:
+        services.sweeper = Sweeper(settings.sweep_interval,
+                                   [services.manager.expire_idle, services.temp.sweep]).start()
+        threading.Thread(target=services.manager.preload, name="preload", daemon=True).start()
+    return app
+
+
+def _install_request_ids(app: Flask) -> None:
+    @app.before_request
+    def assign_request_id() -> None:
+        given = request.headers.get("X-Request-ID", "")
+        g.request_id = given if _REQUEST_ID_RE.match(given) else uuid.uuid4().hex
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def expose_request_id(response):
+        response.headers["X-Request-ID"] = g.get("request_id", "")
+        return response
+
+
+def _install_auth(app: Flask, settings: ServerSettings) -> None:
+    """ADMIN_TOKEN guards /admin, API_TOKEN guards inference; /health and /metrics stay open."""
+
+    @app.before_request
+    def check_token() -> None:
+        path = request.path
+        if path.startswith("/admin"):
+            expected = settings.admin_token
+        elif path.startswith(("/generate", "/v1")):
+            expected = settings.api_token
+        else:
+            return
+        if expected is None:
+            return
+        header = request.headers.get("Authorization", "")
+        given = header[7:] if header[:7].lower() == "bearer " else ""
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            raise Unauthorized()
+
+
+def _install_error_handlers(app: Flask) -> None:
+    def error_response(status: int, error: str, details: str, headers: dict | None = None, extra=None):
+        body = {"error": error, "details": details}
+        body.update(extra or {})
+        response = jsonify(body)
+        response.status_code = status
+        for name, value in (headers or {}).items():
+            response.headers[name] = value
+        return response
+
+    @app.errorhandler(ServerError)
+    def domain_error(exc: ServerError):
+        body = exc.to_dict()
+        g.error = body["error"]
+        return error_response(exc.status, body.pop("error"), body.pop("details"), exc.headers, body)
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def too_large(exc):
+        limit = app.config["MAX_CONTENT_LENGTH"]
+        return error_response(413, "payload too large",
+                              f"the request body exceeds MAX_CONTENT_LENGTH_MB ({limit / 2**20:g} MB)")
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
+        return error_response(exc.code or 500, (exc.name or "error").lower(), exc.description or "", headers)
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception):
+        request_id = g.get("request_id", "-")
+        log.exception("unhandled error in request %s", request_id)
+        return error_response(500, "internal error", f"see the server log for request id {request_id}")

@@ -1,0 +1,306 @@
+"""Policy of the model manager (LRU, leases, budgets, expiry, failures) with simple stand-ins.
+
+The loader here is a stand-in object, not a model: these tests check bookkeeping fast. Everything
+that claims to serve runs the real families on the tiny checkpoints (test_serving*.py).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from utils.errors import InsufficientMemory, ModelBusy, ModelUnavailable, UnknownModel
+from utils.memory import MemoryReading
+from utils.model_manager import ModelManager
+from utils.settings import ModelSpec, ServerSettings
+
+GIB = 2**30
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeProbe:
+    def __init__(self, available: int = 64 * GIB) -> None:
+        self.available = available
+
+    def read(self) -> MemoryReading:
+        return MemoryReading(ram_total=64 * GIB, ram_available=self.available, ram_percent=0.0, process_rss=0)
+
+
+class Handle:
+    def __init__(self, key: str, size: int) -> None:
+        self.key, self.size, self.released = key, size, False
+
+    def memory_bytes(self) -> int:
+        return self.size
+
+    def release(self) -> None:
+        self.released = True
+
+
+class RecordingLoader:
+    def __init__(self, size: int = 100, delay: float = 0.0, fail: set[str] | None = None) -> None:
+        self.size, self.delay, self.fail = size, delay, set(fail or ())
+        self.calls: list[str] = []
+        self.handles: dict[str, list[Handle]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, spec: ModelSpec, device: str) -> Handle:
+        with self._lock:
+            self.calls.append(spec.key)
+        if self.delay:
+            time.sleep(self.delay)
+        if spec.key in self.fail:
+            raise OSError(f"corrupt weights in {spec.key}")
+        handle = Handle(spec.key, self.size)
+        self.handles.setdefault(spec.key, []).append(handle)
+        return handle
+
+
+def make_settings(keys=("a", "b", "c"), **server) -> ServerSettings:
+    models = {k: ModelSpec(key=k, repo_id=f"org/{k}", family="text", path=Path("/nonexistent") / k, device="cpu")
+              for k in keys}
+    base = dict(models=models, models_dir=Path("/nonexistent"), tmp_dir=Path("/nonexistent/tmp"),
+                log_dir=Path("/nonexistent/logs"), max_loaded_models=2, idle_timeout=60.0,
+                ram_headroom_bytes=0, failed_load_backoff=10.0)
+    base.update(server)
+    return ServerSettings(**base)
+
+
+def make_manager(settings=None, loader=None, estimate=100, probe=None, clock=None, room_wait=0.5):
+    clock = clock or FakeClock()
+    manager = ModelManager(settings or make_settings(), loader or RecordingLoader(), estimator=lambda s: estimate,
+                           probe=probe or FakeProbe(), clock=clock, release_memory=lambda: None,
+                           room_wait=room_wait)
+    return manager, clock
+
+
+def use(manager, key, **kw):
+    with manager.lease(key, **kw) as handle:
+        return handle
+
+
+def loaded(manager) -> set[str]:
+    return {k for k, v in manager.snapshot().items() if v["loaded"]}
+
+
+def test_concurrent_first_requests_load_once():
+    loader = RecordingLoader(delay=0.3)
+    manager, _ = make_manager(loader=loader)
+    results, barrier = [], threading.Barrier(16)
+
+    def request():
+        barrier.wait()
+        results.append(use(manager, "a"))
+
+    threads = [threading.Thread(target=request) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert loader.calls == ["a"]
+    assert len(results) == 16 and all(r is results[0] for r in results)
+    assert manager.snapshot_one("a")["load_count"] == 1
+
+
+def test_lru_eviction_at_count_cap():
+    loader = RecordingLoader()
+    manager, clock = make_manager(loader=loader)
+    use(manager, "a")
+    clock.now += 1
+    use(manager, "b")
+    clock.now += 1
+    use(manager, "a")            # a is now the most recently used
+    clock.now += 1
+    use(manager, "c")            # evicts b, the least recently used
+    assert loaded(manager) == {"a", "c"}
+    assert loader.handles["b"][0].released
+    assert manager.snapshot_one("b")["last_unload_reason"] == "count"
+
+
+def test_leased_model_is_never_evicted():
+    manager, _ = make_manager(settings=make_settings(max_loaded_models=1), room_wait=0.3)
+    with manager.lease("a"):
+        with pytest.raises(InsufficientMemory) as info:
+            use(manager, "b")
+        assert loaded(manager) == {"a"}
+        assert info.value.status == 503 and "Retry-After" in info.value.headers
+    use(manager, "b")  # a is idle now, so it can make room
+    assert loaded(manager) == {"b"}
+
+
+def test_load_waits_for_a_lease_to_end():
+    manager, _ = make_manager(settings=make_settings(max_loaded_models=1), room_wait=5)
+    release = threading.Event()
+
+    def hold():
+        with manager.lease("a"):
+            release.wait(5)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    time.sleep(0.1)
+    threading.Timer(0.3, release.set).start()
+    started = time.monotonic()
+    use(manager, "b")
+    holder.join()
+    assert time.monotonic() - started >= 0.25
+    assert loaded(manager) == {"b"}
+
+
+def test_slow_load_does_not_stall_loaded_models():
+    class SlowB(RecordingLoader):
+        def __call__(self, spec, device):
+            if spec.key == "b":
+                time.sleep(1.0)
+            return super().__call__(spec, device)
+
+    manager, _ = make_manager(loader=SlowB())
+    use(manager, "a")
+    loading = threading.Thread(target=use, args=(manager, "b"))
+    loading.start()
+    time.sleep(0.1)
+    assert manager.snapshot_one("b")["state"] == "loading"
+    started = time.monotonic()
+    for _ in range(20):
+        use(manager, "a")
+    assert time.monotonic() - started < 0.5
+    loading.join()
+
+
+def test_memory_budget_evicts_lru_before_loading():
+    settings = make_settings(max_loaded_models=3, ram_budget_bytes=250)
+    manager, clock = make_manager(settings=settings, estimate=100)
+    use(manager, "a")
+    clock.now += 1
+    use(manager, "b")
+    clock.now += 1
+    use(manager, "c")  # 3 x 100 > 250: a goes first
+    assert loaded(manager) == {"b", "c"}
+    assert manager.snapshot_one("a")["last_unload_reason"] == "memory"
+
+
+def test_model_larger_than_budget_is_refused_and_others_keep_serving():
+    settings = make_settings(ram_budget_bytes=50)
+    manager, _ = make_manager(settings=settings, estimate=100)
+    with pytest.raises(InsufficientMemory) as info:
+        use(manager, "a")
+    assert "needs" in info.value.details and info.value.status == 503
+    assert manager.snapshot_one("a")["state"] == "unloaded"
+
+
+def test_physical_memory_shortage_evicts_idle_model():
+    probe = FakeProbe(available=150)
+    settings = make_settings(max_loaded_models=3)
+    loader = RecordingLoader()
+    manager, _ = make_manager(settings=settings, loader=loader, probe=probe, estimate=100)
+    use(manager, "a")
+    probe.available = 50  # the OS now has less than the next model needs
+
+    original_release = Handle.release
+
+    def release_and_free(self):
+        original_release(self)
+        probe.available += 100
+    Handle.release = release_and_free
+    try:
+        use(manager, "b")
+    finally:
+        Handle.release = original_release
+    assert loaded(manager) == {"b"}
+
+
+def test_idle_expiry_and_per_request_keep_alive():
+    manager, clock = make_manager(settings=make_settings(max_loaded_models=3, idle_timeout=60))
+    use(manager, "a")
+    use(manager, "b", keep_alive=-1)
+    use(manager, "c", keep_alive=5)
+    clock.now += 10
+    assert manager.expire_idle() == ["c"]
+    clock.now += 60
+    assert manager.expire_idle() == ["a"]
+    clock.now += 10_000
+    assert manager.expire_idle() == []
+    assert loaded(manager) == {"b"}
+
+
+def test_keep_alive_zero_unloads_after_the_request():
+    manager, _ = make_manager()
+    use(manager, "a", keep_alive=0)
+    assert loaded(manager) == set()
+    assert manager.snapshot_one("a")["last_unload_reason"] == "keep_alive=0"
+
+
+def test_pinned_model_is_never_evicted_or_expired():
+    settings = make_settings(max_loaded_models=1)
+    settings = settings.with_model("a", pinned=True)
+    manager, clock = make_manager(settings=settings, room_wait=0.2)
+    use(manager, "a")
+    clock.now += 10_000
+    assert manager.expire_idle() == []
+    with pytest.raises(InsufficientMemory):
+        use(manager, "b")
+    assert loaded(manager) == {"a"}
+
+
+def test_failed_load_is_contained_and_backs_off():
+    loader = RecordingLoader(fail={"b"})
+    manager, clock = make_manager(loader=loader)
+    use(manager, "a")
+    with pytest.raises(ModelUnavailable) as first:
+        use(manager, "b")
+    assert first.value.headers["Retry-After"] == "10"
+    assert "corrupt weights" in first.value.details
+    with pytest.raises(ModelUnavailable):
+        use(manager, "b")
+    assert loader.calls.count("b") == 1          # not reloaded during the backoff
+    clock.now += 11
+    with pytest.raises(ModelUnavailable) as second:
+        use(manager, "b")
+    assert second.value.headers["Retry-After"] == "20"  # doubled
+    assert loader.calls.count("b") == 2
+    assert use(manager, "a") is not None         # the other model kept serving
+    status = manager.snapshot_one("b")
+    assert status["state"] == "error" and status["failures"] == 2
+
+
+def test_admin_unload_waits_for_leases_or_refuses():
+    manager, _ = make_manager()
+    use(manager, "a")
+    with manager.lease("a"):
+        with pytest.raises(ModelBusy):
+            manager.unload("a", wait=0.1)
+        assert loaded(manager) == {"a"}
+    assert manager.unload("a") is True
+    assert manager.unload("a") is False
+
+
+def test_unload_idle_leaves_models_in_use():
+    manager, _ = make_manager()
+    use(manager, "a")
+    with manager.lease("b"):
+        assert manager.unload_idle() == ["a"]
+        assert loaded(manager) == {"b"}
+
+
+def test_unknown_model():
+    manager, _ = make_manager()
+    with pytest.raises(UnknownModel) as info:
+        use(manager, "nope")
+    assert info.value.status == 404
+
+
+def test_snapshot_is_a_copy():
+    manager, _ = make_manager()
+    use(manager, "a")
+    snap = manager.snapshot()
+    snap["a"]["state"] = "mangled"
+    assert manager.snapshot()["a"]["state"] == "loaded"

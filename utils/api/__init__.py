@@ -1,0 +1,1 @@
+"""HTTP blueprints: thin layers that parse, call the services and serialize."""

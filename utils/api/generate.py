@@ -1,0 +1,78 @@
+"""POST /generate/<model>: the reference server's contract, validated."""
+from __future__ import annotations
+
+import json
+
+from flask import Blueprint, Response, current_app, g, jsonify, request, stream_with_context
+
+from utils.errors import InvalidInput, UnsupportedMediaType
+from utils.inference import parse_job
+
+bp = Blueprint("generate", __name__)
+
+
+def services():
+    return current_app.extensions["model_server"]
+
+
+def request_body() -> tuple[dict, dict[str, list[bytes]]]:
+    """The body as a dict plus uploaded files by field name (JSON or multipart/form-data)."""
+    mimetype = request.mimetype or ""
+    if mimetype == "application/json" or mimetype.endswith("+json"):
+        raw = request.get_data(cache=True)
+        if not raw.strip():
+            raise InvalidInput("the request body is empty; send a JSON object", error="malformed JSON")
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidInput(f"the body is not valid JSON: {exc}", error="malformed JSON") from None
+        if not isinstance(body, dict):
+            raise InvalidInput(f"the body must be a JSON object, got {type(body).__name__}", error="malformed JSON")
+        return body, {}
+    if mimetype == "multipart/form-data":
+        body = {k: (v if len(v) > 1 else v[0]) for k, v in request.form.lists()}
+        uploads = {name: [f.read() for f in request.files.getlist(name)] for name in request.files}
+        return body, uploads
+    raise UnsupportedMediaType(f"send Content-Type: application/json or multipart/form-data "
+                               f"(got {mimetype or 'none'})")
+
+
+@bp.post("/generate/<model>")
+def generate(model: str):
+    svc = services()
+    spec = svc.inference.spec(model)  # unknown model -> 404 before the body is even read
+    body, uploads = request_body()
+    job = parse_job(body, uploads, spec)
+    if job.stream:
+        pieces = svc.inference.stream(model, job)
+
+        def events():
+            for piece in pieces:
+                yield f"data: {json.dumps({'text': piece})}\n\n"
+            yield "data: [DONE]\n\n"
+        return Response(stream_with_context(events()), mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    result = svc.inference.generate(model, job)
+    body = {"response": result.text, "model": model,
+            "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+                      "total_tokens": result.prompt_tokens + result.completion_tokens},
+            "finish_reason": result.finish_reason}
+    if result.reasoning is not None:
+        body["reasoning"] = result.reasoning
+    g.completion_tokens = result.completion_tokens
+    return jsonify(body)
+
+
+@bp.get("/health")
+def health():
+    svc = services()
+    snapshot = svc.manager.snapshot()
+    return jsonify({"status": "ok", "models": {k: v["state"] for k, v in snapshot.items()},
+                    "loaded": [k for k, v in snapshot.items() if v["loaded"]], "demo": svc.settings.demo})
+
+
+@bp.get("/models")
+def list_models():
+    svc = services()
+    return jsonify({"models": [{"key": key, "family": spec.family, "repo_id": spec.repo_id}
+                               for key, spec in svc.settings.models.items()]})

@@ -1,0 +1,92 @@
+"""Domain errors. Each carries its HTTP status so app.py maps them in one place.
+
+utils/ stays free of Flask: these are plain exceptions with a status number attached.
+"""
+from __future__ import annotations
+
+
+class ServerError(Exception):
+    """Base of every error the server reports to a client on purpose."""
+
+    status = 500
+    error = "internal error"
+
+    def __init__(self, details: str = "", *, error: str | None = None, headers: dict | None = None):
+        super().__init__(details or error or self.error)
+        self.details = details
+        if error is not None:
+            self.error = error
+        self.headers = dict(headers or {})
+
+    def to_dict(self) -> dict:
+        return {"error": self.error, "details": self.details}
+
+
+class InvalidInput(ServerError):
+    """The request is malformed: wrong types, bad values, undecodable media."""
+
+    status = 400
+    error = "invalid input"
+
+    def __init__(self, details: str = "", *, field: str | None = None, error: str | None = None):
+        super().__init__(details, error=error)
+        self.field = field
+
+    def to_dict(self) -> dict:
+        body = super().to_dict()
+        if self.field:
+            body["field"] = self.field
+        return body
+
+
+class UnsupportedMediaType(ServerError):
+    status = 415
+    error = "unsupported media type"
+
+
+class PayloadTooLarge(ServerError):
+    status = 413
+    error = "payload too large"
+
+
+class Unauthorized(ServerError):
+    status = 401
+    error = "unauthorized"
+
+    def __init__(self, details: str = "missing or invalid bearer token"):
+        super().__init__(details, headers={"WWW-Authenticate": "Bearer"})
+
+
+class UnknownModel(ServerError):
+    status = 404
+    error = "unknown model"
+
+
+class ModelBusy(ServerError):
+    """An operation on a model conflicts with requests that hold it."""
+
+    status = 409
+    error = "model busy"
+
+
+class ModelUnavailable(ServerError):
+    """The model cannot serve now: its load failed, or it does not fit in memory.
+
+    ``retry_after`` (seconds) becomes the Retry-After header.
+    """
+
+    status = 503
+    error = "model unavailable"
+
+    def __init__(self, details: str = "", *, retry_after: float | None = None, error: str | None = None):
+        headers = {"Retry-After": str(max(1, int(round(retry_after))))} if retry_after else {}
+        super().__init__(details, error=error, headers=headers)
+        self.retry_after = retry_after
+
+
+class InsufficientMemory(ModelUnavailable):
+    error = "insufficient memory"
+
+
+class ConfigError(Exception):
+    """Invalid settings: raised at start, never mapped to HTTP."""

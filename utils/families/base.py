@@ -1,0 +1,207 @@
+"""The one interface every model family implements, and what they share.
+
+A family adapter holds one loaded model and its processor. The model manager creates it through
+`load(spec, device)` and drops it through `release()`; request handling calls `prepare` then
+`generate`. Adapters take plain Python values (PIL images, numpy waveforms, VideoClips) and return
+plain results, so they run the same under Flask, gunicorn or a Ray Serve replica.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator
+
+from utils.errors import InvalidInput
+from utils.settings import ModelSpec
+
+log = logging.getLogger("model_server.families")
+
+# Sampling draws from torch's global RNG; a seeded request must not share it with another sampler.
+_SAMPLING_RNG_LOCK = threading.Lock()
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str
+    system: str | None = None
+    images: list[Any] = field(default_factory=list)   # PIL.Image.Image, RGB
+    videos: list[Any] = field(default_factory=list)   # utils.media.VideoClip
+    audios: list[Any] = field(default_factory=list)   # float32 mono numpy arrays at the model's rate
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    do_sample: bool
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    reasoning: str | None = None
+    finish_reason: str = "stop"   # "stop" | "length"
+
+
+class Family:
+    """Base adapter. Subclasses set `name`, `accepts` and implement load/prepare/generate."""
+
+    name: ClassVar[str]
+    accepts: ClassVar[frozenset[str]] = frozenset()   # media kinds: "image", "video", "audio"
+    quant_skip_modules: ClassVar[list[str] | None] = None
+
+    def __init__(self, spec: ModelSpec, device: str, model: Any, processor: Any) -> None:
+        self.spec, self.device, self.model, self.processor = spec, device, model, processor
+
+    # -- lifecycle
+    @classmethod
+    def load(cls, spec: ModelSpec, device: str) -> "Family":
+        raise NotImplementedError
+
+    def release(self) -> None:
+        self.model = None
+        self.processor = None
+
+    def memory_bytes(self) -> int:
+        return int(self.model.get_memory_footprint()) if self.model is not None else 0
+
+    # -- serving
+    def prepare(self, request: GenerationRequest) -> Any:
+        raise NotImplementedError
+
+    def generate(self, prepared: Any, params: GenerationParams) -> GenerationResult:
+        raise NotImplementedError
+
+    def stream(self, prepared: Any, params: GenerationParams) -> Iterator[str]:
+        """Yields text pieces as they are generated (TextIteratorStreamer on a worker thread)."""
+        import torch
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self._tokenizer(), skip_prompt=True, skip_special_tokens=True)
+        kwargs = dict(prepared, **self._generate_kwargs(params), streamer=streamer)
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with torch.inference_mode():
+                    self._generator().generate(**kwargs)
+            except BaseException as exc:  # surfaced to the consumer below
+                errors.append(exc)
+                streamer.end()
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        yield from streamer
+        worker.join()
+        if errors:
+            raise errors[0]
+
+    # -- shared helpers
+    def check_media(self, request: GenerationRequest) -> None:
+        given = {"image": len(request.images), "video": len(request.videos), "audio": len(request.audios)}
+        limits = {"image": self.spec.limits.max_images, "video": self.spec.limits.max_videos,
+                  "audio": self.spec.limits.max_audios}
+        for kind, count in given.items():
+            if not count:
+                continue
+            if kind not in self.accepts:
+                raise InvalidInput(f"model '{self.spec.key}' does not take {kind} input "
+                                   f"(it takes: {', '.join(sorted(self.accepts)) or 'text only'})",
+                                   field=kind, error="unsupported input")
+            if count > limits[kind]:
+                raise InvalidInput(f"model '{self.spec.key}' takes at most {limits[kind]} {kind}(s) per request; "
+                                   f"got {count}", field=kind, error="too many media items")
+
+    def _tokenizer(self) -> Any:
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    def _generator(self) -> Any:
+        """The module whose .generate produces text (Omni overrides: its thinker)."""
+        return self.model
+
+    def _generate_kwargs(self, params: GenerationParams) -> dict:
+        tokenizer = self._tokenizer()
+        kwargs: dict[str, Any] = {"max_new_tokens": params.max_new_tokens, "do_sample": params.do_sample}
+        if params.do_sample:
+            kwargs.update(temperature=params.temperature, top_p=params.top_p)
+            if params.top_k is not None:
+                kwargs["top_k"] = params.top_k
+        else:  # greedy: make sure checkpoint sampling defaults do not leak in with warnings
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if params.repetition_penalty is not None:
+            kwargs["repetition_penalty"] = params.repetition_penalty
+        pad = getattr(tokenizer, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(tokenizer, "eos_token_id", None)
+        if pad is not None:
+            kwargs["pad_token_id"] = pad
+        return kwargs
+
+    def _run_generate(self, inputs: dict, params: GenerationParams) -> Any:
+        """model.generate with the request's parameters; seeded sampling is reproducible."""
+        import torch
+
+        kwargs = dict(inputs, **self._generate_kwargs(params))
+        with torch.inference_mode():
+            if not params.do_sample:
+                return self._generator().generate(**kwargs)
+            with _SAMPLING_RNG_LOCK:
+                if params.seed is not None:
+                    torch.manual_seed(params.seed)
+                return self._generator().generate(**kwargs)
+
+    def _decode_new_tokens(self, inputs: dict, output: Any, params: GenerationParams) -> GenerationResult:
+        """Decodes only the generated tokens: the answer never echoes the prompt."""
+        prompt_len = int(inputs["input_ids"].shape[1])
+        new_tokens = output[0, prompt_len:]
+        text = self._tokenizer().decode(new_tokens, skip_special_tokens=True).strip()
+        return GenerationResult(text=text, prompt_tokens=prompt_len, completion_tokens=int(new_tokens.shape[0]),
+                                finish_reason=_finish_reason(new_tokens, params, self._tokenizer()))
+
+
+def _finish_reason(new_tokens: Any, params: GenerationParams, tokenizer: Any) -> str:
+    if int(new_tokens.shape[0]) < params.max_new_tokens:
+        return "stop"
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return "stop" if eos is not None and int(new_tokens[-1]) == eos else "length"
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(name, "auto")
+
+
+def from_pretrained_kwargs(spec: ModelSpec, device: str, skip_modules: list[str] | None = None) -> dict:
+    """dtype, device placement and bitsandbytes quantization for any family's from_pretrained."""
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(spec.dtype), "device_map": {"": device}}
+    if spec.quantization != "none":
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        compute = kwargs["dtype"] if kwargs["dtype"] != "auto" else torch.bfloat16
+        if spec.quantization == "4bit":
+            config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                        bnb_4bit_compute_dtype=compute, bnb_4bit_use_double_quant=True,
+                                        llm_int8_skip_modules=skip_modules)
+        else:
+            config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
+        kwargs["quantization_config"] = config
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # one notice per matmul otherwise
+    return kwargs
+
+
+def chat_messages(request: GenerationRequest, media_items: list[dict] | None = None) -> list[dict]:
+    """Messages for a processor's chat template: media items first, then the prompt text."""
+    messages: list[dict] = []
+    if request.system:
+        messages.append({"role": "system", "content": [{"type": "text", "text": request.system}]})
+    content = list(media_items or []) + [{"type": "text", "text": request.prompt}]
+    messages.append({"role": "user", "content": content})
+    return messages

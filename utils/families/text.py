@@ -1,0 +1,78 @@
+"""Text LLMs (Qwen3 architecture: DeepSeek-R1-0528-Qwen3-8B) with reasoning split from the answer."""
+from __future__ import annotations
+
+from typing import Any
+
+from utils.families.base import Family, GenerationParams, GenerationRequest, GenerationResult, \
+    _finish_reason, from_pretrained_kwargs
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+class TextFamily(Family):
+    name = "text"
+    accepts = frozenset()
+
+    @classmethod
+    def load(cls, spec, device):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(spec.path)
+        model = AutoModelForCausalLM.from_pretrained(spec.path, **from_pretrained_kwargs(spec, device))
+        model.eval()
+        return cls(spec, device, model, tokenizer)
+
+    def prepare(self, request: GenerationRequest) -> dict:
+        self.check_media(request)
+        messages = []
+        if request.system:
+            messages.append({"role": "system", "content": request.system})
+        messages.append({"role": "user", "content": request.prompt})
+        inputs = self.processor.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                    return_dict=True)
+        return {k: v.to(self.model.device) for k, v in inputs.items()}
+
+    def generate(self, prepared: dict, params: GenerationParams) -> GenerationResult:
+        output = self._run_generate(prepared, params)
+        prompt_len = int(prepared["input_ids"].shape[1])
+        new_tokens = output[0, prompt_len:]
+        reasoning, answer = split_reasoning(self.processor, new_tokens.tolist())
+        return GenerationResult(text=answer, reasoning=reasoning, prompt_tokens=prompt_len,
+                                completion_tokens=int(new_tokens.shape[0]),
+                                finish_reason=_finish_reason(new_tokens, params, self.processor))
+
+
+def split_reasoning(tokenizer: Any, token_ids: list[int]) -> tuple[str | None, str]:
+    """Splits `<think>…</think>answer` into (reasoning, answer) on token ids, not on decoded text.
+
+    R1-style templates often open the think block in the prompt, so the output may hold only the
+    closing tag. An unclosed block (generation cut short) is all reasoning and no answer yet.
+    """
+    close_id = _single_token_id(tokenizer, THINK_CLOSE)
+    open_id = _single_token_id(tokenizer, THINK_OPEN)
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
+    if close_id is not None and open_id is not None:
+        if close_id in token_ids:
+            cut = token_ids.index(close_id)
+            thought = [t for t in token_ids[:cut] if t != open_id]
+            return decode(thought), decode(token_ids[cut + 1:])
+        if open_id in token_ids:
+            return decode(token_ids[token_ids.index(open_id) + 1:]), decode(token_ids[:token_ids.index(open_id)])
+        return None, decode(token_ids)
+    return split_reasoning_text(tokenizer.decode(token_ids, skip_special_tokens=True))
+
+
+def split_reasoning_text(text: str) -> tuple[str | None, str]:
+    if THINK_CLOSE in text:
+        thought, answer = text.split(THINK_CLOSE, 1)
+        return thought.replace(THINK_OPEN, "").strip(), answer.strip()
+    if THINK_OPEN in text:
+        before, thought = text.split(THINK_OPEN, 1)
+        return thought.strip(), before.strip()
+    return None, text.strip()
+
+
+def _single_token_id(tokenizer: Any, token: str) -> int | None:
+    ids = tokenizer.convert_tokens_to_ids([token])
+    unk = getattr(tokenizer, "unk_token_id", None)
+    return ids[0] if ids and ids[0] is not None and ids[0] != unk else None

@@ -1,0 +1,37 @@
+"""BLIP visual question answering: one image and a question, a short answer."""
+from __future__ import annotations
+
+from utils.errors import InvalidInput
+from utils.families.base import Family, GenerationParams, GenerationRequest, GenerationResult, \
+    from_pretrained_kwargs
+
+
+class VqaFamily(Family):
+    name = "vqa"
+    accepts = frozenset({"image"})
+
+    @classmethod
+    def load(cls, spec, device):
+        from transformers import BlipForQuestionAnswering, BlipProcessor
+
+        processor = BlipProcessor.from_pretrained(spec.path)
+        model = BlipForQuestionAnswering.from_pretrained(spec.path, **from_pretrained_kwargs(spec, device))
+        model.eval()
+        return cls(spec, device, model, processor)
+
+    def prepare(self, request: GenerationRequest) -> dict:
+        self.check_media(request)
+        if len(request.images) != 1:
+            raise InvalidInput(f"'{self.spec.key}' answers a question about exactly one image; "
+                               f"got {len(request.images)}", field="image", error="missing image")
+        inputs = self.processor(images=request.images[0], text=request.prompt, return_tensors="pt")
+        return {k: v.to(self.model.device) for k, v in inputs.items()}
+
+    def generate(self, prepared: dict, params: GenerationParams) -> GenerationResult:
+        output = self._run_generate(prepared, params)
+        # BLIP's decoder starts from its own BOS: its output holds only the answer, never the question.
+        tokens = output[0]
+        text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        completion = int((tokens != self.processor.tokenizer.pad_token_id).sum())
+        return GenerationResult(text=text, prompt_tokens=int(prepared["input_ids"].shape[1]),
+                                completion_tokens=completion)

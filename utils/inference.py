@@ -1,0 +1,213 @@
+"""Request -> validated job -> media decoded -> leased model -> result. No Flask, no HTTP here.
+
+The generate route and the OpenAI layer both end up in `InferenceService.generate`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping
+
+from utils.errors import InvalidInput
+from utils.families import GenerationParams, GenerationRequest, GenerationResult, accepted_media
+from utils.settings import ModelSpec
+
+MEDIA_FIELDS = {"image": "image", "images": "image", "video": "video", "videos": "video", "audio": "audio",
+                "audios": "audio"}
+SEED_MAX = 2**63 - 1
+
+
+@dataclass
+class MediaItem:
+    kind: str          # image | video | audio
+    field: str         # as the client named it, e.g. "images[1]"
+    payload: Any       # base64/data-URL str, or bytes from an upload
+
+
+@dataclass
+class GenerateJob:
+    prompt: str
+    params: GenerationParams
+    system: str | None = None
+    media: list[MediaItem] = field(default_factory=list)
+    keep_alive: float | None = None
+    stream: bool = False
+
+
+# ------------------------------------------------------------------ validation
+
+def _number(body: Mapping, name: str, *, integer: bool, low: float, high: float, default: Any) -> Any:
+    if name not in body or body[name] is None:
+        return default
+    value = body[name]
+    if isinstance(value, str):  # multipart form fields arrive as text
+        try:
+            value = int(value) if integer else float(value)
+        except ValueError:
+            raise InvalidInput(f"'{name}' must be {'an integer' if integer else 'a number'}; got {body[name]!r}",
+                               field=name) from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidInput(f"'{name}' must be {'an integer' if integer else 'a number'}; "
+                           f"got {type(value).__name__}", field=name)
+    if integer and (isinstance(value, float) and not value.is_integer()):
+        raise InvalidInput(f"'{name}' must be an integer; got {value}", field=name)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidInput(f"'{name}' must be finite", field=name)
+    if not low <= value <= high:
+        raise InvalidInput(f"'{name}' must be between {low:g} and {high:g}; got {value}", field=name,
+                           error="value out of range")
+    return int(value) if integer else float(value)
+
+
+def _flag(body: Mapping, name: str, default: bool) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+        return value.lower() in ("true", "1")
+    raise InvalidInput(f"'{name}' must be true or false; got {value!r}", field=name)
+
+
+def _text(body: Mapping, name: str, *, required: bool, max_chars: int) -> str | None:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise InvalidInput(f"'{name}' is required", field=name, error="missing field")
+        return None
+    if not isinstance(value, str):
+        raise InvalidInput(f"'{name}' must be a string; got {type(value).__name__}", field=name)
+    if required and not value.strip():
+        raise InvalidInput(f"'{name}' must not be empty", field=name, error="empty field")
+    if len(value) > max_chars:
+        raise InvalidInput(f"'{name}' is {len(value)} characters; this model takes at most {max_chars}",
+                           field=name, error="value out of range")
+    return value
+
+
+def parse_params(body: Mapping, spec: ModelSpec) -> GenerationParams:
+    defaults, limits = spec.generation, spec.limits
+    temperature = _number(body, "temperature", integer=False, low=0.0, high=2.0, default=None)
+    do_sample_default = defaults.do_sample if temperature is None else temperature > 0
+    do_sample = _flag(body, "do_sample", do_sample_default)
+    if temperature == 0 and do_sample:
+        raise InvalidInput("'temperature' 0 means greedy decoding; it cannot be combined with do_sample=true",
+                           field="temperature")
+    return GenerationParams(
+        max_new_tokens=_number(body, "max_new_tokens", integer=True, low=1, high=limits.max_new_tokens,
+                               default=defaults.max_new_tokens),
+        temperature=temperature if temperature else defaults.temperature or 1.0,
+        top_p=_number(body, "top_p", integer=False, low=1e-6, high=1.0, default=defaults.top_p),
+        top_k=_number(body, "top_k", integer=True, low=0, high=100_000, default=defaults.top_k),
+        do_sample=do_sample,
+        repetition_penalty=_number(body, "repetition_penalty", integer=False, low=0.01, high=10.0,
+                                   default=defaults.repetition_penalty),
+        seed=_number(body, "seed", integer=True, low=0, high=SEED_MAX, default=None),
+    )
+
+
+def _media_items(body: Mapping, uploads: Mapping[str, list[bytes]]) -> list[MediaItem]:
+    items: list[MediaItem] = []
+    for name, kind in MEDIA_FIELDS.items():
+        value = body.get(name)
+        if value is None or value == "":
+            pass
+        elif name.endswith("s"):  # list fields
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list):
+                raise InvalidInput(f"'{name}' must be a list of base64 strings or data URLs", field=name)
+            items += [MediaItem(kind, f"{name}[{i}]", v) for i, v in enumerate(value)]
+        else:
+            items.append(MediaItem(kind, name, value))
+        files = uploads.get(name, [])
+        for i, data in enumerate(files):
+            items.append(MediaItem(kind, name if len(files) == 1 and not name.endswith("s") else f"{name}[{i}]",
+                                   data))
+    return items
+
+
+def parse_job(body: Mapping, uploads: Mapping[str, list[bytes]], spec: ModelSpec) -> GenerateJob:
+    """Validates a /generate body (JSON object or form fields) against the model's limits."""
+    media = _media_items(body, uploads)
+    accepted = accepted_media(spec.family)
+    for item in media:
+        if item.kind not in accepted:
+            raise InvalidInput(f"model '{spec.key}' does not take {item.kind} input "
+                               f"(it takes: {', '.join(sorted(accepted)) or 'text only'})",
+                               field=item.field, error="unsupported input")
+    keep_alive = _number(body, "keep_alive", integer=False, low=-1, high=10 * 365 * 86400, default=None)
+    if keep_alive is not None and -1 < keep_alive < 0:
+        raise InvalidInput("'keep_alive' is -1 (keep loaded), 0 (unload after this request) or seconds",
+                           field="keep_alive")
+    return GenerateJob(
+        prompt=_text(body, "prompt", required=True, max_chars=spec.limits.max_prompt_chars),
+        system=_text(body, "system", required=False, max_chars=spec.limits.max_prompt_chars),
+        params=parse_params(body, spec),
+        media=media,
+        keep_alive=keep_alive,
+        stream=_flag(body, "stream", False),
+    )
+
+
+# ------------------------------------------------------------------ execution
+
+class InferenceService:
+    """Decodes a job's media, leases the model, runs its family adapter."""
+
+    def __init__(self, manager: Any, media_limits: Any, on_result: Callable[[str, GenerationResult], None] = None):
+        self.manager = manager
+        self.media_limits = media_limits
+        self._on_result = on_result
+
+    def spec(self, key: str) -> ModelSpec:
+        return self.manager.spec(key)
+
+    def decode_media(self, job: GenerateJob) -> GenerationRequest:
+        from utils import media
+
+        request = GenerationRequest(prompt=job.prompt, system=job.system)
+        for item in job.media:
+            data = item.payload if isinstance(item.payload, (bytes, bytearray)) else \
+                media.decode_base64(item.payload, item.field, self.media_limits.max_media_bytes)
+            if isinstance(item.payload, (bytes, bytearray)) and len(data) > self.media_limits.max_media_bytes:
+                from utils.errors import PayloadTooLarge
+                raise PayloadTooLarge(f"'{item.field}' is {len(data)} bytes; the limit is "
+                                      f"{self.media_limits.max_media_bytes}")
+            if not data:
+                raise InvalidInput(f"'{item.field}' is empty", field=item.field, error="invalid media")
+            if item.kind == "image":
+                request.images.append(media.load_image(bytes(data), item.field, self.media_limits))
+            elif item.kind == "audio":
+                request.audios.append(media.load_audio(bytes(data), item.field, self.media_limits))
+            else:
+                request.videos.append(media.load_video(bytes(data), item.field, self.media_limits))
+        return request
+
+    def generate(self, key: str, job: GenerateJob) -> GenerationResult:
+        request = self.decode_media(job)  # bad media fails before any model loads
+        with self.manager.lease(key, keep_alive=job.keep_alive) as model:
+            prepared = model.prepare(request)
+            result = model.generate(prepared, job.params)
+        if self._on_result:
+            self._on_result(key, result)
+        return result
+
+    def stream(self, key: str, job: GenerateJob) -> Iterator[str]:
+        """Text pieces as generated; the lease is held until the generator finishes or is closed."""
+        request = self.decode_media(job)
+        lease = self.manager.lease(key, keep_alive=job.keep_alive)
+        model = lease.__enter__()
+        try:
+            prepared = model.prepare(request)
+        except BaseException:
+            lease.__exit__(None, None, None)
+            raise
+
+        def pieces() -> Iterator[str]:
+            try:
+                yield from model.stream(prepared, job.params)
+            finally:
+                lease.__exit__(None, None, None)
+        return pieces()

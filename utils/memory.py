@@ -1,0 +1,163 @@
+"""Memory readings (psutil RAM, per-GPU torch.cuda) and estimates of what a model will take.
+
+Readings are plain values; the model manager decides what to do with them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psutil
+
+from utils.settings import ModelSpec, ServerSettings
+
+# Bytes per element of the safetensors dtypes a checkpoint may hold.
+_SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                            "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+# Loading needs a little more than the weights (buffers, allocator rounding, quantization state).
+LOAD_OVERHEAD = 1.10
+MIN_ESTIMATE = 1 << 20
+
+
+@dataclass(frozen=True)
+class GpuReading:
+    index: int
+    name: str
+    total: int
+    free: int          # from the driver (cudaMemGetInfo): what any process may still take
+    allocated: int     # by this process's tensors
+    reserved: int      # by this process's caching allocator
+
+
+@dataclass(frozen=True)
+class MemoryReading:
+    ram_total: int
+    ram_available: int
+    ram_percent: float
+    process_rss: int
+    gpus: tuple[GpuReading, ...] = field(default_factory=tuple)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+        return bool(torch.cuda.is_available())
+    except Exception:  # a broken CUDA install must not take the server down
+        return False
+
+
+class MemoryProbe:
+    """Reads RAM through psutil and each GPU through torch.cuda."""
+
+    def __init__(self) -> None:
+        self._process = psutil.Process(os.getpid())
+
+    def read(self) -> MemoryReading:
+        vm = psutil.virtual_memory()
+        return MemoryReading(ram_total=vm.total, ram_available=vm.available, ram_percent=vm.percent,
+                             process_rss=self._process.memory_info().rss, gpus=tuple(self._gpus()))
+
+    @staticmethod
+    def _gpus() -> list[GpuReading]:
+        if not cuda_available():
+            return []
+        import torch
+        out = []
+        for index in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(index)
+            out.append(GpuReading(index=index, name=torch.cuda.get_device_name(index), total=total, free=free,
+                                  allocated=torch.cuda.memory_allocated(index),
+                                  reserved=torch.cuda.memory_reserved(index)))
+        return out
+
+
+# ------------------------------------------------------------------ budgets
+
+def ram_budget(settings: ServerSettings, reading: MemoryReading) -> int:
+    """Bytes of models allowed in RAM."""
+    if settings.ram_budget_bytes is not None:
+        return settings.ram_budget_bytes
+    return max(0, reading.ram_total - settings.ram_headroom_bytes)
+
+
+def gpu_budget(settings: ServerSettings, gpu: GpuReading) -> int:
+    if settings.gpu_budget_bytes is not None:
+        return min(settings.gpu_budget_bytes, gpu.total)
+    return max(0, gpu.total - settings.gpu_headroom_bytes)
+
+
+def physical_room(settings: ServerSettings, reading: MemoryReading, device: str) -> int:
+    """Bytes that can still be taken on `device` right now, headroom kept."""
+    if device == "cpu":
+        return reading.ram_available - settings.ram_headroom_bytes
+    gpu = gpu_for(reading, device)
+    return (gpu.free - settings.gpu_headroom_bytes) if gpu else -1
+
+
+def gpu_for(reading: MemoryReading, device: str) -> GpuReading | None:
+    index = int(device.split(":", 1)[1]) if ":" in device else 0
+    return next((g for g in reading.gpus if g.index == index), None)
+
+
+def device_budget(settings: ServerSettings, reading: MemoryReading, device: str) -> int:
+    if device == "cpu":
+        return ram_budget(settings, reading)
+    gpu = gpu_for(reading, device)
+    return gpu_budget(settings, gpu) if gpu else 0
+
+
+# ------------------------------------------------------------------ estimates
+
+def _safetensors_header(path: Path) -> dict:
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        if length > 100 * 2**20:
+            raise ValueError(f"{path.name}: implausible safetensors header length {length}")
+        return json.loads(handle.read(length))
+
+
+def _is_quantizable(name: str, shape: list[int]) -> bool:
+    # bitsandbytes replaces nn.Linear weights; embeddings, norms, biases and lm_head stay in dtype.
+    return (len(shape) == 2 and name.endswith(".weight") and "embed" not in name and "lm_head" not in name
+            and "norm" not in name)
+
+
+def estimate_model_bytes(spec: ModelSpec) -> int:
+    """Bytes the model will occupy once loaded, from the safetensors headers (no weights read).
+
+    Elements x target dtype size; quantized linear weights count 0.5 (4-bit) or 1 (8-bit) byte per
+    element plus their scales. Falls back to file sizes when headers cannot be read.
+    """
+    files = sorted(spec.path.glob("*.safetensors")) if spec.path.is_dir() else []
+    if not files:
+        weights = [p for p in spec.path.glob("*.bin")] if spec.path.is_dir() else []
+        return max(MIN_ESTIMATE, int(sum(p.stat().st_size for p in weights) * LOAD_OVERHEAD))
+    target = _DTYPE_BYTES.get(spec.dtype)
+    quant_bytes = {"4bit": 0.5 + 4 / 64, "8bit": 1.0 + 4 / 4096}.get(spec.quantization)
+    total = 0.0
+    for path in files:
+        try:
+            header = _safetensors_header(path)
+        except (OSError, ValueError, struct.error):
+            total += path.stat().st_size
+            continue
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            count = 1
+            for dim in info.get("shape", []):
+                count *= dim
+            stored = _SAFETENSORS_DTYPE_BYTES.get(info.get("dtype"), 4)
+            per_element = target if (target and stored >= 2 and info.get("dtype", "").startswith(("F", "BF"))) \
+                else stored
+            if quant_bytes and _is_quantizable(name, info.get("shape", [])):
+                per_element = quant_bytes
+            total += count * per_element
+    return max(MIN_ESTIMATE, int(total * LOAD_OVERHEAD))

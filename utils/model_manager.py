@@ -1,0 +1,450 @@
+"""ModelManager: the only owner of loaded models.
+
+It loads lazily, leases models to requests, evicts the least recently used idle model when the
+count cap or a memory budget needs room, unloads idle models after their keep-alive, and contains
+failed loads behind a backoff. Its loader, memory probe, estimator and clock are injected, so the
+policy is unit-tested with stand-ins while the serving tests run the real families.
+
+Lock order: an entry's `load_lock` (held across the slow load) may be taken first and `_lock`
+(guards the dictionaries and counters, never held across a load, an unload or a wait on I/O)
+second; never the reverse, and never two `load_lock`s at once. Eviction needs only `_lock`:
+it takes idle models (no leases) out of the table, then drops them outside the lock.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Protocol
+
+from utils.errors import InsufficientMemory, ModelBusy, ModelUnavailable, UnknownModel
+from utils.memory import MemoryProbe, MemoryReading, device_budget, physical_room
+from utils.settings import ModelSpec, ServerSettings
+
+log = logging.getLogger("model_server.manager")
+
+MAX_BACKOFF = 600.0
+# How long a load waits for a leased model to become idle when it needs that model's room.
+ROOM_WAIT_SECONDS = 30.0
+# Drivers report freed memory late; wait this long for an unload to show in the readings.
+RELEASE_SETTLE_SECONDS = 1.0
+
+
+class LoadedModel(Protocol):
+    def memory_bytes(self) -> int: ...
+    def release(self) -> None: ...
+
+
+Loader = Callable[[ModelSpec, str], LoadedModel]
+
+
+@dataclass
+class ModelEntry:
+    spec: ModelSpec
+    state: str = "unloaded"          # unloaded | loading | loaded | unloading | error
+    handle: Any = None
+    device: str | None = None
+    bytes_measured: int = 0
+    bytes_reserved: int = 0          # estimate held while loading, so concurrent loads see it
+    leases: int = 0
+    last_used: float | None = None
+    keep_alive: float | None = None  # last request's override; None = spec / server default
+    load_count: int = 0
+    unload_count: int = 0
+    load_seconds_total: float = 0.0
+    last_load_seconds: float | None = None
+    error: str | None = None
+    failures: int = 0
+    retry_at: float | None = None
+    last_unload_reason: str | None = None
+    load_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+
+class ModelManager:
+    def __init__(self, settings: ServerSettings, loader: Loader, *, estimator: Callable[[ModelSpec], int],
+                 probe: MemoryProbe | Any = None, clock: Callable[[], float] = time.monotonic,
+                 device_resolver: Callable[[ModelSpec], str] | None = None,
+                 release_memory: Callable[[], None] | None = None, events: Any = None,
+                 room_wait: float = ROOM_WAIT_SECONDS) -> None:
+        self.settings = settings
+        self._loader = loader
+        self._estimate = estimator
+        self._probe = probe or MemoryProbe()
+        self._clock = clock
+        self._resolve_device = device_resolver or default_device_resolver
+        self._release_memory = release_memory or release_cached_memory
+        self._room_wait = room_wait
+        self._events = events  # optional observer: on_load(key, seconds, ok), on_unload(key, reason)
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # notified when a lease ends or a model unloads
+        self._entries: dict[str, ModelEntry] = {k: ModelEntry(spec=s) for k, s in settings.models.items()}
+        self._lru: OrderedDict[str, None] = OrderedDict()  # loaded keys, least recently used first
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def spec(self, key: str) -> ModelSpec:
+        return self._entry(key).spec
+
+    @contextmanager
+    def lease(self, key: str, *, keep_alive: float | None = None) -> Iterator[Any]:
+        """Yields the loaded model; it is never evicted while any lease on it is held."""
+        entry = self._entry(key)
+        handle = self._acquire(entry)
+        try:
+            yield handle
+        finally:
+            self._release_lease(entry, keep_alive)
+
+    def load(self, key: str, *, force_retry: bool = False) -> dict:
+        """Loads without serving (admin, preload). force_retry ignores a failed load's backoff."""
+        entry = self._entry(key)
+        if force_retry:
+            with self._lock:
+                entry.retry_at = None
+        with self.lease(key):
+            pass
+        return self.snapshot_one(key)
+
+    def unload(self, key: str, *, wait: float = 0.0, reason: str = "admin") -> bool:
+        """Unloads one model. With leases held it waits up to `wait` seconds, then raises ModelBusy."""
+        entry = self._entry(key)
+        deadline = time.monotonic() + wait
+        with self._lock:
+            while entry.state == "loaded" and entry.leases > 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ModelBusy(f"'{key}' is serving {entry.leases} request(s); retry later or pass wait")
+                self._changed.wait(timeout=min(remaining, 0.5))
+            handle = self._take_out(entry, reason) if entry.state == "loaded" else None
+        if handle is None:
+            return False
+        self._drop(entry, handle, reason)
+        return True
+
+    def unload_idle(self, *, reason: str = "cleanup") -> list[str]:
+        """Unloads every loaded model no request holds (pinned ones too: an operator asked)."""
+        with self._lock:
+            taken = [(e, self._take_out(e, reason)) for e in self._entries.values()
+                     if e.state == "loaded" and e.leases == 0]
+        for entry, handle in taken:
+            self._drop(entry, handle, reason)
+        return [e.spec.key for e, _ in taken]
+
+    def expire_idle(self) -> list[str]:
+        """Called by the sweeper: unloads models idle past their keep-alive."""
+        now = self._clock()
+        with self._lock:
+            taken = [(e, self._take_out(e, "idle")) for e in self._entries.values()
+                     if e.state == "loaded" and e.leases == 0 and not e.spec.pinned and self._expired(e, now)]
+        for entry, handle in taken:
+            self._drop(entry, handle, "idle")
+        return [e.spec.key for e, _ in taken]
+
+    def preload(self) -> None:
+        for key, entry in self._entries.items():
+            if entry.spec.preload:
+                try:
+                    self.load(key)
+                except Exception as exc:  # contained: the error shows in model status
+                    log.warning("preload of %s failed: %s", key, exc)
+
+    def snapshot(self) -> dict[str, dict]:
+        """A copy of every model's state, taken under the lock (admin routes read only this)."""
+        now = self._clock()
+        with self._lock:
+            return {key: self._describe(entry, now) for key, entry in self._entries.items()}
+
+    def snapshot_one(self, key: str) -> dict:
+        entry = self._entry(key)
+        with self._lock:
+            return self._describe(entry, self._clock())
+
+    def loaded_bytes(self) -> dict[str, int]:
+        with self._lock:
+            out: dict[str, int] = {}
+            for entry in self._entries.values():
+                if entry.state in ("loaded", "loading") and entry.device:
+                    out[entry.device] = out.get(entry.device, 0) + (entry.bytes_measured or entry.bytes_reserved)
+            return out
+
+    def shutdown(self) -> None:
+        with self._lock:
+            taken = [(e, self._take_out(e, "shutdown")) for e in self._entries.values() if e.state == "loaded"]
+        for entry, handle in taken:
+            self._drop(entry, handle, "shutdown")
+
+    # ------------------------------------------------------------------ leasing and loading
+
+    def _entry(self, key: str) -> ModelEntry:
+        entry = self._entries.get(key)
+        if entry is None:
+            raise UnknownModel(f"no model named '{key}'; available: {', '.join(self._entries)}")
+        return entry
+
+    def _lease_if_loaded(self, entry: ModelEntry) -> Any:
+        """Under _lock: leases a loaded model, or raises while a failed load backs off."""
+        if entry.state == "loaded":
+            entry.leases += 1
+            entry.last_used = self._clock()
+            self._lru.move_to_end(entry.spec.key)
+            return entry.handle
+        if entry.state == "error" and entry.retry_at is not None and self._clock() < entry.retry_at:
+            raise ModelUnavailable(f"'{entry.spec.key}' failed to load: {entry.error}",
+                                   retry_after=entry.retry_at - self._clock(), error="model failed to load")
+        return None
+
+    def _acquire(self, entry: ModelEntry) -> Any:
+        with self._lock:
+            handle = self._lease_if_loaded(entry)
+            if handle is not None:
+                return handle
+        with entry.load_lock:
+            with self._lock:  # someone may have loaded it while this request waited for load_lock
+                handle = self._lease_if_loaded(entry)
+                if handle is not None:
+                    return handle
+            return self._load(entry)
+
+    def _load(self, entry: ModelEntry) -> Any:
+        """Holding entry.load_lock: makes room, loads, and returns the handle already leased."""
+        spec = entry.spec
+        device = self._resolve_device(spec)
+        try:
+            need = self._estimate(spec)
+        except Exception as exc:
+            need = 0
+            log.warning("could not estimate %s: %s", spec.key, exc)
+        with self._lock:
+            entry.state, entry.device, entry.bytes_reserved, entry.error = "loading", device, need, None
+        try:
+            self._make_room(entry, device, need)
+        except InsufficientMemory:
+            with self._lock:
+                entry.state, entry.bytes_reserved, entry.device = "unloaded", 0, None
+                self._changed.notify_all()
+            raise
+        started = time.perf_counter()
+        try:
+            handle = self._loader(spec, device)
+        except Exception as exc:  # contained: this model reports it, others keep serving
+            seconds = time.perf_counter() - started
+            log.exception("loading %s failed", spec.key)
+            self._release_memory()
+            self._record_failure(entry, _describe_exception(exc), seconds)
+        seconds = time.perf_counter() - started
+        try:
+            measured = int(handle.memory_bytes())
+        except Exception:
+            measured = need
+        with self._lock:
+            entry.state, entry.handle, entry.bytes_measured, entry.bytes_reserved = "loaded", handle, measured, 0
+            entry.load_count += 1
+            entry.load_seconds_total += seconds
+            entry.last_load_seconds = seconds
+            entry.failures, entry.retry_at, entry.error = 0, None, None
+            entry.leases += 1
+            entry.last_used = self._clock()
+            self._lru[spec.key] = None
+            self._lru.move_to_end(spec.key)
+            self._changed.notify_all()
+        log.info("loaded %s on %s in %.2fs (%d bytes, estimated %d)", spec.key, device, seconds, measured, need)
+        self._notify("on_load", spec.key, seconds, True)
+        return handle
+
+    def _record_failure(self, entry: ModelEntry, reason: str, seconds: float) -> None:
+        with self._lock:
+            entry.failures += 1
+            backoff = min(MAX_BACKOFF, self.settings.failed_load_backoff * (2 ** (entry.failures - 1)))
+            entry.state, entry.handle, entry.error = "error", None, reason
+            entry.bytes_reserved, entry.device = 0, None
+            entry.retry_at = self._clock() + backoff if backoff > 0 else None
+            self._changed.notify_all()
+        self._notify("on_load", entry.spec.key, seconds, False)
+        raise ModelUnavailable(f"'{entry.spec.key}' failed to load: {reason}", retry_after=backoff or None,
+                               error="model failed to load")
+
+    def _release_lease(self, entry: ModelEntry, keep_alive: float | None) -> None:
+        handle = None
+        with self._lock:
+            entry.leases -= 1
+            entry.last_used = self._clock()
+            if keep_alive is not None:
+                entry.keep_alive = keep_alive
+            if entry.leases == 0 and not entry.spec.pinned and self._keep_alive(entry) == 0:
+                handle = self._take_out(entry, "keep_alive=0")
+            self._changed.notify_all()
+        if handle is not None:
+            self._drop(entry, handle, "keep_alive=0")
+
+    # ------------------------------------------------------------------ room and eviction
+
+    def _make_room(self, entry: ModelEntry, device: str, need: int) -> None:
+        """The one place that frees room: count cap, memory budgets and physical memory alike.
+
+        Evicts least recently used idle models (never leased, never pinned, never the one being
+        loaded); waits for a lease to end when only leased models stand in the way; measures
+        memory again after each unload. Raises InsufficientMemory when nothing more can go.
+        """
+        deadline = time.monotonic() + self._room_wait
+        while True:
+            reading = self._probe.read()
+            with self._lock:
+                problem = self._shortage(entry, device, need, reading)
+                if problem is None:
+                    return
+                victim = self._pick_victim(entry, device if problem[0] == "memory" else None)
+                if victim is None:
+                    waiting = self._blocked_by_leases(entry, device if problem[0] == "memory" else None)
+                    remaining = deadline - time.monotonic()
+                    if not waiting or remaining <= 0:
+                        raise InsufficientMemory(problem[1], retry_after=5)
+                    self._changed.wait(timeout=min(remaining, 0.5))
+                    continue
+                handle = self._take_out(victim, problem[0])
+            self._drop(victim, handle, problem[0])
+            self._await_release(device, reading)
+
+    def _shortage(self, entry: ModelEntry, device: str, need: int, reading: MemoryReading) -> tuple[str, str] | None:
+        """Under _lock: why `need` bytes do not fit on `device` now, or None when they do."""
+        resident = [e for e in self._entries.values() if e is not entry and e.state in ("loaded", "loading")]
+        if len(resident) >= self.settings.max_loaded_models:
+            return ("count", f"max_loaded_models={self.settings.max_loaded_models} reached and every loaded "
+                             f"model is in use or pinned")
+        used = sum((e.bytes_measured or e.bytes_reserved) for e in resident if e.device == device)
+        budget = device_budget(self.settings, reading, device)
+        if used + need > budget:
+            return ("memory", f"'{entry.spec.key}' needs ~{_mb(need)} on {device}; budget {_mb(budget)}, "
+                              f"{_mb(used)} held by other models that cannot be unloaded")
+        room = physical_room(self.settings, reading, device)
+        if need > room:
+            return ("memory", f"'{entry.spec.key}' needs ~{_mb(need)} on {device}; only {_mb(max(room, 0))} free "
+                              f"after headroom")
+        return None
+
+    def _pick_victim(self, entry: ModelEntry, device: str | None) -> ModelEntry | None:
+        for key in self._lru:  # least recently used first
+            candidate = self._entries[key]
+            if (candidate is not entry and candidate.state == "loaded" and candidate.leases == 0
+                    and not candidate.spec.pinned and (device is None or candidate.device == device)):
+                return candidate
+        return None
+
+    def _blocked_by_leases(self, entry: ModelEntry, device: str | None) -> bool:
+        return any(e is not entry and e.state in ("loaded", "loading") and not e.spec.pinned
+                   and (device is None or e.device == device) for e in self._entries.values())
+
+    def _await_release(self, device: str, before: MemoryReading) -> None:
+        deadline = time.monotonic() + RELEASE_SETTLE_SECONDS
+        start_room = physical_room(self.settings, before, device)
+        while time.monotonic() < deadline:
+            if physical_room(self.settings, self._probe.read(), device) > start_room:
+                return
+            time.sleep(0.05)
+
+    def _take_out(self, entry: ModelEntry, reason: str) -> Any:
+        """Under _lock: removes a loaded, unleased model from the table; returns its handle to drop."""
+        handle = entry.handle
+        entry.handle, entry.state, entry.bytes_measured, entry.device = None, "unloaded", 0, None
+        entry.unload_count += 1
+        entry.keep_alive = None
+        entry.last_unload_reason = reason
+        self._lru.pop(entry.spec.key, None)
+        self._changed.notify_all()
+        return handle
+
+    def _drop(self, entry: ModelEntry, handle: Any, reason: str) -> None:
+        """Outside _lock: frees the weights for real (every reference, gc, CUDA cache)."""
+        try:
+            if handle is not None:
+                handle.release()
+        except Exception:
+            log.exception("releasing %s failed", entry.spec.key)
+        del handle
+        self._release_memory()
+        log.info("unloaded %s (%s)", entry.spec.key, reason)
+        self._notify("on_unload", entry.spec.key, reason)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _keep_alive(self, entry: ModelEntry) -> float:
+        if entry.keep_alive is not None:
+            return entry.keep_alive
+        if entry.spec.keep_alive is not None:
+            return entry.spec.keep_alive
+        return self.settings.idle_timeout
+
+    def _expired(self, entry: ModelEntry, now: float) -> bool:
+        keep = self._keep_alive(entry)
+        return keep >= 0 and entry.last_used is not None and now - entry.last_used >= keep
+
+    def _describe(self, entry: ModelEntry, now: float) -> dict:
+        spec = entry.spec
+        return {
+            "key": spec.key, "family": spec.family, "repo_id": spec.repo_id, "state": entry.state,
+            "loaded": entry.state == "loaded", "device": entry.device, "quantization": spec.quantization,
+            "dtype": spec.dtype, "bytes_in_memory": entry.bytes_measured, "in_flight": entry.leases,
+            "pinned": spec.pinned, "keep_alive": self._keep_alive(entry),
+            "idle_seconds": (now - entry.last_used) if entry.last_used is not None else None,
+            "last_used_ago": (now - entry.last_used) if entry.last_used is not None else None,
+            "load_count": entry.load_count, "unload_count": entry.unload_count,
+            "load_seconds_total": round(entry.load_seconds_total, 4),
+            "last_load_seconds": entry.last_load_seconds, "error": entry.error, "failures": entry.failures,
+            "retry_after": max(0.0, entry.retry_at - now) if entry.retry_at else None,
+            "last_unload_reason": entry.last_unload_reason,
+        }
+
+    def _notify(self, method: str, *args: Any) -> None:
+        callback = getattr(self._events, method, None)
+        if callback:
+            try:
+                callback(*args)
+            except Exception:
+                log.exception("event observer %s failed", method)
+
+
+def default_device_resolver(spec: ModelSpec) -> str:
+    if spec.device != "auto":
+        return spec.device
+    from utils.memory import cuda_available
+    if not cuda_available():
+        return "cpu"
+    import torch  # the GPU with the most free memory
+    frees = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
+    return f"cuda:{max(range(len(frees)), key=frees.__getitem__)}"
+
+
+def release_cached_memory() -> None:
+    gc.collect()
+    try:
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:
+        pass
+    _trim_malloc()
+
+
+def _trim_malloc() -> None:
+    """Returns freed heap pages to the OS so RSS really drops after an unload (glibc only)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except Exception:
+        pass
+
+
+def _describe_exception(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"

@@ -1,0 +1,401 @@
+"""Settings: models.yaml + environment -> typed, validated ServerSettings.
+
+Everything the server reads from configuration flows through here once, at start; nothing deeper
+reads os.environ. A bad value raises ConfigError with a message that names the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from utils.errors import ConfigError
+
+GIB = 2**30
+MIB = 2**20
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = PROJECT_ROOT / "models.yaml"
+
+FAMILIES = ("text", "vision_language", "vqa", "audio", "omni")
+QUANTIZATIONS = ("none", "4bit", "8bit")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_KEY_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int | None = None
+    do_sample: bool = False
+    repetition_penalty: float | None = None
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    max_new_tokens: int = 2048
+    max_prompt_chars: int = 32000
+    max_images: int = 0
+    max_videos: int = 0
+    max_audios: int = 0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    key: str
+    repo_id: str
+    family: str
+    path: Path  # absolute local checkpoint folder
+    revision: str = "main"
+    dtype: str = "auto"
+    quantization: str = "none"
+    device: str = "auto"
+    keep_alive: float | None = None  # seconds; None = server idle_timeout; -1 = never; 0 = after each request
+    pinned: bool = False
+    preload: bool = False
+    generation: GenerationDefaults = field(default_factory=GenerationDefaults)
+    limits: ModelLimits = field(default_factory=ModelLimits)
+
+
+@dataclass(frozen=True)
+class MediaSettings:
+    max_media_bytes: int = 32 * MIB
+    max_image_pixels: int = 40_000_000
+    max_audio_seconds: float = 600.0
+    max_video_seconds: float = 600.0
+    max_video_frames: int = 8
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    models: dict[str, ModelSpec]
+    models_dir: Path
+    tmp_dir: Path
+    log_dir: Path
+    max_loaded_models: int = 2
+    idle_timeout: float = 600.0
+    max_content_length: int = 64 * MIB
+    ram_budget_bytes: int | None = None
+    ram_headroom_bytes: int = 2 * GIB
+    gpu_budget_bytes: int | None = None
+    gpu_headroom_bytes: int = 1 * GIB
+    failed_load_backoff: float = 30.0
+    sweep_interval: float = 5.0
+    tmp_ttl: float = 3600.0
+    tmp_max_bytes: int = 2 * GIB
+    media: MediaSettings = field(default_factory=MediaSettings)
+    admin_token: str | None = None
+    api_token: str | None = None
+    demo: bool = False
+    config_path: Path | None = None
+
+    def replace(self, **changes: Any) -> "ServerSettings":
+        return dataclasses.replace(self, **changes)
+
+    def with_model(self, key: str, **changes: Any) -> "ServerSettings":
+        models = dict(self.models)
+        models[key] = dataclasses.replace(models[key], **changes)
+        return self.replace(models=models)
+
+    def for_demo(self, demo_dir: Path | None = None) -> "ServerSettings":
+        """The same five keys, served from tiny random-weight checkpoints (utils/demo_models.py).
+
+        Quantization is dropped (the checkpoints are float32 and a few MB) and generation is capped
+        short so the demo answers in milliseconds on a CPU.
+        """
+        root = demo_dir or (self.models_dir / "demo")
+        models = {}
+        for key, spec in self.models.items():
+            models[key] = dataclasses.replace(
+                spec, path=root / key, dtype="float32", quantization="none",
+                generation=dataclasses.replace(spec.generation,
+                                               max_new_tokens=min(spec.generation.max_new_tokens, 16)),
+            )
+        return self.replace(models=models, demo=True)
+
+
+    def public_dict(self) -> dict:
+        """Settings as shown to operators: no tokens, paths relative where possible."""
+        return {
+            "max_loaded_models": self.max_loaded_models,
+            "idle_timeout": self.idle_timeout,
+            "max_content_length": self.max_content_length,
+            "ram_budget_bytes": self.ram_budget_bytes,
+            "ram_headroom_bytes": self.ram_headroom_bytes,
+            "gpu_budget_bytes": self.gpu_budget_bytes,
+            "gpu_headroom_bytes": self.gpu_headroom_bytes,
+            "failed_load_backoff": self.failed_load_backoff,
+            "tmp_ttl": self.tmp_ttl,
+            "tmp_max_bytes": self.tmp_max_bytes,
+            "media": dataclasses.asdict(self.media),
+            "admin_auth": self.admin_token is not None,
+            "api_auth": self.api_token is not None,
+            "demo": self.demo,
+        }
+
+
+# ---------------------------------------------------------------- parsing helpers
+
+def _fail(where: str, msg: str) -> None:
+    raise ConfigError(f"{where}: {msg}")
+
+
+def _int(value: Any, where: str, *, minimum: int | None = None) -> int:
+    if isinstance(value, bool):
+        _fail(where, f"expected an integer, got {value!r}")
+    try:
+        number = int(value)
+        if isinstance(value, float) and value != number:
+            raise ValueError
+        if isinstance(value, str) and value.strip() != str(number):
+            raise ValueError
+    except (TypeError, ValueError):
+        _fail(where, f"expected an integer, got {value!r}")
+    if minimum is not None and number < minimum:
+        _fail(where, f"must be >= {minimum}, got {number}")
+    return number
+
+
+def _float(value: Any, where: str, *, minimum: float | None = None) -> float:
+    if isinstance(value, bool):
+        _fail(where, f"expected a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        _fail(where, f"expected a number, got {value!r}")
+    if number != number:  # NaN
+        _fail(where, "must be a number, got NaN")
+    if minimum is not None and number < minimum:
+        _fail(where, f"must be >= {minimum}, got {number}")
+    return number
+
+
+def _bool(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    _fail(where, f"expected true or false, got {value!r}")
+    return False
+
+
+def _choice(value: Any, where: str, choices: tuple[str, ...]) -> str:
+    text = str(value).strip().lower() if value is not None else ""
+    if text not in choices:
+        _fail(where, f"must be one of {', '.join(choices)}; got {value!r}")
+    return text
+
+
+def _gib(value: Any, where: str) -> int | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "null", "none", "auto")):
+        return None
+    return int(_float(value, where, minimum=0) * GIB)
+
+
+def _keep_alive(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    seconds = _float(value, where)
+    if seconds < 0 and seconds != -1:
+        _fail(where, f"must be -1 (never unload), 0 (after each request) or a positive number of seconds; got {value!r}")
+    return seconds
+
+
+def _mapping(value: Any, where: str) -> Mapping:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        _fail(where, f"expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _only_known(section: Mapping, where: str, known: set[str]) -> None:
+    unknown = sorted(set(section) - known)
+    if unknown:
+        _fail(where, f"unknown key(s) {', '.join(map(str, unknown))}; known: {', '.join(sorted(known))}")
+
+
+def _resolve(path_value: Any, base: Path, where: str) -> Path:
+    if not isinstance(path_value, (str, os.PathLike)) or not str(path_value).strip():
+        _fail(where, f"expected a path, got {path_value!r}")
+    path = Path(os.path.expanduser(str(path_value)))
+    return (path if path.is_absolute() else base / path).resolve()
+
+
+# ---------------------------------------------------------------- sections
+
+_GEN_FIELDS = {f.name for f in dataclasses.fields(GenerationDefaults)}
+_LIMIT_FIELDS = {f.name for f in dataclasses.fields(ModelLimits)}
+_MODEL_FIELDS = {"repo_id", "family", "path", "revision", "dtype", "quantization", "device", "keep_alive",
+                 "pinned", "preload", "generation", "limits"}
+_SERVER_FIELDS = {"max_loaded_models", "idle_timeout", "models_dir", "tmp_dir", "log_dir", "max_content_length_mb",
+                  "ram_budget_gb", "ram_headroom_gb", "gpu_budget_gb", "gpu_headroom_gb", "failed_load_backoff",
+                  "sweep_interval", "tmp_ttl", "tmp_max_mb", "media"}
+_MEDIA_FIELDS = {"max_media_mb", "max_image_pixels", "max_audio_seconds", "max_video_seconds", "max_video_frames"}
+
+# Environment variable -> key of the `server` section it overrides.
+SERVER_ENV = {
+    "MAX_LOADED_MODELS": "max_loaded_models",
+    "MODEL_IDLE_TIMEOUT": "idle_timeout",
+    "MODELS_DIR": "models_dir",
+    "TMP_DIR": "tmp_dir",
+    "LOG_DIR": "log_dir",
+    "MAX_CONTENT_LENGTH_MB": "max_content_length_mb",
+    "RAM_BUDGET_GB": "ram_budget_gb",
+    "RAM_HEADROOM_GB": "ram_headroom_gb",
+    "GPU_BUDGET_GB": "gpu_budget_gb",
+    "GPU_HEADROOM_GB": "gpu_headroom_gb",
+    "FAILED_LOAD_BACKOFF": "failed_load_backoff",
+    "SWEEP_INTERVAL": "sweep_interval",
+    "TMP_TTL": "tmp_ttl",
+    "TMP_MAX_MB": "tmp_max_mb",
+}
+MEDIA_ENV = {"MAX_MEDIA_MB": "max_media_mb", "MAX_VIDEO_FRAMES": "max_video_frames"}
+# MODEL_<KEY>_<FIELD> overrides one field of one model, e.g. MODEL_DEEPSEEK_QUANTIZATION=8bit.
+MODEL_ENV_FIELDS = ("quantization", "dtype", "device", "path", "keep_alive", "pinned", "preload", "revision")
+
+
+def _generation(raw: Any, where: str) -> GenerationDefaults:
+    raw = _mapping(raw, where)
+    _only_known(raw, where, _GEN_FIELDS)
+    out = GenerationDefaults(
+        max_new_tokens=_int(raw.get("max_new_tokens", 256), f"{where}.max_new_tokens", minimum=1),
+        temperature=_float(raw.get("temperature", 0.7), f"{where}.temperature", minimum=0.0),
+        top_p=_float(raw.get("top_p", 1.0), f"{where}.top_p", minimum=0.0),
+        top_k=None if raw.get("top_k") is None else _int(raw["top_k"], f"{where}.top_k", minimum=0),
+        do_sample=_bool(raw.get("do_sample", False), f"{where}.do_sample"),
+        repetition_penalty=(None if raw.get("repetition_penalty") is None
+                            else _float(raw["repetition_penalty"], f"{where}.repetition_penalty", minimum=0.0)),
+    )
+    if out.top_p > 1.0:
+        _fail(f"{where}.top_p", f"must be <= 1, got {out.top_p}")
+    return out
+
+
+def _limits(raw: Any, where: str) -> ModelLimits:
+    raw = _mapping(raw, where)
+    _only_known(raw, where, _LIMIT_FIELDS)
+    defaults = ModelLimits()
+    return ModelLimits(**{name: _int(raw.get(name, getattr(defaults, name)), f"{where}.{name}", minimum=0)
+                          for name in _LIMIT_FIELDS})
+
+
+def _model(key: str, raw: Any, models_dir: Path, env: Mapping[str, str]) -> ModelSpec:
+    where = f"models.{key}"
+    if not _KEY_RE.match(str(key)):
+        _fail(where, "model keys are lower-case letters, digits and underscores, starting with a letter")
+    raw = dict(_mapping(raw, where))
+    _only_known(raw, where, _MODEL_FIELDS)
+    for name in MODEL_ENV_FIELDS:
+        env_name = f"MODEL_{key.upper()}_{name.upper()}"
+        if env.get(env_name) not in (None, ""):
+            raw[name] = env[env_name]
+    for required in ("repo_id", "family"):
+        if not raw.get(required):
+            _fail(where, f"'{required}' is required")
+    generation = _generation(raw.get("generation"), f"{where}.generation")
+    limits = _limits(raw.get("limits"), f"{where}.limits")
+    if generation.max_new_tokens > limits.max_new_tokens:
+        _fail(f"{where}.generation.max_new_tokens",
+              f"default {generation.max_new_tokens} exceeds limits.max_new_tokens {limits.max_new_tokens}")
+    device = str(raw.get("device", "auto")).strip().lower()
+    if not _DEVICE_RE.match(device):
+        _fail(f"{where}.device", f"must be auto, cpu, cuda or cuda:N; got {raw.get('device')!r}")
+    spec = ModelSpec(
+        key=key,
+        repo_id=str(raw["repo_id"]),
+        family=_choice(raw["family"], f"{where}.family", FAMILIES),
+        path=_resolve(raw.get("path", key), models_dir, f"{where}.path"),
+        revision=str(raw.get("revision", "main")),
+        dtype=_choice(raw.get("dtype", "auto"), f"{where}.dtype", DTYPES),
+        quantization=_choice(raw.get("quantization", "none"), f"{where}.quantization", QUANTIZATIONS),
+        device=device,
+        keep_alive=_keep_alive(raw.get("keep_alive"), f"{where}.keep_alive"),
+        pinned=_bool(raw.get("pinned", False), f"{where}.pinned"),
+        preload=_bool(raw.get("preload", False), f"{where}.preload"),
+        generation=generation,
+        limits=limits,
+    )
+    return spec
+
+
+def _media(raw: Any, env: Mapping[str, str]) -> MediaSettings:
+    raw = dict(_mapping(raw, "server.media"))
+    _only_known(raw, "server.media", _MEDIA_FIELDS)
+    for env_name, name in MEDIA_ENV.items():
+        if env.get(env_name) not in (None, ""):
+            raw[name] = env[env_name]
+    d = MediaSettings()
+    return MediaSettings(
+        max_media_bytes=int(_float(raw.get("max_media_mb", d.max_media_bytes / MIB), "server.media.max_media_mb",
+                                   minimum=0.001) * MIB),
+        max_image_pixels=_int(raw.get("max_image_pixels", d.max_image_pixels), "server.media.max_image_pixels",
+                              minimum=1),
+        max_audio_seconds=_float(raw.get("max_audio_seconds", d.max_audio_seconds),
+                                 "server.media.max_audio_seconds", minimum=0.001),
+        max_video_seconds=_float(raw.get("max_video_seconds", d.max_video_seconds),
+                                 "server.media.max_video_seconds", minimum=0.001),
+        max_video_frames=_int(raw.get("max_video_frames", d.max_video_frames), "server.media.max_video_frames",
+                              minimum=1),
+    )
+
+
+def load_settings(config_path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
+                  *, demo: bool = False) -> ServerSettings:
+    """Reads models.yaml (or MODELS_CONFIG / config_path) and applies environment overrides."""
+    env = os.environ if env is None else env
+    path = Path(config_path or env.get("MODELS_CONFIG") or DEFAULT_CONFIG).resolve()
+    try:
+        document = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    document = _mapping(document, str(path))
+    _only_known(document, str(path), {"server", "models"})
+    server = dict(_mapping(document.get("server"), "server"))
+    _only_known(server, "server", _SERVER_FIELDS)
+    for env_name, name in SERVER_ENV.items():
+        if env.get(env_name) not in (None, ""):
+            server[name] = env[env_name]
+    base = path.parent
+    models_dir = _resolve(server.get("models_dir", "models"), base, "server.models_dir")
+    raw_models = _mapping(document.get("models"), "models")
+    if not raw_models:
+        _fail("models", "at least one model must be configured")
+    models = {str(key): _model(str(key), raw, models_dir, env) for key, raw in raw_models.items()}
+
+    idle_timeout = _float(server.get("idle_timeout", 600), "server.idle_timeout")
+    if idle_timeout < 0 and idle_timeout != -1:
+        _fail("server.idle_timeout", f"must be -1 (never), 0 or a positive number of seconds; got {idle_timeout}")
+    settings = ServerSettings(
+        models=models,
+        models_dir=models_dir,
+        tmp_dir=_resolve(server.get("tmp_dir", "tmp"), base, "server.tmp_dir"),
+        log_dir=_resolve(server.get("log_dir", "logs"), base, "server.log_dir"),
+        max_loaded_models=_int(server.get("max_loaded_models", 2), "server.max_loaded_models", minimum=1),
+        idle_timeout=idle_timeout,
+        max_content_length=int(_float(server.get("max_content_length_mb", 64), "server.max_content_length_mb",
+                                      minimum=0.001) * MIB),
+        ram_budget_bytes=_gib(server.get("ram_budget_gb"), "server.ram_budget_gb"),
+        ram_headroom_bytes=_gib(server.get("ram_headroom_gb", 2), "server.ram_headroom_gb") or 0,
+        gpu_budget_bytes=_gib(server.get("gpu_budget_gb"), "server.gpu_budget_gb"),
+        gpu_headroom_bytes=_gib(server.get("gpu_headroom_gb", 1), "server.gpu_headroom_gb") or 0,
+        failed_load_backoff=_float(server.get("failed_load_backoff", 30), "server.failed_load_backoff", minimum=0),
+        sweep_interval=_float(server.get("sweep_interval", 5), "server.sweep_interval", minimum=0.05),
+        tmp_ttl=_float(server.get("tmp_ttl", 3600), "server.tmp_ttl", minimum=1),
+        tmp_max_bytes=int(_float(server.get("tmp_max_mb", 2048), "server.tmp_max_mb", minimum=1) * MIB),
+        media=_media(server.get("media"), env),
+        admin_token=env.get("ADMIN_TOKEN") or None,
+        api_token=env.get("API_TOKEN") or None,
+        config_path=path,
+    )
+    demo = demo or _bool(env.get("DEMO_MODE", "0") or "0", "DEMO_MODE")
+    return settings.for_demo() if demo else settings
