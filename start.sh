@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Starts the server the way main.py does (gunicorn, one worker, many threads).
+# Uses ./.venv when present. Extra arguments go to main.py, e.g. ./start.sh --demo --port 8000
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=python3
+[ -x .venv/bin/python ] && PYTHON=.venv/bin/python
+mkdir -p logs tmp models
+exec "$PYTHON" main.py "$@"
