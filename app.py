@@ -85,8 +85,10 @@ def create_app(settings: ServerSettings | None = None, *, background: bool = Tru
     app.extensions["model_server"] = services
     services.temp.startup_sweep()
 
+    from utils.api.admin import bp as admin_bp
     from utils.api.generate import bp as generate_bp
     app.register_blueprint(generate_bp)
+    app.register_blueprint(admin_bp)
     _install_request_ids(app)
     _install_auth(app, settings)
     _install_error_handlers(app)

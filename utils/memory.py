@@ -20,7 +20,7 @@ _SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # Loading needs a little more than the weights (buffers, allocator rounding, quantization state).
 LOAD_OVERHEAD = 1.10
-MIN_ESTIMATE = 1 << 20
+MIN_ESTIMATE = 1 << 16
 
 
 @dataclass(frozen=True)

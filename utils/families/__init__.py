@@ -26,6 +26,8 @@ def load_family(spec, device: str) -> Family:
     if not (spec.path / "config.json").is_file():
         raise FileNotFoundError(f"no checkpoint in {spec.path.name}/ (download it: python main.py --download-only "
                                 f"--model {spec.key})")
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # a per-load progress bar is noise in a server log
     return family_class(spec.family).load(spec, device)
 
 

@@ -27,10 +27,15 @@ class VqaFamily(Family):
         inputs = self.processor(images=request.images[0], text=request.prompt, return_tensors="pt")
         return {k: v.to(self.model.device) for k, v in inputs.items()}
 
+    def _generate_kwargs(self, params: GenerationParams) -> dict:
+        kwargs = super()._generate_kwargs(params)
+        kwargs.pop("pad_token_id", None)  # BLIP's generate passes its own
+        return kwargs
+
     def generate(self, prepared: dict, params: GenerationParams) -> GenerationResult:
         output = self._run_generate(prepared, params)
         # BLIP's decoder starts from its own BOS: its output holds only the answer, never the question.
-        tokens = output[0]
+        tokens = output[0, 1:]  # drop the decoder's start token
         text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
         completion = int((tokens != self.processor.tokenizer.pad_token_id).sum())
         return GenerationResult(text=text, prompt_tokens=int(prepared["input_ids"].shape[1]),
