@@ -10,7 +10,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from flask import Flask, g, jsonify, request
+from flask import Flask, Request, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from utils.errors import ServerError, Unauthorized
@@ -71,6 +71,34 @@ def build_services(settings: ServerSettings) -> Services:
                     temp=temp, probe=probe)
 
 
+class ScopedRequest(Request):
+    """Spools large multipart uploads into the request's temp scope (tmp/), not the system temp dir,
+    so they count against TMP_MAX_MB, show in /admin/temp_status and vanish when the request ends."""
+
+    SPOOL_THRESHOLD = 512 * 1024
+
+    def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
+        scope = g.get("temp_scope")
+        if scope is None or (total_content_length or 0) <= self.SPOOL_THRESHOLD:
+            return super()._get_file_stream(total_content_length, content_type, filename, content_length)
+        return scope.open(suffix=".upload")
+
+
+def _install_temp_scopes(app: Flask) -> None:
+    @app.before_request
+    def open_temp_scope() -> None:
+        if request.mimetype == "multipart/form-data":
+            g.temp_scope_cm = current_app.extensions["model_server"].temp.scope(g.get("request_id"))
+            g.temp_scope = g.temp_scope_cm.__enter__()
+
+    @app.teardown_request
+    def close_temp_scope(exc) -> None:
+        manager = g.pop("temp_scope_cm", None)
+        if manager is not None:
+            g.pop("temp_scope", None)
+            manager.__exit__(None, None, None)
+
+
 def create_app(settings: ServerSettings | None = None, *, background: bool = True) -> Flask:
     settings = settings or load_settings()
     for folder in (settings.models_dir, settings.tmp_dir, settings.log_dir):
@@ -79,6 +107,7 @@ def create_app(settings: ServerSettings | None = None, *, background: bool = Tru
         from utils.demo_models import build_demo_models
         build_demo_models(settings.models_dir / "demo")  # cached: only the first start builds
     app = Flask(__name__)
+    app.request_class = ScopedRequest
     app.config["MAX_CONTENT_LENGTH"] = settings.max_content_length
     app.json.sort_keys = False
     services = build_services(settings)
@@ -90,6 +119,7 @@ def create_app(settings: ServerSettings | None = None, *, background: bool = Tru
     app.register_blueprint(generate_bp)
     app.register_blueprint(admin_bp)
     _install_request_ids(app)
+    _install_temp_scopes(app)
     _install_auth(app, settings)
     _install_error_handlers(app)
 

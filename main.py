@@ -67,9 +67,12 @@ def main(argv=None) -> int:
         if settings.demo:
             print("--demo serves built-in tiny checkpoints; nothing to download", file=sys.stderr)
         else:
-            from utils.download_model import download_models
-            results = download_models(settings, args.model or list(settings.models))
-            failed = [r for r in results if getattr(r, "status", "ok") == "failed"]
+            from utils.download_model import download_models, format_summary, reserve_bytes_from_env
+            logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per HTTP request otherwise
+            results = download_models(settings, args.model or list(settings.models),
+                                      reserve_bytes=reserve_bytes_from_env())
+            print(format_summary(results))
+            failed = [r for r in results if not r.ok]
             if args.download_only or failed:
                 return 1 if failed else 0
 

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -403,3 +404,59 @@ def test_revision_flag(hub, tmp_path):
     bad = run_download(hub.url, tmp_path, config, "--model", "tiny", "--revision", "v9",
                        "--path", str(tmp_path / "other"))
     assert bad.returncode == 1 and "revision 'v9' not found" in row(bad.stdout, "tiny")
+
+
+def test_downloaded_model_is_served_after_restart(tmp_path, repos):
+    """main.py --download-only fetches from the hub; a server started afterwards serves that checkpoint."""
+    import os
+    import subprocess
+    import sys
+
+    import requests
+
+    from tests.conftest import ROOT, free_port
+    from tests.hub_server import start_hub
+
+    hub = start_hub(tmp_path / "hub-root", {REPO: repos[REPO]})
+    try:
+        config = tmp_path / "models.yaml"
+        config.write_text(
+            "server: {max_loaded_models: 1}\n"
+            "models:\n"
+            "  tiny:\n"
+            "    repo_id: " + REPO + "\n"
+            "    family: text\n"
+            "    path: tiny\n"
+            "    dtype: float32\n"
+            "    device: cpu\n"
+            "    generation: {max_new_tokens: 3}\n")
+        env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1", MODELS_DIR=str(tmp_path / "models"),
+                   TMP_DIR=str(tmp_path / "tmp"), LOG_DIR=str(tmp_path / "logs"), DOWNLOAD_RESERVE_BYTES="0",
+                   HF_HOME=str(tmp_path / "hf-home"))
+        done = subprocess.run([sys.executable, "main.py", "--config", str(config), "--download-only"], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "tiny" in done.stdout
+    finally:
+        hub.stop()  # the hub is gone: serving must not need it
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "main.py", "--config", str(config), "--port", str(port)], cwd=ROOT,
+                              env=dict(env, HF_HUB_OFFLINE="1"), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(url + "/health", timeout=1).ok:
+                    break
+            except requests.RequestException:
+                time.sleep(0.2)
+        status = requests.get(url + "/admin/model_status", timeout=10).json()["models"]["tiny"]
+        assert status["state"] == "downloaded"
+        response = requests.post(url + "/generate/tiny", json={"prompt": "w1 w2 w3"}, timeout=60)
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
