@@ -99,3 +99,15 @@ def test_idle_models_unload_in_the_background(start_server):
         time.sleep(0.1)
     info = model_status(server, "deepseek")
     assert info["loaded"] is False and info["last_unload_reason"] == "idle"
+
+
+def test_streaming_sends_pieces_then_done(server):
+    with requests.post(server.url + "/generate/deepseek", json={"prompt": "stream", "max_new_tokens": 6,
+                                                                "stream": True}, stream=True, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+        events = [line[6:] for line in r.iter_lines(decode_unicode=True) if line.startswith("data: ")]
+    import json
+    assert events[-1] == "[DONE]"
+    pieces = [json.loads(e)["text"] for e in events[:-1]]
+    assert len(pieces) >= 2 and "".join(pieces).strip()
+    assert model_status(server, "deepseek")["in_flight"] == 0  # the lease ended with the stream

@@ -1,0 +1,73 @@
+"""models.yaml + environment -> typed settings; invalid settings fail at start with a clear message."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+from utils.errors import ConfigError
+from utils.settings import GIB, MIB, load_settings
+
+
+def test_shipped_config_has_the_five_reference_models():
+    settings = load_settings(env={})
+    assert list(settings.models) == ["deepseek", "qwen_vl", "qwen_audio", "qwen_omni", "blip_vqa"]
+    assert settings.models["deepseek"].repo_id == "deepseek-ai/DeepSeek-R1-0528-Qwen3-8B"
+    assert {s.family for s in settings.models.values()} == {"text", "vision_language", "audio", "omni", "vqa"}
+
+
+def test_environment_overrides():
+    settings = load_settings(env={"MAX_LOADED_MODELS": "3", "MODEL_IDLE_TIMEOUT": "-1", "MODELS_DIR": "/srv/m",
+                                  "TMP_DIR": "/srv/t", "LOG_DIR": "/srv/l", "MAX_CONTENT_LENGTH_MB": "8",
+                                  "RAM_BUDGET_GB": "12", "GPU_BUDGET_GB": "20", "ADMIN_TOKEN": "s3cret",
+                                  "MODEL_DEEPSEEK_QUANTIZATION": "8bit", "MODEL_QWEN_VL_DEVICE": "cuda:1"})
+    assert settings.max_loaded_models == 3 and settings.idle_timeout == -1
+    assert str(settings.models_dir) == "/srv/m" and str(settings.tmp_dir) == "/srv/t"
+    assert settings.models["deepseek"].path.parent == settings.models_dir
+    assert settings.max_content_length == 8 * MIB
+    assert settings.ram_budget_bytes == 12 * GIB and settings.gpu_budget_bytes == 20 * GIB
+    assert settings.models["deepseek"].quantization == "8bit"
+    assert settings.models["qwen_vl"].device == "cuda:1"
+    assert settings.admin_token == "s3cret" and "s3cret" not in str(settings.public_dict())
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"MAX_LOADED_MODELS": "0"}, "max_loaded_models"),
+    ({"MAX_LOADED_MODELS": "two"}, "max_loaded_models"),
+    ({"MODEL_IDLE_TIMEOUT": "-5"}, "idle_timeout"),
+    ({"RAM_BUDGET_GB": "lots"}, "ram_budget_gb"),
+    ({"MODEL_DEEPSEEK_QUANTIZATION": "3bit"}, "models.deepseek.quantization"),
+    ({"MODEL_DEEPSEEK_DEVICE": "tpu"}, "models.deepseek.device"),
+    ({"MODEL_DEEPSEEK_KEEP_ALIVE": "-7"}, "models.deepseek.keep_alive"),
+])
+def test_invalid_values_name_the_key(env, needle):
+    with pytest.raises(ConfigError) as info:
+        load_settings(env=env)
+    assert needle in str(info.value)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("models: {}\n", "at least one model"),
+    ("models:\n  a: {repo_id: x/y, family: painting}\n", "family"),
+    ("models:\n  a: {family: text}\n", "repo_id"),
+    ("models:\n  a: {repo_id: x/y, family: text, colour: red}\n", "colour"),
+    ("models:\n  a: {repo_id: x/y, family: text, generation: {max_new_tokens: 99}, limits: {max_new_tokens: 10}}\n",
+     "exceeds"),
+    ("server: [1, 2]\nmodels: {}\n", "server"),
+    ("models: [unclosed\n", "YAML"),
+])
+def test_invalid_files(tmp_path, text, needle):
+    path = tmp_path / "models.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    assert needle in str(info.value)
+
+
+def test_main_refuses_to_start_with_invalid_settings(tmp_path):
+    done = subprocess.run([sys.executable, "main.py", "--config", str(tmp_path / "nope.yaml")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "invalid configuration" in done.stderr and "not found" in done.stderr
