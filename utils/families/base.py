@@ -60,10 +60,21 @@ class Family:
     def __init__(self, spec: ModelSpec, device: str, model: Any, processor: Any) -> None:
         self.spec, self.device, self.model, self.processor = spec, device, model, processor
 
+    # transformers classes (by name, imported on load) and extra from_pretrained kwargs.
+    model_class: ClassVar[str] = ""
+    processor_class: ClassVar[str] = "AutoProcessor"
+    model_kwargs: ClassVar[dict] = {}
+
     # -- lifecycle
     @classmethod
     def load(cls, spec: ModelSpec, device: str) -> "Family":
-        raise NotImplementedError
+        import transformers
+
+        processor = getattr(transformers, cls.processor_class).from_pretrained(spec.path)
+        model = getattr(transformers, cls.model_class).from_pretrained(
+            spec.path, **cls.model_kwargs, **from_pretrained_kwargs(spec, device, cls.quant_skip_modules))
+        model.eval()
+        return cls(spec, device, model, processor)
 
     def release(self) -> None:
         self.model = None
@@ -118,6 +129,27 @@ class Family:
             if count > limits[kind]:
                 raise InvalidInput(f"model '{self.spec.key}' takes at most {limits[kind]} {kind}(s) per request; "
                                    f"got {count}", field=kind, error="too many media items")
+
+    def media_kwargs(self, request: GenerationRequest) -> dict:
+        """Processor keyword arguments for the request's images, videos and audio clips."""
+        kwargs: dict[str, Any] = {}
+        if request.images:
+            kwargs["images"] = list(request.images)
+        if request.videos:
+            kwargs["videos"] = [clip.frames for clip in request.videos]
+            kwargs["video_metadata"] = [clip.metadata() for clip in request.videos]
+            kwargs["do_sample_frames"] = False  # media.py already sampled them evenly
+        if request.audios:
+            kwargs["audio"] = list(request.audios)
+            kwargs["sampling_rate"] = int(self.processor.feature_extractor.sampling_rate)
+        return kwargs
+
+    def chat_inputs(self, request: GenerationRequest, items: list[dict]) -> dict:
+        """Chat template over media items + prompt, then the processor: tensors on the model's device."""
+        text = self.processor.apply_chat_template(chat_messages(request, items), tokenize=False,
+                                                  add_generation_prompt=True)
+        inputs = self.processor(text=[text], return_tensors="pt", padding=True, **self.media_kwargs(request))
+        return {k: (v.to(self.model.device) if hasattr(v, "to") else v) for k, v in inputs.items()}
 
     def _tokenizer(self) -> Any:
         return getattr(self.processor, "tokenizer", self.processor)

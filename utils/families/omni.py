@@ -5,24 +5,16 @@ no talker, and the thinker alone generates the text, so no speech weights take m
 """
 from __future__ import annotations
 
-from utils.families.base import Family, GenerationParams, GenerationRequest, GenerationResult, chat_messages, \
-    from_pretrained_kwargs
+from utils.families.base import Family, GenerationParams, GenerationRequest, GenerationResult
 
 
 class OmniFamily(Family):
     name = "omni"
     accepts = frozenset({"image", "video", "audio"})
+    model_class = "Qwen2_5OmniForConditionalGeneration"
+    processor_class = "Qwen2_5OmniProcessor"
+    model_kwargs = {"enable_audio_output": False}
     quant_skip_modules = ["thinker.visual", "thinker.audio_tower", "thinker.lm_head", "lm_head"]
-
-    @classmethod
-    def load(cls, spec, device):
-        from transformers import Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniProcessor
-
-        processor = Qwen2_5OmniProcessor.from_pretrained(spec.path)
-        model = Qwen2_5OmniForConditionalGeneration.from_pretrained(
-            spec.path, enable_audio_output=False, **from_pretrained_kwargs(spec, device, cls.quant_skip_modules))
-        model.eval()
-        return cls(spec, device, model, processor)
 
     def _generator(self):
         return self.model.thinker
@@ -31,20 +23,7 @@ class OmniFamily(Family):
         self.check_media(request)
         items = ([{"type": "image"} for _ in request.images] + [{"type": "video"} for _ in request.videos]
                  + [{"type": "audio"} for _ in request.audios])
-        text = self.processor.apply_chat_template(chat_messages(request, items), tokenize=False,
-                                                  add_generation_prompt=True)
-        kwargs = {"text": [text], "return_tensors": "pt", "padding": True}
-        if request.images:
-            kwargs["images"] = list(request.images)
-        if request.videos:
-            kwargs["videos"] = [clip.frames for clip in request.videos]
-            kwargs["video_metadata"] = [clip.metadata() for clip in request.videos]
-            kwargs["do_sample_frames"] = False
-        if request.audios:
-            kwargs["audio"] = list(request.audios)
-            kwargs["sampling_rate"] = int(self.processor.feature_extractor.sampling_rate)
-        inputs = self.processor(**kwargs)
-        return {k: (v.to(self.model.device) if hasattr(v, "to") else v) for k, v in inputs.items()}
+        return self.chat_inputs(request, items)
 
     def generate(self, prepared: dict, params: GenerationParams) -> GenerationResult:
         return self._decode_new_tokens(prepared, self._run_generate(prepared, params), params)

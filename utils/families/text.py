@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from utils.families.base import Family, GenerationParams, GenerationRequest, GenerationResult, \
-    _finish_reason, from_pretrained_kwargs
+    _finish_reason
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -13,14 +13,8 @@ class TextFamily(Family):
     name = "text"
     accepts = frozenset()
 
-    @classmethod
-    def load(cls, spec, device):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(spec.path)
-        model = AutoModelForCausalLM.from_pretrained(spec.path, **from_pretrained_kwargs(spec, device))
-        model.eval()
-        return cls(spec, device, model, tokenizer)
+    model_class = "AutoModelForCausalLM"
+    processor_class = "AutoTokenizer"
 
     def prepare(self, request: GenerationRequest) -> dict:
         self.check_media(request)

@@ -2,22 +2,15 @@
 from __future__ import annotations
 
 from utils.errors import InvalidInput
-from utils.families.base import Family, GenerationParams, GenerationRequest, GenerationResult, \
-    from_pretrained_kwargs
+from utils.families.base import Family, GenerationParams, GenerationRequest, GenerationResult
 
 
 class VqaFamily(Family):
     name = "vqa"
     accepts = frozenset({"image"})
 
-    @classmethod
-    def load(cls, spec, device):
-        from transformers import BlipForQuestionAnswering, BlipProcessor
-
-        processor = BlipProcessor.from_pretrained(spec.path)
-        model = BlipForQuestionAnswering.from_pretrained(spec.path, **from_pretrained_kwargs(spec, device))
-        model.eval()
-        return cls(spec, device, model, processor)
+    model_class = "BlipForQuestionAnswering"
+    processor_class = "BlipProcessor"
 
     def prepare(self, request: GenerationRequest) -> dict:
         self.check_media(request)
