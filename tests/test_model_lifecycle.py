@@ -152,3 +152,19 @@ def test_unload_really_frees_memory(lc):
     assert response.get_json()["unloaded"] is True
     after = process.memory_info().rss
     assert during - after > 0.5 * loaded_bytes, (before, during, after)
+
+
+def test_preload_models_load_at_start(make_settings):
+    from app import create_app
+    app = create_app(make_settings().with_model("blip_vqa", preload=True), background=True)
+    try:
+        client = app.test_client()
+        deadline = time.monotonic() + 30
+        while not status(client, "blip_vqa")["loaded"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        body = status(client)
+        assert body["loaded_models"] == ["blip_vqa"]  # only the preload model, before any request
+    finally:
+        services = app.extensions["model_server"]
+        services.sweeper.stop()
+        services.manager.shutdown()
