@@ -183,3 +183,25 @@ def test_body_over_max_content_length_is_413(app, client):
 def test_wrong_method_and_route(client):
     error_of(client.get("/generate/deepseek"), 405)
     error_of(client.get("/nope"), 404)
+
+
+@pytest.mark.parametrize("model,body,field", [
+    ("deepseek", {"prompt": "\ud800 lone surrogate"}, "prompt"),
+    ("deepseek", {"prompt": "hi", "system": "\udfff"}, "system"),
+    ("deepseek", {"prompt": "hi", "temperature": 1e-300}, "temperature"),
+    ("blip_vqa", {"prompt": "what " * 600, "image": ms.b64(ms.png())}, "prompt"),
+])
+def test_inputs_that_used_to_crash_the_model(client, model, body, field):
+    err = error_of(post(client, model, body), 400)
+    assert err["field"] == field
+
+
+def test_deeply_nested_json_is_a_400(client):
+    raw = b'{"prompt": "x", "a": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    error_of(client.post("/generate/deepseek", data=raw, content_type="application/json"), 400)
+
+
+def test_empty_file_part_from_a_browser_form_is_ignored(client):
+    data = {"prompt": "what color?", "image": (io.BytesIO(ms.png()), "a.png"),
+            "images": (io.BytesIO(b""), "")}
+    ok(client.post("/generate/blip_vqa", data=data, content_type="multipart/form-data"))

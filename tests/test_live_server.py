@@ -111,3 +111,32 @@ def test_streaming_sends_pieces_then_done(server):
     pieces = [json.loads(e)["text"] for e in events[:-1]]
     assert len(pieces) >= 2 and "".join(pieces).strip()
     assert model_status(server, "deepseek")["in_flight"] == 0  # the lease ended with the stream
+
+
+def stream_text(server, body):
+    import json
+    with requests.post(server.url + "/generate/deepseek", json=dict(body, stream=True), stream=True,
+                       timeout=60) as r:
+        events = [line[6:] for line in r.iter_lines(decode_unicode=True) if line.startswith("data: ")]
+    return "".join(json.loads(e)["text"] for e in events[:-1])
+
+
+def test_seeded_stream_matches_the_plain_answer(server):
+    body = {"prompt": "once upon a time", "max_new_tokens": 10, "do_sample": True, "temperature": 1.0,
+            "seed": 1234}
+    plain = requests.post(server.url + "/generate/deepseek", json=body, timeout=60).json()["response"]
+    assert stream_text(server, body).strip() == plain
+    assert stream_text(server, body).strip() == plain
+
+
+def test_client_disconnect_stops_generation_and_ends_the_lease(server):
+    body = {"prompt": "go on forever", "max_new_tokens": 8000, "stream": True}
+    r = requests.post(server.url + "/generate/deepseek", json=body, stream=True, timeout=60)
+    lines = r.iter_lines(decode_unicode=True)
+    assert next(line for line in lines if line.startswith("data: "))
+    assert model_status(server, "deepseek")["in_flight"] == 1
+    r.close()  # the client goes away after the first piece
+    deadline = time.monotonic() + 10
+    while model_status(server, "deepseek")["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert model_status(server, "deepseek")["in_flight"] == 0

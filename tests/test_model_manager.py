@@ -304,3 +304,66 @@ def test_snapshot_is_a_copy():
     snap = manager.snapshot()
     snap["a"]["state"] = "mangled"
     assert manager.snapshot()["a"]["state"] == "loaded"
+
+
+def test_two_cold_loads_at_cap_one_do_not_block_each_other():
+    loader = RecordingLoader(delay=0.3)
+    manager, _ = make_manager(settings=make_settings(max_loaded_models=1), loader=loader, room_wait=5)
+    results = {}
+
+    def request(key):
+        try:
+            use(manager, key)
+            results[key] = "ok"
+        except Exception as exc:  # noqa: BLE001 - recorded for the assertion
+            results[key] = repr(exc)
+
+    threads = [threading.Thread(target=request, args=(k,)) for k in ("a", "b")]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {"a": "ok", "b": "ok"}
+    assert time.monotonic() - started < 3  # nobody waited out room_wait on a mere reservation
+
+
+def test_concurrent_loads_reserve_physical_memory():
+    probe = FakeProbe(available=1000)
+    loader = RecordingLoader(delay=0.3)
+    manager, _ = make_manager(settings=make_settings(max_loaded_models=3), loader=loader, probe=probe,
+                              estimate=800, room_wait=0.2)
+    outcomes = []
+
+    def request(key):
+        try:
+            use(manager, key)
+            outcomes.append("ok")
+        except InsufficientMemory:
+            outcomes.append("503")
+
+    threads = [threading.Thread(target=request, args=(k,)) for k in ("a", "b", "c")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcomes.count("ok") == 1  # 1000 bytes free hold one 800-byte model, not three
+
+
+@pytest.mark.parametrize("failure", ["loader_interrupt", "probe_error"])
+def test_nothing_stays_loading_after_an_unexpected_failure(failure):
+    class InterruptingLoader(RecordingLoader):
+        def __call__(self, spec, device):
+            raise KeyboardInterrupt
+
+    class BrokenProbe(FakeProbe):
+        def read(self):
+            raise RuntimeError("CUDA error: device lost")
+
+    loader = InterruptingLoader() if failure == "loader_interrupt" else RecordingLoader()
+    probe = BrokenProbe() if failure == "probe_error" else FakeProbe()
+    manager, _ = make_manager(loader=loader, probe=probe)
+    with pytest.raises((KeyboardInterrupt, ModelUnavailable)):
+        use(manager, "a")
+    info = manager.snapshot_one("a")
+    assert info["state"] == "unloaded" and manager.loaded_bytes() == {}

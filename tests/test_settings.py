@@ -71,3 +71,10 @@ def test_main_refuses_to_start_with_invalid_settings(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "invalid configuration" in done.stderr and "not found" in done.stderr
+
+
+@pytest.mark.parametrize("env", [{"MAX_CONTENT_LENGTH_MB": "inf"}, {"RAM_BUDGET_GB": "nan"},
+                                 {"TMP_MAX_MB": "1e400"}, {"SWEEP_INTERVAL": "1e10"}])
+def test_unbounded_numbers_are_config_errors(env):
+    with pytest.raises(ConfigError):
+        load_settings(env=env)

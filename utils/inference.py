@@ -5,6 +5,7 @@ The generate route and the OpenAI layer both end up in `InferenceService.generat
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
@@ -15,6 +16,7 @@ from utils.settings import ModelSpec
 MEDIA_FIELDS = {"image": "image", "images": "image", "video": "video", "videos": "video", "audio": "audio",
                 "audios": "audio"}
 SEED_MAX = 2**63 - 1
+MIN_TEMPERATURE = 0.01  # below this, logits / temperature overflow to inf
 
 
 @dataclass
@@ -78,6 +80,10 @@ def _text(body: Mapping, name: str, *, required: bool, max_chars: int) -> str | 
         return None
     if not isinstance(value, str):
         raise InvalidInput(f"'{name}' must be a string; got {type(value).__name__}", field=name)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(f"'{name}' is not valid Unicode text (lone surrogate)", field=name) from None
     if required and not value.strip():
         raise InvalidInput(f"'{name}' must not be empty", field=name, error="empty field")
     if len(value) > max_chars:
@@ -89,6 +95,9 @@ def _text(body: Mapping, name: str, *, required: bool, max_chars: int) -> str | 
 def parse_params(body: Mapping, spec: ModelSpec) -> GenerationParams:
     defaults, limits = spec.generation, spec.limits
     temperature = _number(body, "temperature", integer=False, low=0.0, high=2.0, default=None)
+    if temperature is not None and 0 < temperature < MIN_TEMPERATURE:
+        raise InvalidInput(f"'temperature' must be 0 (greedy) or at least {MIN_TEMPERATURE}; got {temperature}",
+                           field="temperature", error="value out of range")
     do_sample_default = defaults.do_sample if temperature is None else temperature > 0
     do_sample = _flag(body, "do_sample", do_sample_default)
     if temperature == 0 and do_sample:
@@ -189,6 +198,7 @@ class InferenceService:
         request = self.decode_media(job)  # bad media fails before any model loads
         with self.manager.lease(key, keep_alive=job.keep_alive) as model:
             prepared = model.prepare(request)
+            model.check_context(int(prepared["input_ids"].shape[1]), job.params)
             result = model.generate(prepared, job.params)
         if self._on_result:
             self._on_result(key, result)
@@ -201,13 +211,36 @@ class InferenceService:
         model = lease.__enter__()
         try:
             prepared = model.prepare(request)
+            model.check_context(int(prepared["input_ids"].shape[1]), job.params)
         except BaseException:
             lease.__exit__(None, None, None)
             raise
 
-        def pieces() -> Iterator[str]:
-            try:
-                yield from model.stream(prepared, job.params)
-            finally:
-                lease.__exit__(None, None, None)
-        return pieces()
+        return LeasedStream(model.stream(prepared, job.params), lambda: lease.__exit__(None, None, None))
+
+
+class LeasedStream:
+    """Text pieces of one generation; the model's lease ends exactly once, when the pieces run out
+    or the stream is closed, even if it was closed before its first piece."""
+
+    def __init__(self, pieces: Iterator[str], end_lease: Callable[[], None]) -> None:
+        self._pieces = pieces
+        self._end_lease = end_lease
+        self._lock = threading.Lock()
+        self._ended = False
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            yield from self._pieces
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._ended:
+                return
+            self._ended = True
+        try:
+            self._pieces.close()  # stops generation and waits for its worker
+        finally:
+            self._end_lease()

@@ -176,8 +176,10 @@ class ModelManager:
             return out
 
     def shutdown(self) -> None:
+        """Unloads every idle model (at process exit; models still leased go with the process)."""
         with self._lock:
-            taken = [(e, self._take_out(e, "shutdown")) for e in self._entries.values() if e.state == "loaded"]
+            taken = [(e, self._take_out(e, "shutdown")) for e in self._entries.values()
+                     if e.state == "loaded" and e.leases == 0]
         for entry, handle in taken:
             self._drop(entry, handle, "shutdown")
 
@@ -214,7 +216,10 @@ class ModelManager:
             return self._load(entry)
 
     def _load(self, entry: ModelEntry) -> Any:
-        """Holding entry.load_lock: makes room, loads, and returns the handle already leased."""
+        """Holding entry.load_lock: makes room, loads, and returns the handle already leased.
+
+        Whatever goes wrong, the entry never stays in "loading" and its reservation is dropped.
+        """
         spec = entry.spec
         device = self._resolve_device(spec)
         try:
@@ -222,24 +227,35 @@ class ModelManager:
         except Exception as exc:
             need = 0
             log.warning("could not estimate %s: %s", spec.key, exc)
-        with self._lock:
-            entry.state, entry.device, entry.bytes_reserved, entry.error = "loading", device, need, None
         try:
-            self._make_room(entry, device, need)
+            self._make_room(entry, device, need)  # on return the entry is "loading" with `need` reserved
         except InsufficientMemory:
-            with self._lock:
-                entry.state, entry.bytes_reserved, entry.device = "unloaded", 0, None
-                self._changed.notify_all()
+            raise
+        except Exception as exc:  # a probe or driver error: not this model's fault, no backoff
+            self._abandon(entry)
+            log.exception("making room for %s failed", spec.key)
+            raise ModelUnavailable(f"could not check memory for '{spec.key}': {_describe_exception(exc)}",
+                                   retry_after=5) from None
+        except BaseException:
+            self._abandon(entry)
             raise
         started = time.perf_counter()
+        failure = None
         try:
             handle = self._loader(spec, device)
         except Exception as exc:  # contained: this model reports it, others keep serving
-            seconds = time.perf_counter() - started
-            log.exception("loading %s failed", spec.key)
-            self._release_memory()
-            self._record_failure(entry, _describe_exception(exc), seconds)
+            failure = _describe_exception(exc)
+            log.error("loading %s failed: %s", spec.key, failure, exc_info=True)
+        except BaseException:
+            self._abandon(entry)
+            raise
         seconds = time.perf_counter() - started
+        if failure is not None:
+            # Outside the except block: the traceback no longer pins the half-loaded weights.
+            try:
+                self._release_memory()
+            finally:
+                self._record_failure(entry, failure, seconds)
         try:
             measured = int(handle.memory_bytes())
         except Exception:
@@ -258,6 +274,13 @@ class ModelManager:
         log.info("loaded %s on %s in %.2fs (%d bytes, estimated %d)", spec.key, device, seconds, measured, need)
         self._notify("on_load", spec.key, seconds, True)
         return handle
+
+    def _abandon(self, entry: ModelEntry) -> None:
+        with self._lock:
+            if entry.state == "loading":
+                entry.state = "unloaded"
+            entry.bytes_reserved, entry.device = 0, None
+            self._changed.notify_all()
 
     def _record_failure(self, entry: ModelEntry, reason: str, seconds: float) -> None:
         with self._lock:
@@ -278,7 +301,8 @@ class ModelManager:
             entry.last_used = self._clock()
             if keep_alive is not None:
                 entry.keep_alive = keep_alive
-            if entry.leases == 0 and not entry.spec.pinned and self._keep_alive(entry) == 0:
+            if (entry.state == "loaded" and entry.leases == 0 and not entry.spec.pinned
+                    and self._keep_alive(entry) == 0):
                 handle = self._take_out(entry, "keep_alive=0")
             self._changed.notify_all()
         if handle is not None:
@@ -299,31 +323,38 @@ class ModelManager:
             with self._lock:
                 problem = self._shortage(entry, device, need, reading)
                 if problem is None:
+                    # Reserve in the same critical section that found the room, so two loads
+                    # never both count on it (and never wait on each other's reservation).
+                    entry.state, entry.device, entry.bytes_reserved, entry.error = "loading", device, need, None
                     return
-                victim = self._pick_victim(entry, device if problem[0] == "memory" else None)
+                kind = problem[0]
+                victim = self._pick_victim(entry, device if kind == "memory" else None)
                 if victim is None:
-                    waiting = self._blocked_by_leases(entry, device if problem[0] == "memory" else None)
+                    waiting = self._blocked_by_leases(entry, device if kind == "memory" else None)
                     remaining = deadline - time.monotonic()
                     if not waiting or remaining <= 0:
                         raise InsufficientMemory(problem[1], retry_after=5)
                     self._changed.wait(timeout=min(remaining, 0.5))
                     continue
-                handle = self._take_out(victim, problem[0])
-            self._drop(victim, handle, problem[0])
-            self._await_release(device, reading)
+                handle = self._take_out(victim, kind)
+            self._drop(victim, handle, kind)
+            if kind == "memory":
+                self._await_release(device, reading)
 
     def _shortage(self, entry: ModelEntry, device: str, need: int, reading: MemoryReading) -> tuple[str, str] | None:
         """Under _lock: why `need` bytes do not fit on `device` now, or None when they do."""
         resident = [e for e in self._entries.values() if e is not entry and e.state in ("loaded", "loading")]
         if len(resident) >= self.settings.max_loaded_models:
             return ("count", f"max_loaded_models={self.settings.max_loaded_models} reached and every loaded "
-                             f"model is in use or pinned")
+                             f"model is in use, pinned or still loading")
         used = sum((e.bytes_measured or e.bytes_reserved) for e in resident if e.device == device)
         budget = device_budget(self.settings, reading, device)
         if used + need > budget:
             return ("memory", f"'{entry.spec.key}' needs ~{_mb(need)} on {device}; budget {_mb(budget)}, "
                               f"{_mb(used)} held by other models that cannot be unloaded")
-        room = physical_room(self.settings, reading, device)
+        # Loads in flight have reserved memory the readings do not show yet.
+        room = physical_room(self.settings, reading, device) - sum(
+            e.bytes_reserved for e in resident if e.state == "loading" and e.device == device)
         if need > room:
             return ("memory", f"'{entry.spec.key}' needs ~{_mb(need)} on {device}; only {_mb(max(room, 0))} free "
                               f"after headroom")

@@ -163,17 +163,19 @@ def _int(value: Any, where: str, *, minimum: int | None = None) -> int:
     return number
 
 
-def _float(value: Any, where: str, *, minimum: float | None = None) -> float:
+def _float(value: Any, where: str, *, minimum: float | None = None, maximum: float | None = None) -> float:
     if isinstance(value, bool):
         _fail(where, f"expected a number, got {value!r}")
     try:
         number = float(value)
     except (TypeError, ValueError):
         _fail(where, f"expected a number, got {value!r}")
-    if number != number:  # NaN
-        _fail(where, "must be a number, got NaN")
+    if number != number or number in (float("inf"), float("-inf")) or abs(number) > 1e12:
+        _fail(where, f"must be a finite number, got {value!r}")
     if minimum is not None and number < minimum:
         _fail(where, f"must be >= {minimum}, got {number}")
+    if maximum is not None and number > maximum:
+        _fail(where, f"must be <= {maximum}, got {number}")
     return number
 
 
@@ -268,11 +270,11 @@ def _generation(raw: Any, where: str) -> GenerationDefaults:
     out = GenerationDefaults(
         max_new_tokens=_int(raw.get("max_new_tokens", 256), f"{where}.max_new_tokens", minimum=1),
         temperature=_float(raw.get("temperature", 0.7), f"{where}.temperature", minimum=0.0),
-        top_p=_float(raw.get("top_p", 1.0), f"{where}.top_p", minimum=0.0),
+        top_p=_float(raw.get("top_p", 1.0), f"{where}.top_p", minimum=1e-6),
         top_k=None if raw.get("top_k") is None else _int(raw["top_k"], f"{where}.top_k", minimum=0),
         do_sample=_bool(raw.get("do_sample", False), f"{where}.do_sample"),
         repetition_penalty=(None if raw.get("repetition_penalty") is None
-                            else _float(raw["repetition_penalty"], f"{where}.repetition_penalty", minimum=0.0)),
+                            else _float(raw["repetition_penalty"], f"{where}.repetition_penalty", minimum=0.01)),
     )
     if out.top_p > 1.0:
         _fail(f"{where}.top_p", f"must be <= 1, got {out.top_p}")
@@ -389,7 +391,8 @@ def load_settings(config_path: str | os.PathLike | None = None, env: Mapping[str
         gpu_budget_bytes=_gib(server.get("gpu_budget_gb"), "server.gpu_budget_gb"),
         gpu_headroom_bytes=_gib(server.get("gpu_headroom_gb", 1), "server.gpu_headroom_gb") or 0,
         failed_load_backoff=_float(server.get("failed_load_backoff", 30), "server.failed_load_backoff", minimum=0),
-        sweep_interval=_float(server.get("sweep_interval", 5), "server.sweep_interval", minimum=0.05),
+        sweep_interval=_float(server.get("sweep_interval", 5), "server.sweep_interval", minimum=0.05,
+                              maximum=3600),
         tmp_ttl=_float(server.get("tmp_ttl", 3600), "server.tmp_ttl", minimum=1),
         tmp_max_bytes=int(_float(server.get("tmp_max_mb", 2048), "server.tmp_max_mb", minimum=1) * MIB),
         media=_media(server.get("media"), env),

@@ -24,14 +24,16 @@ def request_body() -> tuple[dict, dict[str, list[bytes]]]:
             raise InvalidInput("the request body is empty; send a JSON object", error="malformed JSON")
         try:
             body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise InvalidInput(f"the body is not valid JSON: {exc}", error="malformed JSON") from None
         if not isinstance(body, dict):
             raise InvalidInput(f"the body must be a JSON object, got {type(body).__name__}", error="malformed JSON")
         return body, {}
     if mimetype == "multipart/form-data":
         body = {k: (v if len(v) > 1 else v[0]) for k, v in request.form.lists()}
-        uploads = {name: [f.read() for f in request.files.getlist(name)] for name in request.files}
+        # A browser form's unused file input sends an empty, unnamed part: not an upload.
+        uploads = {name: [data for f in request.files.getlist(name) if (data := f.read()) or f.filename]
+                   for name in request.files}
         return body, uploads
     raise UnsupportedMediaType(f"send Content-Type: application/json or multipart/form-data "
                                f"(got {mimetype or 'none'})")
@@ -47,11 +49,19 @@ def generate(model: str):
         pieces = svc.inference.stream(model, job)
 
         def events():
-            for piece in pieces:
-                yield f"data: {json.dumps({'text': piece})}\n\n"
+            try:
+                for piece in pieces:
+                    yield f"data: {json.dumps({'text': piece})}\n\n"
+            except Exception as exc:  # the status line is gone already: report in the stream
+                current_app.logger.exception("stream of %s failed", model)
+                yield f"data: {json.dumps({'error': 'generation failed', 'details': type(exc).__name__})}\n\n"
+            finally:
+                pieces.close()
             yield "data: [DONE]\n\n"
-        return Response(stream_with_context(events()), mimetype="text/event-stream",
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        response = Response(stream_with_context(events()), mimetype="text/event-stream",
+                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        response.call_on_close(pieces.close)
+        return response
     result = svc.inference.generate(model, job)
     body = {"response": result.text, "model": model,
             "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,

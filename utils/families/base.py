@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator
 
@@ -17,8 +18,39 @@ from utils.settings import ModelSpec
 
 log = logging.getLogger("model_server.families")
 
-# Sampling draws from torch's global RNG; a seeded request must not share it with another sampler.
-_SAMPLING_RNG_LOCK = threading.Lock()
+class _SamplingRng:
+    """Sampling draws from torch's global RNG. A seeded request must have it alone (exclusive);
+    unseeded samplers may share it with each other (shared); greedy decoding never touches it."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._sharers = 0
+        self._exclusive = False
+
+    @contextmanager
+    def hold(self, seed: int | None) -> Iterator[None]:
+        import torch
+
+        with self._cond:
+            if seed is None:
+                self._cond.wait_for(lambda: not self._exclusive)
+                self._sharers += 1
+            else:
+                self._cond.wait_for(lambda: not self._exclusive and self._sharers == 0)
+                self._exclusive = True
+                torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            with self._cond:
+                if seed is None:
+                    self._sharers -= 1
+                else:
+                    self._exclusive = False
+                self._cond.notify_all()
+
+
+SAMPLING_RNG = _SamplingRng()
 
 
 @dataclass
@@ -91,17 +123,29 @@ class Family:
         raise NotImplementedError
 
     def stream(self, prepared: Any, params: GenerationParams) -> Iterator[str]:
-        """Yields text pieces as they are generated (TextIteratorStreamer on a worker thread)."""
-        import torch
-        from transformers import TextIteratorStreamer
+        """Yields text pieces as they are generated (TextIteratorStreamer on a worker thread).
 
-        streamer = TextIteratorStreamer(self._tokenizer(), skip_prompt=True, skip_special_tokens=True)
-        kwargs = dict(prepared, **self._generate_kwargs(params), streamer=streamer)
+        Closing the iterator early (a client gone) stops generation and waits for the worker, so
+        nothing keeps computing on a model whose lease has ended.
+        """
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        stop = threading.Event()
+
+        class StopWhenAsked(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return stop.is_set()
+
+        streamer = TextIteratorStreamer(self._tokenizer(), skip_prompt=True, skip_special_tokens=True,
+                                        timeout=1.0)
+        kwargs = dict(prepared, **self._generate_kwargs(params), streamer=streamer,
+                      stopping_criteria=StoppingCriteriaList([StopWhenAsked()]))
         errors: list[BaseException] = []
 
         def run() -> None:
             try:
-                with torch.inference_mode():
+                with torch.inference_mode(), self._rng(params):
                     self._generator().generate(**kwargs)
             except BaseException as exc:  # surfaced to the consumer below
                 errors.append(exc)
@@ -109,10 +153,36 @@ class Family:
 
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
-        yield from streamer
-        worker.join()
+        try:
+            while True:
+                try:
+                    piece = next(streamer)
+                except StopIteration:
+                    break
+                except Exception:  # queue timeout: generation still running, or it failed
+                    if worker.is_alive():
+                        continue
+                    break
+                yield piece
+        finally:
+            stop.set()
+            worker.join()
         if errors:
             raise errors[0]
+
+    def check_context(self, prompt_tokens: int, params: GenerationParams, *, counts_new_tokens: bool = True) -> None:
+        """Refuses a prompt (plus the tokens to generate) longer than the model's context window."""
+        config = self.model.config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        context = getattr(text_config, "max_position_embeddings", None)
+        if not context:
+            return
+        total = prompt_tokens + (params.max_new_tokens if counts_new_tokens else 0)
+        if total > context:
+            raise InvalidInput(f"the prompt takes {prompt_tokens} tokens"
+                               + (f" + max_new_tokens {params.max_new_tokens}" if counts_new_tokens else "")
+                               + f"; '{self.spec.key}' has a context of {context} tokens", field="prompt",
+                               error="prompt too long")
 
     # -- shared helpers
     def check_media(self, request: GenerationRequest) -> None:
@@ -181,13 +251,12 @@ class Family:
         import torch
 
         kwargs = dict(inputs, **self._generate_kwargs(params))
-        with torch.inference_mode():
-            if not params.do_sample:
-                return self._generator().generate(**kwargs)
-            with _SAMPLING_RNG_LOCK:
-                if params.seed is not None:
-                    torch.manual_seed(params.seed)
-                return self._generator().generate(**kwargs)
+        with torch.inference_mode(), self._rng(params):
+            return self._generator().generate(**kwargs)
+
+    @staticmethod
+    def _rng(params: GenerationParams):
+        return SAMPLING_RNG.hold(params.seed) if params.do_sample else nullcontext()
 
     def _decode_new_tokens(self, inputs: dict, output: Any, params: GenerationParams) -> GenerationResult:
         """Decodes only the generated tokens: the answer never echoes the prompt."""

@@ -25,6 +25,10 @@ class VqaFamily(Family):
         kwargs.pop("pad_token_id", None)  # BLIP's generate passes its own
         return kwargs
 
+    def check_context(self, prompt_tokens, params, *, counts_new_tokens=False):
+        # The question goes to BLIP's text encoder; the answer comes from its own decoder.
+        super().check_context(prompt_tokens, params, counts_new_tokens=False)
+
     def generate(self, prepared: dict, params: GenerationParams) -> GenerationResult:
         output = self._run_generate(prepared, params)
         # BLIP's decoder starts from its own BOS: its output holds only the answer, never the question.
