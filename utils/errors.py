@@ -11,15 +11,20 @@ class ServerError(Exception):
     status = 500
     error = "internal error"
 
-    def __init__(self, details: str = "", *, error: str | None = None, headers: dict | None = None):
+    def __init__(self, details: str = "", *, error: str | None = None, headers: dict | None = None,
+                 field: str | None = None):
         super().__init__(details or error or self.error)
         self.details = details
         if error is not None:
             self.error = error
         self.headers = dict(headers or {})
+        self.field = field  # the request field at fault, when one is
 
     def to_dict(self) -> dict:
-        return {"error": self.error, "details": self.details}
+        body = {"error": self.error, "details": self.details}
+        if self.field:
+            body["field"] = self.field
+        return body
 
 
 class InvalidInput(ServerError):
@@ -27,16 +32,6 @@ class InvalidInput(ServerError):
 
     status = 400
     error = "invalid input"
-
-    def __init__(self, details: str = "", *, field: str | None = None, error: str | None = None):
-        super().__init__(details, error=error)
-        self.field = field
-
-    def to_dict(self) -> dict:
-        body = super().to_dict()
-        if self.field:
-            body["field"] = self.field
-        return body
 
 
 class UnsupportedMediaType(ServerError):

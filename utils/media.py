@@ -61,17 +61,7 @@ class MediaLimits:
 
 
 class MediaTooLarge(PayloadTooLarge):
-    """413 that, like ``InvalidInput``, names the field."""
-
-    def __init__(self, details: str = "", *, field: str | None = None):
-        super().__init__(details)
-        self.field = field
-
-    def to_dict(self) -> dict:
-        body = super().to_dict()
-        if self.field:
-            body["field"] = self.field
-        return body
+    """413 for one media item; like ``InvalidInput`` it names the field."""
 
 
 # ---------------------------------------------------------------- sniffing
