@@ -1,4 +1,5 @@
-"""create_app(settings) -> Flask app. Only wiring: services, blueprints, error mapping, request ids."""
+"""create_app(settings) -> Flask app. Only wiring: services, blueprints, error mapping, request ids,
+logs and metrics hooks."""
 from __future__ import annotations
 
 import hmac
@@ -28,6 +29,7 @@ class Services:
     inference: Any
     temp: Any
     probe: Any
+    metrics: Any = None
     sweeper: Any = None
 
 
@@ -60,15 +62,19 @@ def build_services(settings: ServerSettings) -> Services:
     from utils.inference import InferenceService
     from utils.media import MediaLimits
     from utils.memory import MemoryProbe, estimate_model_bytes
+    from utils.metrics import Metrics
     from utils.model_manager import ModelManager
     from utils.tmp_manage import TempManager
 
     probe = MemoryProbe()
-    manager = ModelManager(settings, load_family, estimator=estimate_model_bytes, probe=probe)
+    metrics = Metrics()  # per app: several apps may share one process (tests)
+    manager = ModelManager(settings, load_family, estimator=estimate_model_bytes, probe=probe, events=metrics)
     media_limits = MediaLimits(**asdict(settings.media))
     temp = TempManager(settings.tmp_dir, ttl_seconds=settings.tmp_ttl, max_total_bytes=settings.tmp_max_bytes)
-    return Services(settings=settings, manager=manager, inference=InferenceService(manager, media_limits),
-                    temp=temp, probe=probe)
+    metrics.watch(manager=manager, probe=probe, temp=temp)
+    inference = InferenceService(manager, media_limits, on_result=metrics.on_result)
+    return Services(settings=settings, manager=manager, inference=inference, temp=temp, probe=probe,
+                    metrics=metrics)
 
 
 class ScopedRequest(Request):
@@ -103,6 +109,9 @@ def create_app(settings: ServerSettings | None = None, *, background: bool = Tru
     settings = settings or load_settings()
     for folder in (settings.models_dir, settings.tmp_dir, settings.log_dir):
         folder.mkdir(parents=True, exist_ok=True)
+    from utils.logging_setup import setup_logging
+    setup_logging(settings.log_dir, max_bytes=getattr(settings, "log_max_bytes", None),
+                  backup_count=getattr(settings, "log_backup_count", None))  # once per process
     if settings.demo:
         from utils.demo_models import build_demo_models
         build_demo_models(settings.models_dir / "demo")  # cached: only the first start builds
@@ -114,11 +123,15 @@ def create_app(settings: ServerSettings | None = None, *, background: bool = Tru
     app.extensions["model_server"] = services
     services.temp.startup_sweep()
 
-    from utils.api.admin import bp as admin_bp
+    from utils.api.admin import bp as admin_bp, metrics_bp
+    from utils.api.dashboard import bp as dashboard_bp
     from utils.api.generate import bp as generate_bp
     app.register_blueprint(generate_bp)
     app.register_blueprint(admin_bp)
+    app.register_blueprint(dashboard_bp)
+    app.register_blueprint(metrics_bp)
     _install_request_ids(app)
+    _install_observability(app, services)
     _install_temp_scopes(app)
     _install_auth(app, settings)
     _install_error_handlers(app)
@@ -144,11 +157,14 @@ def _install_request_ids(app: Flask) -> None:
 
 
 def _install_auth(app: Flask, settings: ServerSettings) -> None:
-    """ADMIN_TOKEN guards /admin, API_TOKEN guards inference; /health and /metrics stay open."""
+    """ADMIN_TOKEN guards /admin, API_TOKEN guards inference; /health and /metrics stay open, and so
+    do views marked `public` (the dashboard's page and assets, which hold no data)."""
 
     @app.before_request
     def check_token() -> None:
         path = request.path
+        if getattr(app.view_functions.get(request.endpoint), "public", False):
+            return
         if path.startswith("/admin"):
             expected = settings.admin_token
         elif path.startswith(("/generate", "/v1")):
@@ -161,6 +177,26 @@ def _install_auth(app: Flask, settings: ServerSettings) -> None:
         given = header[7:] if header[:7].lower() == "bearer " else ""
         if not hmac.compare_digest(given.encode(), expected.encode()):
             raise Unauthorized()
+
+
+def _install_observability(app: Flask, services: Services) -> None:
+    """One after_request hook: the request's metrics and its access log line."""
+    from utils.logging_setup import log_access
+    models = services.settings.models
+
+    @app.after_request
+    def observe(response):
+        try:
+            seconds = time.perf_counter() - g.get("started", time.perf_counter())
+            args = request.view_args or {}
+            model = g.get("model") or args.get("model") or args.get("key")
+            model = model if model in models else ""  # unknown names would explode the label set
+            route = request.url_rule.rule if request.url_rule else "<unmatched>"
+            services.metrics.observe_request(route, request.method, model, response.status_code, seconds)
+            log_access(request.method, request.path, response.status_code, seconds * 1000, model)
+        except Exception:
+            log.exception("recording request metrics failed")
+        return response
 
 
 def _install_error_handlers(app: Flask) -> None:

@@ -120,16 +120,24 @@ EXTRA_MODELS_YAML = """
   broken:        # a checkpoint whose weights are corrupt
     repo_id: test/broken
     family: text
-    path: broken
+    path: demo/broken
     generation: {max_new_tokens: 4}
   missing:       # configured but never downloaded
     repo_id: test/missing
     family: text
-    path: missing
+    path: demo/missing
   big:           # ~350 MB of random Qwen3 weights: slow enough to load that timing and RSS show
     repo_id: test/big
     family: text
-    path: big
+    path: demo/big
+    dtype: float32
+    generation: {max_new_tokens: 4}
+  big8:          # the same weights quantized to 8-bit on load: seconds of loading on a CPU
+    repo_id: test/big
+    family: text
+    path: demo/big
+    dtype: float32
+    quantization: 8bit
     generation: {max_new_tokens: 4}
 """
 

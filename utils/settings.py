@@ -105,21 +105,24 @@ class ServerSettings:
         return self.replace(models=models)
 
     def for_demo(self, demo_dir: Path | None = None) -> "ServerSettings":
-        """The same five keys, served from tiny random-weight checkpoints (utils/demo_models.py).
+        """The five reference keys served from tiny random-weight checkpoints (utils/demo_models.py).
 
-        Quantization is dropped (the checkpoints are float32 and a few MB) and generation is capped
-        short so the demo answers in milliseconds on a CPU.
+        Their quantization is dropped (the checkpoints are float32 and a few MB) and generation is
+        capped short so the demo answers in milliseconds on a CPU. Other configured models keep
+        their own settings.
         """
-        root = demo_dir or (self.models_dir / "demo")
-        models = {}
-        for key, spec in self.models.items():
-            models[key] = dataclasses.replace(
-                spec, path=root / key, dtype="float32", quantization="none",
-                generation=dataclasses.replace(spec.generation,
-                                               max_new_tokens=min(spec.generation.max_new_tokens, 16)),
-            )
-        return self.replace(models=models, demo=True)
+        from utils.demo_models import DEMO_KEYS
 
+        root = demo_dir or (self.models_dir / "demo")
+        models = dict(self.models)
+        for key in DEMO_KEYS:
+            if key in models:
+                spec = models[key]
+                models[key] = dataclasses.replace(
+                    spec, path=root / key, dtype="float32", quantization="none",
+                    generation=dataclasses.replace(spec.generation,
+                                                   max_new_tokens=min(spec.generation.max_new_tokens, 16)))
+        return self.replace(models=models, demo=True)
 
     def public_dict(self) -> dict:
         """Settings as shown to operators: no tokens, paths relative where possible."""

@@ -1,14 +1,17 @@
-"""/admin: what operators read and do. Reads snapshots; changes go through the model manager."""
+"""/admin: what operators read and do. Reads snapshots; changes go through the model manager.
+
+Also GET /metrics (Prometheus), open like /health; the dashboard page lives in dashboard.py."""
 from __future__ import annotations
 
 import time
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, jsonify, request
 
 from utils.errors import InvalidInput
 from utils.memory import gpu_budget, ram_budget
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
+metrics_bp = Blueprint("metrics", __name__)
 WARNING_FRACTION = 0.9
 
 
@@ -109,19 +112,26 @@ def unload_model(key: str):
 
 @bp.post("/emergency_cleanup")
 def emergency_cleanup():
+    """Unloads every idle model, releases caches (gc, CUDA cache, malloc trim) and purges expired temp
+    files. Leased models and live temp scopes are left alone."""
+    from utils.model_manager import release_cached_memory
+
     svc = services()
     before = svc.probe.read()
     held_before = svc.manager.loaded_bytes()
     unloaded = svc.manager.unload_idle(reason="emergency_cleanup")
+    release_cached_memory()  # even when no model was idle: caches of finished requests
     temp = svc.temp.sweep()
     after = svc.probe.read()
     held_after = svc.manager.loaded_bytes()
     gpu_freed = {f"cuda:{b.index}": b.allocated - a.allocated for b, a in zip(before.gpus, after.gpus)}
+    gpu_reserved_freed = {f"cuda:{b.index}": b.reserved - a.reserved for b, a in zip(before.gpus, after.gpus)}
     return jsonify({
         "unloaded_models": unloaded,
         "model_bytes_freed": sum(held_before.values()) - sum(held_after.values()),
         "rss_freed": before.process_rss - after.process_rss,
         "gpu_allocated_freed": gpu_freed,
+        "gpu_reserved_freed": gpu_reserved_freed,
         "temp": temp,
         "kept_in_use": [k for k, v in svc.manager.snapshot().items() if v["loaded"]],
     })
@@ -136,3 +146,9 @@ def temp_status():
 def cleanup_temp():
     force = request.args.get("force", "false").lower() in ("1", "true", "yes")
     return jsonify(services().temp.sweep(force=force))
+
+
+@metrics_bp.get("/metrics")
+def metrics():
+    body, content_type = services().metrics.render(request.headers.get("Accept"))
+    return Response(body, content_type=content_type)

@@ -1,0 +1,154 @@
+"""Prometheus metrics, one registry per app (several apps may live in one process, as in the tests).
+
+No Flask here: app.py feeds `observe_request` from an after_request hook, the model manager calls
+`on_load` / `on_unload` (this object is its `events` observer), the inference service calls
+`on_result` with every finished generation, and a collector reads the gauges at scrape time from the
+manager's snapshot, the memory probe and the temp manager, so they are never stale.
+
+Names (all prefixed `model_server_`):
+  http_requests_total{route,method,model,status}       counter
+  http_request_duration_seconds{route,model}           histogram (until the response is returned;
+                                                        a stream's body is not included)
+  prompt_tokens_total{model}, completion_tokens_total{model}   counters (non-streamed generations)
+  model_loads_total{model,outcome}                     counter, outcome ok|error
+  model_unloads_total{model,reason}                    counter, reason admin|idle|count|memory|
+                                                        emergency_cleanup|keep_alive=0|shutdown
+  model_load_seconds{model}                            histogram (successful and failed loads)
+  ram_total_bytes, ram_available_bytes, process_rss_bytes      gauges
+  gpu_{total,free,allocated,reserved}_bytes{device}            gauges, one series per GPU
+  models_bytes{device}                                 gauge: bytes held by loaded models per device
+  model_bytes{model,device}                            gauge: bytes one loaded model holds
+  model_loaded{model}                                  gauge 0/1
+  model_state{model,state}                             gauge, 1 for the model's current state
+  requests_in_flight{model}                            gauge: leases held (the model's queue depth)
+  temp_bytes, temp_files, temp_active_scopes           gauges
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
+
+log = logging.getLogger("model_server.metrics")
+
+PREFIX = "model_server_"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, float("inf"))
+LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, float("inf"))
+MODEL_STATES = ("unloaded", "loading", "loaded", "unloading", "error")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(PREFIX + "http_requests", "HTTP requests answered, by route template, method, "
+                                "model and status", ["route", "method", "model", "status"], registry=r)
+        self.latency = Histogram(PREFIX + "http_request_duration_seconds", "Time to answer a request",
+                                 ["route", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of finished generations",
+                                     ["model"], registry=r)
+        self.completion_tokens = Counter(PREFIX + "completion_tokens", "Tokens generated", ["model"], registry=r)
+        self.loads = Counter(PREFIX + "model_loads", "Model loads, by outcome", ["model", "outcome"], registry=r)
+        self.unloads = Counter(PREFIX + "model_unloads", "Model unloads (evictions included), by reason",
+                               ["model", "reason"], registry=r)
+        self.load_seconds = Histogram(PREFIX + "model_load_seconds", "Seconds a model load took", ["model"],
+                                      buckets=LOAD_BUCKETS, registry=r)
+        self._collector: StateCollector | None = None
+
+    # ------------------------------------------------------------ feeds
+
+    def watch(self, *, manager: Any, probe: Any, temp: Any = None) -> None:
+        """Registers the scrape-time gauges (once)."""
+        if self._collector is None:
+            self._collector = StateCollector(manager, probe, temp)
+            self.registry.register(self._collector)
+
+    def observe_request(self, route: str, method: str, model: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, method, model, str(status)).inc()
+        self.latency.labels(route, model).observe(max(0.0, seconds))
+
+    # ModelManager events observer
+    def on_load(self, key: str, seconds: float, ok: bool) -> None:
+        self.loads.labels(key, "ok" if ok else "error").inc()
+        self.load_seconds.labels(key).observe(max(0.0, seconds))
+
+    def on_unload(self, key: str, reason: str) -> None:
+        self.unloads.labels(key, reason).inc()
+
+    # InferenceService on_result hook
+    def on_result(self, key: str, result: Any) -> None:
+        self.prompt_tokens.labels(key).inc(max(0, int(getattr(result, "prompt_tokens", 0) or 0)))
+        self.completion_tokens.labels(key).inc(max(0, int(getattr(result, "completion_tokens", 0) or 0)))
+
+    # ------------------------------------------------------------ exposition
+
+    def render(self, accept: str | None = None) -> tuple[bytes, str]:
+        """The registry in the format the scraper asked for (Prometheus text, or OpenMetrics)."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
+
+
+class StateCollector:
+    """Gauges read at scrape time; a failing source leaves its gauges out instead of failing the scrape."""
+
+    def __init__(self, manager: Any, probe: Any, temp: Any = None) -> None:
+        self.manager, self.probe, self.temp = manager, probe, temp
+
+    def describe(self) -> Iterable:
+        return []  # unchecked collector: its series depend on the state at scrape time
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        for part in (self._memory, self._models, self._temp):
+            try:
+                yield from part()
+            except Exception:
+                log.exception("metrics collector %s failed", part.__name__)
+
+    def _memory(self) -> Iterable[GaugeMetricFamily]:
+        reading = self.probe.read()
+        yield GaugeMetricFamily(PREFIX + "ram_total_bytes", "Physical RAM", value=reading.ram_total)
+        yield GaugeMetricFamily(PREFIX + "ram_available_bytes", "RAM available to new allocations",
+                                value=reading.ram_available)
+        yield GaugeMetricFamily(PREFIX + "process_rss_bytes", "Resident memory of this server process",
+                                value=reading.process_rss)
+        gauges = {name: GaugeMetricFamily(PREFIX + f"gpu_{name}_bytes", f"GPU memory: {name}", labels=["device"])
+                  for name in ("total", "free", "allocated", "reserved")}
+        for gpu in reading.gpus:
+            for name, family in gauges.items():
+                family.add_metric([f"cuda:{gpu.index}"], getattr(gpu, name))
+        yield from gauges.values()
+        held = GaugeMetricFamily(PREFIX + "models_bytes", "Bytes held by loaded models, per device",
+                                 labels=["device"])
+        for device, value in sorted(self.manager.loaded_bytes().items()):
+            held.add_metric([device], value)
+        yield held
+
+    def _models(self) -> Iterable[GaugeMetricFamily]:
+        snapshot = self.manager.snapshot()
+        in_flight = GaugeMetricFamily(PREFIX + "requests_in_flight", "Requests holding a lease on the model",
+                                      labels=["model"])
+        loaded = GaugeMetricFamily(PREFIX + "model_loaded", "1 when the model is loaded", labels=["model"])
+        state = GaugeMetricFamily(PREFIX + "model_state", "1 for the model's current state",
+                                  labels=["model", "state"])
+        size = GaugeMetricFamily(PREFIX + "model_bytes", "Bytes the loaded model holds (measured)",
+                                 labels=["model", "device"])
+        for key, info in snapshot.items():
+            in_flight.add_metric([key], info["in_flight"])
+            loaded.add_metric([key], 1 if info["loaded"] else 0)
+            for name in MODEL_STATES:
+                state.add_metric([key, name], 1 if info["state"] == name else 0)
+            if info["loaded"] and info["device"]:
+                size.add_metric([key, info["device"]], info["bytes_in_memory"])
+        yield from (in_flight, loaded, state, size)
+
+    def _temp(self) -> Iterable[GaugeMetricFamily]:
+        if self.temp is None:
+            return
+        status = self.temp.status()
+        yield GaugeMetricFamily(PREFIX + "temp_bytes", "Bytes under the temp folder", value=status["bytes"])
+        yield GaugeMetricFamily(PREFIX + "temp_files", "Files under the temp folder", value=status["files"])
+        yield GaugeMetricFamily(PREFIX + "temp_active_scopes", "Live per-request temp scopes",
+                                value=status["active_scopes"])
