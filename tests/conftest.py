@@ -41,6 +41,12 @@ def make_settings(models_dir, tmp_path_factory):
     return factory
 
 
+def make_app(settings, background: bool = False):
+    """An app on the real stack; background=False leaves the sweeper and preload to the test."""
+    from app import create_app
+    return create_app(settings, background=background)
+
+
 @pytest.fixture(scope="module")
 def app(make_settings):
     from app import create_app

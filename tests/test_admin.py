@@ -8,13 +8,11 @@ import time
 import uuid
 
 import pytest
+from tests.conftest import make_app
 
 KB = 1024
 
 
-def make_app(settings, background=False):
-    from app import create_app
-    return create_app(settings, background=background)
 
 
 @pytest.fixture(scope="module")

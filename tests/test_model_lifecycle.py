@@ -7,11 +7,9 @@ import psutil
 import pytest
 
 from tests import media_samples as ms
+from tests.conftest import make_app
 
 
-def make_app(settings):
-    from app import create_app
-    return create_app(settings, background=False)
 
 
 def status(client, key=None):

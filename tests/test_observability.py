@@ -10,11 +10,9 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from utils.logging_setup import LOG_FILE
+from tests.conftest import make_app
 
 
-def make_app(settings):
-    from app import create_app
-    return create_app(settings, background=False)
 
 
 @pytest.fixture(scope="module")
