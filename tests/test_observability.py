@@ -106,6 +106,18 @@ def test_request_counts_latency_and_tokens_move(oc):
     assert delta("model_server_http_requests_total", route="/metrics", method="GET", model="", status="200") == 1
 
 
+def test_streamed_tokens_are_counted(oc):
+    plain = generate(oc, "deepseek", prompt="the same words", max_new_tokens=5).get_json()["usage"]
+    before = scrape(oc)
+    response = oc.post("/generate/deepseek", json={"prompt": "the same words", "max_new_tokens": 5, "stream": True})
+    assert response.status_code == 200 and response.get_data(as_text=True).endswith("data: [DONE]\n\n")
+    after = scrape(oc)
+    for name, expected in (("completion_tokens_total", plain["completion_tokens"]),
+                           ("prompt_tokens_total", plain["prompt_tokens"])):
+        metric = f"model_server_{name}"
+        assert value(after, metric, model="deepseek") - value(before, metric, model="deepseek") == expected
+
+
 def test_loads_unloads_and_memory_gauges_follow_the_manager(oc, obs_app):
     manager = obs_app.extensions["model_server"].manager
     before = scrape(oc)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Generator, Iterator, Mapping
 
 from utils.errors import InvalidInput
 from utils.families import GenerationParams, GenerationRequest, GenerationResult, accepted_media
@@ -216,24 +216,29 @@ class InferenceService:
             lease.__exit__(None, None, None)
             raise
 
-        return LeasedStream(model.stream(prepared, job.params), lambda: lease.__exit__(None, None, None))
+        on_result = (lambda result: self._on_result(key, result)) if self._on_result else None
+        return LeasedStream(model.stream(prepared, job.params), lambda: lease.__exit__(None, None, None), on_result)
 
 
 class LeasedStream:
     """Text pieces of one generation; the model's lease ends exactly once, when the pieces run out
     or the stream is closed, even if it was closed before its first piece."""
 
-    def __init__(self, pieces: Iterator[str], end_lease: Callable[[], None]) -> None:
+    def __init__(self, pieces: Generator, end_lease: Callable[[], None],
+                 on_result: Callable[[GenerationResult], None] | None = None) -> None:
         self._pieces = pieces
         self._end_lease = end_lease
+        self._on_result = on_result
         self._lock = threading.Lock()
         self._ended = False
 
     def __iter__(self) -> Iterator[str]:
         try:
-            yield from self._pieces
+            result = yield from self._pieces
         finally:
             self.close()
+        if result is not None and self._on_result:  # token counts of a stream that ran to its end
+            self._on_result(result)
 
     def close(self) -> None:
         with self._lock:

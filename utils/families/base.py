@@ -11,7 +11,7 @@ import logging
 import threading
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, Generator, Iterator
 
 from utils.errors import InvalidInput
 from utils.settings import ModelSpec
@@ -122,8 +122,9 @@ class Family:
     def generate(self, prepared: Any, params: GenerationParams) -> GenerationResult:
         raise NotImplementedError
 
-    def stream(self, prepared: Any, params: GenerationParams) -> Iterator[str]:
-        """Yields text pieces as they are generated (TextIteratorStreamer on a worker thread).
+    def stream(self, prepared: Any, params: GenerationParams) -> Generator[str, None, GenerationResult | None]:
+        """Yields text pieces as they are generated (TextIteratorStreamer on a worker thread) and
+        returns the GenerationResult (token counts) when generation finishes.
 
         Closing the iterator early (a client gone) stops generation and waits for the worker, so
         nothing keeps computing on a model whose lease has ended.
@@ -142,11 +143,12 @@ class Family:
         kwargs = dict(prepared, **self._generate_kwargs(params), streamer=streamer,
                       stopping_criteria=StoppingCriteriaList([StopWhenAsked()]))
         errors: list[BaseException] = []
+        outputs: list[Any] = []
 
         def run() -> None:
             try:
                 with torch.inference_mode(), self._rng(params):
-                    self._generator().generate(**kwargs)
+                    outputs.append(self._generator().generate(**kwargs))
             except BaseException as exc:  # surfaced to the consumer below
                 errors.append(exc)
                 streamer.end()
@@ -169,6 +171,12 @@ class Family:
             worker.join()
         if errors:
             raise errors[0]
+        if not outputs:
+            return None
+        prompt_len = int(prepared["input_ids"].shape[1])
+        new_tokens = outputs[0][0, prompt_len:]
+        return GenerationResult(text="", prompt_tokens=prompt_len, completion_tokens=int(new_tokens.shape[0]),
+                                finish_reason=_finish_reason(new_tokens, params, self._tokenizer()))
 
     def check_context(self, prompt_tokens: int, params: GenerationParams, *, counts_new_tokens: bool = True) -> None:
         """Refuses a prompt (plus the tokens to generate) longer than the model's context window."""
