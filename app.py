@@ -110,8 +110,7 @@ def create_app(settings: ServerSettings | None = None, *, background: bool = Tru
     for folder in (settings.models_dir, settings.tmp_dir, settings.log_dir):
         folder.mkdir(parents=True, exist_ok=True)
     from utils.logging_setup import setup_logging
-    setup_logging(settings.log_dir, max_bytes=getattr(settings, "log_max_bytes", None),
-                  backup_count=getattr(settings, "log_backup_count", None))  # once per process
+    setup_logging(settings.log_dir)  # once per process
     if settings.demo:
         from utils.demo_models import build_demo_models
         build_demo_models(settings.models_dir / "demo")  # cached: only the first start builds

@@ -177,21 +177,14 @@ class InferenceService:
         from utils import media
 
         request = GenerationRequest(prompt=job.prompt, system=job.system)
+        loaders = {"image": (media.load_image, request.images), "audio": (media.load_audio, request.audios),
+                   "video": (media.load_video, request.videos)}
         for item in job.media:
-            data = item.payload if isinstance(item.payload, (bytes, bytearray)) else \
+            # Uploads arrive as bytes, JSON media as base64; each loader checks emptiness and size.
+            data = bytes(item.payload) if isinstance(item.payload, (bytes, bytearray)) else \
                 media.decode_base64(item.payload, item.field, self.media_limits.max_media_bytes)
-            if isinstance(item.payload, (bytes, bytearray)) and len(data) > self.media_limits.max_media_bytes:
-                from utils.errors import PayloadTooLarge
-                raise PayloadTooLarge(f"'{item.field}' is {len(data)} bytes; the limit is "
-                                      f"{self.media_limits.max_media_bytes}")
-            if not data:
-                raise InvalidInput(f"'{item.field}' is empty", field=item.field, error="invalid media")
-            if item.kind == "image":
-                request.images.append(media.load_image(bytes(data), item.field, self.media_limits))
-            elif item.kind == "audio":
-                request.audios.append(media.load_audio(bytes(data), item.field, self.media_limits))
-            else:
-                request.videos.append(media.load_video(bytes(data), item.field, self.media_limits))
+            load, into = loaders[item.kind]
+            into.append(load(data, item.field, self.media_limits))
         return request
 
     def generate(self, key: str, job: GenerateJob) -> GenerationResult:

@@ -180,6 +180,17 @@ def _check_bytes(data: bytes, field: str, limits: MediaLimits) -> None:
             f"media is {len(data)} bytes; the limit is {limits.max_media_bytes}", field=field)
 
 
+def _accept(data: bytes, field: str, limits: MediaLimits, kind: str, formats) -> tuple[bytes, str]:
+    """Size, kind and completeness checks shared by the audio and video loaders."""
+    _check_bytes(data, field, limits)
+    label = sniff_format(data)
+    if label not in formats:
+        raise InvalidInput(_wrong_kind(kind, data), field=field)
+    data = bytes(data)
+    _check_container_complete(data, label, field, kind)
+    return data, label
+
+
 # ---------------------------------------------------------------- images
 
 
@@ -315,12 +326,7 @@ def load_audio(data: bytes, field: str, limits: MediaLimits, sampling_rate: int 
     rate = int(sampling_rate or limits.audio_sampling_rate)
     if rate <= 0:
         raise ValueError(f"sampling_rate must be positive, got {rate}")
-    _check_bytes(data, field, limits)
-    label = sniff_format(data)
-    if label not in _DEMUXERS:
-        raise InvalidInput(_wrong_kind("audio", data), field=field)
-    data = bytes(data)
-    _check_container_complete(data, label, field, "audio")
+    data, label = _accept(data, field, limits, "audio", _DEMUXERS)
     max_seconds = limits.max_audio_seconds
     with _decoding(field, "audio", label), _open(data, label) as container:
         if not container.streams.audio:
@@ -406,12 +412,7 @@ def sample_indices(total: int, count: int) -> list[int]:
 def load_video(data: bytes, field: str, limits: MediaLimits) -> VideoClip:
     """MP4/MOV (H.264, MPEG-4 and what FFmpeg decodes), AVI, WebM/MKV (VP8, VP9) -> ``VideoClip`` with up to
     ``limits.max_video_frames`` frames sampled evenly over the whole clip."""
-    _check_bytes(data, field, limits)
-    label = sniff_format(data)
-    if label not in _VIDEO_CONTAINERS:
-        raise InvalidInput(_wrong_kind("video", data), field=field)
-    data = bytes(data)
-    _check_container_complete(data, label, field, "video")
+    data, label = _accept(data, field, limits, "video", _VIDEO_CONTAINERS)
     with _decoding(field, "video", label):
         scan = _scan_video(data, label, field, limits)
         total = scan["packets"]
