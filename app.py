@@ -58,7 +58,7 @@ class Sweeper:
 
 
 def build_services(settings: ServerSettings) -> Services:
-    from utils.families import load_family
+    from utils.families import WEIGHT_LOADS, load_family
     from utils.inference import InferenceService
     from utils.media import MediaLimits
     from utils.memory import MemoryProbe, estimate_model_bytes
@@ -68,7 +68,8 @@ def build_services(settings: ServerSettings) -> Services:
 
     probe = MemoryProbe()
     metrics = Metrics()  # per app: several apps may share one process (tests)
-    manager = ModelManager(settings, load_family, estimator=estimate_model_bytes, probe=probe, events=metrics)
+    manager = ModelManager(settings, load_family, estimator=estimate_model_bytes, probe=probe, events=metrics,
+                           loads_waiting=WEIGHT_LOADS.waiting)
     media_limits = MediaLimits(**asdict(settings.media))
     temp = TempManager(settings.tmp_dir, ttl_seconds=settings.tmp_ttl, max_total_bytes=settings.tmp_max_bytes)
     metrics.watch(manager=manager, probe=probe, temp=temp)

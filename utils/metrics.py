@@ -37,7 +37,7 @@ log = logging.getLogger("model_server.metrics")
 PREFIX = "model_server_"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, float("inf"))
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, float("inf"))
-MODEL_STATES = ("unloaded", "loading", "loaded", "unloading", "error")
+MODEL_STATES = ("unloaded", "waiting_to_load", "loading", "loaded", "unloading", "error")
 
 
 class Metrics:

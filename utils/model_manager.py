@@ -69,7 +69,8 @@ class ModelManager:
                  probe: MemoryProbe | Any = None, clock: Callable[[], float] = time.monotonic,
                  device_resolver: Callable[[ModelSpec], str] | None = None,
                  release_memory: Callable[[], None] | None = None, events: Any = None,
-                 room_wait: float = ROOM_WAIT_SECONDS) -> None:
+                 room_wait: float = ROOM_WAIT_SECONDS,
+                 loads_waiting: Callable[[], frozenset[str]] | None = None) -> None:
         self.settings = settings
         self._loader = loader
         self._estimate = estimator
@@ -78,6 +79,9 @@ class ModelManager:
         self._resolve_device = device_resolver or default_device_resolver
         self._release_memory = release_memory or release_cached_memory
         self._room_wait = room_wait
+        # Keys whose weights wait for another model's load (the loader serializes loads; see
+        # utils/families/loading.py): shown as "waiting_to_load" instead of "loading".
+        self._loads_waiting = loads_waiting or frozenset
         self._events = events  # optional observer: on_load(key, seconds, ok), on_unload(key, reason)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # notified when a lease ends or a model unloads
@@ -158,14 +162,14 @@ class ModelManager:
 
     def snapshot(self) -> dict[str, dict]:
         """A copy of every model's state, taken under the lock (admin routes read only this)."""
-        now = self._clock()
+        now, waiting = self._clock(), self._loads_waiting()
         with self._lock:
-            return {key: self._describe(entry, now) for key, entry in self._entries.items()}
+            return {key: self._describe(entry, now, waiting) for key, entry in self._entries.items()}
 
     def snapshot_one(self, key: str) -> dict:
-        entry = self._entry(key)
+        entry, waiting = self._entry(key), self._loads_waiting()
         with self._lock:
-            return self._describe(entry, self._clock())
+            return self._describe(entry, self._clock(), waiting)
 
     def loaded_bytes(self) -> dict[str, int]:
         with self._lock:
@@ -416,10 +420,11 @@ class ModelManager:
         keep = self._keep_alive(entry)
         return keep >= 0 and entry.last_used is not None and now - entry.last_used >= keep
 
-    def _describe(self, entry: ModelEntry, now: float) -> dict:
+    def _describe(self, entry: ModelEntry, now: float, waiting: frozenset[str] = frozenset()) -> dict:
         spec = entry.spec
+        state = "waiting_to_load" if entry.state == "loading" and spec.key in waiting else entry.state
         return {
-            "key": spec.key, "family": spec.family, "repo_id": spec.repo_id, "state": entry.state,
+            "key": spec.key, "family": spec.family, "repo_id": spec.repo_id, "state": state,
             "loaded": entry.state == "loaded", "device": entry.device, "quantization": spec.quantization,
             "dtype": spec.dtype, "bytes_in_memory": entry.bytes_measured, "in_flight": entry.leases,
             "pinned": spec.pinned, "keep_alive": self._keep_alive(entry),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 
 from utils.families.base import Family, GenerationParams, GenerationRequest, GenerationResult
+from utils.families.loading import WEIGHT_LOADS
 
 # family name -> "module:Class"; imported on first use so a missing optional library only
 # affects the family that needs it.
@@ -22,18 +23,19 @@ def family_class(name: str) -> type[Family]:
 
 
 def load_family(spec, device: str) -> Family:
-    """The model manager's loader."""
+    """The model manager's loader. Weights load one model at a time (see families/loading.py)."""
     if not (spec.path / "config.json").is_file():
         raise FileNotFoundError(f"no checkpoint in {spec.path.name}/ (download it: python main.py --download-only "
                                 f"--model {spec.key})")
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # a per-load progress bar is noise in a server log
-    return family_class(spec.family).load(spec, device)
+    with WEIGHT_LOADS.turn(spec.key):
+        return family_class(spec.family).load(spec, device)
 
 
 def accepted_media(name: str) -> frozenset[str]:
     return family_class(name).accepts
 
 
-__all__ = ["Family", "GenerationParams", "GenerationRequest", "GenerationResult", "family_class", "load_family",
+__all__ = ["WEIGHT_LOADS", "Family", "GenerationParams", "GenerationRequest", "GenerationResult", "family_class", "load_family",
            "accepted_media"]

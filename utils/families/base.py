@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generator, Iterator
 
 from utils.errors import InvalidInput
+from utils.families.loading import check_loaded_weights
 from utils.settings import ModelSpec
 
 log = logging.getLogger("model_server.families")
@@ -106,6 +107,7 @@ class Family:
         model = getattr(transformers, cls.model_class).from_pretrained(
             spec.path, **cls.model_kwargs, **from_pretrained_kwargs(spec, device, cls.quant_skip_modules))
         model.eval()
+        check_loaded_weights(model)
         return cls(spec, device, model, processor)
 
     def release(self) -> None:

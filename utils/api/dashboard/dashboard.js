@@ -147,7 +147,7 @@
       const actions = el("td", undefined, { className: "actions" });
       const busy = state.busy.has(key);
       actions.append(
-        el("button", "Load", { type: "button", disabled: busy || m.loaded || m.state === "loading",
+        el("button", "Load", { type: "button", disabled: busy || m.loaded || m.state === "loading" || m.state === "waiting_to_load",
                                dataset: { action: "load", model: key } }),
         el("button", "Unload", { type: "button", disabled: busy || !m.loaded, dataset: { action: "unload", model: key } }),
       );
