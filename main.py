@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 
+from utils import healthcheck
 from utils.errors import ConfigError
 from utils.settings import load_settings
 
@@ -34,10 +35,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     downloads.add_argument("--download-only", action="store_true", help="download missing models and exit")
     downloads.add_argument("--skip-download", action="store_true", help="never download (the default)")
     parser.add_argument("--model", nargs="+", default=None, help="with --download*: only these model keys")
+    parser.add_argument("--healthcheck", action="store_true",
+                        help="exit 0 if the server recorded in the tmp dir answers /health, else 1 (the image's "
+                             "HEALTHCHECK; give it the same --config / environment as the server)")
     return parser.parse_args(argv)
 
 
-def run_gunicorn(app_factory, host: str, port: int, threads: int, timeout: int) -> None:
+def run_gunicorn(app_factory, host: str, port: int, threads: int, timeout: int, record=None) -> None:
+    """record: where the master writes {host, port, pid} once bound, removed on exit (the health check)."""
     from gunicorn.app.base import BaseApplication
 
     class ModelServerApplication(BaseApplication):
@@ -46,6 +51,9 @@ def run_gunicorn(app_factory, host: str, port: int, threads: int, timeout: int) 
                                "threads": threads, "timeout": timeout, "graceful_timeout": 30,
                                "accesslog": None, "loglevel": "info"}.items():
                 self.cfg.set(key, value)
+            if record is not None:
+                self.cfg.set("when_ready", lambda server: healthcheck.record_gunicorn(record, host, server))
+                self.cfg.set("on_exit", lambda server: healthcheck.remove_record(record, server.pid))
 
         def load(self):
             return app_factory()
@@ -62,6 +70,8 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"invalid configuration: {exc}", file=sys.stderr)
         return 2
+    if args.healthcheck:
+        return healthcheck.main(settings.tmp_dir)
 
     if args.download or args.download_only:
         if settings.demo:
@@ -82,10 +92,15 @@ def main(argv=None) -> int:
         log.info("no ADMIN_TOKEN/API_TOKEN set: bound to %s; set them before exposing the server", args.host)
 
     from app import create_app
+    record = healthcheck.record_path(settings.tmp_dir)
     if args.debug:
-        create_app(settings).run(host=args.host, port=args.port, debug=True, use_reloader=False, threaded=True)
+        healthcheck.write_record(record, args.host, args.port)
+        try:
+            create_app(settings).run(host=args.host, port=args.port, debug=True, use_reloader=False, threaded=True)
+        finally:
+            healthcheck.remove_record(record)
         return 0
-    run_gunicorn(lambda: create_app(settings), args.host, args.port, args.threads, args.timeout)
+    run_gunicorn(lambda: create_app(settings), args.host, args.port, args.threads, args.timeout, record)
     return 0
 
 
