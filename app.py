@@ -58,6 +58,7 @@ class Sweeper:
 
 
 def build_services(settings: ServerSettings) -> Services:
+    from utils.engine import make_loader
     from utils.families import WEIGHT_LOADS, load_family
     from utils.inference import InferenceService
     from utils.media import MediaLimits
@@ -66,16 +67,26 @@ def build_services(settings: ServerSettings) -> Services:
     from utils.model_manager import ModelManager
     from utils.tmp_manage import TempManager
 
+    set_torch_threads(settings.torch_threads)
     probe = MemoryProbe()
     metrics = Metrics()  # per app: several apps may share one process (tests)
-    manager = ModelManager(settings, load_family, estimator=estimate_model_bytes, probe=probe, events=metrics,
-                           loads_waiting=WEIGHT_LOADS.waiting)
+    manager = ModelManager(settings, make_loader(load_family, observer=metrics), estimator=estimate_model_bytes,
+                           probe=probe, events=metrics, loads_waiting=WEIGHT_LOADS.waiting)
     media_limits = MediaLimits(**asdict(settings.media))
     temp = TempManager(settings.tmp_dir, ttl_seconds=settings.tmp_ttl, max_total_bytes=settings.tmp_max_bytes)
     metrics.watch(manager=manager, probe=probe, temp=temp)
     inference = InferenceService(manager, media_limits, on_result=metrics.on_result)
     return Services(settings=settings, manager=manager, inference=inference, temp=temp, probe=probe,
                     metrics=metrics)
+
+
+def set_torch_threads(threads: int | None) -> None:
+    """The one place torch's intra-op pool is sized: engines run every forward pass, so request
+    threads never multiply it. Default: the cores this process may use."""
+    import os
+
+    import torch
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
 
 
 class ScopedRequest(Request):

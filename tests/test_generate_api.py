@@ -48,7 +48,7 @@ def test_greedy_is_deterministic(client):
 def test_reasoning_is_split_not_dropped(app):
     from utils.families.text import split_reasoning
     with app.extensions["model_server"].manager.lease("deepseek") as model:
-        tok = model.processor
+        tok = model.adapter.processor
         ids = tok.convert_tokens_to_ids(["<think>"]) + tok.encode("the sky", add_special_tokens=False) \
             + tok.convert_tokens_to_ids(["</think>"]) + tok.encode("blue", add_special_tokens=False)
         assert split_reasoning(tok, ids) == ("the sky", "blue")

@@ -127,7 +127,7 @@ def test_bitsandbytes_quantized_text_model_generates(make_settings, bits):
     with quantized.extensions["model_server"].manager.lease("deepseek") as model:
         import bitsandbytes as bnb
         linear = (bnb.nn.Linear4bit if bits == "4bit" else bnb.nn.Linear8bitLt)
-        assert any(isinstance(m, linear) for m in model.model.modules())
+        assert any(isinstance(m, linear) for m in model.adapter.model.modules())
     assert sizes["quantized"] < sizes["plain"]
 
 

@@ -70,7 +70,7 @@ def make_settings(keys=("a", "b", "c"), **server) -> ServerSettings:
               for k in keys}
     base = dict(models=models, models_dir=Path("/nonexistent"), tmp_dir=Path("/nonexistent/tmp"),
                 log_dir=Path("/nonexistent/logs"), max_loaded_models=2, idle_timeout=60.0,
-                ram_headroom_bytes=0, failed_load_backoff=10.0)
+                ram_headroom_bytes=0, failed_load_backoff=10.0, group_window=0.0)
     base.update(server)
     return ServerSettings(**base)
 

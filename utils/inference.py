@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generator, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from utils.errors import InvalidInput
 from utils.families import GenerationParams, GenerationRequest, GenerationResult, accepted_media
@@ -187,39 +187,51 @@ class InferenceService:
             into.append(load(data, item.field, self.media_limits))
         return request
 
-    def generate(self, key: str, job: GenerateJob) -> GenerationResult:
+    def generate(self, key: str, job: GenerateJob, is_gone: Callable[[], bool] | None = None) -> GenerationResult:
+        """Runs the job on the model's engine; `is_gone` tells whether the client has left (its row
+        then leaves the queue or stops)."""
         request = self.decode_media(job)  # bad media fails before any model loads
-        with self.manager.lease(key, keep_alive=job.keep_alive) as model:
-            prepared = model.prepare(request)
-            model.check_context(int(prepared["input_ids"].shape[1]), job.params)
-            result = model.generate(prepared, job.params)
-        if self._on_result:
+        with self.manager.lease(key, keep_alive=job.keep_alive) as served:
+            prepared = self._prepare(served, request, job)
+            result = served.engine.run(served.engine.submit(prepared, job.params), is_gone)
+        if self._on_result and result.finish_reason != "cancelled":
             self._on_result(key, result)
         return result
 
-    def stream(self, key: str, job: GenerateJob) -> Iterator[str]:
-        """Text pieces as generated; the lease is held until the generator finishes or is closed."""
+    def stream(self, key: str, job: GenerateJob) -> "LeasedStream":
+        """Text pieces as generated; the lease is held until the stream ends or is closed. The
+        request has started (left the queue) when this returns, so queue errors are still a status."""
         request = self.decode_media(job)
         lease = self.manager.lease(key, keep_alive=job.keep_alive)
-        model = lease.__enter__()
+        served = lease.__enter__()
         try:
-            prepared = model.prepare(request)
-            model.check_context(int(prepared["input_ids"].shape[1]), job.params)
+            prepared = self._prepare(served, request, job)
+            engine_job = served.engine.submit(prepared, job.params, streaming=True)
+            served.engine.await_start(engine_job)
         except BaseException:
             lease.__exit__(None, None, None)
             raise
-
         on_result = (lambda result: self._on_result(key, result)) if self._on_result else None
-        return LeasedStream(model.stream(prepared, job.params), lambda: lease.__exit__(None, None, None), on_result)
+        return LeasedStream(engine_job, lambda: lease.__exit__(None, None, None), on_result)
+
+    @staticmethod
+    def _prepare(served: Any, request: GenerationRequest, job: GenerateJob) -> Any:
+        """Inputs for the model (processor, chat template) on the request's thread; refuses a
+        prompt longer than the model's context before it takes a place in the queue."""
+        prepared = served.adapter.prepare(request)
+        served.adapter.check_context(int(prepared["input_ids"].shape[1]), job.params)
+        return prepared
 
 
 class LeasedStream:
-    """Text pieces of one generation; the model's lease ends exactly once, when the pieces run out
-    or the stream is closed, even if it was closed before its first piece."""
+    """Text pieces of one engine job; the model's lease ends exactly once, when the pieces run out
+    or the stream is closed (the row is cancelled first, and ends at the engine's next step)."""
 
-    def __init__(self, pieces: Generator, end_lease: Callable[[], None],
+    CANCEL_WAIT_SECONDS = 30.0
+
+    def __init__(self, job: Any, end_lease: Callable[[], None],
                  on_result: Callable[[GenerationResult], None] | None = None) -> None:
-        self._pieces = pieces
+        self._job = job
         self._end_lease = end_lease
         self._on_result = on_result
         self._lock = threading.Lock()
@@ -227,10 +239,10 @@ class LeasedStream:
 
     def __iter__(self) -> Iterator[str]:
         try:
-            result = yield from self._pieces
+            result = yield from self._job.pieces()
         finally:
             self.close()
-        if result is not None and self._on_result:  # token counts of a stream that ran to its end
+        if result is not None and result.finish_reason != "cancelled" and self._on_result:
             self._on_result(result)
 
     def close(self) -> None:
@@ -239,6 +251,8 @@ class LeasedStream:
                 return
             self._ended = True
         try:
-            self._pieces.close()  # stops generation and waits for its worker
+            if not self._job.done:
+                self._job.cancel()
+                self._job.wait_done(self.CANCEL_WAIT_SECONDS)
         finally:
             self._end_lease()

@@ -22,6 +22,11 @@ Names (all prefixed `model_server_`):
   model_state{model,state}                             gauge, 1 for the model's current state
   requests_in_flight{model}                            gauge: leases held (the model's queue depth)
   temp_bytes, temp_files, temp_active_scopes           gauges
+  queue_wait_seconds{model}                            histogram: submitted to started, per request
+  batch_size{model}                                    histogram: rows per forward pass (continuous
+                                                        engines) or per generate call (dynamic)
+  engine_queue_depth{model}, engine_running_rows{model}          gauges
+  engine_tokens_per_second{model}                      gauge: tokens generated over the last minute
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ log = logging.getLogger("model_server.metrics")
 
 PREFIX = "model_server_"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, float("inf"))
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, float("inf"))
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, float("inf"))
 MODEL_STATES = ("unloaded", "waiting_to_load", "loading", "loaded", "unloading", "error")
 
@@ -56,6 +62,11 @@ class Metrics:
                                ["model", "reason"], registry=r)
         self.load_seconds = Histogram(PREFIX + "model_load_seconds", "Seconds a model load took", ["model"],
                                       buckets=LOAD_BUCKETS, registry=r)
+        self.queue_wait = Histogram(PREFIX + "queue_wait_seconds", "Seconds a request waited in its model's "
+                                    "queue before its engine started it", ["model"], buckets=LATENCY_BUCKETS,
+                                    registry=r)
+        self.batch_size = Histogram(PREFIX + "batch_size", "Rows in one forward pass or generate call", ["model"],
+                                    buckets=BATCH_BUCKETS, registry=r)
         self._collector: StateCollector | None = None
 
     # ------------------------------------------------------------ feeds
@@ -77,6 +88,13 @@ class Metrics:
 
     def on_unload(self, key: str, reason: str) -> None:
         self.unloads.labels(key, reason).inc()
+
+    # Engine observer
+    def on_queue_wait(self, key: str, seconds: float) -> None:
+        self.queue_wait.labels(key).observe(max(0.0, seconds))
+
+    def on_batch(self, key: str, rows: int) -> None:
+        self.batch_size.labels(key).observe(rows)
 
     # InferenceService on_result hook
     def on_result(self, key: str, result: Any) -> None:
@@ -135,6 +153,12 @@ class StateCollector:
                                   labels=["model", "state"])
         size = GaugeMetricFamily(PREFIX + "model_bytes", "Bytes the loaded model holds (measured)",
                                  labels=["model", "device"])
+        depth = GaugeMetricFamily(PREFIX + "engine_queue_depth", "Requests waiting in the model's engine queue",
+                                  labels=["model"])
+        running = GaugeMetricFamily(PREFIX + "engine_running_rows", "Requests in the engine's running batch",
+                                    labels=["model"])
+        speed = GaugeMetricFamily(PREFIX + "engine_tokens_per_second", "Tokens generated per second over the "
+                                  "last minute", labels=["model"])
         for key, info in snapshot.items():
             in_flight.add_metric([key], info["in_flight"])
             loaded.add_metric([key], 1 if info["loaded"] else 0)
@@ -142,7 +166,12 @@ class StateCollector:
                 state.add_metric([key, name], 1 if info["state"] == name else 0)
             if info["loaded"] and info["device"]:
                 size.add_metric([key, info["device"]], info["bytes_in_memory"])
-        yield from (in_flight, loaded, state, size)
+            engine = info.get("engine")
+            if engine:
+                depth.add_metric([key], engine["queue_depth"])
+                running.add_metric([key], engine["running_batch"])
+                speed.add_metric([key], engine["tokens_per_second"])
+        yield from (in_flight, loaded, state, size, depth, running, speed)
 
     def _temp(self) -> Iterable[GaugeMetricFamily]:
         if self.temp is None:

@@ -164,12 +164,19 @@ class ModelManager:
         """A copy of every model's state, taken under the lock (admin routes read only this)."""
         now, waiting = self._clock(), self._loads_waiting()
         with self._lock:
-            return {key: self._describe(entry, now, waiting) for key, entry in self._entries.items()}
+            described = {key: self._describe(entry, now, waiting) for key, entry in self._entries.items()}
+            handles = {key: entry.handle for key, entry in self._entries.items() if entry.handle is not None}
+        for key, handle in handles.items():  # outside _lock: an engine's status takes the engine's own lock
+            described[key]["engine"] = _handle_status(handle)
+        return described
 
     def snapshot_one(self, key: str) -> dict:
         entry, waiting = self._entry(key), self._loads_waiting()
         with self._lock:
-            return self._describe(entry, self._clock(), waiting)
+            described, handle = self._describe(entry, self._clock(), waiting), entry.handle
+        if handle is not None:
+            described["engine"] = _handle_status(handle)
+        return described
 
     def loaded_bytes(self) -> dict[str, int]:
         with self._lock:
@@ -320,8 +327,13 @@ class ModelManager:
         Evicts least recently used idle models (never leased, never pinned, never the one being
         loaded); waits for a lease to end when only leased models stand in the way; measures
         memory again after each unload. Raises InsufficientMemory when nothing more can go.
+
+        Grouping: a model that served within `group_window` seconds is passed over while this load
+        has waited less than `max_pass_over`, so requests to resident models go first (A B A A C is
+        served A A A B C) instead of every other request paying for a load.
         """
-        deadline = time.monotonic() + self._room_wait
+        started = time.monotonic()
+        deadline = started + self._room_wait
         while True:
             reading = self._probe.read()
             with self._lock:
@@ -332,13 +344,16 @@ class ModelManager:
                     entry.state, entry.device, entry.bytes_reserved, entry.error = "loading", device, need, None
                     return
                 kind = problem[0]
-                victim = self._pick_victim(entry, device if kind == "memory" else None)
+                on_device = device if kind == "memory" else None
+                grouping = time.monotonic() - started < self.settings.max_pass_over
+                victim = self._pick_victim(entry, on_device, spare_recent=grouping)
                 if victim is None:
-                    waiting = self._blocked_by_leases(entry, device if kind == "memory" else None)
+                    held_for_grouping = grouping and self._pick_victim(entry, on_device) is not None
+                    waiting = held_for_grouping or self._blocked_by_leases(entry, on_device)
                     remaining = deadline - time.monotonic()
-                    if not waiting or remaining <= 0:
+                    if not waiting or (remaining <= 0 and not held_for_grouping):
                         raise InsufficientMemory(problem[1], retry_after=5)
-                    self._changed.wait(timeout=min(remaining, 0.5))
+                    self._changed.wait(timeout=0.05 if held_for_grouping else min(remaining, 0.5))
                     continue
                 handle = self._take_out(victim, kind)
             self._drop(victim, handle, kind)
@@ -364,11 +379,16 @@ class ModelManager:
                               f"after headroom")
         return None
 
-    def _pick_victim(self, entry: ModelEntry, device: str | None) -> ModelEntry | None:
+    def _pick_victim(self, entry: ModelEntry, device: str | None, *, spare_recent: bool = False
+                     ) -> ModelEntry | None:
+        now = self._clock()
         for key in self._lru:  # least recently used first
             candidate = self._entries[key]
             if (candidate is not entry and candidate.state == "loaded" and candidate.leases == 0
                     and not candidate.spec.pinned and (device is None or candidate.device == device)):
+                if spare_recent and candidate.last_used is not None \
+                        and now - candidate.last_used < self.settings.group_window:
+                    continue
                 return candidate
         return None
 
@@ -475,6 +495,16 @@ def _trim_malloc() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except Exception:
         pass
+
+
+def _handle_status(handle: Any) -> dict | None:
+    """What a loaded model reports about itself (its engine: kind, queue depth, running batch)."""
+    status = getattr(handle, "status", None)
+    try:
+        return status() if status else None
+    except Exception:
+        log.exception("reading a model's status failed")
+        return None
 
 
 def _describe_exception(exc: BaseException) -> str:

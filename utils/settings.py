@@ -24,6 +24,8 @@ DEFAULT_CONFIG = PROJECT_ROOT / "models.yaml"
 FAMILIES = ("text", "vision_language", "vqa", "audio", "omni")
 QUANTIZATIONS = ("none", "4bit", "8bit")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+BATCHING = ("auto", "continuous", "dynamic")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _KEY_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
@@ -48,6 +50,18 @@ class ModelLimits:
 
 
 @dataclass(frozen=True)
+class EngineSettings:
+    """How a loaded model's engine runs (server `engine:` section, overridden per model)."""
+    batching: str = "auto"          # auto: continuous where the family supports it, else dynamic
+    max_batch_size: int = 16        # rows in one forward pass; 1 = batching off
+    max_queue: int = 64             # requests waiting per model; more get 503 + Retry-After
+    queue_timeout: float = 60.0     # seconds a request may wait to start; then 503
+    attn_implementation: str = "auto"  # auto = transformers' choice (sdpa where the model has it)
+    static_cache: bool = False      # generate(cache_implementation="static"): fixed shapes, for GPUs
+    compile: bool = False           # torch.compile the forward (needs static_cache)
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     key: str
     repo_id: str
@@ -62,6 +76,7 @@ class ModelSpec:
     preload: bool = False
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
     limits: ModelLimits = field(default_factory=ModelLimits)
+    engine: EngineSettings = field(default_factory=EngineSettings)
 
 
 @dataclass(frozen=True)
@@ -91,6 +106,10 @@ class ServerSettings:
     tmp_ttl: float = 3600.0
     tmp_max_bytes: int = 2 * GIB
     media: MediaSettings = field(default_factory=MediaSettings)
+    engine: EngineSettings = field(default_factory=EngineSettings)  # defaults for every model's engine
+    torch_threads: int | None = None  # torch's intra-op threads; None = the cores this process may use
+    group_window: float = 0.5        # a model that served within this many seconds is not evicted for a load...
+    max_pass_over: float = 10.0      # ...unless that load has waited this long (requests grouped by model)
     admin_token: str | None = None
     api_token: str | None = None
     demo: bool = False
@@ -138,6 +157,10 @@ class ServerSettings:
             "tmp_ttl": self.tmp_ttl,
             "tmp_max_bytes": self.tmp_max_bytes,
             "media": dataclasses.asdict(self.media),
+            "engine": dataclasses.asdict(self.engine),
+            "torch_threads": self.torch_threads,
+            "group_window": self.group_window,
+            "max_pass_over": self.max_pass_over,
             "admin_auth": self.admin_token is not None,
             "api_auth": self.api_token is not None,
             "demo": self.demo,
@@ -238,11 +261,13 @@ def _resolve(path_value: Any, base: Path, where: str) -> Path:
 
 _GEN_FIELDS = {f.name for f in dataclasses.fields(GenerationDefaults)}
 _LIMIT_FIELDS = {f.name for f in dataclasses.fields(ModelLimits)}
+_ENGINE_FIELDS = {f.name for f in dataclasses.fields(EngineSettings)}
 _MODEL_FIELDS = {"repo_id", "family", "path", "revision", "dtype", "quantization", "device", "keep_alive",
-                 "pinned", "preload", "generation", "limits"}
+                 "pinned", "preload", "generation", "limits", "engine"}
 _SERVER_FIELDS = {"max_loaded_models", "idle_timeout", "models_dir", "tmp_dir", "log_dir", "max_content_length_mb",
                   "ram_budget_gb", "ram_headroom_gb", "gpu_budget_gb", "gpu_headroom_gb", "failed_load_backoff",
-                  "sweep_interval", "tmp_ttl", "tmp_max_mb", "media"}
+                  "sweep_interval", "tmp_ttl", "tmp_max_mb", "media", "engine", "torch_threads", "group_window",
+                  "max_pass_over"}
 _MEDIA_FIELDS = {"max_media_mb", "max_image_pixels", "max_audio_seconds", "max_video_seconds", "max_video_frames"}
 
 # Environment variable -> key of the `server` section it overrides.
@@ -261,7 +286,13 @@ SERVER_ENV = {
     "SWEEP_INTERVAL": "sweep_interval",
     "TMP_TTL": "tmp_ttl",
     "TMP_MAX_MB": "tmp_max_mb",
+    "TORCH_THREADS": "torch_threads",
+    "GROUP_WINDOW": "group_window",
+    "MAX_PASS_OVER": "max_pass_over",
 }
+# Environment variable -> key of the server `engine` section (the defaults of every model's engine).
+ENGINE_ENV = {"BATCHING": "batching", "MAX_BATCH_SIZE": "max_batch_size", "MAX_QUEUE": "max_queue",
+              "QUEUE_TIMEOUT": "queue_timeout"}
 MEDIA_ENV = {"MAX_MEDIA_MB": "max_media_mb", "MAX_VIDEO_FRAMES": "max_video_frames"}
 # MODEL_<KEY>_<FIELD> overrides one field of one model, e.g. MODEL_DEEPSEEK_QUANTIZATION=8bit.
 MODEL_ENV_FIELDS = ("quantization", "dtype", "device", "path", "keep_alive", "pinned", "preload", "revision")
@@ -292,7 +323,34 @@ def _limits(raw: Any, where: str) -> ModelLimits:
                           for name in _LIMIT_FIELDS})
 
 
-def _model(key: str, raw: Any, models_dir: Path, env: Mapping[str, str]) -> ModelSpec:
+def _engine(raw: Any, where: str, defaults: EngineSettings) -> EngineSettings:
+    """An `engine:` mapping over `defaults`: every field is checked here, once."""
+    raw = _mapping(raw, where)
+    _only_known(raw, where, _ENGINE_FIELDS)
+    get = lambda name: raw.get(name, getattr(defaults, name))  # noqa: E731
+    out = EngineSettings(
+        batching=_choice(get("batching"), f"{where}.batching", BATCHING),
+        max_batch_size=_int(get("max_batch_size"), f"{where}.max_batch_size", minimum=1),
+        max_queue=_int(get("max_queue"), f"{where}.max_queue", minimum=1),
+        queue_timeout=_float(get("queue_timeout"), f"{where}.queue_timeout", minimum=0.001),
+        attn_implementation=_choice(get("attn_implementation"), f"{where}.attn_implementation",
+                                    ATTN_IMPLEMENTATIONS),
+        static_cache=_bool(get("static_cache"), f"{where}.static_cache"),
+        compile=_bool(get("compile"), f"{where}.compile"),
+    )
+    if out.compile and not out.static_cache:
+        _fail(f"{where}.compile", "torch.compile needs static_cache: true (fixed shapes; otherwise every "
+                                  "new batch shape recompiles)")
+    if out.attn_implementation == "flash_attention_2":
+        import importlib.util
+        if importlib.util.find_spec("flash_attn") is None:
+            _fail(f"{where}.attn_implementation", "flash_attention_2 needs the flash-attn package (CUDA only); "
+                                                  "it is not installed here: use auto or sdpa")
+    return out
+
+
+def _model(key: str, raw: Any, models_dir: Path, env: Mapping[str, str],
+           engine_defaults: EngineSettings = EngineSettings()) -> ModelSpec:
     where = f"models.{key}"
     if not _KEY_RE.match(str(key)):
         _fail(where, "model keys are lower-case letters, digits and underscores, starting with a letter")
@@ -327,6 +385,7 @@ def _model(key: str, raw: Any, models_dir: Path, env: Mapping[str, str]) -> Mode
         preload=_bool(raw.get("preload", False), f"{where}.preload"),
         generation=generation,
         limits=limits,
+        engine=_engine(raw.get("engine"), f"{where}.engine", engine_defaults),
     )
     return spec
 
@@ -375,7 +434,13 @@ def load_settings(config_path: str | os.PathLike | None = None, env: Mapping[str
     raw_models = _mapping(document.get("models"), "models")
     if not raw_models:
         _fail("models", "at least one model must be configured")
-    models = {str(key): _model(str(key), raw, models_dir, env) for key, raw in raw_models.items()}
+    raw_engine = dict(_mapping(server.get("engine"), "server.engine"))
+    for env_name, name in ENGINE_ENV.items():
+        if env.get(env_name) not in (None, ""):
+            raw_engine[name] = env[env_name]
+    engine = _engine(raw_engine, "server.engine", EngineSettings())
+    models = {str(key): _model(str(key), raw, models_dir, env, engine) for key, raw in raw_models.items()}
+    torch_threads = server.get("torch_threads")
 
     idle_timeout = _float(server.get("idle_timeout", 600), "server.idle_timeout")
     if idle_timeout < 0 and idle_timeout != -1:
@@ -399,6 +464,13 @@ def load_settings(config_path: str | os.PathLike | None = None, env: Mapping[str
         tmp_ttl=_float(server.get("tmp_ttl", 3600), "server.tmp_ttl", minimum=1),
         tmp_max_bytes=int(_float(server.get("tmp_max_mb", 2048), "server.tmp_max_mb", minimum=1) * MIB),
         media=_media(server.get("media"), env),
+        engine=engine,
+        torch_threads=None if torch_threads in (None, "", "auto") else _int(torch_threads, "server.torch_threads",
+                                                                           minimum=1),
+        group_window=_float(server.get("group_window", ServerSettings.group_window), "server.group_window",
+                            minimum=0, maximum=3600),
+        max_pass_over=_float(server.get("max_pass_over", ServerSettings.max_pass_over), "server.max_pass_over",
+                             minimum=0, maximum=3600),
         admin_token=env.get("ADMIN_TOKEN") or None,
         api_token=env.get("API_TOKEN") or None,
         config_path=path,

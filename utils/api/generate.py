@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 from flask import Blueprint, Response, current_app, g, jsonify, request, stream_with_context
 
@@ -39,6 +40,23 @@ def request_body() -> tuple[dict, dict[str, list[bytes]]]:
                                f"(got {mimetype or 'none'})")
 
 
+def client_gone_probe():
+    """A check that the client closed its connection while its request waits (gunicorn's socket;
+    None where the server gives no socket, as Flask's test client)."""
+    sock = request.environ.get("gunicorn.socket")
+    if sock is None:
+        return None
+
+    def gone() -> bool:
+        try:
+            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False  # open, nothing sent: still waiting for us
+        except OSError:
+            return True
+    return gone
+
+
 @bp.post("/generate/<model>")
 def generate(model: str):
     svc = services()
@@ -62,7 +80,7 @@ def generate(model: str):
                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         response.call_on_close(pieces.close)
         return response
-    result = svc.inference.generate(model, job)
+    result = svc.inference.generate(model, job, is_gone=client_gone_probe())
     body = {"response": result.text, "model": model,
             "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
                       "total_tokens": result.prompt_tokens + result.completion_tokens},

@@ -1,7 +1,7 @@
 """Qwen2-Audio: a question about one or more clips of 16 kHz audio."""
 from __future__ import annotations
 
-from utils.families.base import Family, GenerationParams, GenerationRequest, GenerationResult
+from utils.families.base import Family, GenerationRequest
 
 
 class AudioFamily(Family):
@@ -15,6 +15,3 @@ class AudioFamily(Family):
         # The template renders each audio item as "Audio N: <|audio_bos|><|AUDIO|><|audio_eos|>".
         items = [{"type": "audio", "audio_url": f"audio-{i}"} for i in range(len(request.audios))]
         return self.chat_inputs(request, items)
-
-    def generate(self, prepared: dict, params: GenerationParams) -> GenerationResult:
-        return self._decode_new_tokens(prepared, self._run_generate(prepared, params), params)

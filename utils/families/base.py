@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generator, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, Iterator, Sequence
 
 from utils.errors import InvalidInput
 from utils.families.loading import check_loaded_weights
@@ -80,7 +80,7 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     reasoning: str | None = None
-    finish_reason: str = "stop"   # "stop" | "length"
+    finish_reason: str = "stop"   # "stop" | "length" | "cancelled"
 
 
 class Family:
@@ -103,6 +103,10 @@ class Family:
     def load(cls, spec: ModelSpec, device: str) -> "Family":
         import transformers
 
+        if spec.engine.compile and not device.startswith("cuda"):
+            raise ValueError(f"engine.compile is set for '{spec.key}' but it loads on {device}: transformers "
+                             f"compiles generation on CUDA only; turn compile off for this model")
+
         processor = getattr(transformers, cls.processor_class).from_pretrained(spec.path)
         model = getattr(transformers, cls.model_class).from_pretrained(
             spec.path, **cls.model_kwargs, **from_pretrained_kwargs(spec, device, cls.quant_skip_modules))
@@ -118,67 +122,42 @@ class Family:
         return int(self.model.get_memory_footprint()) if self.model is not None else 0
 
     # -- serving
+    # Which side prompts are padded on inside a batch: left for decoder-only generation, right for
+    # encoders with absolute positions (BLIP), so a row's answer does not depend on its neighbours.
+    padding_side: ClassVar[str] = "left"
+
     def prepare(self, request: GenerationRequest) -> Any:
         raise NotImplementedError
 
-    def generate(self, prepared: Any, params: GenerationParams) -> GenerationResult:
-        raise NotImplementedError
-
-    def stream(self, prepared: Any, params: GenerationParams) -> Generator[str, None, GenerationResult | None]:
-        """Yields text pieces as they are generated (TextIteratorStreamer on a worker thread) and
-        returns the GenerationResult (token counts) when generation finishes.
-
-        Closing the iterator early (a client gone) stops generation and waits for the worker, so
-        nothing keeps computing on a model whose lease has ended.
-        """
+    def generate_batch(self, rows: Sequence[Any]) -> None:
+        """One padded `generate` over rows that share their generation parameters (see
+        engine.rows.batch_key); each row gets its tokens and result as soon as it finishes.
+        Only the model's engine calls this, from its one worker thread."""
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+        from utils.engine.rows import RowTracker, collate
 
-        stop = threading.Event()
+        params = rows[0].params
+        longest = max(row.params.max_new_tokens for row in rows)
+        inputs = collate([row.prepared for row in rows], side=self.padding_side, pad_id=self._pad_id())
+        tracker = RowTracker(rows, eos_ids=self._eos_ids(), tokenizer=self._tokenizer(),
+                             build_result=self.result_from_tokens)
+        kwargs = dict(inputs, **self._generate_kwargs(replace(params, max_new_tokens=longest)),
+                      streamer=tracker, stopping_criteria=[tracker])
+        with torch.inference_mode(), self._rng(params):
+            self._generator().generate(**kwargs)
+        tracker.finish_all()
 
-        class StopWhenAsked(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return stop.is_set()
+    def generate(self, prepared: Any, params: GenerationParams) -> GenerationResult:
+        """One request alone, on the calling thread (tools and benches; the server uses the engine)."""
+        row = SoloRow(prepared, params)
+        self.generate_batch([row])
+        return row.result
 
-        streamer = TextIteratorStreamer(self._tokenizer(), skip_prompt=True, skip_special_tokens=True,
-                                        timeout=1.0)
-        kwargs = dict(prepared, **self._generate_kwargs(params), streamer=streamer,
-                      stopping_criteria=StoppingCriteriaList([StopWhenAsked()]))
-        errors: list[BaseException] = []
-        outputs: list[Any] = []
-
-        def run() -> None:
-            try:
-                with torch.inference_mode(), self._rng(params):
-                    outputs.append(self._generator().generate(**kwargs))
-            except BaseException as exc:  # surfaced to the consumer below
-                errors.append(exc)
-                streamer.end()
-
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
-        try:
-            while True:
-                try:
-                    piece = next(streamer)
-                except StopIteration:
-                    break
-                except Exception:  # queue timeout: generation still running, or it failed
-                    if worker.is_alive():
-                        continue
-                    break
-                yield piece
-        finally:
-            stop.set()
-            worker.join()
-        if errors:
-            raise errors[0]
-        if not outputs:
-            return None
-        prompt_len = int(prepared["input_ids"].shape[1])
-        new_tokens = outputs[0][0, prompt_len:]
-        return GenerationResult(text="", prompt_tokens=prompt_len, completion_tokens=int(new_tokens.shape[0]),
-                                finish_reason=_finish_reason(new_tokens, params, self._tokenizer()))
+    def result_from_tokens(self, tokens: list[int], prompt_tokens: int, finish_reason: str) -> GenerationResult:
+        """The generated tokens (eos included) -> the answer; the prompt is never echoed."""
+        text = self._tokenizer().decode(tokens, skip_special_tokens=True).strip()
+        return GenerationResult(text=text, prompt_tokens=prompt_tokens, completion_tokens=len(tokens),
+                                finish_reason=finish_reason)
 
     def check_context(self, prompt_tokens: int, params: GenerationParams, *, counts_new_tokens: bool = True) -> None:
         """Refuses a prompt (plus the tokens to generate) longer than the model's context window."""
@@ -249,6 +228,8 @@ class Family:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if params.repetition_penalty is not None:
             kwargs["repetition_penalty"] = params.repetition_penalty
+        if self.spec.engine.static_cache:  # transformers compiles the forward itself with a static cache
+            kwargs.update(cache_implementation="static", disable_compile=not self.spec.engine.compile)
         pad = getattr(tokenizer, "pad_token_id", None)
         if pad is None:
             pad = getattr(tokenizer, "eos_token_id", None)
@@ -256,32 +237,38 @@ class Family:
             kwargs["pad_token_id"] = pad
         return kwargs
 
-    def _run_generate(self, inputs: dict, params: GenerationParams) -> Any:
-        """model.generate with the request's parameters; seeded sampling is reproducible."""
-        import torch
-
-        kwargs = dict(inputs, **self._generate_kwargs(params))
-        with torch.inference_mode(), self._rng(params):
-            return self._generator().generate(**kwargs)
-
     @staticmethod
     def _rng(params: GenerationParams):
         return SAMPLING_RNG.hold(params.seed) if params.do_sample else nullcontext()
 
-    def _decode_new_tokens(self, inputs: dict, output: Any, params: GenerationParams) -> GenerationResult:
-        """Decodes only the generated tokens: the answer never echoes the prompt."""
-        prompt_len = int(inputs["input_ids"].shape[1])
-        new_tokens = output[0, prompt_len:]
-        text = self._tokenizer().decode(new_tokens, skip_special_tokens=True).strip()
-        return GenerationResult(text=text, prompt_tokens=prompt_len, completion_tokens=int(new_tokens.shape[0]),
-                                finish_reason=_finish_reason(new_tokens, params, self._tokenizer()))
+    def _eos_ids(self) -> set[int]:
+        eos = self._generator().generation_config.eos_token_id
+        if eos is None:
+            eos = getattr(self._tokenizer(), "eos_token_id", None)
+        return set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
+
+    def _pad_id(self) -> int:
+        tokenizer = self._tokenizer()
+        pad = getattr(tokenizer, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(tokenizer, "eos_token_id", None)
+        return int(pad or 0)
 
 
-def _finish_reason(new_tokens: Any, params: GenerationParams, tokenizer: Any) -> str:
-    if int(new_tokens.shape[0]) < params.max_new_tokens:
-        return "stop"
-    eos = getattr(tokenizer, "eos_token_id", None)
-    return "stop" if eos is not None and int(new_tokens[-1]) == eos else "length"
+class SoloRow:
+    """A batch row for a caller that runs one request itself and reads `result` afterwards."""
+
+    cancelled = False
+    streaming = False
+
+    def __init__(self, prepared: Any, params: GenerationParams) -> None:
+        self.prepared, self.params, self.result = prepared, params, None
+
+    def emit(self, piece: str) -> None:
+        pass
+
+    def finish(self, result: GenerationResult) -> None:
+        self.result = result
 
 
 def torch_dtype(name: str) -> Any:
@@ -292,6 +279,8 @@ def torch_dtype(name: str) -> Any:
 def from_pretrained_kwargs(spec: ModelSpec, device: str, skip_modules: list[str] | None = None) -> dict:
     """dtype, device placement and bitsandbytes quantization for any family's from_pretrained."""
     kwargs: dict[str, Any] = {"dtype": torch_dtype(spec.dtype), "device_map": {"": device}}
+    if spec.engine.attn_implementation != "auto":
+        kwargs["attn_implementation"] = spec.engine.attn_implementation
     if spec.quantization != "none":
         import torch
         from transformers import BitsAndBytesConfig

@@ -5,7 +5,7 @@ no talker, and the thinker alone generates the text, so no speech weights take m
 """
 from __future__ import annotations
 
-from utils.families.base import Family, GenerationParams, GenerationRequest, GenerationResult
+from utils.families.base import Family, GenerationRequest
 
 
 class OmniFamily(Family):
@@ -24,6 +24,3 @@ class OmniFamily(Family):
         items = ([{"type": "image"} for _ in request.images] + [{"type": "video"} for _ in request.videos]
                  + [{"type": "audio"} for _ in request.audios])
         return self.chat_inputs(request, items)
-
-    def generate(self, prepared: dict, params: GenerationParams) -> GenerationResult:
-        return self._decode_new_tokens(prepared, self._run_generate(prepared, params), params)

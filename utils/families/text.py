@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from utils.families.base import Family, GenerationParams, GenerationRequest, GenerationResult, \
-    _finish_reason
+from utils.families.base import Family, GenerationRequest, GenerationResult
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -15,6 +14,7 @@ class TextFamily(Family):
 
     model_class = "AutoModelForCausalLM"
     processor_class = "AutoTokenizer"
+    continuous_batching = True  # requests join the running batch between decode steps (engine/continuous.py)
 
     def prepare(self, request: GenerationRequest) -> dict:
         self.check_media(request)
@@ -26,14 +26,10 @@ class TextFamily(Family):
                                                     return_dict=True)
         return {k: v.to(self.model.device) for k, v in inputs.items()}
 
-    def generate(self, prepared: dict, params: GenerationParams) -> GenerationResult:
-        output = self._run_generate(prepared, params)
-        prompt_len = int(prepared["input_ids"].shape[1])
-        new_tokens = output[0, prompt_len:]
-        reasoning, answer = split_reasoning(self.processor, new_tokens.tolist())
-        return GenerationResult(text=answer, reasoning=reasoning, prompt_tokens=prompt_len,
-                                completion_tokens=int(new_tokens.shape[0]),
-                                finish_reason=_finish_reason(new_tokens, params, self.processor))
+    def result_from_tokens(self, tokens: list[int], prompt_tokens: int, finish_reason: str) -> GenerationResult:
+        reasoning, answer = split_reasoning(self.processor, tokens)
+        return GenerationResult(text=answer, reasoning=reasoning, prompt_tokens=prompt_tokens,
+                                completion_tokens=len(tokens), finish_reason=finish_reason)
 
 
 def split_reasoning(tokenizer: Any, token_ids: list[int]) -> tuple[str | None, str]:

@@ -1,7 +1,7 @@
 """Qwen2.5-VL: one or several images, a video, or images and video together."""
 from __future__ import annotations
 
-from utils.families.base import Family, GenerationParams, GenerationRequest, GenerationResult
+from utils.families.base import Family, GenerationRequest
 
 
 class VisionLanguageFamily(Family):
@@ -15,6 +15,3 @@ class VisionLanguageFamily(Family):
         self.check_media(request)
         items = [{"type": "image"} for _ in request.images] + [{"type": "video"} for _ in request.videos]
         return self.chat_inputs(request, items)
-
-    def generate(self, prepared: dict, params: GenerationParams) -> GenerationResult:
-        return self._decode_new_tokens(prepared, self._run_generate(prepared, params), params)

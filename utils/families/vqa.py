@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from utils.errors import InvalidInput
-from utils.families.base import Family, GenerationParams, GenerationRequest, GenerationResult
+from utils.families.base import Family, GenerationParams, GenerationRequest
 
 
 class VqaFamily(Family):
@@ -11,6 +11,7 @@ class VqaFamily(Family):
 
     model_class = "BlipForQuestionAnswering"
     processor_class = "BlipProcessor"
+    padding_side = "right"  # BLIP's question encoder has absolute positions: left padding would shift them
 
     def prepare(self, request: GenerationRequest) -> dict:
         self.check_media(request)
@@ -28,12 +29,3 @@ class VqaFamily(Family):
     def check_context(self, prompt_tokens, params, *, counts_new_tokens=False):
         # The question goes to BLIP's text encoder; the answer comes from its own decoder.
         super().check_context(prompt_tokens, params, counts_new_tokens=False)
-
-    def generate(self, prepared: dict, params: GenerationParams) -> GenerationResult:
-        output = self._run_generate(prepared, params)
-        # BLIP's decoder starts from its own BOS: its output holds only the answer, never the question.
-        tokens = output[0, 1:]  # drop the decoder's start token
-        text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-        completion = int((tokens != self.processor.tokenizer.pad_token_id).sum())
-        return GenerationResult(text=text, prompt_tokens=int(prepared["input_ids"].shape[1]),
-                                completion_tokens=completion)

@@ -1,0 +1,235 @@
+"""Continuous batching for text LLMs: requests join the running batch between decode steps and
+leave it the step they finish, each with its own max_new_tokens, sampling parameters and seed.
+
+Why our own step loop rather than transformers' ContinuousBatchingManager: see bench/README.md
+("Which engine runs what"). In short: on CPU it needs its paged-attention path, it samples from one
+generator for all requests (no per-request seed), and a plain padded batch measured faster here.
+
+How: one DynamicCache for the running rows, left-padded to a common length. A request that joins
+is prefilled on its own (with any others that joined at the same step), its cache is padded to the
+batch's length on the left (masked), and stacked under the running rows. Positions are per row
+(count of its real tokens), so padding changes neither RoPE nor attention: under greedy decoding a
+row's answer equals the same request alone (tested token by token).
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import secrets
+from typing import Any
+
+from utils.engine.engine import Engine, Job
+from utils.engine.rows import RowState, collate
+
+log = logging.getLogger("model_server.engine")
+
+
+class ContinuousEngine(Engine):
+    kind = "continuous"
+
+    @staticmethod
+    def supports(adapter: Any) -> bool:
+        """Decoder-only text models whose cache is a plain, full-attention DynamicCache."""
+        if not getattr(adapter, "continuous_batching", False) or adapter.spec.engine.static_cache:
+            return False
+        config = adapter.model.config
+        layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+        return all(kind == "full_attention" for kind in layer_types)
+
+    def _run(self) -> None:
+        batch = DecodeBatch(self.adapter)
+        while True:
+            with self._cond:
+                while not self._queue and not batch.rows and not self._stopping:
+                    self._cond.wait()
+                if not self._queue and not batch.rows:
+                    return
+                joining = self._take_joining(self.max_batch_size - len(batch.rows))
+                self._running = [row.job for row in batch.rows] + joining
+            self._observe("on_batch", self.key, len(batch.rows) + len(joining))
+            try:
+                if joining:
+                    batch.join(joining)
+                batch.step()
+            except Exception as exc:
+                log.exception("decode step of %s failed; failing its %d rows", self.key, len(batch.rows))
+                for job in [row.job for row in batch.rows] + joining:
+                    job.fail(exc)
+                batch = DecodeBatch(self.adapter)
+            finished = batch.collect_finished()
+            with self._cond:
+                self._running = [row.job for row in batch.rows]
+            self._count(len(joining), finished)
+
+    def _take_joining(self, room: int) -> list[Job]:
+        """Under the lock: up to `room` queued jobs, oldest first, whatever their parameters."""
+        joining: list[Job] = []
+        while self._queue and len(joining) < room:
+            job = self._queue.popleft()
+            if job.cancelled:
+                self._fail_gone(job)
+                continue
+            self._start(job)
+            joining.append(job)
+        return joining
+
+
+class DecodeRow(RowState):
+    """A running row: its state plus what its sampling needs (its own processors and generator)."""
+
+    def __init__(self, job: Job, adapter: Any) -> None:
+        super().__init__(job, eos_ids=adapter._eos_ids(), tokenizer=adapter._tokenizer(),
+                         build_result=adapter.result_from_tokens)
+        self.job = job
+        self.prompt_ids = job.prepared["input_ids"][0].tolist()
+        self.processors, self.generator = _sampling(job.params, adapter.model.device)
+
+
+class DecodeBatch:
+    """The running rows, their shared KV cache and attention mask; every forward pass of a
+    continuous engine happens here, on the engine's thread."""
+
+    def __init__(self, adapter: Any) -> None:
+        self.adapter, self.model = adapter, adapter.model
+        # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns).
+        self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters \
+            else "past_key_values"
+        self.rows: list[DecodeRow] = []
+        self.cache: Any = None
+        self.mask: Any = None            # [rows, cache length]: 1 for real tokens, 0 for padding
+        self._finished_tokens: list[int] = []
+
+    def join(self, jobs: list[Job]) -> None:
+        """Prefills the joining requests together and stacks their cache under the running rows."""
+        import torch
+        from transformers import DynamicCache
+
+        inputs = collate([job.prepared for job in jobs], side="left", pad_id=self.adapter._pad_id())
+        mask = inputs["attention_mask"]
+        cache = DynamicCache(config=self.model.config)
+        with torch.inference_mode():
+            logits = self.model(input_ids=inputs["input_ids"], attention_mask=mask,
+                                position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
+                                logits_to_keep=1, **{self._cache_arg: cache}).logits[:, -1, :]
+        rows = [DecodeRow(job, self.adapter) for job in jobs]
+        self._merge(cache, mask)
+        self.rows += rows
+        self._advance(rows, logits)
+
+    def step(self) -> None:
+        """One decode step for every running row that is still open."""
+        import torch
+
+        if not self.rows:
+            return
+        length = self.mask.shape[1]
+        last = torch.tensor([[row.tokens[-1]] for row in self.rows], device=self.mask.device)
+        positions = self.mask.sum(-1, keepdim=True)  # each row's count of real tokens so far
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
+        with torch.inference_mode():
+            logits = self.model(input_ids=last, attention_mask=self.mask, position_ids=positions, use_cache=True,
+                                cache_position=torch.arange(length, length + 1, device=self.mask.device),
+                                **{self._cache_arg: self.cache}).logits[:, -1, :]
+        self._advance(self.rows, logits)
+
+    def collect_finished(self) -> list[int]:
+        """Drops finished rows from the batch (cache and mask too); returns their token counts."""
+        import torch
+
+        for row in self.rows:
+            row.close_if_cancelled()
+        keep = [i for i, row in enumerate(self.rows) if not row.done]
+        finished = [len(row.tokens) for row in self.rows if row.done]
+        if len(keep) < len(self.rows):
+            self.rows = [self.rows[i] for i in keep]
+            if not keep:
+                self.cache, self.mask = None, None
+            else:
+                index = torch.tensor(keep, device=self.mask.device)
+                self.cache.batch_select_indices(index)
+                self.mask = self.mask[index]
+                self._trim_padding()
+        return finished
+
+    # ------------------------------------------------------------------ helpers
+
+    def _advance(self, rows: list[DecodeRow], logits: Any) -> None:
+        """Chooses each open row's next token (greedy or its own sampling) and hands it over."""
+        import torch
+
+        scores = logits.float()
+        if all(not row.processors and row.generator is None for row in rows):
+            chosen = scores.argmax(-1).tolist()
+        else:
+            chosen = []
+            for i, row in enumerate(rows):
+                row_scores = scores[i:i + 1]
+                if row.processors:
+                    ids = torch.tensor([row.prompt_ids + row.tokens], device=row_scores.device)
+                    for processor in row.processors:
+                        row_scores = processor(ids, row_scores)
+                if row.generator is None:
+                    chosen.append(int(row_scores.argmax(-1)))
+                else:
+                    probs = torch.softmax(row_scores, dim=-1)
+                    chosen.append(int(torch.multinomial(probs, 1, generator=row.generator)))
+        for row, token in zip(rows, chosen):
+            if not row.done:
+                row.add(int(token))
+
+    def _merge(self, cache: Any, mask: Any) -> None:
+        """Stacks a new cache (and mask) under the running one, left-padding the shorter."""
+        import torch
+
+        if self.cache is None:
+            self.cache, self.mask = cache, mask
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        for old, new in zip(self.cache.layers, cache.layers):
+            old.keys = torch.cat([_pad_left(old.keys, width, dim=2), _pad_left(new.keys, width, dim=2)], dim=0)
+            old.values = torch.cat([_pad_left(old.values, width, dim=2), _pad_left(new.values, width, dim=2)],
+                                   dim=0)
+        self.mask = torch.cat([_pad_left(self.mask, width, dim=1), _pad_left(mask, width, dim=1)], dim=0)
+
+    def _trim_padding(self) -> None:
+        """Drops leading columns that are padding in every row (left by rows that finished)."""
+        real = self.mask.any(dim=0).nonzero()
+        start = int(real[0]) if len(real) else 0
+        if start:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+            self.mask = self.mask[:, start:]
+
+
+def _pad_left(tensor: Any, width: int, dim: int) -> Any:
+    import torch
+
+    missing = width - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _sampling(params: Any, device: Any) -> tuple[list, Any]:
+    """transformers' own logits processors for one request, in generate's order, and its generator
+    (seeded when the request gives a seed; None for greedy decoding)."""
+    import torch
+    from transformers import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
+                              TopPLogitsWarper)
+
+    processors: list = []
+    if params.repetition_penalty is not None and params.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+    if not params.do_sample:
+        return processors, None
+    if params.temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(params.temperature))
+    if params.top_k:
+        processors.append(TopKLogitsWarper(params.top_k))
+    if params.top_p < 1.0:
+        processors.append(TopPLogitsWarper(params.top_p))
+    generator = torch.Generator(device=device)
+    generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+    return processors, generator
