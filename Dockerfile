@@ -21,7 +21,7 @@ USER app
 
 EXPOSE 5000
 VOLUME ["/app/models", "/app/logs", "/app/tmp"]
-# The server records the host/port/pid it really bound in tmp/server.json (whatever --port or PORT
+# The server records the host/port/pid it really bound in logs/server.json (whatever --port or PORT
 # said); the check reads that record (stdlib only) and fails when it is missing, stale or unanswered.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s CMD ["./start.sh", "--healthcheck"]
 ENTRYPOINT ["./start.sh", "--host", "0.0.0.0"]

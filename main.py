@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         print(f"invalid configuration: {exc}", file=sys.stderr)
         return 2
     if args.healthcheck:
-        return healthcheck.main(settings.tmp_dir)
+        return healthcheck.main(settings.log_dir)
 
     if args.download or args.download_only:
         if settings.demo:
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
         log.info("no ADMIN_TOKEN/API_TOKEN set: bound to %s; set them before exposing the server", args.host)
 
     from app import create_app
-    record = healthcheck.record_path(settings.tmp_dir)
+    record = healthcheck.record_path(settings.log_dir)
     if args.debug:
         healthcheck.write_record(record, args.host, args.port)
         try:

@@ -72,7 +72,7 @@ while :; do
     sleep 1
 done
 echo "ok  HEALTHCHECK healthy on container port $CONTAINER_PORT"
-if $ENGINE exec -e TMP_DIR=/tmp/no-record "$NAME" ./start.sh --healthcheck; then
+if $ENGINE exec -e LOG_DIR=/tmp/no-record "$NAME" ./start.sh --healthcheck; then
     fail "the health check passed without a server record"
 fi
 echo "ok  health check unhealthy without a record"

@@ -238,7 +238,7 @@ def test_healthcheck_follows_port_flag_and_fails_once_stopped(entrypoint_server)
     port = free_port()
     assert port != 5000
     server = entrypoint_server(port, ["--demo", "--port", str(port)])
-    record = json.loads((Path(server.env["TMP_DIR"]) / "server.json").read_text())
+    record = json.loads((Path(server.env["LOG_DIR"]) / "server.json").read_text())
     assert record == {"host": "0.0.0.0", "port": port, "pid": server.process.pid}
 
     healthy = run_healthcheck(server.env)
@@ -247,7 +247,7 @@ def test_healthcheck_follows_port_flag_and_fails_once_stopped(entrypoint_server)
 
     server.stop()  # SIGTERM, as `docker stop` sends: a clean exit removes the record
     assert server.process.returncode == 0
-    assert not (Path(server.env["TMP_DIR"]) / "server.json").exists()
+    assert not (Path(server.env["LOG_DIR"]) / "server.json").exists()
     down = run_healthcheck(server.env)
     assert down.returncode != 0 and "no server record" in down.stdout
 
@@ -259,7 +259,7 @@ def test_healthcheck_follows_port_env_and_rejects_a_stale_record(entrypoint_serv
     assert healthy.returncode == 0 and f":{port}/health" in healthy.stdout, healthy.stdout + healthy.stderr
 
     server.stop(signal.SIGKILL)  # no clean exit: the record stays behind, naming a dead pid
-    record_file = Path(server.env["TMP_DIR"]) / "server.json"
+    record_file = Path(server.env["LOG_DIR"]) / "server.json"
     assert json.loads(record_file.read_text())["pid"] == server.process.pid
     stale = run_healthcheck(server.env)
     assert stale.returncode != 0 and "stale" in stale.stdout, stale.stdout + stale.stderr
@@ -267,7 +267,7 @@ def test_healthcheck_follows_port_env_and_rejects_a_stale_record(entrypoint_serv
 
 def test_healthcheck_fails_when_the_recorded_pid_lives_but_nothing_answers(models_dir, tmp_path):
     env = server_env(models_dir, tmp_path)
-    record = tmp_path / "tmp" / "server.json"
+    record = tmp_path / "logs" / "server.json"
     record.parent.mkdir(parents=True)
     record.write_text(json.dumps({"host": "0.0.0.0", "port": free_port(), "pid": os.getpid()}))
     result = run_healthcheck(env)

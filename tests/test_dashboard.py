@@ -251,8 +251,13 @@ def test_rendered_page_lists_the_loaded_models_with_state_and_bytes(live, tmp_pa
         assert row["bytes"] == truth["bytes_in_memory"] > 100_000                         # exact, in data-bytes
         assert row["text"]["bytes"].endswith("KiB") or row["text"]["bytes"].endswith("MiB")
         assert row["text"]["device"] == truth["device"] and row["text"]["load-count"] == str(truth["load_count"])
+        engine = truth["engine"]
+        assert row["text"]["engine"] == f"{engine['kind']} · queue 0 · batch 0"
+    assert dom.rows["deepseek"]["text"]["engine"].startswith("continuous")
+    assert dom.rows["qwen_vl"]["text"]["engine"].startswith("dynamic")
     idle = dom.rows["qwen_audio"]
     assert idle["state"] == "downloaded" and idle["bytes"] == 0 and idle["text"]["bytes"] == "–"
+    assert idle["text"]["engine"] == "–"
     assert dom.facts["process_rss"].startswith("Server RSS") and dom.facts["process_rss"].endswith("iB")
     assert dom.facts["files"] == "Files0" and dom.facts["root"] == "Foldertmp"
     assert "2 of at most 2 loaded" in dom.html

@@ -367,3 +367,37 @@ def test_nothing_stays_loading_after_an_unexpected_failure(failure):
         use(manager, "a")
     info = manager.snapshot_one("a")
     assert info["state"] == "unloaded" and manager.loaded_bytes() == {}
+
+
+def test_grouping_spares_a_model_that_just_served_until_its_window_passes():
+    manager, clock = make_manager(make_settings(max_loaded_models=1, group_window=5.0, max_pass_over=30.0),
+                                  room_wait=30)
+    use(manager, "a")
+    done = threading.Event()
+    threading.Thread(target=lambda: (use(manager, "b"), done.set()), daemon=True).start()
+    assert not done.wait(0.3), "b evicted a model that served a moment ago"
+    assert use(manager, "a").key == "a"            # requests to the resident model go first
+    clock.now += 6                                 # a has been idle longer than its window
+    assert done.wait(5)
+    assert loaded(manager) == {"b"} and manager.snapshot_one("a")["last_unload_reason"] == "count"
+
+
+def test_grouping_never_passes_a_load_over_for_longer_than_max_pass_over():
+    manager, _ = make_manager(make_settings(max_loaded_models=1, group_window=1000.0, max_pass_over=0.3),
+                              room_wait=30)
+    use(manager, "a")
+    started = time.monotonic()
+    use(manager, "b")
+    assert 0.25 <= time.monotonic() - started < 5 and loaded(manager) == {"b"}
+
+
+def test_automatic_group_window_is_the_models_own_load_time():
+    loader = RecordingLoader(delay=0.2)
+    manager, clock = make_manager(make_settings(max_loaded_models=1, group_window=None, max_pass_over=30.0),
+                                  loader=loader, room_wait=30)
+    use(manager, "a")                               # a took ~0.2 s to load: spared for ~0.2 s of clock
+    done = threading.Event()
+    threading.Thread(target=lambda: (use(manager, "b"), done.set()), daemon=True).start()
+    assert not done.wait(0.3)
+    clock.now += 0.25
+    assert done.wait(5) and loaded(manager) == {"b"}

@@ -78,3 +78,36 @@ def test_main_refuses_to_start_with_invalid_settings(tmp_path):
 def test_unbounded_numbers_are_config_errors(env):
     with pytest.raises(ConfigError):
         load_settings(env=env)
+
+
+def write_config(tmp_path, server: str = "", model_extra: str = "") -> str:
+    path = tmp_path / "models.yaml"
+    path.write_text(f"server:\n  max_loaded_models: 1\n{server}\nmodels:\n  m:\n    repo_id: org/m\n    family: text\n"
+                    f"{model_extra}")
+    return str(path)
+
+
+def test_engine_defaults_server_section_model_override_and_environment(tmp_path):
+    config = write_config(tmp_path, "  engine: {max_batch_size: 4, queue_timeout: 5}",
+                          "    engine: {max_queue: 3, batching: dynamic}\n")
+    engine = load_settings(config, env={}).models["m"].engine
+    assert (engine.max_batch_size, engine.queue_timeout, engine.max_queue, engine.batching) == (4, 5.0, 3, "dynamic")
+    engine = load_settings(config, env={"MAX_BATCH_SIZE": "1", "QUEUE_TIMEOUT": "2"}).models["m"].engine
+    assert (engine.max_batch_size, engine.queue_timeout, engine.max_queue) == (1, 2.0, 3)  # the model's own wins
+    settings = load_settings(write_config(tmp_path), env={"TORCH_THREADS": "3", "GROUP_WINDOW": "0"})
+    assert settings.torch_threads == 3 and settings.group_window == 0.0
+    default = load_settings(write_config(tmp_path), env={})
+    assert default.torch_threads is None and default.group_window is None and default.engine.max_batch_size == 16
+
+
+@pytest.mark.parametrize("model_extra,needle", [
+    ("    engine: {max_batch_size: 0}\n", "models.m.engine.max_batch_size"),
+    ("    engine: {batching: magic}\n", "models.m.engine.batching"),
+    ("    engine: {queue_timeout: -1}\n", "models.m.engine.queue_timeout"),
+    ("    engine: {compile: true}\n", "needs static_cache"),
+    ("    engine: {attn_implementation: flash_attention_2}\n", "flash-attn"),
+    ("    engine: {speed: 11}\n", "unknown key(s) speed"),
+])
+def test_engine_settings_that_cannot_be_honoured_stop_the_start(tmp_path, model_extra, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        load_settings(write_config(tmp_path, model_extra=model_extra), env={})

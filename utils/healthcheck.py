@@ -1,11 +1,12 @@
 """The server's record of where it listens, and the health check that reads it (stdlib only).
 
-At start the gunicorn master writes ``<tmp_dir>/server.json`` = {host, port, pid} with the port it
+At start the gunicorn master writes ``<log_dir>/server.json`` = {host, port, pid} with the port it
 really bound (however it was chosen: --port, PORT or the default), and removes it on a clean exit.
-``python main.py --healthcheck`` (the image's HEALTHCHECK, through start.sh) resolves the same tmp
+It lives beside the logs, not in tmp/, so the temp manager neither counts nor sweeps it.
+``python main.py --healthcheck`` (the image's HEALTHCHECK, through start.sh) resolves the same log
 dir from the same settings, then exits 0 only when that pid is alive and GET /health on the recorded
 address answers 200 with status "ok". No record, a stale record (dead pid), a refused or slow
-connection: exit 1. The tmp sweeper only deletes names it made, so it leaves this file alone.
+connection: exit 1.
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ RECORD_NAME = "server.json"
 _LOOPBACK = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}
 
 
-def record_path(tmp_dir: str | os.PathLike) -> Path:
-    return Path(tmp_dir) / RECORD_NAME
+def record_path(log_dir: str | os.PathLike) -> Path:
+    return Path(log_dir) / RECORD_NAME
 
 
 def write_record(path: Path, host: str, port: int, pid: int | None = None) -> None:
@@ -54,7 +55,7 @@ def record_gunicorn(path: Path, host: str, server) -> None:
 
 
 def remove_record(path: Path, pid: int | None = None) -> None:
-    """Remove the record if it is ours (another server may share the tmp dir)."""
+    """Remove the record if it is ours (another server may share the log dir)."""
     pid = pid or os.getpid()
     try:
         if json.loads(path.read_text()).get("pid") == pid:
@@ -104,7 +105,7 @@ def check(path: Path, timeout: float = 4.0) -> tuple[bool, str]:
     return True, f"healthy: {url} (pid {pid})"
 
 
-def main(tmp_dir: str | os.PathLike, timeout: float = 4.0) -> int:
-    healthy, message = check(record_path(tmp_dir), timeout)
+def main(log_dir: str | os.PathLike, timeout: float = 4.0) -> int:
+    healthy, message = check(record_path(log_dir), timeout)
     print(message)
     return 0 if healthy else 1

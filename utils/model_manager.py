@@ -328,9 +328,10 @@ class ModelManager:
         loaded); waits for a lease to end when only leased models stand in the way; measures
         memory again after each unload. Raises InsufficientMemory when nothing more can go.
 
-        Grouping: a model that served within `group_window` seconds is passed over while this load
-        has waited less than `max_pass_over`, so requests to resident models go first (A B A A C is
-        served A A A B C) instead of every other request paying for a load.
+        Grouping: a model that served within its group window (by default as long as its own last
+        load took) is passed over while this load has waited less than `max_pass_over`, so requests
+        to resident models go first (A B A A C is served A A A B C) instead of every other request
+        paying for a load.
         """
         started = time.monotonic()
         deadline = started + self._room_wait
@@ -387,10 +388,17 @@ class ModelManager:
             if (candidate is not entry and candidate.state == "loaded" and candidate.leases == 0
                     and not candidate.spec.pinned and (device is None or candidate.device == device)):
                 if spare_recent and candidate.last_used is not None \
-                        and now - candidate.last_used < self.settings.group_window:
+                        and now - candidate.last_used < self._group_window(candidate):
                     continue
                 return candidate
         return None
+
+    def _group_window(self, candidate: ModelEntry) -> float:
+        """How long after its last request a model is spared: the setting, or (auto) what its own
+        last load took, since that is what evicting it costs if it is wanted again."""
+        if self.settings.group_window is not None:
+            return self.settings.group_window
+        return candidate.last_load_seconds or 0.0
 
     def _blocked_by_leases(self, entry: ModelEntry, device: str | None) -> bool:
         return any(e is not entry and e.state in ("loaded", "loading") and not e.spec.pinned

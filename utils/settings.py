@@ -107,8 +107,10 @@ class ServerSettings:
     tmp_max_bytes: int = 2 * GIB
     media: MediaSettings = field(default_factory=MediaSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)  # defaults for every model's engine
-    torch_threads: int | None = None  # torch's intra-op threads; None = the cores this process may use
-    group_window: float = 0.5        # a model that served within this many seconds is not evicted for a load...
+    torch_threads: int | None = None  # torch's intra-op threads; None = the cores this process may use, less one
+    # A model that served within group_window seconds is not evicted for another model's load...
+    # (None = auto: as long as that model's own last load took, i.e. what evicting it would cost)
+    group_window: float | None = None
     max_pass_over: float = 10.0      # ...unless that load has waited this long (requests grouped by model)
     admin_token: str | None = None
     api_token: str | None = None
@@ -467,8 +469,8 @@ def load_settings(config_path: str | os.PathLike | None = None, env: Mapping[str
         engine=engine,
         torch_threads=None if torch_threads in (None, "", "auto") else _int(torch_threads, "server.torch_threads",
                                                                            minimum=1),
-        group_window=_float(server.get("group_window", ServerSettings.group_window), "server.group_window",
-                            minimum=0, maximum=3600),
+        group_window=(None if server.get("group_window") in (None, "", "auto") else
+                      _float(server["group_window"], "server.group_window", minimum=0, maximum=3600)),
         max_pass_over=_float(server.get("max_pass_over", ServerSettings.max_pass_over), "server.max_pass_over",
                              minimum=0, maximum=3600),
         admin_token=env.get("ADMIN_TOKEN") or None,

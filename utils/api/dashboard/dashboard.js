@@ -120,6 +120,17 @@
 
   // ------------------------------------------------------------------ models
 
+  // The model's engine: how it batches, how many requests wait, how many run in the current batch.
+  function engineCell(engine) {
+    if (!engine) return el("td", "–", { className: "engine" });
+    return el("td", `${engine.kind} · queue ${engine.queue_depth} · batch ${engine.running_batch}`, {
+      className: "engine",
+      title: `max batch ${engine.max_batch_size}, max queue ${engine.max_queue}, ` +
+             `${engine.tokens_per_second} tokens/s over the last minute`,
+      dataset: { kind: engine.kind, queue: engine.queue_depth, running: engine.running_batch },
+    });
+  }
+
   function renderModels(body) {
     const rows = [];
     state.models = body.models;
@@ -140,6 +151,7 @@
            { className: "num bytes", title: `${m.bytes_in_memory} bytes`, dataset: { bytes: m.bytes_in_memory } }),
         el("td", fmtBytes(m.bytes_estimated), { className: "num estimated", dataset: { bytes: m.bytes_estimated ?? "" } }),
         el("td", m.in_flight, { className: "num in-flight" }),
+        engineCell(m.engine),
         el("td", m.load_count, { className: "num load-count" }),
         el("td", fmtSeconds(loadSeconds), { className: "num load-seconds" }),
         el("td", m.last_used_ago === null ? "never" : `${fmtSeconds(m.last_used_ago)} ago`, { className: "num last-used" }),

@@ -1,0 +1,239 @@
+"""The engines on the real tiny checkpoints: batched answers equal solo answers (no drift, no
+mix-ups), back-pressure, cancellation, streaming inside a batch, draining. No stand-ins: every
+row runs the family's real processor and the model's real forward passes."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from utils.engine import Engine, QueueFull, QueueTimeout
+from utils.engine.continuous import ContinuousEngine
+from utils.errors import ModelUnavailable
+from utils.families import GenerationParams, GenerationRequest, load_family
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+FAMILIES = ("deepseek", "qwen_vl", "blip_vqa", "qwen_audio", "qwen_omni")
+
+
+def greedy(max_new_tokens: int = 8, **extra) -> GenerationParams:
+    return GenerationParams(max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, do_sample=False, **extra)
+
+
+def request_for(key: str, i: int) -> GenerationRequest:
+    """The i-th of 16 different requests: prompts of different lengths, media of different sizes."""
+    rng = np.random.default_rng(i)
+    image = Image.fromarray(rng.integers(0, 255, (24 + 4 * i, 32 + 2 * i, 3), dtype=np.uint8))
+    audio = (0.3 * np.sin(np.linspace(0, 150 * (i + 1), 16000 // (1 + i % 3)))).astype(np.float32)
+    media = {"deepseek": {}, "qwen_vl": {"images": [image]}, "blip_vqa": {"images": [image]},
+             "qwen_audio": {"audios": [audio]}, "qwen_omni": {"images": [image], "audios": [audio]}}[key]
+    return GenerationRequest(prompt=" ".join(WORDS[: 1 + i % 12]) + f" number {i}", **media)
+
+
+@pytest.fixture(scope="module")
+def adapters(make_settings):
+    settings = make_settings()
+    loaded = {key: load_family(settings.models[key], "cpu") for key in FAMILIES}
+    yield loaded
+    for adapter in loaded.values():
+        adapter.release()
+
+
+def make_engine(adapter, cls=None, **overrides):
+    cls = cls or (ContinuousEngine if ContinuousEngine.supports(adapter) else Engine)
+    options = dict(key=adapter.spec.key, max_batch_size=16, max_queue=64, queue_timeout=60.0)
+    options.update(overrides)
+    return cls(adapter, **options)
+
+
+def same(a, b) -> bool:
+    return (a.text, a.reasoning, a.completion_tokens, a.finish_reason, a.prompt_tokens) == \
+        (b.text, b.reasoning, b.completion_tokens, b.finish_reason, b.prompt_tokens)
+
+
+@pytest.mark.parametrize("key", FAMILIES)
+def test_sixteen_concurrent_requests_each_get_their_solo_answer(adapters, key):
+    adapter = adapters[key]
+    prepared = [adapter.prepare(request_for(key, i)) for i in range(16)]
+    params = [greedy(3 + (i * 5) % 11, repetition_penalty=1.3 if i % 5 == 0 else None) for i in range(16)]
+    solo = [adapter.generate(p, q) for p, q in zip(prepared, params)]
+    assert len({r.text for r in solo}) > 8, "the prompts must give different answers to catch mix-ups"
+    engine = make_engine(adapter).start()
+    results: list = [None] * 16
+    barrier = threading.Barrier(16)
+
+    def client(i: int) -> None:
+        barrier.wait()
+        time.sleep(0.002 * i)  # arrivals spread over the first steps: continuous engines take joins
+        results[i] = engine.run(engine.submit(prepared[i], params[i]))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    engine.stop()
+    mismatched = [i for i in range(16) if not same(solo[i], results[i])]
+    assert not mismatched, [(solo[i].text, results[i].text) for i in mismatched]
+    stats = engine.stats()
+    assert stats["rows"] == 16 and stats["batches"] < 16, f"nothing was batched: {stats}"
+
+
+def test_one_batch_with_different_lengths_and_media_counts(adapters):
+    """All rows queued before the worker starts: one padded generate over sixteen rows."""
+    adapter = adapters["qwen_vl"]
+    prepared = [adapter.prepare(request_for("qwen_vl", i)) for i in range(16)]
+    params = [greedy(2 + i % 7) for i in range(16)]
+    solo = [adapter.generate(p, q) for p, q in zip(prepared, params)]
+    engine = make_engine(adapter)
+    jobs = [engine.submit(p, q) for p, q in zip(prepared, params)]
+    engine.start()
+    results = [job.wait() for job in jobs]
+    engine.stop()
+    assert engine.stats()["batches"] == 1
+    assert all(same(a, b) for a, b in zip(solo, results))
+
+
+def test_continuous_rows_keep_their_own_sampling_and_seed(adapters):
+    adapter = adapters["deepseek"]
+    engine = make_engine(adapter).start()
+    prepared = adapter.prepare(request_for("deepseek", 3))
+    seeded = GenerationParams(max_new_tokens=12, temperature=0.8, top_p=0.9, top_k=40, do_sample=True, seed=7)
+    alone = engine.run(engine.submit(prepared, seeded))
+    neighbours = [engine.submit(adapter.prepare(request_for("deepseek", i)),
+                                GenerationParams(max_new_tokens=20, temperature=1.3, top_p=1.0, do_sample=True))
+                  for i in range(6)]
+    crowded = engine.run(engine.submit(prepared, seeded))
+    greedy_row = engine.run(engine.submit(prepared, greedy(12)))
+    for job in neighbours:
+        job.wait()
+    engine.stop()
+    assert same(alone, crowded), "a seeded request must not depend on who else is in the batch"
+    assert same(greedy_row, adapter.generate(prepared, greedy(12)))
+
+
+def test_a_full_queue_refuses_with_retry_after(adapters):
+    adapter = adapters["deepseek"]
+    engine = make_engine(adapter, max_queue=2)  # not started: nothing leaves the queue
+    prepared = adapter.prepare(request_for("deepseek", 1))
+    engine.submit(prepared, greedy())
+    engine.submit(prepared, greedy())
+    with pytest.raises(QueueFull) as refused:
+        engine.submit(prepared, greedy())
+    assert refused.value.status == 503 and "Retry-After" in refused.value.headers
+    assert "max_queue=2" in refused.value.details
+    engine.start()
+    engine.stop()
+
+
+def test_a_request_that_waits_past_queue_timeout_leaves_the_queue(adapters):
+    adapter = adapters["blip_vqa"]
+    engine = make_engine(adapter, queue_timeout=0.3)
+    job = engine.submit(adapter.prepare(request_for("blip_vqa", 1)), greedy())
+    started = time.monotonic()
+    with pytest.raises(QueueTimeout) as timed_out:
+        engine.run(job)
+    assert 0.25 < time.monotonic() - started < 5
+    assert timed_out.value.status == 503 and "queue_timeout" in timed_out.value.details
+    assert engine.stats()["queue_depth"] == 0
+    engine.start()
+    engine.stop()
+
+
+def test_a_client_that_goes_away_leaves_the_queue(adapters):
+    adapter = adapters["qwen_vl"]
+    engine = make_engine(adapter)
+    job = engine.submit(adapter.prepare(request_for("qwen_vl", 1)), greedy())
+    with pytest.raises(ModelUnavailable, match="went away"):
+        engine.run(job, is_gone=lambda: True)
+    assert engine.stats()["queue_depth"] == 0 and job.cancelled
+    engine.start()
+    engine.stop()
+
+
+@pytest.mark.parametrize("key", ["deepseek", "qwen_vl"])
+def test_a_cancelled_row_stops_and_its_neighbours_are_untouched(adapters, key):
+    adapter = adapters[key]
+    engine = make_engine(adapter)
+    long_job = engine.submit(adapter.prepare(request_for(key, 2)), greedy(3000))
+    neighbour_prepared = adapter.prepare(request_for(key, 5))
+    neighbour = engine.submit(neighbour_prepared, greedy(6))
+    engine.start()
+    assert long_job.wait_started(30)
+    time.sleep(0.1)
+    long_job.cancel()
+    result = long_job.wait()
+    engine.stop()
+    assert result.finish_reason == "cancelled" and result.completion_tokens < 3000
+    assert same(neighbour.wait(), adapter.generate(neighbour_prepared, greedy(6)))
+
+
+@pytest.mark.parametrize("key", ["deepseek", "qwen_vl"])
+def test_streaming_rows_inside_a_batch_get_their_own_pieces(adapters, key):
+    adapter = adapters[key]
+    prepared = [adapter.prepare(request_for(key, i)) for i in range(6)]
+
+    def streamed(engine, i):
+        job = engine.submit(prepared[i], greedy(10), streaming=True)
+        pieces = job.pieces()
+        text = ""
+        while True:
+            try:
+                text += next(pieces)
+            except StopIteration as end:
+                return text, end.value
+
+    alone = {}
+    for i in (1, 4):
+        engine = make_engine(adapter).start()
+        alone[i] = streamed(engine, i)
+        engine.stop()
+    engine = make_engine(adapter)
+    others = [engine.submit(prepared[i], greedy(4 + i)) for i in (0, 2, 3, 5)]
+    outcomes: dict = {}
+    threads = [threading.Thread(target=lambda i=i: outcomes.__setitem__(i, streamed(engine, i))) for i in (1, 4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.2)  # both streams queued with the others before the worker starts
+    engine.start()
+    for thread in threads:
+        thread.join()
+    for job in others:
+        job.wait()
+    engine.stop()
+    for i in (1, 4):
+        text, result = outcomes[i]
+        assert text and text == alone[i][0], (text, alone[i][0])
+        assert same(result, alone[i][1])
+
+
+def test_stop_drains_queued_and_running_jobs(adapters):
+    adapter = adapters["deepseek"]
+    engine = make_engine(adapter, max_batch_size=2)
+    jobs = [engine.submit(adapter.prepare(request_for("deepseek", i)), greedy(6)) for i in range(6)]
+    engine.start()
+    engine.stop()
+    assert all(job.done and job.error is None and job.result.completion_tokens >= 1 for job in jobs)
+    with pytest.raises(ModelUnavailable, match="unloading"):
+        engine.submit(adapter.prepare(request_for("deepseek", 1)), greedy())
+
+
+def test_a_row_that_breaks_its_batch_fails_alone(adapters):
+    """A malformed row (image patches that do not match its grid) makes the padded call raise; the
+    engine runs the rows again one by one, so only that row fails."""
+    adapter = adapters["qwen_vl"]
+    good = [adapter.prepare(request_for("qwen_vl", i)) for i in range(3)]
+    broken = dict(adapter.prepare(request_for("qwen_vl", 4)))
+    broken["pixel_values"] = broken["pixel_values"][:-4]
+    engine = make_engine(adapter)
+    jobs = [engine.submit(p, greedy(5)) for p in good[:2]] + [engine.submit(broken, greedy(5))] + \
+        [engine.submit(good[2], greedy(5))]
+    engine.start()
+    for job in jobs:
+        job.wait_done(60)
+    engine.stop()
+    assert [job.error is None for job in jobs] == [True, True, False, True]
+    assert all(same(job.result, adapter.generate(p, greedy(5))) for job, p in zip(jobs[:2] + jobs[3:], good))
