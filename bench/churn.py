@@ -95,15 +95,9 @@ def main(argv=None) -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="smoke run: 60 requests")
-    parser.add_argument("--budget", type=float, default=420,
-                        help="seconds one mode may take; later requests are not sent (default 420)")
-    parser.add_argument("--request-timeout", type=float, default=180)
-    parser.add_argument("--models-dir", type=Path, default=None,
-                        help="MODELS_DIR to reuse (demo/<key> is built there if missing); default: a temp dir")
-    parser.add_argument("--server-env", action="append", metavar="KEY=VALUE",
-                        help="extra environment for our servers (repeatable; GROUP_WINDOW is set by the bench)")
+    C.add_run_args(parser, budget=420, request_timeout=180,
+                   server_env_help="extra environment for our servers (repeatable; GROUP_WINDOW is set by the bench)")
     parser.add_argument("--modes", default="off,on", help="which of off,on to run (default both)")
-    parser.add_argument("--keep-work", action="store_true", help="keep the temp dir with the server logs")
     args = parser.parse_args(argv)
     if args.quick:
         args.requests = min(args.requests, 60)

@@ -47,6 +47,17 @@ OUR_KNOBS = ("MAX_BATCH_SIZE", "MAX_LOADED_MODELS", "MODEL_IDLE_TIMEOUT", "GROUP
 PEER_CB_ARGS = ["--cb-num-blocks", "128", "--cb-max-batch-tokens", "2048"]
 
 
+def add_run_args(parser, *, budget: float, request_timeout: float, server_env_help: str) -> None:
+    """The options every bench shares: time bounds, checkpoints to reuse, extra server environment."""
+    parser.add_argument("--budget", type=float, default=budget,
+                        help=f"seconds one measurement may take; later requests are not sent (default {budget:g})")
+    parser.add_argument("--request-timeout", type=float, default=request_timeout)
+    parser.add_argument("--models-dir", type=Path, default=None,
+                        help="MODELS_DIR to reuse (demo/<key> is built there if missing); default: a temp dir")
+    parser.add_argument("--server-env", action="append", metavar="KEY=VALUE", help=server_env_help)
+    parser.add_argument("--keep-work", action="store_true", help="keep the temp dir with the server logs")
+
+
 def log(msg: str) -> None:
     print(f"# {time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
 

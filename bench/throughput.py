@@ -209,16 +209,10 @@ def main(argv=None) -> int:
     parser.add_argument("--requests", type=int, default=64, help="requests per measurement (default 64)")
     parser.add_argument("--runs", type=int, default=2, help="runs per measurement, best kept (default 2)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 16 requests per measurement")
-    parser.add_argument("--budget", type=float, default=180,
-                        help="seconds one measurement may take; later requests are not sent (default 180)")
-    parser.add_argument("--request-timeout", type=float, default=120)
-    parser.add_argument("--models-dir", type=Path, default=None,
-                        help="MODELS_DIR to reuse (demo/<key> is built there if missing); default: a temp dir")
-    parser.add_argument("--server-env", action="append", metavar="KEY=VALUE",
-                        help="extra environment for our servers (repeatable)")
+    C.add_run_args(parser, budget=180, request_timeout=120,
+                   server_env_help="extra environment for our servers (repeatable)")
     parser.add_argument("--peer-vl-cb", action="store_true",
                         help="start the qwen_vl peer with --continuous-batching anyway (it falls back)")
-    parser.add_argument("--keep-work", action="store_true", help="keep the temp dir with the server logs")
     args = parser.parse_args(argv)
     args.only = {x.strip() for x in args.only.split(",") if x.strip()}
     if not args.only <= {"a", "b", "c"}:

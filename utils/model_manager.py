@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 from utils.errors import InsufficientMemory, ModelBusy, ModelUnavailable, UnknownModel
 from utils.memory import MemoryProbe, MemoryReading, device_budget, physical_room
+from utils.observer import notify
 from utils.settings import ModelSpec, ServerSettings
 
 log = logging.getLogger("model_server.manager")
@@ -466,12 +467,7 @@ class ModelManager:
         }
 
     def _notify(self, method: str, *args: Any) -> None:
-        callback = getattr(self._events, method, None)
-        if callback:
-            try:
-                callback(*args)
-            except Exception:
-                log.exception("event observer %s failed", method)
+        notify(self._events, method, *args)
 
 
 def default_device_resolver(spec: ModelSpec) -> str:

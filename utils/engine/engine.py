@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 from utils.engine.rows import batch_key
 from utils.errors import ModelUnavailable
 from utils.families.base import GenerationParams, GenerationResult
+from utils.observer import notify
 
 log = logging.getLogger("model_server.engine")
 
@@ -270,9 +271,4 @@ class Engine:
                 self._tokens.append((time.monotonic(), sum(finished_tokens)))
 
     def _observe(self, method: str, *args: Any) -> None:
-        callback = getattr(self._observer, method, None)
-        if callback:
-            try:
-                callback(*args)
-            except Exception:
-                log.exception("engine observer %s failed", method)
+        notify(self._observer, method, *args)
