@@ -65,6 +65,7 @@ def build_services(settings: ServerSettings) -> Services:
     from utils.memory import MemoryProbe, estimate_model_bytes
     from utils.metrics import Metrics
     from utils.model_manager import ModelManager
+    from utils.remote_media import RemoteFetcher
     from utils.tmp_manage import TempManager
 
     set_torch_threads(settings.torch_threads)
@@ -75,7 +76,8 @@ def build_services(settings: ServerSettings) -> Services:
     media_limits = MediaLimits(**asdict(settings.media))
     temp = TempManager(settings.tmp_dir, ttl_seconds=settings.tmp_ttl, max_total_bytes=settings.tmp_max_bytes)
     metrics.watch(manager=manager, probe=probe, temp=temp)
-    inference = InferenceService(manager, media_limits, on_result=metrics.on_result)
+    inference = InferenceService(manager, media_limits, on_result=metrics.on_result,
+                                 fetch=RemoteFetcher(settings.remote_media).fetch)
     return Services(settings=settings, manager=manager, inference=inference, temp=temp, probe=probe,
                     metrics=metrics)
 
@@ -139,7 +141,9 @@ def create_app(settings: ServerSettings | None = None, *, background: bool = Tru
     from utils.api.admin import bp as admin_bp, metrics_bp
     from utils.api.dashboard import bp as dashboard_bp
     from utils.api.generate import bp as generate_bp
+    from utils.api.openai import bp as openai_bp
     app.register_blueprint(generate_bp)
+    app.register_blueprint(openai_bp)
     app.register_blueprint(admin_bp)
     app.register_blueprint(dashboard_bp)
     app.register_blueprint(metrics_bp)
@@ -214,8 +218,12 @@ def _install_observability(app: Flask, services: Services) -> None:
 
 def _install_error_handlers(app: Flask) -> None:
     def error_response(status: int, error: str, details: str, headers: dict | None = None, extra=None):
-        body = {"error": error, "details": details}
-        body.update(extra or {})
+        if request.path.startswith("/v1/") or request.path == "/v1":  # OpenAI's clients read OpenAI's shape
+            from utils.openai_api import error_body
+            body = error_body(status, error, details, (extra or {}).get("field"))
+        else:
+            body = {"error": error, "details": details}
+            body.update(extra or {})
         response = jsonify(body)
         response.status_code = status
         for name, value in (headers or {}).items():

@@ -153,7 +153,7 @@ def test_max_new_tokens_above_model_cap_names_the_cap(client):
     ("qwen_vl", {"prompt": "d", "images": {"a": 1}}, 400, "images"),
     ("deepseek", {"prompt": "d", "image": ms.b64(ms.png())}, 400, "image"),
     ("blip_vqa", {"prompt": "d"}, 400, "image"),
-    ("blip_vqa", {"prompt": "d", "images": [ms.b64(ms.png()), ms.b64(ms.png())]}, 400, "image"),
+    ("blip_vqa", {"prompt": "d", "images": [ms.b64(ms.png()), ms.b64(ms.png())]}, 400, "images[1]"),  # the item over the count, before decoding
 ])
 def test_bad_media(client, model, body, status, field):
     err = error_of(post(client, model, body), status)

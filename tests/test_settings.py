@@ -111,3 +111,50 @@ def test_engine_defaults_server_section_model_override_and_environment(tmp_path)
 def test_engine_settings_that_cannot_be_honoured_stop_the_start(tmp_path, model_extra, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         load_settings(write_config(tmp_path, model_extra=model_extra), env={})
+
+
+def test_remote_media_is_off_by_default_and_set_by_file_and_environment(tmp_path):
+    from utils.settings import RemoteMediaSettings
+    default = load_settings(env={})
+    assert default.remote_media == RemoteMediaSettings() and default.remote_media.enabled is False
+    assert default.public_dict()["remote_media"]["enabled"] is False
+    config = write_config(tmp_path, "  remote_media: {enabled: true, allow_hosts: [Media.Example.com., '*.cdn.org'],"
+                                    " max_mb: 1, timeout: 3, max_redirects: 0}")
+    remote = load_settings(config, env={}).remote_media
+    assert remote == RemoteMediaSettings(enabled=True, allow_hosts=("media.example.com", "*.cdn.org"),
+                                         max_bytes=1 * MIB, timeout=3.0, max_redirects=0)
+    remote = load_settings(config, env={"REMOTE_MEDIA": "0", "REMOTE_MEDIA_ALLOW_HOSTS": "a.org, *.b.net,[::1]",
+                                        "REMOTE_MEDIA_MAX_MB": "0.5", "REMOTE_MEDIA_TIMEOUT": "2.5"}).remote_media
+    assert remote == RemoteMediaSettings(enabled=False, allow_hosts=("a.org", "*.b.net", "::1"),
+                                         max_bytes=MIB // 2, timeout=2.5, max_redirects=0)
+    remote = load_settings(env={"REMOTE_MEDIA": "yes"}).remote_media
+    assert remote.enabled and remote.allow_hosts == () and remote.max_bytes == RemoteMediaSettings.max_bytes
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"REMOTE_MEDIA": "maybe"}, "server.remote_media.enabled"),
+    ({"REMOTE_MEDIA_MAX_MB": "0"}, "server.remote_media.max_mb"),
+    ({"REMOTE_MEDIA_MAX_MB": "lots"}, "server.remote_media.max_mb"),
+    ({"REMOTE_MEDIA_TIMEOUT": "-1"}, "server.remote_media.timeout"),
+    ({"REMOTE_MEDIA_TIMEOUT": "inf"}, "server.remote_media.timeout"),
+    ({"REMOTE_MEDIA_ALLOW_HOSTS": "good.org,bad host"}, "server.remote_media.allow_hosts"),
+    ({"REMOTE_MEDIA_ALLOW_HOSTS": "*"}, "server.remote_media.allow_hosts"),
+    ({"REMOTE_MEDIA_ALLOW_HOSTS": "a.*.org"}, "server.remote_media.allow_hosts"),
+    ({"REMOTE_MEDIA_ALLOW_HOSTS": "http://a.org/"}, "server.remote_media.allow_hosts"),
+])
+def test_invalid_remote_media_values_name_the_key(env, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_settings(env=env)
+
+
+@pytest.mark.parametrize("section,needle", [
+    ("  remote_media: {max_redirects: -1}", "server.remote_media.max_redirects"),
+    ("  remote_media: {max_redirects: two}", "server.remote_media.max_redirects"),
+    ("  remote_media: {allow_hosts: {a: 1}}", "server.remote_media.allow_hosts"),
+    ("  remote_media: {allow_hosts: [1.5]}", "server.remote_media.allow_hosts"),
+    ("  remote_media: {proxy: x}", "unknown key"),
+    ("  remote_media: [1]", "server.remote_media"),
+])
+def test_invalid_remote_media_sections(tmp_path, section, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_settings(write_config(tmp_path, section), env={})

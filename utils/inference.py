@@ -5,6 +5,7 @@ The generate route and the OpenAI layer both end up in `InferenceService.generat
 from __future__ import annotations
 
 import math
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
@@ -16,6 +17,7 @@ from utils.settings import ModelSpec
 MEDIA_FIELDS = {"image": "image", "images": "image", "video": "video", "videos": "video", "audio": "audio",
                 "audios": "audio"}
 SEED_MAX = 2**63 - 1
+URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]{0,15}://")
 MIN_TEMPERATURE = 0.01  # below this, logits / temperature overflow to inf
 
 
@@ -34,6 +36,8 @@ class GenerateJob:
     media: list[MediaItem] = field(default_factory=list)
     keep_alive: float | None = None
     stream: bool = False
+    messages: list[dict] | None = None  # a conversation (see GenerationRequest.messages)
+    raw: bool = False
 
 
 # ------------------------------------------------------------------ validation
@@ -137,15 +141,26 @@ def _media_items(body: Mapping, uploads: Mapping[str, list[bytes]]) -> list[Medi
     return items
 
 
-def parse_job(body: Mapping, uploads: Mapping[str, list[bytes]], spec: ModelSpec) -> GenerateJob:
-    """Validates a /generate body (JSON object or form fields) against the model's limits."""
-    media = _media_items(body, uploads)
+def check_media_items(media: list[MediaItem], spec: ModelSpec) -> None:
+    """Kinds and counts a model takes, checked before anything is decoded or any model is leased."""
     accepted = accepted_media(spec.family)
+    limits = {"image": spec.limits.max_images, "video": spec.limits.max_videos, "audio": spec.limits.max_audios}
+    counts: dict[str, int] = {}
     for item in media:
         if item.kind not in accepted:
             raise InvalidInput(f"model '{spec.key}' does not take {item.kind} input "
                                f"(it takes: {', '.join(sorted(accepted)) or 'text only'})",
                                field=item.field, error="unsupported input")
+        counts[item.kind] = counts.get(item.kind, 0) + 1
+        if counts[item.kind] > limits[item.kind]:
+            raise InvalidInput(f"model '{spec.key}' takes at most {limits[item.kind]} {item.kind}(s) per request",
+                               field=item.field, error="too many media items")
+
+
+def parse_job(body: Mapping, uploads: Mapping[str, list[bytes]], spec: ModelSpec) -> GenerateJob:
+    """Validates a /generate body (JSON object or form fields) against the model's limits."""
+    media = _media_items(body, uploads)
+    check_media_items(media, spec)
     keep_alive = _number(body, "keep_alive", integer=False, low=-1, high=10 * 365 * 86400, default=None)
     if keep_alive is not None and -1 < keep_alive < 0:
         raise InvalidInput("'keep_alive' is -1 (keep loaded), 0 (unload after this request) or seconds",
@@ -165,10 +180,12 @@ def parse_job(body: Mapping, uploads: Mapping[str, list[bytes]], spec: ModelSpec
 class InferenceService:
     """Decodes a job's media, leases the model, runs its family adapter."""
 
-    def __init__(self, manager: Any, media_limits: Any, on_result: Callable[[str, GenerationResult], None] = None):
+    def __init__(self, manager: Any, media_limits: Any, on_result: Callable[[str, GenerationResult], None] = None,
+                 fetch: Callable[[str, str], bytes] | None = None):
         self.manager = manager
         self.media_limits = media_limits
         self._on_result = on_result
+        self._fetch = fetch or _no_remote_media
 
     def spec(self, key: str) -> ModelSpec:
         return self.manager.spec(key)
@@ -176,16 +193,29 @@ class InferenceService:
     def decode_media(self, job: GenerateJob) -> GenerationRequest:
         from utils import media
 
-        request = GenerationRequest(prompt=job.prompt, system=job.system)
+        request = GenerationRequest(prompt=job.prompt, system=job.system, messages=job.messages, raw=job.raw)
         loaders = {"image": (media.load_image, request.images), "audio": (media.load_audio, request.audios),
                    "video": (media.load_video, request.videos)}
         for item in job.media:
-            # Uploads arrive as bytes, JSON media as base64; each loader checks emptiness and size.
-            data = bytes(item.payload) if isinstance(item.payload, (bytes, bytearray)) else \
-                media.decode_base64(item.payload, item.field, self.media_limits.max_media_bytes)
             load, into = loaders[item.kind]
-            into.append(load(data, item.field, self.media_limits))
+            if item.kind == "video" and isinstance(item.payload, list):  # a video given as its frames
+                frames = [media.load_image(self._bytes(frame, f"{item.field}[{i}]"), f"{item.field}[{i}]",
+                                           self.media_limits) for i, frame in enumerate(item.payload)]
+                into.append(media.video_from_frames(frames, item.field, self.media_limits))
+            else:
+                into.append(load(self._bytes(item.payload, item.field), item.field, self.media_limits))
         return request
+
+    def _bytes(self, payload: Any, field: str) -> bytes:
+        """Uploads arrive as bytes, JSON media as base64 or data URLs, OpenAI parts may be URLs;
+        each loader then checks emptiness and size."""
+        from utils import media
+
+        if isinstance(payload, (bytes, bytearray)):
+            return bytes(payload)
+        if isinstance(payload, str) and URL_SCHEME.match(payload):  # the fetcher refuses all but http(s)
+            return self._fetch(payload, field)
+        return media.decode_base64(payload, field, self.media_limits.max_media_bytes)
 
     def generate(self, key: str, job: GenerateJob, is_gone: Callable[[], bool] | None = None) -> GenerationResult:
         """Runs the job on the model's engine; `is_gone` tells whether the client has left (its row
@@ -223,6 +253,11 @@ class InferenceService:
         return prepared
 
 
+def _no_remote_media(url: str, field: str) -> bytes:
+    raise InvalidInput("this server fetches no URLs; send the media as base64 or a data URL", field=field,
+                       error="url refused")
+
+
 class LeasedStream:
     """Text pieces of one engine job; the model's lease ends exactly once, when the pieces run out
     or the stream is closed (the row is cancelled first, and ends at the engine's next step)."""
@@ -236,10 +271,11 @@ class LeasedStream:
         self._on_result = on_result
         self._lock = threading.Lock()
         self._ended = False
+        self.result: GenerationResult | None = None  # set when the pieces ran out (token counts, finish)
 
     def __iter__(self) -> Iterator[str]:
         try:
-            result = yield from self._job.pieces()
+            result = self.result = yield from self._job.pieces()
         finally:
             self.close()
         if result is not None and result.finish_reason != "cancelled" and self._on_result:

@@ -401,6 +401,24 @@ class VideoClip:
         )
 
 
+MAX_GIVEN_FRAMES = 256  # frames a client may send as one video (they are sampled down to max_video_frames)
+
+
+def video_from_frames(images: list[Image.Image], field: str, limits: MediaLimits, fps: float = 2.0) -> VideoClip:
+    """A video sent as its frames (images of one size, in order, `fps` apart): sampled evenly like a
+    decoded clip."""
+    if not images:
+        raise InvalidInput("a video needs at least one frame", field=field)
+    size = images[0].size
+    for i, image in enumerate(images):
+        if image.size != size:
+            raise InvalidInput(f"frame {i} is {image.size[0]}x{image.size[1]}; every frame of one video must have "
+                               f"the first frame's size {size[0]}x{size[1]}", field=f"{field}[{i}]")
+    keep = sample_indices(len(images), limits.max_video_frames)
+    return VideoClip(frames=np.stack([np.asarray(images[i]) for i in keep]), fps=fps, duration=len(images) / fps,
+                     total_frames=len(images), frame_indices=keep)
+
+
 def sample_indices(total: int, count: int) -> list[int]:
     """``count`` source frame indices spread evenly over ``range(total)``, first and last included."""
     count = max(1, min(count, total))

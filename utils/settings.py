@@ -6,6 +6,7 @@ reads os.environ. A bad value raises ConfigError with a message that names the k
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -89,6 +90,16 @@ class MediaSettings:
 
 
 @dataclass(frozen=True)
+class RemoteMediaSettings:
+    """Fetching client media from http(s) URLs (utils/remote_media.py). Off unless turned on."""
+    enabled: bool = False
+    allow_hosts: tuple[str, ...] = ()      # exact names and "*.example.com" patterns; empty = any public host
+    max_bytes: int = 32 * MIB              # one fetched body
+    timeout: float = 10.0                  # seconds for the whole fetch: resolve, connect, redirects, read
+    max_redirects: int = 3
+
+
+@dataclass(frozen=True)
 class ServerSettings:
     models: dict[str, ModelSpec]
     models_dir: Path
@@ -106,6 +117,7 @@ class ServerSettings:
     tmp_ttl: float = 3600.0
     tmp_max_bytes: int = 2 * GIB
     media: MediaSettings = field(default_factory=MediaSettings)
+    remote_media: RemoteMediaSettings = field(default_factory=RemoteMediaSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)  # defaults for every model's engine
     torch_threads: int | None = None  # torch's intra-op threads; None = the cores this process may use, less one
     # A model that served within group_window seconds is not evicted for another model's load...
@@ -159,6 +171,7 @@ class ServerSettings:
             "tmp_ttl": self.tmp_ttl,
             "tmp_max_bytes": self.tmp_max_bytes,
             "media": dataclasses.asdict(self.media),
+            "remote_media": dataclasses.asdict(self.remote_media),
             "engine": dataclasses.asdict(self.engine),
             "torch_threads": self.torch_threads,
             "group_window": self.group_window,
@@ -268,9 +281,10 @@ _MODEL_FIELDS = {"repo_id", "family", "path", "revision", "dtype", "quantization
                  "pinned", "preload", "generation", "limits", "engine"}
 _SERVER_FIELDS = {"max_loaded_models", "idle_timeout", "models_dir", "tmp_dir", "log_dir", "max_content_length_mb",
                   "ram_budget_gb", "ram_headroom_gb", "gpu_budget_gb", "gpu_headroom_gb", "failed_load_backoff",
-                  "sweep_interval", "tmp_ttl", "tmp_max_mb", "media", "engine", "torch_threads", "group_window",
-                  "max_pass_over"}
+                  "sweep_interval", "tmp_ttl", "tmp_max_mb", "media", "remote_media", "engine", "torch_threads",
+                  "group_window", "max_pass_over"}
 _MEDIA_FIELDS = {"max_media_mb", "max_image_pixels", "max_audio_seconds", "max_video_seconds", "max_video_frames"}
+_REMOTE_MEDIA_FIELDS = {"enabled", "allow_hosts", "max_mb", "timeout", "max_redirects"}
 
 # Environment variable -> key of the `server` section it overrides.
 SERVER_ENV = {
@@ -296,6 +310,9 @@ SERVER_ENV = {
 ENGINE_ENV = {"BATCHING": "batching", "MAX_BATCH_SIZE": "max_batch_size", "MAX_QUEUE": "max_queue",
               "QUEUE_TIMEOUT": "queue_timeout"}
 MEDIA_ENV = {"MAX_MEDIA_MB": "max_media_mb", "MAX_VIDEO_FRAMES": "max_video_frames"}
+REMOTE_MEDIA_ENV = {"REMOTE_MEDIA": "enabled", "REMOTE_MEDIA_ALLOW_HOSTS": "allow_hosts",
+                    "REMOTE_MEDIA_MAX_MB": "max_mb", "REMOTE_MEDIA_TIMEOUT": "timeout"}
+_HOST_LABEL_RE = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")  # fullmatch
 # MODEL_<KEY>_<FIELD> overrides one field of one model, e.g. MODEL_DEEPSEEK_QUANTIZATION=8bit.
 MODEL_ENV_FIELDS = ("quantization", "dtype", "device", "path", "keep_alive", "pinned", "preload", "revision")
 
@@ -413,6 +430,50 @@ def _media(raw: Any, env: Mapping[str, str]) -> MediaSettings:
     )
 
 
+def _allowed_host(entry: Any, where: str) -> str:
+    """One allow-list entry, normalised: a host name, "*.suffix", or an IP address."""
+    text = str(entry).strip().lower().rstrip(".") if isinstance(entry, str) else ""
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    name = text[2:] if text.startswith("*.") else text
+    try:
+        name = name.encode("idna").decode("ascii")
+    except UnicodeError:
+        name = ""
+    labels = name.split(".")
+    if not name or len(name) > 253 or not all(_HOST_LABEL_RE.fullmatch(label) for label in labels):
+        _fail(where, f"expected a host name, '*.example.com' or an IP address; got {entry!r}")
+    return ("*." if text.startswith("*.") else "") + name
+
+
+def _remote_media(raw: Any, env: Mapping[str, str]) -> RemoteMediaSettings:
+    where = "server.remote_media"
+    raw = dict(_mapping(raw, where))
+    _only_known(raw, where, _REMOTE_MEDIA_FIELDS)
+    for env_name, name in REMOTE_MEDIA_ENV.items():
+        if env.get(env_name) not in (None, ""):
+            raw[name] = env[env_name]
+    d = RemoteMediaSettings()
+    hosts = raw.get("allow_hosts", list(d.allow_hosts))
+    if hosts is None:
+        hosts = []
+    elif isinstance(hosts, str):
+        hosts = [part for part in hosts.split(",") if part.strip()]
+    elif not isinstance(hosts, (list, tuple)):
+        _fail(f"{where}.allow_hosts", f"expected a list of host names, got {type(hosts).__name__}")
+    return RemoteMediaSettings(
+        enabled=_bool(raw.get("enabled", d.enabled), f"{where}.enabled"),
+        allow_hosts=tuple(dict.fromkeys(_allowed_host(h, f"{where}.allow_hosts") for h in hosts)),
+        max_bytes=int(_float(raw.get("max_mb", d.max_bytes / MIB), f"{where}.max_mb", minimum=0.001) * MIB),
+        timeout=_float(raw.get("timeout", d.timeout), f"{where}.timeout", minimum=0.1, maximum=600),
+        max_redirects=_int(raw.get("max_redirects", d.max_redirects), f"{where}.max_redirects", minimum=0),
+    )
+
+
 def load_settings(config_path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
                   *, demo: bool = False) -> ServerSettings:
     """Reads models.yaml (or MODELS_CONFIG / config_path) and applies environment overrides."""
@@ -466,6 +527,7 @@ def load_settings(config_path: str | os.PathLike | None = None, env: Mapping[str
         tmp_ttl=_float(server.get("tmp_ttl", 3600), "server.tmp_ttl", minimum=1),
         tmp_max_bytes=int(_float(server.get("tmp_max_mb", 2048), "server.tmp_max_mb", minimum=1) * MIB),
         media=_media(server.get("media"), env),
+        remote_media=_remote_media(server.get("remote_media"), env),
         engine=engine,
         torch_threads=None if torch_threads in (None, "", "auto") else _int(torch_threads, "server.torch_threads",
                                                                            minimum=1),

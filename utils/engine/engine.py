@@ -131,6 +131,7 @@ class Engine:
         self._stopping = False
         self._batches = 0
         self._rows = 0
+        self._generated = 0  # tokens of every finished row, cancelled ones included
         self._tokens: deque[tuple[float, int]] = deque()  # (finished at, completion tokens), last minute
         self._thread = threading.Thread(target=self._run, name=f"engine-{key}", daemon=True)
 
@@ -198,6 +199,7 @@ class Engine:
             return {"kind": self.kind, "queue_depth": len(self._queue), "running_batch": len(self._running),
                     "max_batch_size": self.max_batch_size, "max_queue": self.max_queue,
                     "queue_timeout": self.queue_timeout, "batches": self._batches, "rows": self._rows,
+                    "tokens_generated": self._generated,
                     "tokens_per_second": round(sum(n for _, n in self._tokens) / window, 2)}
 
     def _drain_estimate(self) -> float:
@@ -269,6 +271,7 @@ class Engine:
             self._rows += started_rows
             if finished_tokens:
                 self._tokens.append((time.monotonic(), sum(finished_tokens)))
+                self._generated += sum(finished_tokens)
 
     def _observe(self, method: str, *args: Any) -> None:
         notify(self._observer, method, *args)

@@ -65,8 +65,8 @@ def collate(prepared: Sequence[dict], *, side: str, pad_id: int) -> dict:
 
 
 class RowState:
-    """One row's generated tokens: finishes it at its eos, its max_new_tokens or its cancellation,
-    streams its new text, and hands it its result the step it finishes."""
+    """One row's generated tokens: finishes it at its eos, a stop string, its max_new_tokens or its
+    cancellation, streams its new text, and hands it its result the step it finishes."""
 
     def __init__(self, row: BatchRow, *, eos_ids: set[int], tokenizer: Any,
                  build_result: Callable[[list[int], int, str], GenerationResult]) -> None:
@@ -75,6 +75,8 @@ class RowState:
         self.tokens: list[int] = []
         self.done = False
         self._eos, self._tokenizer, self._build_result = eos_ids, tokenizer, build_result
+        self._stops = tuple(s for s in row.params.stop if s)
+        self._stop_at: int | None = None   # where the first stop string starts in the decoded text
         self._emitted = ""
 
     def add(self, token: int) -> bool:
@@ -82,10 +84,12 @@ class RowState:
         self.tokens.append(token)
         if token in self._eos:
             self.close("stop")
+        elif self._stops and self._find_stop():
+            self.close("stop")
         elif len(self.tokens) >= self.row.params.max_new_tokens:
             self.close("length")
         elif self.row.streaming:
-            self._emit_new_text()
+            self._emit_new_text(final=False)
         return self.done
 
     def close_if_cancelled(self) -> bool:
@@ -98,16 +102,44 @@ class RowState:
             return
         self.done = True
         if self.row.streaming:
-            self._emit_new_text()
-        self.row.finish(self._build_result(list(self.tokens), self.prompt_tokens, reason))
+            self._emit_new_text(final=True)
+        result = self._build_result(list(self.tokens), self.prompt_tokens, reason)
+        self.row.finish(cut_at_stop(result, self._stops) if self._stop_at is not None else result)
 
-    def _emit_new_text(self) -> None:
-        text = self._tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+    def _text(self) -> str:
+        return self._tokenizer.decode(self.tokens, skip_special_tokens=True)
+
+    def _find_stop(self) -> bool:
+        text = self._text()
+        found = [i for i in (text.find(stop) for stop in self._stops) if i >= 0]
+        if found:
+            self._stop_at = min(found)
+        return bool(found)
+
+    def _emit_new_text(self, *, final: bool) -> None:
+        text = self._text()
+        if self._stop_at is not None:
+            text = text[:self._stop_at]
+        elif self._stops and not final:  # hold back what may still become a stop string
+            text = text[:max(len(self._emitted), len(text) - max(map(len, self._stops)) + 1)]
+        if text.endswith("\ufffd") and not final:  # a multi-byte character is not complete yet
             return
         if text.startswith(self._emitted) and len(text) > len(self._emitted):
             self.row.emit(text[len(self._emitted):])
             self._emitted = text
+
+
+def cut_at_stop(result: GenerationResult, stops: tuple[str, ...]) -> GenerationResult:
+    """The result up to the first stop string (in the reasoning, or else in the answer), excluded."""
+    from dataclasses import replace
+
+    for name in ("reasoning", "text"):
+        value = getattr(result, name) or ""
+        hits = [i for i in (value.find(stop) for stop in stops) if i >= 0]
+        if hits:
+            cut = value[:min(hits)]
+            return replace(result, reasoning=cut, text="") if name == "reasoning" else replace(result, text=cut)
+    return result
 
 
 class RowTracker:

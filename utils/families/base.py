@@ -61,6 +61,11 @@ class GenerationRequest:
     images: list[Any] = field(default_factory=list)   # PIL.Image.Image, RGB
     videos: list[Any] = field(default_factory=list)   # utils.media.VideoClip
     audios: list[Any] = field(default_factory=list)   # float32 mono numpy arrays at the model's rate
+    # A whole conversation instead of system + prompt: [{"role": system|user|assistant, "content":
+    # [{"type": "text", "text": ...} | {"type": "image"|"video"|"audio"}]}]; media parts stand, in
+    # order, for the items of `images`, `videos` and `audios`.
+    messages: list[dict] | None = None
+    raw: bool = False  # the prompt is plain text to continue, without the chat template (text models)
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,7 @@ class GenerationParams:
     top_k: int | None = None
     repetition_penalty: float | None = None
     seed: int | None = None
+    stop: tuple[str, ...] = ()   # generation ends where one of these appears; it is not returned
 
 
 @dataclass
@@ -298,7 +304,17 @@ def from_pretrained_kwargs(spec: ModelSpec, device: str, skip_modules: list[str]
 
 
 def chat_messages(request: GenerationRequest, media_items: list[dict] | None = None) -> list[dict]:
-    """Messages for a processor's chat template: media items first, then the prompt text."""
+    """Messages for a processor's chat template: media items first, then the prompt text; or the
+    request's conversation, each media part replaced by the family's item for it, in order."""
+    if request.messages is not None:
+        items: dict[str, list[dict]] = {}
+        for item in media_items or []:
+            items.setdefault(item["type"], []).append(item)
+        taken = {kind: iter(found) for kind, found in items.items()}
+        return [{"role": message["role"],
+                 "content": [part if part["type"] == "text" else next(taken[part["type"]])
+                             for part in message["content"]]}
+                for message in request.messages]
     messages: list[dict] = []
     if request.system:
         messages.append({"role": "system", "content": [{"type": "text", "text": request.system}]})

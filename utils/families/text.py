@@ -18,18 +18,26 @@ class TextFamily(Family):
 
     def prepare(self, request: GenerationRequest) -> dict:
         self.check_media(request)
-        messages = []
-        if request.system:
-            messages.append({"role": "system", "content": request.system})
-        messages.append({"role": "user", "content": request.prompt})
-        inputs = self.processor.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                                    return_dict=True)
-        return {k: v.to(self.model.device) for k, v in inputs.items()}
+        if request.raw:  # a legacy completion: the text continues as it is
+            inputs = self.processor(request.prompt, return_tensors="pt")
+        else:
+            inputs = self.processor.apply_chat_template(text_messages(request), add_generation_prompt=True,
+                                                        return_tensors="pt", return_dict=True)
+        return {k: v.to(self.model.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
 
     def result_from_tokens(self, tokens: list[int], prompt_tokens: int, finish_reason: str) -> GenerationResult:
         reasoning, answer = split_reasoning(self.processor, tokens)
         return GenerationResult(text=answer, reasoning=reasoning, prompt_tokens=prompt_tokens,
                                 completion_tokens=len(tokens), finish_reason=finish_reason)
+
+
+def text_messages(request: GenerationRequest) -> list[dict]:
+    """Chat messages with plain-string contents, as text-only chat templates expect them."""
+    if request.messages is not None:
+        return [{"role": m["role"], "content": "".join(p["text"] for p in m["content"] if p["type"] == "text")}
+                for m in request.messages]
+    messages = [{"role": "system", "content": request.system}] if request.system else []
+    return messages + [{"role": "user", "content": request.prompt}]
 
 
 def split_reasoning(tokenizer: Any, token_ids: list[int]) -> tuple[str | None, str]:

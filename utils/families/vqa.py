@@ -18,7 +18,7 @@ class VqaFamily(Family):
         if len(request.images) != 1:
             raise InvalidInput(f"'{self.spec.key}' answers a question about exactly one image; "
                                f"got {len(request.images)}", field="image", error="missing image")
-        inputs = self.processor(images=request.images[0], text=request.prompt, return_tensors="pt")
+        inputs = self.processor(images=request.images[0], text=question(request), return_tensors="pt")
         return {k: v.to(self.model.device) for k, v in inputs.items()}
 
     def _generate_kwargs(self, params: GenerationParams) -> dict:
@@ -29,3 +29,11 @@ class VqaFamily(Family):
     def check_context(self, prompt_tokens, params, *, counts_new_tokens=False):
         # The question goes to BLIP's text encoder; the answer comes from its own decoder.
         super().check_context(prompt_tokens, params, counts_new_tokens=False)
+
+
+def question(request: GenerationRequest) -> str:
+    """BLIP answers one question: in a conversation, the last user turn's text (history is dropped)."""
+    if request.messages is None:
+        return request.prompt
+    last = [m for m in request.messages if m["role"] == "user"][-1]
+    return " ".join(p["text"] for p in last["content"] if p["type"] == "text").strip() or request.prompt

@@ -1,0 +1,111 @@
+"""/v1: OpenAI's API over the same inference service as /generate (translation in utils/openai_api)."""
+from __future__ import annotations
+
+import json
+import time
+
+from flask import Blueprint, Response, current_app, g, jsonify, request, stream_with_context
+
+from utils import openai_api as oa
+from utils.api.generate import client_gone_probe, services
+from utils.errors import InvalidInput, UnsupportedMediaType
+
+bp = Blueprint("openai", __name__, url_prefix="/v1")
+STARTED = int(time.time())
+
+
+def json_body() -> dict:
+    if not (request.mimetype == "application/json" or (request.mimetype or "").endswith("+json")):
+        raise UnsupportedMediaType(f"send Content-Type: application/json (got {request.mimetype or 'none'})")
+    try:
+        body = json.loads(request.get_data(cache=True) or b"")
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise InvalidInput(f"the body is not valid JSON: {exc}", error="malformed JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidInput("the body must be a JSON object", error="malformed JSON")
+    return body
+
+
+def include_usage(body: dict) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def sse(chunks) -> Response:
+    """Server-sent events of JSON chunks, then [DONE]; closing the response (a client gone) closes
+    the stream, which cancels its row in the engine."""
+    def events():
+        try:
+            for chunk in chunks:
+                yield f"data: {json.dumps(chunk)}\n\n"
+        except Exception as exc:  # the status line is gone already: report in the stream
+            current_app.logger.exception("stream failed")
+            yield f"data: {json.dumps(oa.error_body(500, 'generation failed', type(exc).__name__))}\n\n"
+        yield "data: [DONE]\n\n"
+    return Response(stream_with_context(events()), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def run(key: str, job, to_body, to_chunks, body: dict):
+    svc = services()
+    g.model = key
+    if job.stream:
+        stream = svc.inference.stream(key, job)
+        response = sse(to_chunks(key, stream, include_usage(body)))
+        response.call_on_close(stream.close)
+        return response
+    result = svc.inference.generate(key, job, is_gone=client_gone_probe())
+    g.completion_tokens = result.completion_tokens
+    return jsonify(to_body(key, result))
+
+
+@bp.get("/models")
+def list_models():
+    svc = services()
+    snapshot = svc.manager.snapshot()
+    return jsonify({"object": "list", "data": [oa.model_card(spec, STARTED, snapshot[key]["loaded"])
+                                               for key, spec in svc.settings.models.items()]})
+
+
+@bp.get("/models/<path:name>")
+def get_model(name: str):
+    svc = services()
+    key = oa.resolve_model(svc.settings, name)
+    return jsonify(oa.model_card(svc.settings.models[key], STARTED, svc.manager.snapshot_one(key)["loaded"]))
+
+
+@bp.post("/chat/completions")
+def chat_completions():
+    svc = services()
+    body = json_body()
+    key = oa.resolve_model(svc.settings, body.get("model"))
+    return run(key, oa.parse_chat(body, svc.settings.models[key]), oa.chat_response, oa.chat_chunks, body)
+
+
+@bp.post("/completions")
+def completions():
+    svc = services()
+    body = json_body()
+    key = oa.resolve_model(svc.settings, body.get("model"))
+    return run(key, oa.parse_completion(body, svc.settings.models[key]), oa.completion_response,
+               oa.completion_chunks, body)
+
+
+@bp.post("/audio/transcriptions")
+def transcriptions():
+    svc = services()
+    if request.mimetype != "multipart/form-data":
+        raise UnsupportedMediaType("send multipart/form-data with 'file' and 'model'")
+    key = oa.resolve_model(svc.settings, request.form.get("model"))
+    upload = request.files.get("file")
+    audio = upload.read() if upload else b""
+    if not audio:
+        raise InvalidInput("'file' (the audio) is required", field="file", error="missing field")
+    job, response_format = oa.parse_transcription(request.form, audio, svc.settings.models[key])
+    g.model = key
+    result = svc.inference.generate(key, job, is_gone=client_gone_probe())
+    if response_format == "text":
+        return Response(result.text, mimetype="text/plain")
+    return jsonify({"text": result.text, "usage": {"type": "tokens", "input_tokens": result.prompt_tokens,
+                                                   "output_tokens": result.completion_tokens,
+                                                   "total_tokens": result.prompt_tokens + result.completion_tokens}})

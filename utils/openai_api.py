@@ -1,0 +1,307 @@
+"""OpenAI's API translated to ours and back: requests -> GenerateJob, results -> OpenAI's bodies and
+stream chunks, errors -> OpenAI's error shape. No Flask, no torch: the /v1 blueprint calls these
+around the same InferenceService that /generate uses.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Iterator, Mapping
+
+from utils.errors import InvalidInput, ServerError, UnknownModel
+from utils.inference import GenerateJob, MediaItem, check_media_items, parse_params
+from utils.settings import ModelSpec, ServerSettings
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+# Parameters we do not implement: a value that would change the answer is refused, never ignored.
+UNSUPPORTED = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "logprobs": False,
+               "top_logprobs": None, "tools": None, "tool_choice": None, "functions": None, "function_call": None,
+               "echo": False, "suffix": None, "best_of": 1}
+MAX_STOPS = 4
+TRANSCRIBE_PROMPT = "Transcribe the audio exactly, word for word."
+
+
+def resolve_model(settings: ServerSettings, name: Any) -> str:
+    """A model's key from `model` (its key, or its Hub repo id as an alias)."""
+    if not isinstance(name, str) or not name:
+        raise InvalidInput("'model' is required: one of GET /v1/models", field="model", error="missing field")
+    if name in settings.models:
+        return name
+    for key, spec in settings.models.items():
+        if spec.repo_id == name:
+            return key
+    raise UnknownModel(f"no model named '{name}'; available: {', '.join(settings.models)}")
+
+
+def model_card(spec: ModelSpec, created: int, loaded: bool) -> dict:
+    return {"id": spec.key, "object": "model", "created": created, "owned_by": spec.repo_id.split("/")[0],
+            "repo_id": spec.repo_id, "family": spec.family, "loaded": loaded}
+
+
+# ------------------------------------------------------------------ requests
+
+def _refuse_unsupported(body: Mapping) -> None:
+    for name, neutral in UNSUPPORTED.items():
+        value = body.get(name)
+        if value is not None and value != neutral and value != {} and value != []:
+            raise InvalidInput(f"'{name}' is not supported by this server (only {neutral!r})", field=name,
+                               error="unsupported parameter")
+    n = body.get("n", 1)
+    if n != 1 and n is not None:
+        raise InvalidInput("'n' must be 1: one choice per request", field="n", error="unsupported parameter")
+
+
+def _params(body: Mapping, spec: ModelSpec):
+    """OpenAI's sampling fields -> our GenerationParams (validated by the same rules as /generate)."""
+    _refuse_unsupported(body)
+    ours: dict[str, Any] = {name: body[name] for name in ("temperature", "top_p", "seed", "top_k",
+                                                          "repetition_penalty") if body.get(name) is not None}
+    limit_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    if body.get(limit_name) is not None:
+        ours["max_new_tokens"] = body[limit_name]
+    try:
+        params = parse_params(ours, spec)
+    except InvalidInput as exc:
+        if exc.field == "max_new_tokens":
+            exc.field, exc.details = limit_name, exc.details.replace("max_new_tokens", limit_name)
+        raise
+    from dataclasses import replace
+    return replace(params, stop=_stops(body.get("stop")))
+
+
+def _stops(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise InvalidInput("'stop' must be a non-empty string or a list of them", field="stop")
+    if len(stops) > MAX_STOPS:
+        raise InvalidInput(f"'stop' takes at most {MAX_STOPS} strings", field="stop")
+    return tuple(stops)
+
+
+def _url(part: Mapping, kind: str, where: str) -> str:
+    value = part.get(kind)
+    url = value.get("url") if isinstance(value, Mapping) else value
+    if not isinstance(url, str) or not url:
+        raise InvalidInput(f"'{kind}' needs a url (a data URL, or http(s) where enabled)", field=where)
+    return url
+
+
+def _parts(content: Any, where: str, media: list[MediaItem]) -> list[dict]:
+    """One message's content -> our parts; media go to `media`, in order, with their field names."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list) or not content:
+        raise InvalidInput("'content' must be a string or a non-empty list of parts", field=where)
+    parts: list[dict] = []
+    for i, part in enumerate(content):
+        field = f"{where}[{i}]"
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+            continue
+        if kind == "image_url":
+            media.append(MediaItem("image", f"{field}.image_url", _url(part, "image_url", f"{field}.image_url")))
+        elif kind == "video_url":
+            media.append(MediaItem("video", f"{field}.video_url", _url(part, "video_url", f"{field}.video_url")))
+        elif kind == "video":  # seed 004's form: the frames of one video, as image URLs
+            frames = part.get("video")
+            if not isinstance(frames, list) or not frames or not all(isinstance(f, str) for f in frames):
+                raise InvalidInput("'video' must be a list of frame image URLs (data URLs)", field=f"{field}.video")
+            from utils.media import MAX_GIVEN_FRAMES
+            if len(frames) > MAX_GIVEN_FRAMES:
+                raise InvalidInput(f"a video takes at most {MAX_GIVEN_FRAMES} frames", field=f"{field}.video")
+            media.append(MediaItem("video", f"{field}.video", frames))
+        elif kind == "input_audio":
+            audio = part.get("input_audio")
+            if not isinstance(audio, Mapping) or not isinstance(audio.get("data"), str):
+                raise InvalidInput("'input_audio' needs base64 'data' (and 'format')", field=f"{field}.input_audio")
+            media.append(MediaItem("audio", f"{field}.input_audio.data", audio["data"]))
+        elif kind == "audio_url":
+            media.append(MediaItem("audio", f"{field}.audio_url", _url(part, "audio_url", f"{field}.audio_url")))
+        else:
+            raise InvalidInput(f"unknown content part type {kind!r} (text, image_url, video_url, video, "
+                               f"input_audio)", field=f"{field}.type")
+        parts.append({"type": media[-1].kind})
+    return parts
+
+
+def parse_chat(body: Mapping, spec: ModelSpec) -> GenerateJob:
+    """A /v1/chat/completions body -> our job (a conversation, its media in order)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidInput("'messages' must be a non-empty list", field="messages", error="missing field")
+    media: list[MediaItem] = []
+    turns: list[dict] = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, Mapping) or message.get("role") not in ROLES:
+            raise InvalidInput(f"each message needs a role: one of {', '.join(ROLES)}", field=f"{where}.role")
+        role = ROLES[message["role"]]
+        content = message.get("content")
+        if content is None and role == "assistant":
+            content = ""
+        before = len(media)
+        parts = _parts(content, f"{where}.content", media)
+        if role != "user" and len(media) > before:
+            raise InvalidInput(f"media go in user messages, not in {message['role']} ones", field=f"{where}.content")
+        turns.append({"role": role, "content": parts})
+    if turns[-1]["role"] != "user":
+        raise InvalidInput("the last message must be the user's", field=f"messages[{len(turns) - 1}].role")
+    text = "".join(p["text"] for turn in turns for p in turn["content"] if p["type"] == "text")
+    if len(text) > spec.limits.max_prompt_chars:
+        raise InvalidInput(f"the messages hold {len(text)} characters of text; this model takes at most "
+                           f"{spec.limits.max_prompt_chars}", field="messages", error="value out of range")
+    _check_text(text, "messages")
+    check_media_items(media, spec)
+    last = "".join(p["text"] for p in turns[-1]["content"] if p["type"] == "text")
+    return GenerateJob(prompt=last, params=_params(body, spec), media=media, messages=turns,
+                       stream=body.get("stream") is True)
+
+
+def parse_completion(body: Mapping, spec: ModelSpec) -> GenerateJob:
+    """A legacy /v1/completions body (text models): the prompt is continued as it is."""
+    if spec.family != "text":
+        raise InvalidInput(f"'{spec.key}' is not a text model; use /v1/chat/completions", field="model",
+                           error="unsupported model")
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise InvalidInput("'prompt' must be a non-empty string (one prompt per request)", field="prompt")
+    if len(prompt) > spec.limits.max_prompt_chars:
+        raise InvalidInput(f"'prompt' is {len(prompt)} characters; this model takes at most "
+                           f"{spec.limits.max_prompt_chars}", field="prompt", error="value out of range")
+    _check_text(prompt, "prompt")
+    return GenerateJob(prompt=prompt, params=_params(body, spec), raw=True, stream=body.get("stream") is True)
+
+
+def parse_transcription(form: Mapping, audio: bytes, spec: ModelSpec) -> tuple[GenerateJob, str]:
+    """A /v1/audio/transcriptions form -> our job and the response format (json or text)."""
+    if "audio" not in _accepted(spec):
+        raise InvalidInput(f"'{spec.key}' does not take audio", field="model", error="unsupported model")
+    response_format = form.get("response_format") or "json"
+    if response_format not in ("json", "text"):
+        raise InvalidInput("'response_format' must be json or text", field="response_format")
+    instruction = TRANSCRIBE_PROMPT
+    if form.get("language"):
+        instruction = f"Transcribe the audio exactly, word for word, in the language '{form['language']}'."
+    if form.get("prompt"):
+        instruction += f" Context: {form['prompt']}"
+    _check_text(instruction, "prompt")
+    params = parse_params({"temperature": form.get("temperature") or 0}, spec)  # greedy unless asked
+    return GenerateJob(prompt=instruction, params=params, media=[MediaItem("audio", "file", audio)]), response_format
+
+
+def _accepted(spec: ModelSpec) -> frozenset[str]:
+    from utils.families import accepted_media
+    return accepted_media(spec.family)
+
+
+def _check_text(text: str, field: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput("text is not valid Unicode (lone surrogate)", field=field) from None
+
+
+# ------------------------------------------------------------------ responses
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def usage(result: Any) -> dict:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens}
+
+
+def finish_reason(result: Any) -> str:
+    return "length" if result.finish_reason == "length" else "stop"
+
+
+def chat_response(key: str, result: Any) -> dict:
+    message = {"role": "assistant", "content": result.text}
+    if result.reasoning is not None:
+        message["reasoning_content"] = result.reasoning
+    return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": key,
+            "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(result), "logprobs": None}],
+            "usage": usage(result)}
+
+
+def completion_response(key: str, result: Any) -> dict:
+    choice = {"index": 0, "text": result.text, "finish_reason": finish_reason(result), "logprobs": None}
+    if result.reasoning is not None:
+        choice["reasoning_content"] = result.reasoning
+    return {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": key,
+            "choices": [choice], "usage": usage(result)}
+
+
+def chat_chunks(key: str, stream: Any, include_usage: bool) -> Iterator[dict]:
+    """OpenAI's chat.completion.chunk objects for a stream of text pieces: the role first, then
+    content (reasoning between <think> tags goes to reasoning_content), the finish, then usage."""
+    base = {"id": new_id("chatcmpl"), "object": "chat.completion.chunk", "created": int(time.time()), "model": key}
+
+    def chunk(delta: dict, finish: str | None = None) -> dict:
+        return dict(base, choices=[{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}])
+
+    yield chunk({"role": "assistant", "content": ""})
+    splitter = ReasoningSplitter()
+    for piece in stream:
+        for field, text in splitter.feed(piece):
+            yield chunk({field: text})
+    result = stream.result
+    yield chunk({}, finish_reason(result) if result else "stop")
+    if include_usage and result is not None:
+        yield dict(base, choices=[], usage=usage(result))
+
+
+def completion_chunks(key: str, stream: Any, include_usage: bool) -> Iterator[dict]:
+    base = {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": key}
+    for piece in stream:
+        yield dict(base, choices=[{"index": 0, "text": piece, "finish_reason": None, "logprobs": None}])
+    result = stream.result
+    yield dict(base, choices=[{"index": 0, "text": "", "logprobs": None,
+                               "finish_reason": finish_reason(result) if result else "stop"}])
+    if include_usage and result is not None:
+        yield dict(base, choices=[], usage=usage(result))
+
+
+class ReasoningSplitter:
+    """Routes streamed text: inside <think>…</think> to reasoning_content, the rest to content; the
+    tags themselves are not sent (each is one token, so it never straddles two pieces)."""
+
+    OPEN, CLOSE = "<think>", "</think>"
+
+    def __init__(self) -> None:
+        self.thinking = False
+
+    def feed(self, piece: str) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        while piece:
+            tag = self.CLOSE if self.thinking else self.OPEN
+            before, found, piece = piece.partition(tag)
+            if before:
+                out.append(("reasoning_content" if self.thinking else "content", before))
+            if found:
+                self.thinking = not self.thinking
+        return out
+
+
+# ------------------------------------------------------------------ errors
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
+               415: "invalid_request_error"}
+
+
+def error_body(status: int, error: str, details: str, field: str | None = None) -> dict:
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+    code = "model_not_found" if error == "unknown model" else error.replace(" ", "_")
+    return {"error": {"message": details or error, "type": ERROR_TYPES.get(status, "server_error"),
+                      "param": field, "code": code}}
+
+
+def error_of(exc: ServerError) -> dict:
+    return error_body(exc.status, exc.error, exc.details, exc.field)
