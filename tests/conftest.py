@@ -60,6 +60,16 @@ def client(app):
     return app.test_client()
 
 
+def wait_for(predicate, timeout: float = 20.0, interval: float = 0.02) -> bool:
+    """Polls `predicate` until it holds (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

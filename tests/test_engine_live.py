@@ -12,6 +12,7 @@ import pytest
 import requests
 
 from tests import media_samples as ms
+from tests.conftest import wait_for
 
 FAMILIES = ("deepseek", "qwen_vl", "blip_vqa", "qwen_audio", "qwen_omni")
 LONG = {"prompt": "tell a very long story", "max_new_tokens": 3000, "temperature": 0}
@@ -29,14 +30,6 @@ def body_for(key: str, i: int) -> dict:
 def status(server, key: str) -> dict:
     return requests.get(server.url + "/admin/model_status", timeout=10).json()["models"][key]
 
-
-def wait_for(predicate, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from tests import media_samples as ms
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_for
 
 FAMILIES = ("deepseek", "qwen_vl", "blip_vqa", "qwen_audio", "qwen_omni")
 THINKER_YAML = """
@@ -261,14 +261,6 @@ def test_api_token_guards_v1(start_server):
 def engine(server, key="deepseek") -> dict:
     return requests.get(server.url + "/admin/model_status", timeout=10).json()["models"][key]["engine"]
 
-
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 @pytest.mark.parametrize("stream", [True, False])
