@@ -155,7 +155,8 @@ def create_app(settings: ServerSettings | None = None, *, background: bool = Tru
 
     if background:
         services.sweeper = Sweeper(settings.sweep_interval,
-                                   [services.manager.expire_idle, services.temp.sweep]).start()
+                                   [services.manager.expire_idle, services.manager.relieve_pressure,
+                                    services.temp.sweep]).start()
         threading.Thread(target=services.manager.preload, name="preload", daemon=True).start()
     return app
 

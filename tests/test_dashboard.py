@@ -259,6 +259,7 @@ def test_rendered_page_lists_the_loaded_models_with_state_and_bytes(live, tmp_pa
     assert idle["state"] == "downloaded" and idle["bytes"] == 0 and idle["text"]["bytes"] == "–"
     assert idle["text"]["engine"] == "–"
     assert dom.facts["process_rss"].startswith("Server RSS") and dom.facts["process_rss"].endswith("iB")
+    assert dom.facts["pressure"] == "Memory pressurenone"  # no pressure event on this box during the test
     assert dom.facts["files"] == "Files0" and dom.facts["root"] == "Foldertmp"
     assert "2 of at most 2 loaded" in dom.html
 

@@ -401,3 +401,114 @@ def test_automatic_group_window_is_the_models_own_load_time():
     assert not done.wait(0.3)
     clock.now += 0.25
     assert done.wait(5) and loaded(manager) == {"b"}
+
+
+# ------------------------------------------------------------------ memory pressure from outside
+
+class GpuProbe(FakeProbe):
+    """RAM plus one GPU whose free memory the test sets."""
+
+    def __init__(self, available: int = 64 * GIB, gpu_free: int = 80 * GIB) -> None:
+        super().__init__(available)
+        self.gpu_free = gpu_free
+
+    def read(self) -> MemoryReading:
+        from utils.memory import GpuReading
+        reading = super().read()
+        gpu = GpuReading(index=0, name="fake", total=80 * GIB, free=self.gpu_free, allocated=0, reserved=0)
+        return MemoryReading(ram_total=reading.ram_total, ram_available=reading.ram_available, ram_percent=0.0,
+                             process_rss=0, gpus=(gpu,))
+
+
+class ReleasingLoader(RecordingLoader):
+    """Each unload gives `size` bytes back to the probe, as a real unload gives them back to the OS."""
+
+    def __init__(self, probe, size: int) -> None:
+        super().__init__(size=size)
+        self.probe = probe
+
+    def __call__(self, spec, device):
+        handle = super().__call__(spec, device)
+        probe, size, on_gpu = self.probe, self.size, device.startswith("cuda")
+        original = handle.release
+
+        def release():
+            original()
+            if on_gpu:
+                probe.gpu_free += size
+            else:
+                probe.available += size
+        handle.release = release
+        return handle
+
+
+def pressure_manager(keys=("a", "b", "c", "d"), devices=None, **server):
+    probe = GpuProbe()
+    settings = make_settings(keys=keys, max_loaded_models=4, ram_headroom_bytes=4 * GIB,
+                             gpu_headroom_bytes=2 * GIB, pressure_margin_bytes=1 * GIB, **server)
+    devices = devices or {}
+    for key, device in devices.items():
+        settings = settings.with_model(key, device=device)
+    loader = ReleasingLoader(probe, size=2 * GIB)
+    manager, clock = make_manager(settings, loader=loader, probe=probe)
+    return manager, clock, probe
+
+
+def test_pressure_releases_idle_models_lru_first_and_stops_at_headroom_plus_margin():
+    manager, clock, probe = pressure_manager()
+    for key in ("a", "b", "c", "d"):
+        use(manager, key)
+        clock.now += 1
+    assert manager.relieve_pressure() == []                       # plenty free: nothing happens
+    probe.available = 1 * GIB                                     # something else took the memory
+    released = manager.relieve_pressure()
+    assert released == ["a", "b"]                                 # 1 + 2 x 2 GiB = headroom 4 + margin 1: enough
+    assert loaded(manager) == {"c", "d"}
+    assert manager.snapshot_one("a")["last_unload_reason"] == "memory_pressure"
+    status = manager.pressure_status()["cpu"]
+    assert status["events"] == 1 and status["active"] and status["released"] == ["a", "b"]
+    assert use(manager, "a").key == "a"                           # loads again, no back-off
+    assert manager.snapshot_one("a")["failures"] == 0
+
+
+def test_pressure_never_releases_leased_or_pinned_models_and_names_them():
+    manager, clock, probe = pressure_manager(keys=("a", "b", "c"))
+    settings = manager.settings.with_model("b", pinned=True)
+    manager.settings = settings
+    manager._entries["b"].spec = settings.models["b"]
+    for key in ("a", "b", "c"):
+        use(manager, key)
+    probe.available = 1 * GIB
+    with manager.lease("a"):
+        assert manager.relieve_pressure() == ["c"]
+        assert loaded(manager) == {"a", "b"}
+        assert set(manager.pressure_status()["cpu"]["held_by"]) == {"a", "b"}
+
+
+def test_pressure_is_per_device():
+    manager, clock, probe = pressure_manager(devices={"a": "cuda:0", "b": "cuda:0"})
+    for key in ("a", "b", "c", "d"):
+        use(manager, key)
+        clock.now += 1
+    probe.gpu_free = 1 * GIB                                       # the GPU is short, RAM is fine
+    assert manager.relieve_pressure() == ["a"]                    # 1 + 2 GiB >= 2 GiB headroom + 1 GiB margin
+    assert loaded(manager) == {"b", "c", "d"}
+    assert "cpu" not in manager.pressure_status()
+    assert manager.pressure_status()["cuda:0"]["events"] == 1
+
+
+def test_one_pressure_episode_is_one_event_and_the_setting_turns_it_off():
+    manager, clock, probe = pressure_manager(keys=("a",))
+    use(manager, "a")
+    probe.available = 1 * GIB
+    with manager.lease("a"):
+        manager.relieve_pressure()
+        manager.relieve_pressure()                                 # still the same episode
+    assert manager.pressure_status()["cpu"]["events"] == 1
+    probe.available = 64 * GIB
+    manager.relieve_pressure()
+    assert manager.pressure_status()["cpu"]["active"] is False
+    off, _, off_probe = pressure_manager(keys=("a",), memory_pressure_release=False)
+    use(off, "a")
+    off_probe.available = 0
+    assert off.relieve_pressure() == [] and loaded(off) == {"a"}

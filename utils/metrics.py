@@ -14,6 +14,8 @@ Names (all prefixed `model_server_`):
   model_unloads_total{model,reason}                    counter, reason admin|idle|count|memory|
                                                         emergency_cleanup|keep_alive=0|shutdown
   model_load_seconds{model}                            histogram (successful and failed loads)
+  memory_pressure_events_total{device}                 counter: times free memory fell below the headroom
+                                                        (idle models there are released, reason memory_pressure)
   ram_total_bytes, ram_available_bytes, process_rss_bytes      gauges
   gpu_{total,free,allocated,reserved}_bytes{device}            gauges, one series per GPU
   models_bytes{device}                                 gauge: bytes held by loaded models per device
@@ -60,6 +62,8 @@ class Metrics:
         self.loads = Counter(PREFIX + "model_loads", "Model loads, by outcome", ["model", "outcome"], registry=r)
         self.unloads = Counter(PREFIX + "model_unloads", "Model unloads (evictions included), by reason",
                                ["model", "reason"], registry=r)
+        self.pressure_events = Counter(PREFIX + "memory_pressure_events", "Times free memory on a device fell "
+                                       "below its headroom", ["device"], registry=r)
         self.load_seconds = Histogram(PREFIX + "model_load_seconds", "Seconds a model load took", ["model"],
                                       buckets=LOAD_BUCKETS, registry=r)
         self.queue_wait = Histogram(PREFIX + "queue_wait_seconds", "Seconds a request waited in its model's "
@@ -88,6 +92,9 @@ class Metrics:
 
     def on_unload(self, key: str, reason: str) -> None:
         self.unloads.labels(key, reason).inc()
+
+    def on_pressure(self, device: str) -> None:
+        self.pressure_events.labels(device).inc()
 
     # Engine observer
     def on_queue_wait(self, key: str, seconds: float) -> None:

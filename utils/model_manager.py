@@ -84,6 +84,7 @@ class ModelManager:
         # utils/families/loading.py): shown as "waiting_to_load" instead of "loading".
         self._loads_waiting = loads_waiting or frozenset
         self._events = events  # optional observer: on_load(key, seconds, ok), on_unload(key, reason)
+        self._pressure: dict[str, dict] = {}  # device -> events, last event, what was released / holds memory
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # notified when a lease ends or a model unloads
         self._entries: dict[str, ModelEntry] = {k: ModelEntry(spec=s) for k, s in settings.models.items()}
@@ -152,6 +153,58 @@ class ModelManager:
         for entry, handle in taken:
             self._drop(entry, handle, "idle")
         return [e.spec.key for e, _ in taken]
+
+    def relieve_pressure(self) -> list[str]:
+        """Called by the sweeper: on every device whose free memory is below its headroom (something
+        else took it), releases idle models there, least recently used first, until free memory is
+        back above headroom + margin or nothing idle is left. Never a leased or pinned model; a model
+        released here loads again on its next request (no back-off)."""
+        if not self.settings.memory_pressure_release:
+            return []
+        reading = self._probe.read()
+        released: list[str] = []
+        for device in self._devices(reading):
+            if physical_room(self.settings, reading, device) >= 0:
+                with self._lock:
+                    if device in self._pressure:
+                        self._pressure[device]["active"] = False
+                continue
+            with self._lock:
+                event = self._pressure.setdefault(device, {"events": 0, "active": False})
+                starts = not event["active"]
+                if starts:  # one event per episode, however many sweeps it lasts
+                    event.update(active=True, events=event["events"] + 1, last_at=time.time(), released=[],
+                                 held_by=None)
+            if starts:
+                log.warning("memory pressure on %s: free memory is below its headroom", device)
+                self._notify("on_pressure", device)
+            while physical_room(self.settings, reading, device) < self.settings.pressure_margin_bytes:
+                with self._lock:
+                    victim = self._pick_victim(None, device)
+                    if victim is None:
+                        holders = [e.spec.key for e in self._entries.values() if e.device == device
+                                   and e.state in ("loaded", "loading")]
+                        if event["held_by"] != holders:
+                            event["held_by"] = holders
+                            log.warning("memory pressure on %s: nothing idle left to release; in use or pinned: "
+                                        "%s", device, ", ".join(holders) or "none of our models")
+                        break
+                    handle = self._take_out(victim, "memory_pressure")
+                    event["released"] = event["released"] + [victim.spec.key]
+                self._drop(victim, handle, "memory_pressure")
+                released.append(victim.spec.key)
+                self._await_release(device, reading)
+                reading = self._probe.read()
+        return released
+
+    def pressure_status(self) -> dict[str, dict]:
+        """Per device: pressure events so far, whether one is going on, what it released or what holds."""
+        with self._lock:
+            return {device: dict(event) for device, event in self._pressure.items()}
+
+    @staticmethod
+    def _devices(reading: MemoryReading) -> list[str]:
+        return ["cpu"] + [f"cuda:{gpu.index}" for gpu in reading.gpus]
 
     def preload(self) -> None:
         for key, entry in self._entries.items():
@@ -381,7 +434,7 @@ class ModelManager:
                               f"after headroom")
         return None
 
-    def _pick_victim(self, entry: ModelEntry, device: str | None, *, spare_recent: bool = False
+    def _pick_victim(self, entry: ModelEntry | None, device: str | None, *, spare_recent: bool = False
                      ) -> ModelEntry | None:
         now = self._clock()
         for key in self._lru:  # least recently used first

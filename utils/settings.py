@@ -124,6 +124,10 @@ class ServerSettings:
     # (None = auto: as long as that model's own last load took, i.e. what evicting it would cost)
     group_window: float | None = None
     max_pass_over: float = 10.0      # ...unless that load has waited this long (requests grouped by model)
+    # Each sweep: while free RAM / GPU memory is below its headroom, idle models on that device are
+    # released (LRU first) until free memory is back above headroom + margin.
+    memory_pressure_release: bool = True
+    pressure_margin_bytes: int = 1 * GIB
     admin_token: str | None = None
     api_token: str | None = None
     demo: bool = False
@@ -176,6 +180,8 @@ class ServerSettings:
             "torch_threads": self.torch_threads,
             "group_window": self.group_window,
             "max_pass_over": self.max_pass_over,
+            "memory_pressure_release": self.memory_pressure_release,
+            "pressure_margin_bytes": self.pressure_margin_bytes,
             "admin_auth": self.admin_token is not None,
             "api_auth": self.api_token is not None,
             "demo": self.demo,
@@ -282,7 +288,7 @@ _MODEL_FIELDS = {"repo_id", "family", "path", "revision", "dtype", "quantization
 _SERVER_FIELDS = {"max_loaded_models", "idle_timeout", "models_dir", "tmp_dir", "log_dir", "max_content_length_mb",
                   "ram_budget_gb", "ram_headroom_gb", "gpu_budget_gb", "gpu_headroom_gb", "failed_load_backoff",
                   "sweep_interval", "tmp_ttl", "tmp_max_mb", "media", "remote_media", "engine", "torch_threads",
-                  "group_window", "max_pass_over"}
+                  "group_window", "max_pass_over", "memory_pressure_release", "pressure_margin_gb"}
 _MEDIA_FIELDS = {"max_media_mb", "max_image_pixels", "max_audio_seconds", "max_video_seconds", "max_video_frames"}
 _REMOTE_MEDIA_FIELDS = {"enabled", "allow_hosts", "max_mb", "timeout", "max_redirects"}
 
@@ -305,6 +311,8 @@ SERVER_ENV = {
     "TORCH_THREADS": "torch_threads",
     "GROUP_WINDOW": "group_window",
     "MAX_PASS_OVER": "max_pass_over",
+    "MEMORY_PRESSURE_RELEASE": "memory_pressure_release",
+    "PRESSURE_MARGIN_GB": "pressure_margin_gb",
 }
 # Environment variable -> key of the server `engine` section (the defaults of every model's engine).
 ENGINE_ENV = {"BATCHING": "batching", "MAX_BATCH_SIZE": "max_batch_size", "MAX_QUEUE": "max_queue",
@@ -535,6 +543,10 @@ def load_settings(config_path: str | os.PathLike | None = None, env: Mapping[str
                       _float(server["group_window"], "server.group_window", minimum=0, maximum=3600)),
         max_pass_over=_float(server.get("max_pass_over", ServerSettings.max_pass_over), "server.max_pass_over",
                              minimum=0, maximum=3600),
+        memory_pressure_release=_bool(server.get("memory_pressure_release", ServerSettings.memory_pressure_release),
+                                      "server.memory_pressure_release"),
+        pressure_margin_bytes=_gib(server.get("pressure_margin_gb", ServerSettings.pressure_margin_bytes / GIB),
+                                   "server.pressure_margin_gb") or 0,
         admin_token=env.get("ADMIN_TOKEN") or None,
         api_token=env.get("API_TOKEN") or None,
         config_path=path,

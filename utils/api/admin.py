@@ -53,6 +53,7 @@ def memory_report() -> dict:
         "gpu_headroom": settings.gpu_headroom_bytes,
         "memory_warning": bool(warnings),
         "warnings": warnings,
+        "pressure": svc.manager.pressure_status(),  # per device: events, active, released, held_by
     }
 
 

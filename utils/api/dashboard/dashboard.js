@@ -181,6 +181,17 @@
     { key: "gpu", label: "GPU allocated", color: "#cf222e" },
   ];
 
+  // Pressure events per device: how many, whether one is going on, what it released or what holds memory.
+  function pressureText(pressure) {
+    const parts = Object.entries(pressure).map(([device, p]) => {
+      let text = `${device}: ${p.events} event(s)` + (p.active ? ", now" : "");
+      if (p.released && p.released.length) text += `, released ${p.released.join(", ")}`;
+      if (p.active && p.held_by && p.held_by.length) text += `, held by ${p.held_by.join(", ")}`;
+      return text;
+    });
+    return parts.length ? parts.join("; ") : "none";
+  }
+
   function renderMemory(body) {
     const ram = body.ram;
     const modelsBytes = (ram.models_bytes || 0) + body.gpus.reduce((sum, g) => sum + (g.models_bytes || 0), 0);
@@ -192,6 +203,7 @@
       ["RAM headroom", fmtBytes(ram.headroom), "ram_headroom"],
       ["Models in RAM", fmtBytes(ram.models_bytes), "ram_models"],
       ["GPU", body.gpu_available ? `${body.gpus.length} device(s)` : "none", "gpu_available"],
+      ["Memory pressure", pressureText(body.pressure || {}), "pressure"],
     ]);
     const gpuTable = $("#gpus");
     gpuTable.hidden = !body.gpus.length;
