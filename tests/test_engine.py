@@ -237,3 +237,102 @@ def test_a_row_that_breaks_its_batch_fails_alone(adapters):
     engine.stop()
     assert [job.error is None for job in jobs] == [True, True, False, True]
     assert all(same(job.result, adapter.generate(p, greedy(5))) for job, p in zip(jobs[:2] + jobs[3:], good))
+
+
+# ------------------------------------------------------------------ deadlines and out-of-memory
+
+@pytest.mark.parametrize("key", ["deepseek", "qwen_vl"])
+def test_a_row_past_its_deadline_stops_with_timeout_and_its_neighbours_go_on(adapters, key):
+    adapter = adapters[key]
+    engine = make_engine(adapter)
+    slow = engine.submit(adapter.prepare(request_for(key, 2)), greedy(3000), timeout=0.3)
+    neighbour_prepared = adapter.prepare(request_for(key, 5))
+    neighbour = engine.submit(neighbour_prepared, greedy(6))
+    started = time.monotonic()
+    engine.start()
+    result = slow.wait()
+    assert result.finish_reason == "timeout" and 0 < result.completion_tokens < 3000
+    assert time.monotonic() - started < 3
+    assert same(neighbour.wait(), adapter.generate(neighbour_prepared, greedy(6)))
+    after = engine.run(engine.submit(neighbour_prepared, greedy(6)))  # served at once afterwards
+    engine.stop()
+    assert same(after, adapter.generate(neighbour_prepared, greedy(6)))
+
+
+def test_a_deadline_that_passes_in_the_queue_is_a_408(adapters):
+    from utils.errors import RequestTimeout
+    adapter = adapters["blip_vqa"]
+    engine = make_engine(adapter)  # not started: the job never leaves the queue
+    job = engine.submit(adapter.prepare(request_for("blip_vqa", 1)), greedy(), timeout=0.2)
+    with pytest.raises(RequestTimeout) as timed_out:
+        engine.run(job)
+    assert timed_out.value.status == 408 and engine.stats()["queue_depth"] == 0
+    engine.start()
+    engine.stop()
+
+
+class OutOfMemoryAbove:
+    """A forward pre-hook on the real model: raises torch's OutOfMemoryError whenever a forward pass
+    holds more than `rows` rows (what a CUDA allocator does when a batch does not fit)."""
+
+    def __init__(self, model, rows: int) -> None:
+        self.rows, self.raised = rows, 0
+        self.handle = model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        import torch
+        ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else (args[0] if args else None)
+        if ids is not None and ids.shape[0] > self.rows:
+            self.raised += 1
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected: {ids.shape[0]} rows > {self.rows})")
+
+    def remove(self):
+        self.handle.remove()
+
+
+def test_dynamic_out_of_memory_retries_in_halves_and_every_row_is_answered(adapters):
+    adapter = adapters["qwen_vl"]
+    prepared = [adapter.prepare(request_for("qwen_vl", i)) for i in range(8)]
+    solo = [adapter.generate(p, greedy(5)) for p in prepared]
+    oom = OutOfMemoryAbove(adapter.model, rows=2)
+    try:
+        engine = make_engine(adapter)
+        jobs = [engine.submit(p, greedy(5)) for p in prepared]
+        engine.start()
+        results = [job.wait() for job in jobs]
+        engine.stop()
+    finally:
+        oom.remove()
+    assert oom.raised >= 2 and all(same(a, b) for a, b in zip(solo, results))
+
+
+def test_out_of_memory_even_alone_is_a_503_and_the_model_serves_on(adapters):
+    from utils.errors import OutOfMemory
+    adapter = adapters["qwen_vl"]
+    prepared = adapter.prepare(request_for("qwen_vl", 3))
+    engine = make_engine(adapter).start()
+    oom = OutOfMemoryAbove(adapter.model, rows=0)
+    try:
+        with pytest.raises(OutOfMemory) as refused:
+            engine.run(engine.submit(prepared, greedy(4)))
+    finally:
+        oom.remove()
+    assert refused.value.status == 503 and "Retry-After" in refused.value.headers
+    assert same(engine.run(engine.submit(prepared, greedy(4))), adapter.generate(prepared, greedy(4)))
+    engine.stop()
+
+
+def test_continuous_out_of_memory_requeues_newcomers_and_lowers_the_row_limit(adapters):
+    adapter = adapters["deepseek"]
+    prepared = [adapter.prepare(request_for("deepseek", i)) for i in range(6)]
+    solo = [adapter.generate(p, greedy(6)) for p in prepared]
+    oom = OutOfMemoryAbove(adapter.model, rows=2)  # prefills of 3 or more rows fail
+    try:
+        engine = make_engine(adapter)
+        jobs = [engine.submit(p, greedy(6)) for p in prepared]
+        engine.start()
+        results = [job.wait() for job in jobs]
+        engine.stop()
+    finally:
+        oom.remove()
+    assert oom.raised >= 1 and all(same(a, b) for a, b in zip(solo, results))

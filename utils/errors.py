@@ -83,5 +83,18 @@ class InsufficientMemory(ModelUnavailable):
     error = "insufficient memory"
 
 
+class OutOfMemory(ModelUnavailable):
+    """The device ran out of memory during generation; the model stays loaded and serves on."""
+
+    error = "out of memory"
+
+
+class RequestTimeout(ServerError):
+    """The request's own deadline (`timeout`) passed before its answer was complete."""
+
+    status = 408
+    error = "request timeout"
+
+
 class ConfigError(Exception):
     """Invalid settings: raised at start, never mapped to HTTP."""

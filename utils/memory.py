@@ -4,6 +4,7 @@ Readings are plain values; the model manager decides what to do with them.
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import struct
@@ -76,6 +77,36 @@ class MemoryProbe:
                                   allocated=torch.cuda.memory_allocated(index),
                                   reserved=torch.cuda.memory_reserved(index)))
         return out
+
+
+def release_cached_memory() -> None:
+    gc.collect()
+    try:
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:
+        pass
+    _trim_malloc()
+
+
+def _trim_malloc() -> None:
+    """Returns freed heap pages to the OS so RSS really drops after an unload (glibc only)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except Exception:
+        pass
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A device allocation failure (CUDA OOM), as opposed to a bug."""
+    try:
+        import torch
+    except Exception:
+        return False
+    return isinstance(exc, getattr(torch, "OutOfMemoryError", ())) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
 
 
 # ------------------------------------------------------------------ budgets

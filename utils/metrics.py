@@ -24,6 +24,8 @@ Names (all prefixed `model_server_`):
   model_state{model,state}                             gauge, 1 for the model's current state
   requests_in_flight{model}                            gauge: leases held (the model's queue depth)
   temp_bytes, temp_files, temp_active_scopes           gauges
+  out_of_memory_total{model}                           counter: forward passes that ran out of device memory
+                                                        (retried in halves, then 503; the model serves on)
   queue_wait_seconds{model}                            histogram: submitted to started, per request
   batch_size{model}                                    histogram: rows per forward pass (continuous
                                                         engines) or per generate call (dynamic)
@@ -66,6 +68,8 @@ class Metrics:
                                        "below its headroom", ["device"], registry=r)
         self.load_seconds = Histogram(PREFIX + "model_load_seconds", "Seconds a model load took", ["model"],
                                       buckets=LOAD_BUCKETS, registry=r)
+        self.oom = Counter(PREFIX + "out_of_memory", "Forward passes that ran out of device memory", ["model"],
+                           registry=r)
         self.queue_wait = Histogram(PREFIX + "queue_wait_seconds", "Seconds a request waited in its model's "
                                     "queue before its engine started it", ["model"], buckets=LATENCY_BUCKETS,
                                     registry=r)
@@ -99,6 +103,9 @@ class Metrics:
     # Engine observer
     def on_queue_wait(self, key: str, seconds: float) -> None:
         self.queue_wait.labels(key).observe(max(0.0, seconds))
+
+    def on_oom(self, key: str) -> None:
+        self.oom.labels(key).inc()
 
     def on_batch(self, key: str, rows: int) -> None:
         self.batch_size.labels(key).observe(rows)

@@ -12,7 +12,6 @@ it takes idle models (no leases) out of the table, then drops them outside the l
 """
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
@@ -22,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
 from utils.errors import InsufficientMemory, ModelBusy, ModelUnavailable, UnknownModel
-from utils.memory import MemoryProbe, MemoryReading, device_budget, physical_room
+from utils.memory import MemoryProbe, MemoryReading, device_budget, physical_room, release_cached_memory
 from utils.observer import notify
 from utils.settings import ModelSpec, ServerSettings
 
@@ -532,26 +531,6 @@ def default_device_resolver(spec: ModelSpec) -> str:
     import torch  # the GPU with the most free memory
     frees = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
     return f"cuda:{max(range(len(frees)), key=frees.__getitem__)}"
-
-
-def release_cached_memory() -> None:
-    gc.collect()
-    try:
-        import torch
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:
-        pass
-    _trim_malloc()
-
-
-def _trim_malloc() -> None:
-    """Returns freed heap pages to the OS so RSS really drops after an unload (glibc only)."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except Exception:
-        pass
 
 
 def _handle_status(handle: Any) -> dict | None:

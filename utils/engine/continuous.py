@@ -20,8 +20,11 @@ from typing import Any
 
 from utils.engine.engine import Engine, Job
 from utils.engine.rows import RowState, collate
+from utils.errors import OutOfMemory
+from utils.memory import is_out_of_memory, release_cached_memory
 
 log = logging.getLogger("model_server.engine")
+GROW_BACK_STEPS = 64  # clean decode steps before a row limit lowered by an out-of-memory grows by one
 
 
 class ContinuousEngine(Engine):
@@ -38,28 +41,54 @@ class ContinuousEngine(Engine):
 
     def _run(self) -> None:
         batch = DecodeBatch(self.adapter)
+        limit, clean_steps = self.max_batch_size, 0  # the limit halves on out-of-memory, then grows back
         while True:
             with self._cond:
                 while not self._queue and not batch.rows and not self._stopping:
                     self._cond.wait()
                 if not self._queue and not batch.rows:
                     return
-                joining = self._take_joining(self.max_batch_size - len(batch.rows))
+                joining = self._take_joining(limit - len(batch.rows))
                 self._running = [row.job for row in batch.rows] + joining
             self._observe("on_batch", self.key, len(batch.rows) + len(joining))
             try:
                 if joining:
                     batch.join(joining)
                 batch.step()
+                clean_steps += 1
+                if limit < self.max_batch_size and clean_steps >= GROW_BACK_STEPS:
+                    limit, clean_steps = limit + 1, 0
             except Exception as exc:
-                log.exception("decode step of %s failed; failing its %d rows", self.key, len(batch.rows))
-                for job in [row.job for row in batch.rows] + joining:
-                    job.fail(exc)
-                batch = DecodeBatch(self.adapter)
+                limit, clean_steps = self._recover(batch, joining, exc, limit), 0
+                batch = DecodeBatch(self.adapter) if not batch.intact else batch
             finished = batch.collect_finished()
             with self._cond:
                 self._running = [row.job for row in batch.rows]
             self._count(len(joining), finished)
+
+    def _recover(self, batch: "DecodeBatch", joining: list[Job], exc: Exception, limit: int) -> int:
+        """Out of memory while prefilling newcomers: they go back to the front of the queue and the
+        running rows go on. Any failure inside a step leaves the shared cache half-written: every
+        running row fails (out of memory: a 503, the model stays loaded). Returns the new row limit."""
+        oom = is_out_of_memory(exc)
+        if oom:
+            release_cached_memory()
+            self._observe("on_oom", self.key)
+            limit = max(1, limit // 2)
+        if oom and batch.intact and joining and not any(job in batch.jobs for job in joining):
+            log.warning("prefill of %d joining rows on %s ran out of memory; %d rows at most now", len(joining),
+                        self.key, limit)
+            with self._cond:
+                self._queue.extendleft(reversed(joining))
+            return limit
+        log.error("decode step of %s failed (%s); failing its %d rows", self.key, type(exc).__name__,
+                  len(batch.rows) + len(joining), exc_info=not oom)
+        error = OutOfMemory(f"'{self.key}' ran out of device memory with {len(batch.rows)} rows running; retry "
+                            f"later", retry_after=5) if oom else exc
+        for job in batch.jobs + joining:
+            job.fail(error)
+        batch.intact = False
+        return limit
 
     def _take_joining(self, room: int) -> list[Job]:
         """Under the lock: up to `room` queued jobs, oldest first, whatever their parameters."""
@@ -97,7 +126,11 @@ class DecodeBatch:
         self.rows: list[DecodeRow] = []
         self.cache: Any = None
         self.mask: Any = None            # [rows, cache length]: 1 for real tokens, 0 for padding
-        self._finished_tokens: list[int] = []
+        self.intact = True               # False once a failed forward may have half-written the cache
+
+    @property
+    def jobs(self) -> list[Job]:
+        return [row.job for row in self.rows]
 
     def join(self, jobs: list[Job]) -> None:
         """Prefills the joining requests together and stacks their cache under the running rows."""
@@ -112,8 +145,10 @@ class DecodeBatch:
                                 position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
                                 logits_to_keep=1, **{self._cache_arg: cache}).logits[:, -1, :]
         rows = [DecodeRow(job, self.adapter) for job in jobs]
+        self.intact = False  # until the new cache is stacked under the running one
         self._merge(cache, mask)
         self.rows += rows
+        self.intact = True
         self._advance(rows, logits)
 
     def step(self) -> None:
@@ -126,10 +161,12 @@ class DecodeBatch:
         last = torch.tensor([[row.tokens[-1]] for row in self.rows], device=self.mask.device)
         positions = self.mask.sum(-1, keepdim=True)  # each row's count of real tokens so far
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
+        self.intact = False  # a forward that fails half-way leaves some layers one token longer
         with torch.inference_mode():
             logits = self.model(input_ids=last, attention_mask=self.mask, position_ids=positions, use_cache=True,
                                 cache_position=torch.arange(length, length + 1, device=self.mask.device),
                                 **{self._cache_arg: self.cache}).logits[:, -1, :]
+        self.intact = True
         self._advance(self.rows, logits)
 
     def collect_finished(self) -> list[int]:

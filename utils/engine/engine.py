@@ -19,7 +19,8 @@ from collections import deque
 from typing import Any, Callable, Iterator
 
 from utils.engine.rows import batch_key
-from utils.errors import ModelUnavailable
+from utils.errors import ModelUnavailable, OutOfMemory, RequestTimeout
+from utils.memory import is_out_of_memory, release_cached_memory
 from utils.families.base import GenerationParams, GenerationResult
 from utils.observer import notify
 
@@ -41,10 +42,12 @@ class QueueTimeout(ModelUnavailable):
 class Job:
     """One request inside an engine: a batch row to the worker, a future (or a stream) to the caller."""
 
-    def __init__(self, prepared: Any, params: GenerationParams, *, streaming: bool) -> None:
+    def __init__(self, prepared: Any, params: GenerationParams, *, streaming: bool,
+                 timeout: float | None = None) -> None:
         self.id = next(_ids)
         self.prepared, self.params, self.streaming = prepared, params, streaming
         self.submitted_at = time.monotonic()
+        self.deadline = self.submitted_at + timeout if timeout else None  # the request's own `timeout`
         self.started_at: float | None = None
         self.result: GenerationResult | None = None
         self.error: BaseException | None = None
@@ -58,6 +61,10 @@ class Job:
     @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
+
+    @property
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
     def emit(self, piece: str) -> None:
         self.emitted_any = True
@@ -141,8 +148,9 @@ class Engine:
 
     # ------------------------------------------------------------------ requests' side
 
-    def submit(self, prepared: Any, params: GenerationParams, *, streaming: bool = False) -> Job:
-        job = Job(prepared, params, streaming=streaming)
+    def submit(self, prepared: Any, params: GenerationParams, *, streaming: bool = False,
+               timeout: float | None = None) -> Job:
+        job = Job(prepared, params, streaming=streaming, timeout=timeout)
         with self._cond:
             if self._stopping:
                 raise ModelUnavailable(f"'{self.key}' is unloading; retry", retry_after=1)
@@ -156,13 +164,16 @@ class Engine:
     def await_start(self, job: Job, is_gone: Callable[[], bool] | None = None) -> None:
         """Waits until the worker takes the job; leaves the queue after queue_timeout or when the
         client goes, so nobody waits forever behind a long queue."""
-        deadline = job.submitted_at + self.queue_timeout
+        deadline = min(job.submitted_at + self.queue_timeout, job.deadline or float("inf"))
         while not job.wait_started(min(POLL_SECONDS, max(0.0, deadline - time.monotonic()))):
             gone = bool(is_gone and is_gone())
             if (gone or time.monotonic() >= deadline) and self._withdraw(job):
                 if gone:
                     job.cancel()
                     raise ModelUnavailable("the client went away", error="client gone")
+                if job.expired:
+                    raise RequestTimeout(f"the request's timeout ({job.deadline - job.submitted_at:g}s) passed while "
+                                         f"it waited in '{self.key}''s queue; nothing was generated")
                 raise QueueTimeout(f"the request waited {self.queue_timeout:g}s in '{self.key}''s queue "
                                    f"(queue_timeout) without starting", retry_after=max(1.0, self._drain_estimate()))
 
@@ -255,15 +266,30 @@ class Engine:
         try:
             self.adapter.generate_batch(batch)
         except Exception as exc:
-            # One bad row must not fail its neighbours: rows that saw nothing yet run again alone.
-            if len(batch) > 1:
-                log.warning("batch of %d on %s failed (%s); running its rows one by one", len(batch), self.key, exc)
-                for job in batch:
-                    if not job.done and not job.emitted_any:
-                        self._run_batch([job])
-            for job in batch:
-                job.fail(exc)
+            self._recover(batch, exc)
         self._count(len(batch), [job.result.completion_tokens for job in batch if job.result is not None])
+
+    def _recover(self, batch: list[Job], exc: Exception) -> None:
+        """A failed call: an out-of-memory retries in halves (then 503, the model serves on); any
+        other error reruns the rows one by one, so one bad row does not fail its neighbours. Rows
+        that already streamed text cannot start again and fail."""
+        oom = is_out_of_memory(exc)
+        if oom:
+            release_cached_memory()
+            self._observe("on_oom", self.key)
+        retry = [job for job in batch if not job.done and not job.emitted_any]
+        if len(batch) > 1 and retry:
+            log.warning("batch of %d on %s failed (%s); running it again in %s", len(batch), self.key,
+                        type(exc).__name__, "halves" if oom else "single rows")
+            groups = [retry[:len(retry) // 2], retry[len(retry) // 2:]] if oom and len(retry) > 1 else \
+                [[job] for job in retry]
+            for group in groups:
+                if group:
+                    self._run_batch(group)
+        error = OutOfMemory(f"'{self.key}' ran out of device memory for this request; retry later or with a "
+                            f"shorter input or max_new_tokens", retry_after=5) if oom else exc
+        for job in batch:
+            job.fail(error)
 
     def _count(self, started_rows: int, finished_tokens: list[int]) -> None:
         with self._cond:

@@ -22,6 +22,8 @@ class BatchRow(Protocol):
     def cancelled(self) -> bool: ...
     @property
     def streaming(self) -> bool: ...
+    @property
+    def expired(self) -> bool: ...
     def emit(self, piece: str) -> None: ...
     def finish(self, result: GenerationResult) -> None: ...
 
@@ -93,8 +95,11 @@ class RowState:
         return self.done
 
     def close_if_cancelled(self) -> bool:
+        """Between steps: a row whose client left, or whose own deadline passed, ends here."""
         if not self.done and self.row.cancelled:
             self.close("cancelled")
+        elif not self.done and getattr(self.row, "expired", False):
+            self.close("timeout")
         return self.done
 
     def close(self, reason: str) -> None:

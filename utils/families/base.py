@@ -86,7 +86,7 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     reasoning: str | None = None
-    finish_reason: str = "stop"   # "stop" | "length" | "cancelled"
+    finish_reason: str = "stop"   # "stop" | "length" | "cancelled" | "timeout"
 
 
 class Family:
