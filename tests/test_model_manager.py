@@ -512,3 +512,83 @@ def test_one_pressure_episode_is_one_event_and_the_setting_turns_it_off():
     use(off, "a")
     off_probe.available = 0
     assert off.relieve_pressure() == [] and loaded(off) == {"a"}
+
+
+# ------------------------------------------------------------------ small GPUs: CPU fallback, split models
+
+def gpu_manager(estimate, gpu_free, **models):
+    """Models on `auto` resolved to cuda:0 (a fake GPU of 80 GiB with `gpu_free` free)."""
+    probe = GpuProbe(gpu_free=gpu_free)
+    settings = make_settings(keys=tuple(models) or ("a",), max_loaded_models=4, gpu_headroom_bytes=1 * GIB,
+                             ram_headroom_bytes=1 * GIB)
+    for key, changes in models.items():
+        settings = settings.with_model(key, device="auto", **changes)
+    loader = RecordingLoader(size=estimate)
+    manager = ModelManager(settings, loader, estimator=lambda spec: estimate, probe=probe, clock=FakeClock(),
+                           device_resolver=lambda spec: "cuda:0", release_memory=lambda: None, room_wait=0.2)
+    return manager, loader, probe
+
+
+def test_a_model_that_fits_no_gpu_falls_back_to_the_cpu_and_says_why():
+    manager, loader, _ = gpu_manager(4 * GIB, gpu_free=2 * GIB, a={})
+    use(manager, "a")
+    info = manager.snapshot_one("a")
+    assert info["device"] == "cpu" and info["placement"] == {"cpu": 4 * GIB}
+    assert "cuda:0" in info["fallback"] and "free after headroom" in info["fallback"]
+
+
+def test_no_fallback_when_the_model_says_none_and_none_when_it_fits():
+    manager, _, _ = gpu_manager(4 * GIB, gpu_free=2 * GIB, a={"fallback": "none"})
+    with pytest.raises(InsufficientMemory):
+        use(manager, "a")
+    fits, _, _ = gpu_manager(4 * GIB, gpu_free=40 * GIB, a={})
+    use(fits, "a")
+    assert fits.snapshot_one("a")["device"] == "cuda:0" and fits.snapshot_one("a")["fallback"] is None
+
+
+class SplitHandle(Handle):
+    def __init__(self, key, placement):
+        super().__init__(key, sum(placement.values()))
+        self.placement = placement
+
+    def memory_placement(self):
+        return dict(self.placement)
+
+
+def test_a_split_model_counts_each_part_on_its_own_device_and_eviction_frees_the_right_one():
+    manager, loader, probe = gpu_manager(3 * GIB, gpu_free=40 * GIB, big={"max_memory": {"cuda:0": GIB, "cpu": 8 * GIB}},
+                                         other={})
+    manager.settings = manager.settings.replace(gpu_budget_bytes=2 * GIB)
+    loader_calls = []
+
+    def load(spec, device):
+        loader_calls.append((spec.key, device))
+        return SplitHandle(spec.key, {"cuda:0": GIB, "cpu": 2 * GIB}) if spec.key == "big" else Handle(spec.key, 3 * GIB)
+    manager._loader = load
+    use(manager, "big")
+    assert manager.snapshot_one("big")["placement"] == {"cuda:0": GIB, "cpu": 2 * GIB}
+    assert manager.loaded_bytes() == {"cuda:0": GIB, "cpu": 2 * GIB}
+    use(manager, "other")  # 3 GiB on cuda:0 with a 2 GiB budget: does not fit even after evicting big
+    assert manager.snapshot_one("other")["device"] == "cpu"        # so it fell back...
+    assert manager.snapshot_one("big")["loaded"]                    # ...and big stayed
+    manager.settings = manager.settings.replace(gpu_budget_bytes=4 * GIB)
+    manager.unload("other")
+    use(manager, "other")  # 1 + 3 > 4? no: fits next to big's GPU part
+    assert manager.snapshot_one("other")["device"] == "cuda:0" and manager.snapshot_one("big")["loaded"]
+    assert loader_calls[0] == ("big", "cuda:0")
+
+
+def test_a_split_that_cannot_hold_the_model_is_refused_with_the_reason():
+    manager, _, _ = gpu_manager(10 * GIB, gpu_free=40 * GIB, a={"max_memory": {"cuda:0": GIB, "cpu": GIB},
+                                                                 "fallback": "none"})
+    with pytest.raises(InsufficientMemory, match="max_memory allows"):
+        use(manager, "a")
+
+
+def test_an_operator_moves_a_fallen_back_model_to_a_gpu():
+    manager, loader, probe = gpu_manager(4 * GIB, gpu_free=2 * GIB, a={})
+    use(manager, "a")
+    assert manager.snapshot_one("a")["device"] == "cpu"
+    probe.gpu_free = 40 * GIB
+    info = manager.load("a", device="cuda:0")
+    assert info["device"] == "cuda:0" and info["fallback"] is None and info["last_unload_reason"] == "moved"

@@ -158,3 +158,25 @@ def test_invalid_remote_media_values_name_the_key(env, needle):
 def test_invalid_remote_media_sections(tmp_path, section, needle):
     with pytest.raises(ConfigError, match=needle):
         load_settings(write_config(tmp_path, section), env={})
+
+
+def test_small_gpu_settings_fallback_max_memory_and_mps(tmp_path):
+    config = write_config(tmp_path, model_extra="    device: mps\n    fallback: none\n"
+                                                "    max_memory: {0: 8GiB, cpu: 32GiB, 'cuda:1': 500MB}\n")
+    spec = load_settings(config, env={}).models["m"]
+    assert spec.device == "mps" and spec.fallback == "none"
+    assert spec.max_memory == {"cuda:0": 8 * GIB, "cuda:1": 500 * 10**6, "cpu": 32 * GIB}  # GPUs first
+    default = load_settings(write_config(tmp_path), env={}).models["m"]
+    assert default.fallback == "cpu" and default.max_memory is None
+
+
+@pytest.mark.parametrize("model_extra,needle", [
+    ("    max_memory: {0: lots}\n", "models.m.max_memory.0"),
+    ("    max_memory: {tpu: 8GiB}\n", "models.m.max_memory.tpu"),
+    ("    max_memory: {}\n", "models.m.max_memory"),
+    ("    fallback: gpu\n", "models.m.fallback"),
+    ("    device: xpu\n", "models.m.device"),
+])
+def test_small_gpu_settings_that_make_no_sense_stop_the_start(tmp_path, model_extra, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_settings(write_config(tmp_path, model_extra=model_extra), env={})

@@ -125,8 +125,8 @@ def gpu_budget(settings: ServerSettings, gpu: GpuReading) -> int:
 
 
 def physical_room(settings: ServerSettings, reading: MemoryReading, device: str) -> int:
-    """Bytes that can still be taken on `device` right now, headroom kept."""
-    if device == "cpu":
+    """Bytes that can still be taken on `device` right now, headroom kept (Apple's mps shares RAM)."""
+    if device in ("cpu", "mps"):
         return reading.ram_available - settings.ram_headroom_bytes
     gpu = gpu_for(reading, device)
     return (gpu.free - settings.gpu_headroom_bytes) if gpu else -1
@@ -138,10 +138,38 @@ def gpu_for(reading: MemoryReading, device: str) -> GpuReading | None:
 
 
 def device_budget(settings: ServerSettings, reading: MemoryReading, device: str) -> int:
-    if device == "cpu":
+    if device in ("cpu", "mps"):
         return ram_budget(settings, reading)
     gpu = gpu_for(reading, device)
     return gpu_budget(settings, gpu) if gpu else 0
+
+
+def split_estimate(total: int, max_memory: dict[str, int]) -> dict[str, int]:
+    """How accelerate's device_map="auto" will place `total` bytes under `max_memory`: each device
+    in order (GPUs, then cpu) filled up to its limit. Raises ValueError when they do not add up."""
+    placement: dict[str, int] = {}
+    left = total
+    for device, limit in max_memory.items():
+        if left <= 0:
+            break
+        placement[device] = min(left, limit)
+        left -= placement[device]
+    if left > 0:
+        raise ValueError(f"max_memory allows {sum(max_memory.values())} bytes but the model needs ~{total}")
+    return placement
+
+
+def tensor_placement(model) -> dict[str, int]:
+    """Bytes of a loaded model's parameters and buffers on each device ("cpu", "cuda:0", ...)."""
+    placement: dict[str, int] = {}
+    seen: set[int] = set()
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        device = str(tensor.device)
+        placement[device] = placement.get(device, 0) + tensor.numel() * tensor.element_size()
+    return placement
 
 
 # ------------------------------------------------------------------ estimates

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
 from utils.errors import InsufficientMemory, ModelBusy, ModelUnavailable, UnknownModel
-from utils.memory import MemoryProbe, MemoryReading, device_budget, physical_room, release_cached_memory
+from utils.memory import (MemoryProbe, MemoryReading, device_budget, physical_room, release_cached_memory,
+                          split_estimate)
 from utils.observer import notify
 from utils.settings import ModelSpec, ServerSettings
 
@@ -50,6 +51,11 @@ class ModelEntry:
     device: str | None = None
     bytes_measured: int = 0
     bytes_reserved: int = 0          # estimate held while loading, so concurrent loads see it
+    # Bytes per device: reserved while loading, measured once loaded (one device, or a split model's
+    # parts on each of its devices). Budgets, eviction and pressure all count from this.
+    placement: dict = field(default_factory=dict)
+    fallback: str | None = None      # why the model is on the CPU instead of a GPU, when it is
+    requested_device: str | None = None  # an operator's device for the next load
     leases: int = 0
     last_used: float | None = None
     keep_alive: float | None = None  # last request's override; None = spec / server default
@@ -108,14 +114,28 @@ class ModelManager:
         finally:
             self._release_lease(entry, keep_alive)
 
-    def load(self, key: str, *, force_retry: bool = False) -> dict:
-        """Loads without serving (admin, preload). force_retry ignores a failed load's backoff."""
+    def load(self, key: str, *, force_retry: bool = False, device: str | None = None, wait: float = 0.0) -> dict:
+        """Loads without serving (admin, preload). force_retry ignores a failed load's backoff.
+        `device` moves the model there (unloading it from elsewhere first, after its requests:
+        `wait` as for unload), e.g. back to a GPU after a CPU fallback."""
         entry = self._entry(key)
         if force_retry:
             with self._lock:
                 entry.retry_at = None
-        with self.lease(key):
-            pass
+        if device is not None:
+            with self._lock:
+                elsewhere = entry.state == "loaded" and entry.device != device
+            if elsewhere:
+                self.unload(key, wait=wait, reason="moved")
+            with self._lock:
+                entry.requested_device = device
+        try:
+            with self.lease(key):
+                pass
+        finally:
+            if device is not None:
+                with self._lock:
+                    entry.requested_device = None
         return self.snapshot_one(key)
 
     def unload(self, key: str, *, wait: float = 0.0, reason: str = "admin") -> bool:
@@ -181,7 +201,7 @@ class ModelManager:
                 with self._lock:
                     victim = self._pick_victim(None, device)
                     if victim is None:
-                        holders = [e.spec.key for e in self._entries.values() if e.device == device
+                        holders = [e.spec.key for e in self._entries.values() if device in e.placement
                                    and e.state in ("loaded", "loading")]
                         if event["held_by"] != holders:
                             event["held_by"] = holders
@@ -235,8 +255,9 @@ class ModelManager:
         with self._lock:
             out: dict[str, int] = {}
             for entry in self._entries.values():
-                if entry.state in ("loaded", "loading") and entry.device:
-                    out[entry.device] = out.get(entry.device, 0) + (entry.bytes_measured or entry.bytes_reserved)
+                if entry.state in ("loaded", "loading"):
+                    for device, held in entry.placement.items():
+                        out[device] = out.get(device, 0) + held
             return out
 
     def shutdown(self) -> None:
@@ -285,14 +306,8 @@ class ModelManager:
         Whatever goes wrong, the entry never stays in "loading" and its reservation is dropped.
         """
         spec = entry.spec
-        device = self._resolve_device(spec)
         try:
-            need = self._estimate(spec)
-        except Exception as exc:
-            need = 0
-            log.warning("could not estimate %s: %s", spec.key, exc)
-        try:
-            self._make_room(entry, device, need)  # on return the entry is "loading" with `need` reserved
+            device, need = self._reserve(entry)  # on return the entry is "loading" with `need` reserved
         except InsufficientMemory:
             raise
         except Exception as exc:  # a probe or driver error: not this model's fault, no backoff
@@ -323,9 +338,11 @@ class ModelManager:
         try:
             measured = int(handle.memory_bytes())
         except Exception:
-            measured = need
+            measured = sum(need.values())
+        placement = _measured_placement(handle, device, measured)
         with self._lock:
             entry.state, entry.handle, entry.bytes_measured, entry.bytes_reserved = "loaded", handle, measured, 0
+            entry.placement = placement
             entry.load_count += 1
             entry.load_seconds_total += seconds
             entry.last_load_seconds = seconds
@@ -335,15 +352,49 @@ class ModelManager:
             self._lru[spec.key] = None
             self._lru.move_to_end(spec.key)
             self._changed.notify_all()
-        log.info("loaded %s on %s in %.2fs (%d bytes, estimated %d)", spec.key, device, seconds, measured, need)
+        log.info("loaded %s on %s in %.2fs (%d bytes, estimated %d)", spec.key,
+                 " + ".join(placement) if len(placement) > 1 else device, seconds, measured, sum(need.values()))
         self._notify("on_load", spec.key, seconds, True)
         return handle
+
+    def _reserve(self, entry: ModelEntry) -> tuple[str, dict[str, int]]:
+        """Where the model goes and the bytes it needs there, with room made and reserved: its
+        device (or its max_memory split); with device auto and fallback cpu, the CPU when no GPU
+        has room even after the evictions allowed."""
+        spec = entry.spec
+        device = entry.requested_device or self._resolve_device(spec)
+        try:
+            total = self._estimate(spec)
+        except Exception as exc:
+            total = 0
+            log.warning("could not estimate %s: %s", spec.key, exc)
+        if spec.max_memory and not entry.requested_device:
+            try:
+                need = split_estimate(total, spec.max_memory)
+            except ValueError as exc:
+                raise InsufficientMemory(f"'{spec.key}': {exc}", retry_after=None) from None
+            device = next(iter(need), device)
+        else:
+            need = {device: total}
+        try:
+            self._make_room(entry, need)
+            entry.fallback = None
+            return device, need
+        except InsufficientMemory as exc:
+            if not (spec.device == "auto" and spec.fallback == "cpu" and device != "cpu"
+                    and not entry.requested_device):
+                raise
+            reason = f"no room on {device}: {exc.details}"
+        log.warning("%s does not fit on %s; loading it on the CPU instead (%s)", spec.key, device, reason)
+        self._make_room(entry, {"cpu": total})
+        entry.fallback = reason
+        return "cpu", {"cpu": total}
 
     def _abandon(self, entry: ModelEntry) -> None:
         with self._lock:
             if entry.state == "loading":
                 entry.state = "unloaded"
-            entry.bytes_reserved, entry.device = 0, None
+            entry.bytes_reserved, entry.device, entry.placement = 0, None, {}
             self._changed.notify_all()
 
     def _record_failure(self, entry: ModelEntry, reason: str, seconds: float) -> None:
@@ -351,7 +402,7 @@ class ModelManager:
             entry.failures += 1
             backoff = min(MAX_BACKOFF, self.settings.failed_load_backoff * (2 ** (entry.failures - 1)))
             entry.state, entry.handle, entry.error = "error", None, reason
-            entry.bytes_reserved, entry.device = 0, None
+            entry.bytes_reserved, entry.device, entry.placement = 0, None, {}
             entry.retry_at = self._clock() + backoff if backoff > 0 else None
             self._changed.notify_all()
         self._notify("on_load", entry.spec.key, seconds, False)
@@ -374,8 +425,9 @@ class ModelManager:
 
     # ------------------------------------------------------------------ room and eviction
 
-    def _make_room(self, entry: ModelEntry, device: str, need: int) -> None:
-        """The one place that frees room: count cap, memory budgets and physical memory alike.
+    def _make_room(self, entry: ModelEntry, need: dict[str, int]) -> None:
+        """The one place that frees room: count cap, memory budgets and physical memory alike, on
+        every device the model will use (`need`: bytes per device).
 
         Evicts least recently used idle models (never leased, never pinned, never the one being
         loaded); waits for a lease to end when only leased models stand in the way; measures
@@ -391,14 +443,17 @@ class ModelManager:
         while True:
             reading = self._probe.read()
             with self._lock:
-                problem = self._shortage(entry, device, need, reading)
+                problem = self._shortage(entry, need, reading)
                 if problem is None:
                     # Reserve in the same critical section that found the room, so two loads
                     # never both count on it (and never wait on each other's reservation).
-                    entry.state, entry.device, entry.bytes_reserved, entry.error = "loading", device, need, None
+                    entry.state, entry.device, entry.error = "loading", next(iter(need)), None
+                    entry.placement, entry.bytes_reserved = dict(need), sum(need.values())
                     return
-                kind = problem[0]
-                on_device = device if kind == "memory" else None
+                kind, message, short = problem
+                if kind == "impossible":
+                    raise InsufficientMemory(message, retry_after=5)
+                on_device = short if kind == "memory" else None
                 grouping = time.monotonic() - started < self.settings.max_pass_over
                 victim = self._pick_victim(entry, on_device, spare_recent=grouping)
                 if victim is None:
@@ -406,31 +461,43 @@ class ModelManager:
                     waiting = held_for_grouping or self._blocked_by_leases(entry, on_device)
                     remaining = deadline - time.monotonic()
                     if not waiting or (remaining <= 0 and not held_for_grouping):
-                        raise InsufficientMemory(problem[1], retry_after=5)
+                        raise InsufficientMemory(message, retry_after=5)
                     self._changed.wait(timeout=0.05 if held_for_grouping else min(remaining, 0.5))
                     continue
                 handle = self._take_out(victim, kind)
             self._drop(victim, handle, kind)
             if kind == "memory":
-                self._await_release(device, reading)
+                self._await_release(short, reading)
 
-    def _shortage(self, entry: ModelEntry, device: str, need: int, reading: MemoryReading) -> tuple[str, str] | None:
-        """Under _lock: why `need` bytes do not fit on `device` now, or None when they do."""
+    def _shortage(self, entry: ModelEntry, need: dict[str, int], reading: MemoryReading
+                  ) -> tuple[str, str, str | None] | None:
+        """Under _lock: why `need` (bytes per device) does not fit now, and on which device; None
+        when it does."""
         resident = [e for e in self._entries.values() if e is not entry and e.state in ("loaded", "loading")]
         if len(resident) >= self.settings.max_loaded_models:
             return ("count", f"max_loaded_models={self.settings.max_loaded_models} reached and every loaded "
-                             f"model is in use, pinned or still loading")
-        used = sum((e.bytes_measured or e.bytes_reserved) for e in resident if e.device == device)
-        budget = device_budget(self.settings, reading, device)
-        if used + need > budget:
-            return ("memory", f"'{entry.spec.key}' needs ~{_mb(need)} on {device}; budget {_mb(budget)}, "
-                              f"{_mb(used)} held by other models that cannot be unloaded")
-        # Loads in flight have reserved memory the readings do not show yet.
-        room = physical_room(self.settings, reading, device) - sum(
-            e.bytes_reserved for e in resident if e.state == "loading" and e.device == device)
-        if need > room:
-            return ("memory", f"'{entry.spec.key}' needs ~{_mb(need)} on {device}; only {_mb(max(room, 0))} free "
-                              f"after headroom")
+                             f"model is in use, pinned or still loading", None)
+        for device, bytes_needed in need.items():
+            used = sum(e.placement.get(device, 0) for e in resident)
+            budget = device_budget(self.settings, reading, device)
+            # Not even with every other model gone: evicting them would only cost their reloads.
+            if bytes_needed > budget:
+                return ("impossible", f"'{entry.spec.key}' needs ~{_mb(bytes_needed)} on {device}; its budget is "
+                                      f"{_mb(budget)}", device)
+            best = physical_room(self.settings, reading, device) + used
+            if bytes_needed > best:
+                return ("impossible", f"'{entry.spec.key}' needs ~{_mb(bytes_needed)} on {device}; only "
+                                      f"{_mb(max(best, 0))} would be free after headroom even with every other "
+                                      f"model unloaded", device)
+            if used + bytes_needed > budget:
+                return ("memory", f"'{entry.spec.key}' needs ~{_mb(bytes_needed)} on {device}; budget "
+                                  f"{_mb(budget)}, {_mb(used)} held by other models that cannot be unloaded", device)
+            # Loads in flight have reserved memory the readings do not show yet.
+            room = physical_room(self.settings, reading, device) - sum(
+                e.placement.get(device, 0) for e in resident if e.state == "loading")
+            if bytes_needed > room:
+                return ("memory", f"'{entry.spec.key}' needs ~{_mb(bytes_needed)} on {device}; only "
+                                  f"{_mb(max(room, 0))} free after headroom", device)
         return None
 
     def _pick_victim(self, entry: ModelEntry | None, device: str | None, *, spare_recent: bool = False
@@ -439,7 +506,7 @@ class ModelManager:
         for key in self._lru:  # least recently used first
             candidate = self._entries[key]
             if (candidate is not entry and candidate.state == "loaded" and candidate.leases == 0
-                    and not candidate.spec.pinned and (device is None or candidate.device == device)):
+                    and not candidate.spec.pinned and (device is None or device in candidate.placement)):
                 if spare_recent and candidate.last_used is not None \
                         and now - candidate.last_used < self._group_window(candidate):
                     continue
@@ -455,7 +522,7 @@ class ModelManager:
 
     def _blocked_by_leases(self, entry: ModelEntry, device: str | None) -> bool:
         return any(e is not entry and e.state in ("loaded", "loading") and not e.spec.pinned
-                   and (device is None or e.device == device) for e in self._entries.values())
+                   and (device is None or device in e.placement) for e in self._entries.values())
 
     def _await_release(self, device: str, before: MemoryReading) -> None:
         deadline = time.monotonic() + RELEASE_SETTLE_SECONDS
@@ -469,6 +536,7 @@ class ModelManager:
         """Under _lock: removes a loaded, unleased model from the table; returns its handle to drop."""
         handle = entry.handle
         entry.handle, entry.state, entry.bytes_measured, entry.device = None, "unloaded", 0, None
+        entry.placement = {}
         entry.unload_count += 1
         entry.keep_alive = None
         entry.last_unload_reason = reason
@@ -506,7 +574,8 @@ class ModelManager:
         state = "waiting_to_load" if entry.state == "loading" and spec.key in waiting else entry.state
         return {
             "key": spec.key, "family": spec.family, "repo_id": spec.repo_id, "state": state,
-            "loaded": entry.state == "loaded", "device": entry.device, "quantization": spec.quantization,
+            "loaded": entry.state == "loaded", "device": entry.device, "placement": dict(entry.placement),
+            "fallback": entry.fallback, "quantization": spec.quantization,
             "dtype": spec.dtype, "bytes_in_memory": entry.bytes_measured, "in_flight": entry.leases,
             "pinned": spec.pinned, "keep_alive": self._keep_alive(entry),
             "idle_seconds": (now - entry.last_used) if entry.last_used is not None else None,
@@ -523,14 +592,38 @@ class ModelManager:
 
 
 def default_device_resolver(spec: ModelSpec) -> str:
+    if spec.device == "cuda":
+        return "cuda:0"
     if spec.device != "auto":
         return spec.device
     from utils.memory import cuda_available
     if not cuda_available():
-        return "cpu"
+        return "mps" if _mps_available() else "cpu"
     import torch  # the GPU with the most free memory
     frees = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
     return f"cuda:{max(range(len(frees)), key=frees.__getitem__)}"
+
+
+def _mps_available() -> bool:
+    """Apple silicon (not tested on our machines)."""
+    try:
+        import torch
+        return bool(torch.backends.mps.is_available())
+    except Exception:
+        return False
+
+
+def _measured_placement(handle: Any, device: str, measured: int) -> dict[str, int]:
+    """Bytes per device of a loaded model: its own report (a split model), else all on `device`."""
+    placement = getattr(handle, "memory_placement", None)
+    try:
+        found = placement() if placement else None
+    except Exception:
+        log.exception("reading a model's placement failed")
+        found = None
+    if not found or len(found) == 1:
+        return {device: measured}
+    return found
 
 
 def _handle_status(handle: Any) -> dict | None:

@@ -27,7 +27,11 @@ QUANTIZATIONS = ("none", "4bit", "8bit")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 BATCHING = ("auto", "continuous", "dynamic")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
-_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+FALLBACKS = ("cpu", "none")
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(b|kb|kib|mb|mib|gb|gib|tb|tib)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kb": 10**3, "kib": 2**10, "mb": 10**6, "mib": 2**20, "gb": 10**9, "gib": 2**30,
+               "tb": 10**12, "tib": 2**40}
 _KEY_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
 
@@ -78,6 +82,10 @@ class ModelSpec:
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
     limits: ModelLimits = field(default_factory=ModelLimits)
     engine: EngineSettings = field(default_factory=EngineSettings)
+    # With device auto: load on the CPU when no GPU has room even after evictions (or "none": 503).
+    fallback: str = "cpu"
+    # Split over devices as seed 001 did ({"cuda:0": bytes, "cpu": bytes}; accelerate's device_map="auto").
+    max_memory: dict[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -284,7 +292,7 @@ _GEN_FIELDS = {f.name for f in dataclasses.fields(GenerationDefaults)}
 _LIMIT_FIELDS = {f.name for f in dataclasses.fields(ModelLimits)}
 _ENGINE_FIELDS = {f.name for f in dataclasses.fields(EngineSettings)}
 _MODEL_FIELDS = {"repo_id", "family", "path", "revision", "dtype", "quantization", "device", "keep_alive",
-                 "pinned", "preload", "generation", "limits", "engine"}
+                 "pinned", "preload", "generation", "limits", "engine", "fallback", "max_memory"}
 _SERVER_FIELDS = {"max_loaded_models", "idle_timeout", "models_dir", "tmp_dir", "log_dir", "max_content_length_mb",
                   "ram_budget_gb", "ram_headroom_gb", "gpu_budget_gb", "gpu_headroom_gb", "failed_load_backoff",
                   "sweep_interval", "tmp_ttl", "tmp_max_mb", "media", "remote_media", "engine", "torch_threads",
@@ -322,7 +330,8 @@ REMOTE_MEDIA_ENV = {"REMOTE_MEDIA": "enabled", "REMOTE_MEDIA_ALLOW_HOSTS": "allo
                     "REMOTE_MEDIA_MAX_MB": "max_mb", "REMOTE_MEDIA_TIMEOUT": "timeout"}
 _HOST_LABEL_RE = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")  # fullmatch
 # MODEL_<KEY>_<FIELD> overrides one field of one model, e.g. MODEL_DEEPSEEK_QUANTIZATION=8bit.
-MODEL_ENV_FIELDS = ("quantization", "dtype", "device", "path", "keep_alive", "pinned", "preload", "revision")
+MODEL_ENV_FIELDS = ("quantization", "dtype", "device", "path", "keep_alive", "pinned", "preload", "revision",
+                    "fallback")
 
 
 def _generation(raw: Any, where: str) -> GenerationDefaults:
@@ -397,7 +406,7 @@ def _model(key: str, raw: Any, models_dir: Path, env: Mapping[str, str],
               f"default {generation.max_new_tokens} exceeds limits.max_new_tokens {limits.max_new_tokens}")
     device = str(raw.get("device", "auto")).strip().lower()
     if not _DEVICE_RE.match(device):
-        _fail(f"{where}.device", f"must be auto, cpu, cuda or cuda:N; got {raw.get('device')!r}")
+        _fail(f"{where}.device", f"must be auto, cpu, cuda, cuda:N or mps; got {raw.get('device')!r}")
     spec = ModelSpec(
         key=key,
         repo_id=str(raw["repo_id"]),
@@ -413,8 +422,41 @@ def _model(key: str, raw: Any, models_dir: Path, env: Mapping[str, str],
         generation=generation,
         limits=limits,
         engine=_engine(raw.get("engine"), f"{where}.engine", engine_defaults),
+        fallback=_choice(raw.get("fallback", "cpu"), f"{where}.fallback", FALLBACKS),
+        max_memory=_max_memory(raw.get("max_memory"), f"{where}.max_memory"),
     )
     return spec
+
+
+def _size(value: Any, where: str) -> int:
+    """Bytes from a number of bytes or a string such as "8GiB" / "500MB" (seed 001's form)."""
+    if isinstance(value, bool):
+        _fail(where, f"expected a size such as 8GiB, got {value!r}")
+    if isinstance(value, (int, float)):
+        if value <= 0:
+            _fail(where, f"must be positive, got {value!r}")
+        return int(value)
+    match = _SIZE_RE.match(str(value))
+    if not match or float(match.group(1)) <= 0:
+        _fail(where, f"expected a size such as 8GiB or 500MB, got {value!r}")
+    return int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "b").lower()])
+
+
+def _max_memory(raw: Any, where: str) -> dict[str, int] | None:
+    """{"0": "8GiB", "cpu": "32GiB"} -> {"cuda:0": bytes, "cpu": bytes}; GPUs first, as accelerate fills them."""
+    if raw is None:
+        return None
+    raw = _mapping(raw, where)
+    if not raw:
+        _fail(where, "must name at least one device")
+    out: dict[str, int] = {}
+    for name, value in raw.items():
+        text = str(name).strip().lower()
+        device = f"cuda:{text}" if text.isdigit() else ("cuda:0" if text == "cuda" else text)
+        if not re.match(r"^(cpu|cuda:\d+)$", device):
+            _fail(f"{where}.{name}", "devices are GPU indices (0, 1, ...), cuda:N or cpu")
+        out[device] = _size(value, f"{where}.{name}")
+    return dict(sorted(out.items(), key=lambda item: (item[0] == "cpu", item[0])))
 
 
 def _media(raw: Any, env: Mapping[str, str]) -> MediaSettings:

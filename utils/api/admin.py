@@ -3,6 +3,7 @@
 Also GET /metrics (Prometheus), open like /health; the dashboard page lives in dashboard.py."""
 from __future__ import annotations
 
+import re
 import time
 
 from flask import Blueprint, Response, current_app, jsonify, request
@@ -13,6 +14,7 @@ from utils.memory import gpu_budget, ram_budget
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 metrics_bp = Blueprint("metrics", __name__)
 WARNING_FRACTION = 0.9
+DEVICE_RE = re.compile(r"^(cpu|mps|cuda:\d+)$")
 
 
 def services():
@@ -92,14 +94,7 @@ def model_status():
                     "settings": svc.settings.public_dict()})
 
 
-@bp.post("/models/<key>/load")
-def load_model(key: str):
-    status = services().manager.load(key, force_retry=True)
-    return jsonify({"loaded": True, "model": status})
-
-
-@bp.post("/models/<key>/unload")
-def unload_model(key: str):
+def wait_seconds() -> float:
     wait = request.args.get("wait", "0")
     try:
         seconds = float(wait)
@@ -107,7 +102,22 @@ def unload_model(key: str):
         raise InvalidInput(f"'wait' must be a number of seconds; got {wait!r}", field="wait") from None
     if not 0 <= seconds <= 600:
         raise InvalidInput("'wait' must be between 0 and 600 seconds", field="wait")
-    unloaded = services().manager.unload(key, wait=seconds)
+    return seconds
+
+
+@bp.post("/models/<key>/load")
+def load_model(key: str):
+    """?device=cpu|cuda:N|mps moves the model there (e.g. back to a GPU after a CPU fallback)."""
+    device = request.args.get("device")
+    if device is not None and not DEVICE_RE.match(device):
+        raise InvalidInput(f"'device' must be cpu, cuda:N or mps; got {device!r}", field="device")
+    status = services().manager.load(key, force_retry=True, device=device, wait=wait_seconds())
+    return jsonify({"loaded": True, "model": status})
+
+
+@bp.post("/models/<key>/unload")
+def unload_model(key: str):
+    unloaded = services().manager.unload(key, wait=wait_seconds())
     return jsonify({"unloaded": unloaded, "model": services().manager.snapshot_one(key)})
 
 

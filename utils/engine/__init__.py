@@ -21,6 +21,9 @@ class ServedModel:
     def memory_bytes(self) -> int:
         return self.adapter.memory_bytes()
 
+    def memory_placement(self) -> dict[str, int]:
+        return self.adapter.memory_placement()
+
     def release(self) -> None:
         self.engine.stop()
         self.adapter.release()
