@@ -110,7 +110,7 @@ def write_config(folder: Path, models: dict[str, str]) -> Path:
 
 
 def run_download(hub_url: str, home: Path, config: Path, *args: str, env: dict | None = None,
-                 popen: bool = False, timeout: float = 60):
+                 popen: bool = False, timeout: float = 60, script: bool = False):
     """`python -m utils.download_model --config CONFIG --no-progress ARGS` against the hub look-alike."""
     full_env = {k: v for k, v in os.environ.items()
                 if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
@@ -119,7 +119,8 @@ def run_download(hub_url: str, home: Path, config: Path, *args: str, env: dict |
                     HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DOWNLOAD_TIMEOUT="10", HF_HUB_ETAG_TIMEOUT="10",
                     NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", PYTHONUNBUFFERED="1")
     full_env.update(env or {})
-    cmd = [sys.executable, "-m", "utils.download_model", "--config", str(config), "--no-progress", *args]
+    entry = ["utils/download_model.py"] if script else ["-m", "utils.download_model"]  # seed 001 ran the file
+    cmd = [sys.executable, *entry, "--config", str(config), "--no-progress", *args]
     if popen:
         return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
@@ -221,6 +222,13 @@ def test_checkpoint_state_reads_the_files_not_just_config(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ real downloads
+
+def test_seed_001_command_python_utils_download_model_py_works(hub, repos, tmp_path):
+    config = write_config(tmp_path, {"tiny": REPO})
+    proc = run_download(hub.url, tmp_path, config, "--model", "tiny", script=True)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert checkpoint_state(tmp_path / "models" / "tiny") == "downloaded"
+
 
 def test_full_download_fetches_only_load_files(hub, repos, tmp_path):
     config = write_config(tmp_path, {"tiny": REPO})

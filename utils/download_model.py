@@ -48,8 +48,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from utils.errors import ConfigError, UnknownModel
-from utils.settings import ServerSettings, load_settings
+if not __package__:  # run as `python utils/download_model.py` (seed 001's command): the project is the root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from utils.errors import ConfigError, UnknownModel  # noqa: E402
+from utils.settings import ServerSettings, load_settings  # noqa: E402
 
 log = logging.getLogger(__name__)
 
