@@ -166,3 +166,20 @@ def test_preload_models_load_at_start(make_settings):
         services = app.extensions["model_server"]
         services.sweeper.stop()
         services.manager.shutdown()
+
+
+def test_a_model_split_by_max_memory_loads_through_device_map_auto_and_serves(make_settings):
+    """Seed 001's per-model max_memory: accelerate places the model (here on the CPU alone)."""
+    from utils.families.base import from_pretrained_kwargs
+    settings = make_settings().with_model("deepseek", max_memory={"cpu": 2**30})
+    kwargs = from_pretrained_kwargs(settings.models["deepseek"], "cpu")
+    assert kwargs["device_map"] == "auto" and kwargs["max_memory"] == {"cpu": 2**30}
+    app = make_app(settings)
+    client = app.test_client()
+    assert generate(client, "deepseek", max_new_tokens=3).status_code == 200
+    info = status(client, "deepseek")
+    assert info["placement"] == {"cpu": info["bytes_in_memory"]} and info["fallback"] is None
+    moved = client.post("/admin/models/deepseek/load?device=cpu&wait=5")
+    assert moved.status_code == 200 and moved.get_json()["model"]["device"] == "cpu"
+    assert client.post("/admin/models/deepseek/load?device=tpu").status_code == 400
+    app.extensions["model_server"].manager.shutdown()

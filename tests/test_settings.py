@@ -180,3 +180,41 @@ def test_small_gpu_settings_fallback_max_memory_and_mps(tmp_path):
 def test_small_gpu_settings_that_make_no_sense_stop_the_start(tmp_path, model_extra, needle):
     with pytest.raises(ConfigError, match=needle):
         load_settings(write_config(tmp_path, model_extra=model_extra), env={})
+
+
+def test_seed_001_folder_is_used_when_the_configured_one_holds_no_checkpoint(tmp_path, models_dir):
+    import shutil
+    root = tmp_path / "models"
+    root.mkdir()
+    config = tmp_path / "models.yaml"
+    config.write_text("server:\n  models_dir: models\nmodels:\n  deepseek:\n    repo_id: org/m\n    family: text\n"
+                      "    path: deepseek-r1-0528-qwen3-8b\n    also_look_in: [deepseek-8b]\n")
+    assert load_settings(config, env={}).models["deepseek"].path == root / "deepseek-r1-0528-qwen3-8b"  # none
+    shutil.copytree(models_dir / "demo" / "deepseek", root / "deepseek-8b")
+    spec = load_settings(config, env={}).models["deepseek"]
+    assert spec.path == root / "deepseek-8b" and "seed 001" in spec.path_note
+    (root / "deepseek-r1-0528-qwen3-8b").mkdir()                     # an empty or partial folder: still seed 001's
+    (root / "deepseek-r1-0528-qwen3-8b" / "config.json").write_text("{}")
+    assert load_settings(config, env={}).models["deepseek"].path == root / "deepseek-8b"
+    shutil.rmtree(root / "deepseek-r1-0528-qwen3-8b")
+    shutil.copytree(models_dir / "demo" / "deepseek", root / "deepseek-r1-0528-qwen3-8b")
+    spec = load_settings(config, env={}).models["deepseek"]           # a complete configured folder wins
+    assert spec.path == root / "deepseek-r1-0528-qwen3-8b" and spec.path_note is None
+
+
+def test_a_seed_001_folder_serves_and_says_so(tmp_path, models_dir):
+    import shutil
+
+    from tests.conftest import make_app
+    root = tmp_path / "models"
+    shutil.copytree(models_dir / "demo" / "blip_vqa", root / "legacy-blip")
+    config = tmp_path / "models.yaml"
+    config.write_text("server:\n  models_dir: models\n  ram_headroom_gb: 0\nmodels:\n  blip:\n    repo_id: org/b\n"
+                      "    family: vqa\n    path: blip-new\n    also_look_in: [legacy-blip]\n    limits: {max_images: 1}\n")
+    settings = load_settings(config, env={"TMP_DIR": str(tmp_path / "tmp"), "LOG_DIR": str(tmp_path / "logs")})
+    client = make_app(settings).test_client()
+    from tests import media_samples as ms
+    answer = client.post("/generate/blip", json={"prompt": "color?", "image": ms.b64(ms.png()), "max_new_tokens": 2})
+    assert answer.status_code == 200, answer.get_json()
+    status = client.get("/admin/model_status").get_json()["models"]["blip"]
+    assert "legacy-blip" in status["path_note"]

@@ -96,5 +96,22 @@ class RequestTimeout(ServerError):
     error = "request timeout"
 
 
+class BodyTimeout(ServerError):
+    """The request body did not arrive in full within BODY_TIMEOUT seconds."""
+
+    status = 408
+    error = "body timeout"
+
+
+class ShuttingDown(ServerError):
+    """The server is draining before it exits (SIGTERM): it takes no new requests."""
+
+    status = 503
+    error = "shutting down"
+
+    def __init__(self, details: str = "", *, retry_after: float = 5.0):
+        super().__init__(details, headers={"Retry-After": str(max(1, int(round(retry_after))))})
+
+
 class ConfigError(Exception):
     """Invalid settings: raised at start, never mapped to HTTP."""

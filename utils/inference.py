@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
 from utils.errors import InvalidInput
-from utils.families import GenerationParams, GenerationRequest, GenerationResult, accepted_media
+from utils.families import GenerationParams, GenerationRequest, GenerationResult, accepted_media, family_class
 from utils.settings import ModelSpec
 
 MEDIA_FIELDS = {"image": "image", "images": "image", "video": "video", "videos": "video", "audio": "audio",
@@ -38,6 +38,7 @@ class GenerateJob:
     stream: bool = False
     messages: list[dict] | None = None  # a conversation (see GenerationRequest.messages)
     raw: bool = False
+    texts: list[tuple[str, str]] | None = None  # (field, text) the client wrote (see GenerationRequest.texts)
 
 
 # ------------------------------------------------------------------ validation
@@ -190,20 +191,39 @@ class InferenceService:
     def spec(self, key: str) -> ModelSpec:
         return self.manager.spec(key)
 
-    def decode_media(self, job: GenerateJob) -> GenerationRequest:
+    def set_fetcher(self, fetch: Callable[[str, str], bytes]) -> None:
+        """How media URLs are fetched (a config reload replaces it)."""
+        self._fetch = fetch
+
+    def decode_media(self, job: GenerateJob, spec: ModelSpec | None = None) -> GenerationRequest:
+        """Every item's headers first (per-item caps, the per-request budget, what the model's family
+        cannot take), then the decoding; all before any model is leased."""
         from utils import media
 
-        request = GenerationRequest(prompt=job.prompt, system=job.system, messages=job.messages, raw=job.raw)
+        limits = self.media_limits
+        family = family_class(spec.family) if spec is not None else None
+        request = GenerationRequest(prompt=job.prompt, system=job.system, messages=job.messages, raw=job.raw,
+                                    texts=job.texts)
+        payloads = [[self._bytes(frame, f"{item.field}[{i}]") for i, frame in enumerate(item.payload)]
+                    if isinstance(item.payload, list) else self._bytes(item.payload, item.field)
+                    for item in job.media]  # a list: a video given as its frames
+        probes = [media.probe(item.kind, data, item.field, limits) for item, data in zip(job.media, payloads)]
+        media.check_request_budget(probes, limits)
+        if family is not None:
+            for probe in probes:
+                family.check_media_header(probe)
         loaders = {"image": (media.load_image, request.images), "audio": (media.load_audio, request.audios),
                    "video": (media.load_video, request.videos)}
-        for item in job.media:
+        for item, data in zip(job.media, payloads):
             load, into = loaders[item.kind]
-            if item.kind == "video" and isinstance(item.payload, list):  # a video given as its frames
-                frames = [media.load_image(self._bytes(frame, f"{item.field}[{i}]"), f"{item.field}[{i}]",
-                                           self.media_limits) for i, frame in enumerate(item.payload)]
-                into.append(media.video_from_frames(frames, item.field, self.media_limits))
+            if isinstance(data, list):
+                frames = [media.load_image(frame, f"{item.field}[{i}]", limits) for i, frame in enumerate(data)]
+                into.append(media.video_from_frames(frames, item.field, limits))
             else:
-                into.append(load(self._bytes(item.payload, item.field), item.field, self.media_limits))
+                into.append(load(data, item.field, limits))
+            if item.kind == "audio" and family is not None:
+                family.check_audio_length(len(into[-1]), limits.audio_sampling_rate, item.field)
+            request.media_fields.setdefault(item.kind, []).append(item.field)
         return request
 
     def _bytes(self, payload: Any, field: str) -> bytes:
@@ -220,7 +240,7 @@ class InferenceService:
     def generate(self, key: str, job: GenerateJob, is_gone: Callable[[], bool] | None = None) -> GenerationResult:
         """Runs the job on the model's engine; `is_gone` tells whether the client has left (its row
         then leaves the queue or stops)."""
-        request = self.decode_media(job)  # bad media fails before any model loads
+        request = self.decode_media(job, self.spec(key))  # bad media fails before any model loads
         with self.manager.lease(key, keep_alive=job.keep_alive) as served:
             prepared = self._prepare(served, request, job)
             result = served.engine.run(served.engine.submit(prepared, job.params), is_gone)
@@ -231,7 +251,7 @@ class InferenceService:
     def stream(self, key: str, job: GenerateJob) -> "LeasedStream":
         """Text pieces as generated; the lease is held until the stream ends or is closed. The
         request has started (left the queue) when this returns, so queue errors are still a status."""
-        request = self.decode_media(job)
+        request = self.decode_media(job, self.spec(key))
         lease = self.manager.lease(key, keep_alive=job.keep_alive)
         served = lease.__enter__()
         try:

@@ -17,6 +17,9 @@ Choices worth knowing:
   the Qwen video processors pad to their temporal patch size themselves. Display rotation (phone
   videos) is applied. The source frame count comes from counting packets (a demux-only pass), since
   many containers (WebM) do not store it.
+- Headers first: ``probe`` reads what an item's headers say (image size; stream, frame size and
+  duration of audio and video) without decoding a pixel or sample, and ``check_request_budget`` sums
+  a request's probes against per-request budgets derived from the per-item caps (REQUEST_BUDGET_ITEMS).
 - Truncation is rejected where the file lets us see it: FLAC, M4A/MP4/MOV (index at the end), WAV and
   AVI (RIFF size), Ogg (no end-of-stream page), WebM/MP3 (declared duration longer than what decodes),
   partial packets. An MP3 without a Xing/Info header or a raw ADTS stream cut short is just a shorter
@@ -41,13 +44,19 @@ from utils.errors import InvalidInput, PayloadTooLarge, ServerError
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "MediaLimits", "MediaTooLarge", "VideoClip", "decode_base64", "load_image", "load_audio",
-    "load_video", "sample_indices", "sniff_kind", "sniff_format",
+    "MediaLimits", "MediaProbe", "MediaTooLarge", "VideoClip", "check_request_budget", "decode_base64", "load_image",
+    "load_audio", "load_video", "probe", "sample_indices", "sniff_kind", "sniff_format",
 ]
 
 # A clip may not hold more frames than this many per second of its (capped) duration: bounds the
 # sequential decode of files whose timestamps lie (a "1 s" clip of a million frames).
 MAX_SOURCE_FPS = 240
+
+# The per-request budgets derive from the per-item caps instead of adding settings of their own: the
+# media of one request together may hold at most this many items' worth of pixels, audio seconds and
+# video seconds (with the defaults: 160 M pixels, 40 min of audio, 40 min of video). Counts per kind
+# are capped per model (max_images...), so this bounds what a request can make the server decode.
+REQUEST_BUDGET_ITEMS = 4
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,19 @@ class MediaLimits:
     max_video_seconds: float = 600.0
     max_video_frames: int = 8             # frames sampled from a clip
     audio_sampling_rate: int = 16_000
+
+    @property
+    def max_request_pixels(self) -> int:
+        """Pixels of all images and kept video frames of one request (see REQUEST_BUDGET_ITEMS)."""
+        return REQUEST_BUDGET_ITEMS * self.max_image_pixels
+
+    @property
+    def max_request_audio_seconds(self) -> float:
+        return REQUEST_BUDGET_ITEMS * self.max_audio_seconds
+
+    @property
+    def max_request_video_seconds(self) -> float:
+        return REQUEST_BUDGET_ITEMS * self.max_video_seconds
 
 
 class MediaTooLarge(PayloadTooLarge):
@@ -197,6 +219,20 @@ def _accept(data: bytes, field: str, limits: MediaLimits, kind: str, formats) ->
 def load_image(data: bytes, field: str, limits: MediaLimits) -> Image.Image:
     """Bytes of a PNG/JPEG/GIF/WEBP/BMP/TIFF -> RGB ``PIL.Image`` (EXIF orientation applied).
     The pixel count is checked from the header, before any pixel is decoded."""
+    image = _open_image(data, field, limits)
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        return _to_rgb(image)
+    except Image.DecompressionBombError as exc:
+        raise MediaTooLarge(f"image too large (decompression bomb): {exc}", field=field) from None
+    except Exception:
+        raise InvalidInput(f"could not decode the {sniff_format(data) or 'image'} image: corrupt or truncated",
+                           field=field) from None
+
+
+def _open_image(data: bytes, field: str, limits: MediaLimits) -> Image.Image:
+    """The image with its header read and its size checked; no pixel decoded yet."""
     _check_bytes(data, field, limits)
     try:
         image = Image.open(io.BytesIO(data), formats=_IMAGE_FORMATS)
@@ -212,15 +248,7 @@ def load_image(data: bytes, field: str, limits: MediaLimits) -> Image.Image:
     if width * height > limits.max_image_pixels:
         raise MediaTooLarge(f"image is {width}x{height} = {width * height} pixels; "
                             f"the limit is {limits.max_image_pixels}", field=field)
-    try:
-        image.load()
-        image = ImageOps.exif_transpose(image)
-        return _to_rgb(image)
-    except Image.DecompressionBombError as exc:
-        raise MediaTooLarge(f"image too large (decompression bomb): {exc}", field=field) from None
-    except Exception:
-        raise InvalidInput(f"could not decode the {sniff_format(data) or 'image'} image: corrupt or truncated",
-                           field=field) from None
+    return image
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -307,6 +335,41 @@ def _declared_seconds(data: bytes, label: str, stream, container) -> float | Non
     return None
 
 
+def _stream(container, kind: str, label: str, field: str):
+    """The container's first audio or video stream, with a decoder."""
+    streams = container.streams.audio if kind == "audio" else container.streams.video
+    if not streams:
+        raise InvalidInput(f"no {kind} stream in the {label} data", field=field)
+    stream = streams[0]
+    if stream.codec_context is None:
+        raise InvalidInput(f"the {label} {kind} stream has no decoder here (unknown codec or corrupt header)",
+                           field=field)
+    return stream
+
+
+def _check_declared(declared: float | None, max_seconds: float, field: str, what: str) -> None:
+    if declared is not None and declared > max_seconds + 0.5:
+        raise MediaTooLarge(f"{what} is {declared:.1f} s long; the limit is {max_seconds:g} s", field=field)
+
+
+def _check_frame_size(stream, field: str, limits: MediaLimits) -> tuple[int, int]:
+    width, height = stream.codec_context.width, stream.codec_context.height
+    if width * height > limits.max_image_pixels:
+        raise MediaTooLarge(f"video frames are {width}x{height} = {width * height} pixels; "
+                            f"the limit is {limits.max_image_pixels}", field=field)
+    return width, height
+
+
+def _header_seconds(stream, container) -> float:
+    """Duration from the headers, estimates included (an MP3 without a length header): for budgets,
+    not for truncation checks. 0.0 when the headers do not tell."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration and container.duration > 0:
+        return container.duration / av.time_base
+    return 0.0
+
+
 def _check_not_short(declared: float | None, observed: float, frame_seconds: float,
                      field: str, what: str, label: str) -> None:
     if declared is None or declared <= 0:
@@ -329,15 +392,9 @@ def load_audio(data: bytes, field: str, limits: MediaLimits, sampling_rate: int 
     data, label = _accept(data, field, limits, "audio", _DEMUXERS)
     max_seconds = limits.max_audio_seconds
     with _decoding(field, "audio", label), _open(data, label) as container:
-        if not container.streams.audio:
-            raise InvalidInput(f"no audio stream in the {label} data", field=field)
-        stream = container.streams.audio[0]
-        if stream.codec_context is None:
-            raise InvalidInput(f"the {label} audio stream has no decoder here (unknown codec or corrupt header)",
-                               field=field)
+        stream = _stream(container, "audio", label, field)
         declared = _declared_seconds(data, label, stream, container)
-        if declared is not None and declared > max_seconds + 0.5:
-            raise MediaTooLarge(f"audio is {declared:.1f} s long; the limit is {max_seconds:g} s", field=field)
+        _check_declared(declared, max_seconds, field, "audio")
         chunks: list[np.ndarray] = []
         decoded_seconds = 0.0
         resampler, setup = None, None
@@ -454,21 +511,12 @@ def _scan_video(data: bytes, label: str, field: str, limits: MediaLimits) -> dic
     """Demux-only pass: counts the video packets, measures the span, checks caps and truncation."""
     max_seconds = limits.max_video_seconds
     with _open(data, label) as container:
-        if not container.streams.video:
-            raise InvalidInput(f"no video stream in the {label} data", field=field)
-        stream = container.streams.video[0]
-        if stream.codec_context is None:
-            raise InvalidInput(f"the {label} video stream has no decoder here (unknown codec or corrupt header)",
-                               field=field)
-        width, height = stream.codec_context.width, stream.codec_context.height
-        if width * height > limits.max_image_pixels:
-            raise MediaTooLarge(f"video frames are {width}x{height} = {width * height} pixels; "
-                                f"the limit is {limits.max_image_pixels}", field=field)
+        stream = _stream(container, "video", label, field)
+        _check_frame_size(stream, field, limits)
         rate = stream.average_rate or stream.guessed_rate
         fps = float(rate) if rate else 0.0
         declared = _declared_seconds(data, label, stream, container)
-        if declared is not None and declared > max_seconds + 0.5:
-            raise MediaTooLarge(f"video is {declared:.1f} s long; the limit is {max_seconds:g} s", field=field)
+        _check_declared(declared, max_seconds, field, "video")
         max_packets = int(max(max_seconds, 1.0) * MAX_SOURCE_FPS)
         tb = float(stream.time_base or 0)
         packets, start, end, stream_end = 0, None, None, 0.0
@@ -541,3 +589,81 @@ def _decode_frames(data: bytes, label: str, wanted: list[int], field: str, limit
     if len(kept) < len(wanted):
         return None, decoded
     return np.stack(kept), decoded
+
+
+# ---------------------------------------------------------------- headers only: probes and the request budget
+
+
+@dataclass(frozen=True)
+class MediaProbe:
+    """What one item's headers say, read before any pixel or sample is decoded. ``pixels`` counts what
+    decoding will hold: the image, every frame of a video sent as frames, or the frames kept from a
+    video file. ``seconds`` is 0.0 where the headers do not tell (the loaders still enforce the
+    per-item caps while they decode)."""
+
+    kind: str      # image | audio | video
+    field: str
+    width: int = 0
+    height: int = 0
+    frames: int = 0
+    seconds: float = 0.0
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height * self.frames
+
+
+def probe(kind: str, data, field: str, limits: MediaLimits) -> MediaProbe:
+    """Headers of one item, its per-item caps checked; nothing is decoded. ``data``: bytes, or for a
+    video sent as its frames, the list of each frame's image bytes."""
+    if kind == "image":
+        width, height = _open_image(data, field, limits).size
+        return MediaProbe("image", field, width, height, frames=1)
+    if kind == "audio":
+        data, label = _accept(data, field, limits, "audio", _DEMUXERS)
+        with _decoding(field, "audio", label), _open(data, label) as container:
+            stream = _stream(container, "audio", label, field)
+            _check_declared(_declared_seconds(data, label, stream, container), limits.max_audio_seconds, field,
+                            "audio")
+            return MediaProbe("audio", field, seconds=_header_seconds(stream, container))
+    if isinstance(data, list):
+        return _probe_frames(data, field, limits)
+    data, label = _accept(data, field, limits, "video", _VIDEO_CONTAINERS)
+    with _decoding(field, "video", label), _open(data, label) as container:
+        stream = _stream(container, "video", label, field)
+        width, height = _check_frame_size(stream, field, limits)
+        _check_declared(_declared_seconds(data, label, stream, container), limits.max_video_seconds, field, "video")
+        kept = min(stream.frames, limits.max_video_frames) if stream.frames else limits.max_video_frames
+        return MediaProbe("video", field, width, height, frames=kept, seconds=_header_seconds(stream, container))
+
+
+def _probe_frames(frames: list, field: str, limits: MediaLimits) -> MediaProbe:
+    """A video sent as its frames: every frame is decoded, so every frame counts; one size for all is
+    checked here, before a frame is decoded."""
+    if not frames:
+        raise InvalidInput("a video needs at least one frame", field=field)
+    size = None
+    for i, data in enumerate(frames):
+        frame_size = _open_image(data, f"{field}[{i}]", limits).size
+        size = size or frame_size
+        if frame_size != size:
+            raise InvalidInput(f"frame {i} is {frame_size[0]}x{frame_size[1]}; every frame of one video must have "
+                               f"the first frame's size {size[0]}x{size[1]}", field=f"{field}[{i}]")
+    return MediaProbe("video", field, size[0], size[1], frames=len(frames))
+
+
+def check_request_budget(probes: list[MediaProbe], limits: MediaLimits) -> None:
+    """Refuses (413, naming the item that goes over) media that together exceed the per-request
+    budgets (see REQUEST_BUDGET_ITEMS), from their probes: before any of them is decoded."""
+    pixels, seconds = 0, {"audio": 0.0, "video": 0.0}
+    budget = {"audio": limits.max_request_audio_seconds, "video": limits.max_request_video_seconds}
+    for item in probes:
+        pixels += item.pixels
+        if pixels > limits.max_request_pixels:
+            raise MediaTooLarge(f"the request's images and video frames hold {pixels} pixels up to this item; "
+                                f"the limit per request is {limits.max_request_pixels}", field=item.field)
+        if item.kind in seconds:
+            seconds[item.kind] += item.seconds
+            if seconds[item.kind] > budget[item.kind]:
+                raise MediaTooLarge(f"the request's {item.kind} lasts {seconds[item.kind]:.1f} s up to this item; "
+                                    f"the limit per request is {budget[item.kind]:g} s", field=item.field)

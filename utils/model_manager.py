@@ -55,6 +55,8 @@ class ModelEntry:
     # parts on each of its devices). Budgets, eviction and pressure all count from this.
     placement: dict = field(default_factory=dict)
     fallback: str | None = None      # why the model is on the CPU instead of a GPU, when it is
+    removed: bool = False            # gone from the config: no new requests; unloads once idle, then forgotten
+    stale: bool = False              # its load-time settings changed: reloads once idle
     requested_device: str | None = None  # an operator's device for the next load
     leases: int = 0
     last_used: float | None = None
@@ -99,7 +101,46 @@ class ModelManager:
 
     @property
     def keys(self) -> list[str]:
-        return list(self._entries)
+        return [key for key, entry in self._entries.items() if not entry.removed]
+
+    def specs(self) -> dict[str, ModelSpec]:
+        """Every model the manager still holds a record of (removed ones too, while they drain)."""
+        with self._lock:
+            return {key: entry.spec for key, entry in self._entries.items()}
+
+    def reconfigure(self, settings: ServerSettings) -> dict:
+        """Applies re-read settings (config reload): added models appear; removed ones take no new
+        requests, finish those in flight and unload once idle; changed limits and generation defaults
+        apply to the next request; a loaded model whose load-time settings changed (path, dtype,
+        quantization, device, engine, ...) reloads once idle. Returns what changed."""
+        diff: dict[str, list[str]] = {"added": [], "removed": [], "changed": [], "reload_when_idle": []}
+        with self._lock:
+            for key, spec in settings.models.items():
+                entry = self._entries.get(key)
+                if entry is None:
+                    self._entries[key] = ModelEntry(spec=spec)
+                    diff["added"].append(key)
+                    continue
+                if entry.removed:
+                    entry.removed = False
+                    diff["added"].append(key)
+                if entry.spec != spec:
+                    diff["changed"].append(key)
+                    if _load_fields(entry.spec) != _load_fields(spec) and entry.state in ("loaded", "loading"):
+                        entry.stale = True
+                        diff["reload_when_idle"].append(key)
+                    entry.spec = spec
+            for key, entry in self._entries.items():
+                if key not in settings.models and not entry.removed:
+                    entry.removed = True
+                    diff["removed"].append(key)
+            self.settings = settings
+            taken = [(e, self._take_out(e, "reconfigured")) for e in self._entries.values()
+                     if (e.removed or e.stale) and e.state == "loaded" and e.leases == 0]
+            self._forget_removed()
+        for entry, handle in taken:
+            self._drop(entry, handle, "reconfigured")
+        return diff
 
     def spec(self, key: str) -> ModelSpec:
         return self._entry(key).spec
@@ -272,9 +313,16 @@ class ModelManager:
 
     def _entry(self, key: str) -> ModelEntry:
         entry = self._entries.get(key)
-        if entry is None:
-            raise UnknownModel(f"no model named '{key}'; available: {', '.join(self._entries)}")
+        if entry is None or entry.removed:
+            raise UnknownModel(f"no model named '{key}'; available: {', '.join(self.keys)}")
         return entry
+
+    def _forget_removed(self) -> None:
+        """Under _lock: removed models that hold nothing any more leave the table."""
+        for key in [k for k, e in self._entries.items() if e.removed and e.state not in ("loaded", "loading")
+                    and e.leases == 0]:
+            del self._entries[key]
+            self._lru.pop(key, None)
 
     def _lease_if_loaded(self, entry: ModelEntry) -> Any:
         """Under _lock: leases a loaded model, or raises while a failed load backs off."""
@@ -416,12 +464,18 @@ class ModelManager:
             entry.last_used = self._clock()
             if keep_alive is not None:
                 entry.keep_alive = keep_alive
-            if (entry.state == "loaded" and entry.leases == 0 and not entry.spec.pinned
-                    and self._keep_alive(entry) == 0):
-                handle = self._take_out(entry, "keep_alive=0")
+            reason = None
+            if entry.state == "loaded" and entry.leases == 0:
+                if entry.removed or entry.stale:
+                    reason = "reconfigured"
+                elif not entry.spec.pinned and self._keep_alive(entry) == 0:
+                    reason = "keep_alive=0"
+            if reason:
+                handle = self._take_out(entry, reason)
+                self._forget_removed()
             self._changed.notify_all()
         if handle is not None:
-            self._drop(entry, handle, "keep_alive=0")
+            self._drop(entry, handle, reason)
 
     # ------------------------------------------------------------------ room and eviction
 
@@ -509,7 +563,7 @@ class ModelManager:
                     and not candidate.spec.pinned and (device is None or device in candidate.placement)):
                 if spare_recent and candidate.last_used is not None \
                         and now - candidate.last_used < self._group_window(candidate):
-                    continue
+                    return None  # the LRU model just served: wait for its window, never skip to a newer one
                 return candidate
         return None
 
@@ -536,7 +590,7 @@ class ModelManager:
         """Under _lock: removes a loaded, unleased model from the table; returns its handle to drop."""
         handle = entry.handle
         entry.handle, entry.state, entry.bytes_measured, entry.device = None, "unloaded", 0, None
-        entry.placement = {}
+        entry.placement, entry.stale = {}, False
         entry.unload_count += 1
         entry.keep_alive = None
         entry.last_unload_reason = reason
@@ -575,7 +629,8 @@ class ModelManager:
         return {
             "key": spec.key, "family": spec.family, "repo_id": spec.repo_id, "state": state,
             "loaded": entry.state == "loaded", "device": entry.device, "placement": dict(entry.placement),
-            "fallback": entry.fallback, "quantization": spec.quantization,
+            "fallback": entry.fallback, "path_note": spec.path_note, "removed": entry.removed,
+            "reload_when_idle": entry.stale, "quantization": spec.quantization,
             "dtype": spec.dtype, "bytes_in_memory": entry.bytes_measured, "in_flight": entry.leases,
             "pinned": spec.pinned, "keep_alive": self._keep_alive(entry),
             "idle_seconds": (now - entry.last_used) if entry.last_used is not None else None,
@@ -602,6 +657,12 @@ def default_device_resolver(spec: ModelSpec) -> str:
     import torch  # the GPU with the most free memory
     frees = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
     return f"cuda:{max(range(len(frees)), key=frees.__getitem__)}"
+
+
+def _load_fields(spec: ModelSpec) -> tuple:
+    """What a loaded model was built from: a change to any of these needs a reload to apply."""
+    return (spec.family, spec.path, spec.revision, spec.dtype, spec.quantization, spec.device, spec.engine,
+            spec.max_memory)
 
 
 def _mps_available() -> bool:

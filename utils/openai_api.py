@@ -88,9 +88,11 @@ def _url(part: Mapping, kind: str, where: str) -> str:
     return url
 
 
-def _parts(content: Any, where: str, media: list[MediaItem]) -> list[dict]:
-    """One message's content -> our parts; media go to `media`, in order, with their field names."""
+def _parts(content: Any, where: str, media: list[MediaItem], texts: list[tuple[str, str]]) -> list[dict]:
+    """One message's content -> our parts; media go to `media` and texts to `texts`, in order, with
+    their field names."""
     if isinstance(content, str):
+        texts.append((where, content))
         return [{"type": "text", "text": content}]
     if not isinstance(content, list) or not content:
         raise InvalidInput("'content' must be a string or a non-empty list of parts", field=where)
@@ -99,6 +101,7 @@ def _parts(content: Any, where: str, media: list[MediaItem]) -> list[dict]:
         field = f"{where}[{i}]"
         kind = part.get("type") if isinstance(part, Mapping) else None
         if kind == "text" and isinstance(part.get("text"), str):
+            texts.append((f"{field}.text", part["text"]))
             parts.append({"type": "text", "text": part["text"]})
             continue
         if kind == "image_url":
@@ -133,6 +136,7 @@ def parse_chat(body: Mapping, spec: ModelSpec) -> GenerateJob:
     if not isinstance(messages, list) or not messages:
         raise InvalidInput("'messages' must be a non-empty list", field="messages", error="missing field")
     media: list[MediaItem] = []
+    texts: list[tuple[str, str]] = []
     turns: list[dict] = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
@@ -143,7 +147,7 @@ def parse_chat(body: Mapping, spec: ModelSpec) -> GenerateJob:
         if content is None and role == "assistant":
             content = ""
         before = len(media)
-        parts = _parts(content, f"{where}.content", media)
+        parts = _parts(content, f"{where}.content", media, texts)
         if role != "user" and len(media) > before:
             raise InvalidInput(f"media go in user messages, not in {message['role']} ones", field=f"{where}.content")
         turns.append({"role": role, "content": parts})
@@ -156,7 +160,7 @@ def parse_chat(body: Mapping, spec: ModelSpec) -> GenerateJob:
     _check_text(text, "messages")
     check_media_items(media, spec)
     last = "".join(p["text"] for p in turns[-1]["content"] if p["type"] == "text")
-    return GenerateJob(prompt=last, params=_params(body, spec), media=media, messages=turns,
+    return GenerateJob(prompt=last, params=_params(body, spec), media=media, messages=turns, texts=texts,
                        stream=body.get("stream") is True)
 
 
@@ -185,13 +189,16 @@ def parse_transcription(form: Mapping, audio: bytes, spec: ModelSpec) -> tuple[G
     if response_format not in ("json", "text"):
         raise InvalidInput("'response_format' must be json or text", field="response_format")
     instruction = TRANSCRIBE_PROMPT
+    texts = [(name, form[name]) for name in ("language", "prompt") if form.get(name)]  # the client's own text
+    for name, text in texts:
+        _check_text(text, name)
     if form.get("language"):
         instruction = f"Transcribe the audio exactly, word for word, in the language '{form['language']}'."
     if form.get("prompt"):
         instruction += f" Context: {form['prompt']}"
-    _check_text(instruction, "prompt")
     params = parse_params({"temperature": form.get("temperature") or 0}, spec)  # greedy unless asked
-    return GenerateJob(prompt=instruction, params=params, media=[MediaItem("audio", "file", audio)]), response_format
+    return GenerateJob(prompt=instruction, params=params, media=[MediaItem("audio", "file", audio)],
+                       texts=texts), response_format
 
 
 def _accepted(spec: ModelSpec) -> frozenset[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -86,6 +87,10 @@ class ModelSpec:
     fallback: str = "cpu"
     # Split over devices as seed 001 did ({"cuda:0": bytes, "cpu": bytes}; accelerate's device_map="auto").
     max_memory: dict[str, int] | None = None
+    # Other folders that may hold this checkpoint (seed 001's names): used when `path` has no complete one.
+    also_look_in: tuple[Path, ...] = ()
+    timeout: float | None = None    # seconds a request may take (its deadline); None = the server's request_timeout
+    path_note: str | None = None    # why `path` is not the configured folder, when it is not
 
 
 @dataclass(frozen=True)
@@ -134,12 +139,15 @@ class ServerSettings:
     max_pass_over: float = 10.0      # ...unless that load has waited this long (requests grouped by model)
     # Each sweep: while free RAM / GPU memory is below its headroom, idle models on that device are
     # released (LRU first) until free memory is back above headroom + margin.
+    request_timeout: float = 600.0   # REQUEST_TIMEOUT: default deadline of a request, seconds (per model: timeout)
     memory_pressure_release: bool = True
     pressure_margin_bytes: int = 1 * GIB
     admin_token: str | None = None
     api_token: str | None = None
     demo: bool = False
     config_path: Path | None = None
+    # The environment these settings were read with (a config reload reads the same one again).
+    env: Mapping[str, str] | None = field(default=None, repr=False, compare=False)
 
     def replace(self, **changes: Any) -> "ServerSettings":
         return dataclasses.replace(self, **changes)
@@ -188,6 +196,7 @@ class ServerSettings:
             "torch_threads": self.torch_threads,
             "group_window": self.group_window,
             "max_pass_over": self.max_pass_over,
+            "request_timeout": self.request_timeout,
             "memory_pressure_release": self.memory_pressure_release,
             "pressure_margin_bytes": self.pressure_margin_bytes,
             "admin_auth": self.admin_token is not None,
@@ -292,11 +301,13 @@ _GEN_FIELDS = {f.name for f in dataclasses.fields(GenerationDefaults)}
 _LIMIT_FIELDS = {f.name for f in dataclasses.fields(ModelLimits)}
 _ENGINE_FIELDS = {f.name for f in dataclasses.fields(EngineSettings)}
 _MODEL_FIELDS = {"repo_id", "family", "path", "revision", "dtype", "quantization", "device", "keep_alive",
-                 "pinned", "preload", "generation", "limits", "engine", "fallback", "max_memory"}
+                 "pinned", "preload", "generation", "limits", "engine", "fallback", "max_memory", "also_look_in",
+                 "timeout"}
 _SERVER_FIELDS = {"max_loaded_models", "idle_timeout", "models_dir", "tmp_dir", "log_dir", "max_content_length_mb",
                   "ram_budget_gb", "ram_headroom_gb", "gpu_budget_gb", "gpu_headroom_gb", "failed_load_backoff",
                   "sweep_interval", "tmp_ttl", "tmp_max_mb", "media", "remote_media", "engine", "torch_threads",
-                  "group_window", "max_pass_over", "memory_pressure_release", "pressure_margin_gb"}
+                  "group_window", "max_pass_over", "memory_pressure_release", "pressure_margin_gb",
+                  "request_timeout"}
 _MEDIA_FIELDS = {"max_media_mb", "max_image_pixels", "max_audio_seconds", "max_video_seconds", "max_video_frames"}
 _REMOTE_MEDIA_FIELDS = {"enabled", "allow_hosts", "max_mb", "timeout", "max_redirects"}
 
@@ -320,6 +331,7 @@ SERVER_ENV = {
     "GROUP_WINDOW": "group_window",
     "MAX_PASS_OVER": "max_pass_over",
     "MEMORY_PRESSURE_RELEASE": "memory_pressure_release",
+    "REQUEST_TIMEOUT": "request_timeout",
     "PRESSURE_MARGIN_GB": "pressure_margin_gb",
 }
 # Environment variable -> key of the server `engine` section (the defaults of every model's engine).
@@ -424,7 +436,34 @@ def _model(key: str, raw: Any, models_dir: Path, env: Mapping[str, str],
         engine=_engine(raw.get("engine"), f"{where}.engine", engine_defaults),
         fallback=_choice(raw.get("fallback", "cpu"), f"{where}.fallback", FALLBACKS),
         max_memory=_max_memory(raw.get("max_memory"), f"{where}.max_memory"),
+        also_look_in=tuple(_resolve(p, models_dir, f"{where}.also_look_in")
+                           for p in _list(raw.get("also_look_in"), f"{where}.also_look_in")),
+        timeout=None if raw.get("timeout") is None else _float(raw["timeout"], f"{where}.timeout", minimum=0.01),
     )
+    return _prefer_complete_folder(spec)
+
+
+def _list(value: Any, where: str) -> list:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        _fail(where, f"expected a list, got {type(value).__name__}")
+    return value
+
+
+def _prefer_complete_folder(spec: ModelSpec) -> ModelSpec:
+    """The configured folder, or else the first of `also_look_in` that holds a complete checkpoint
+    (a seed-001 user's weights are found, not downloaded again)."""
+    if not spec.also_look_in:
+        return spec
+    from utils.download_model import checkpoint_state
+    if checkpoint_state(spec.path) == "downloaded":
+        return spec
+    for folder in spec.also_look_in:
+        if folder != spec.path and checkpoint_state(folder) == "downloaded":
+            note = f"serving from {folder.name}/ (seed 001's folder): {spec.path.name}/ holds no complete checkpoint"
+            logging.getLogger("model_server.settings").info("%s: %s", spec.key, note)
+            return dataclasses.replace(spec, path=folder, path_note=note)
     return spec
 
 
@@ -585,6 +624,8 @@ def load_settings(config_path: str | os.PathLike | None = None, env: Mapping[str
                       _float(server["group_window"], "server.group_window", minimum=0, maximum=3600)),
         max_pass_over=_float(server.get("max_pass_over", ServerSettings.max_pass_over), "server.max_pass_over",
                              minimum=0, maximum=3600),
+        request_timeout=_float(server.get("request_timeout", ServerSettings.request_timeout), "server.request_timeout",
+                               minimum=0.01),
         memory_pressure_release=_bool(server.get("memory_pressure_release", ServerSettings.memory_pressure_release),
                                       "server.memory_pressure_release"),
         pressure_margin_bytes=_gib(server.get("pressure_margin_gb", ServerSettings.pressure_margin_bytes / GIB),
@@ -592,6 +633,7 @@ def load_settings(config_path: str | os.PathLike | None = None, env: Mapping[str
         admin_token=env.get("ADMIN_TOKEN") or None,
         api_token=env.get("API_TOKEN") or None,
         config_path=path,
+        env=env,
     )
     demo = demo or _bool(env.get("DEMO_MODE", "0") or "0", "DEMO_MODE")
     return settings.for_demo() if demo else settings

@@ -75,9 +75,10 @@ def model_status():
 
     svc = services()
     snapshot = svc.manager.snapshot()
+    specs = svc.manager.specs()
     models = {}
     for key, info in snapshot.items():
-        spec = svc.settings.models[key]
+        spec = specs[key]
         disk = _disk_state(spec)
         state = info["state"]
         if state in ("unloaded",):
@@ -119,6 +120,23 @@ def load_model(key: str):
 def unload_model(key: str):
     unloaded = services().manager.unload(key, wait=wait_seconds())
     return jsonify({"unloaded": unloaded, "model": services().manager.snapshot_one(key)})
+
+
+@bp.post("/reload_config")
+def reload_config():
+    """Re-reads models.yaml and the environment; an invalid file changes nothing (400 naming the key)."""
+    from utils import config_reload
+    from utils.errors import ConfigError
+    from utils.settings import load_settings
+
+    svc = services()
+    try:
+        new = load_settings(svc.settings.config_path, env=svc.settings.env, demo=svc.settings.demo)
+    except ConfigError as exc:
+        raise InvalidInput(f"nothing changed: {exc}", error="invalid config") from None
+    diff = config_reload.apply(svc, new)
+    current_app.config["MAX_CONTENT_LENGTH"] = svc.settings.max_content_length
+    return jsonify(dict(diff, reloaded=True))
 
 
 @bp.post("/emergency_cleanup")

@@ -8,6 +8,7 @@ plain results, so they run the same under Flask, gunicorn or a Ray Serve replica
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
@@ -66,6 +67,10 @@ class GenerationRequest:
     # order, for the items of `images`, `videos` and `audios`.
     messages: list[dict] | None = None
     raw: bool = False  # the prompt is plain text to continue, without the chat template (text models)
+    # The client's field of each media item, per kind and in order ({"image": ["images[0]", ...]}).
+    media_fields: dict[str, list[str]] = field(default_factory=dict)
+    # (field, text) of every text the client wrote; None: the prompt, system and messages as they are.
+    texts: list[tuple[str, str]] | None = None
 
 
 @dataclass(frozen=True)
@@ -89,15 +94,25 @@ class GenerationResult:
     finish_reason: str = "stop"   # "stop" | "length" | "cancelled" | "timeout"
 
 
+# What a processor or chat template raises about the client's data (an image of 1x300 pixels, a
+# conversation a template refuses). Caught only around those calls (Family.client_data).
+CLIENT_DATA_ERRORS = (ValueError, TypeError, IndexError)
+
+
 class Family:
     """Base adapter. Subclasses set `name`, `accepts` and implement load/prepare/generate."""
 
     name: ClassVar[str]
     accepts: ClassVar[frozenset[str]] = frozenset()   # media kinds: "image", "video", "audio"
     quant_skip_modules: ClassVar[list[str] | None] = None
+    # Media the family's processor or model cannot take, as class data: checked before any model is
+    # leased (InferenceService.decode_media), from headers where they tell.
+    max_aspect_ratio: ClassVar[float | None] = None   # images and video frames, longer side / shorter side
+    min_audio_seconds: ClassVar[float] = 0.0          # of the 16 kHz waveform
 
     def __init__(self, spec: ModelSpec, device: str, model: Any, processor: Any) -> None:
         self.spec, self.device, self.model, self.processor = spec, device, model, processor
+        self._special_cache: tuple[Any, Any, Any] | None = None  # see _special_tokens
 
     # transformers classes (by name, imported on load) and extra from_pretrained kwargs.
     model_class: ClassVar[str] = ""
@@ -126,6 +141,11 @@ class Family:
 
     def memory_bytes(self) -> int:
         return int(self.model.get_memory_footprint()) if self.model is not None else 0
+
+    def memory_placement(self) -> dict[str, int]:
+        """Bytes on each device (a model split by max_memory has parts on several)."""
+        from utils.memory import tensor_placement
+        return tensor_placement(self.model) if self.model is not None else {}
 
     # -- serving
     # Which side prompts are padded on inside a batch: left for decoder-only generation, right for
@@ -166,7 +186,11 @@ class Family:
                                 finish_reason=finish_reason)
 
     def check_context(self, prompt_tokens: int, params: GenerationParams, *, counts_new_tokens: bool = True) -> None:
-        """Refuses a prompt (plus the tokens to generate) longer than the model's context window."""
+        """Refuses a prompt that tokenizes to nothing, or (plus the tokens to generate) one longer than
+        the model's context window."""
+        if prompt_tokens == 0:
+            raise InvalidInput(f"the prompt holds no tokens for '{self.spec.key}' (only whitespace?)", field="prompt",
+                               error="empty prompt")
         config = self.model.config
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         context = getattr(text_config, "max_position_embeddings", None)
@@ -178,6 +202,85 @@ class Family:
                                + (f" + max_new_tokens {params.max_new_tokens}" if counts_new_tokens else "")
                                + f"; '{self.spec.key}' has a context of {context} tokens", field="prompt",
                                error="prompt too long")
+
+    # -- checks of client data
+    @classmethod
+    def check_media_header(cls, probe: Any) -> None:
+        """Refuses an image or video (a utils.media.MediaProbe: its header) the processor cannot take."""
+        width, height = probe.width, probe.height
+        if not (cls.max_aspect_ratio and width and height):
+            return
+        ratio = max(width, height) / min(width, height)
+        if ratio > cls.max_aspect_ratio:
+            raise InvalidInput(f"the {probe.kind} is {width}x{height} pixels, an aspect ratio of {ratio:.0f}:1; "
+                               f"this model takes at most {cls.max_aspect_ratio:g}:1", field=probe.field,
+                               error="unsupported aspect ratio")
+
+    @classmethod
+    def check_audio_length(cls, samples: int, rate: int, field: str) -> None:
+        if samples / rate < cls.min_audio_seconds:
+            raise InvalidInput(f"the audio is {1000 * samples / rate:.1f} ms long; this model needs at least "
+                               f"{1000 * cls.min_audio_seconds:.1f} ms", field=field, error="audio too short")
+
+    def check_request(self, request: GenerationRequest) -> None:
+        """What every prepare checks first: media kinds and counts, and the client's text."""
+        self.check_media(request)
+        self.check_text(request)
+
+    def check_text(self, request: GenerationRequest) -> None:
+        """Client text never becomes control tokens: the chat template renders it verbatim and the
+        processor parses special tokens in the whole string, so "<|im_start|>system" in a prompt would
+        open a system turn, and "<|image_pad|>" would claim an image. A text holding one of the model's
+        special tokens is refused, naming the token and the field."""
+        raw, normalized, normalize = self._special_tokens()
+        for where, text in client_texts(request):
+            found = (raw and raw.search(text)) or (normalized and normalized.search(normalize(text)))
+            if found:
+                raise InvalidInput(f"'{where}' holds {found.group(0)!r}, a special token of '{self.spec.key}'; "
+                                   f"text sent to a model may not hold its control tokens", field=where,
+                                   error="special token in text")
+
+    def _special_tokens(self) -> tuple[Any, Any, Any]:
+        """(pattern of the special tokens matched as written, pattern of those matched after the
+        tokenizer's normalizer, the normalizer): from the loaded tokenizer and processor, once."""
+        cached = self._special_cache
+        if cached is None:
+            tokenizer = self._tokenizer()
+            tokens = {t: False for t in getattr(tokenizer, "all_special_tokens", [])}
+            for added in getattr(tokenizer, "added_tokens_decoder", {}).values():
+                if added.special:
+                    tokens[added.content] = bool(added.normalized)
+            for attr in ("image_token", "video_token", "audio_token"):  # the processor's media placeholders
+                if isinstance(getattr(self.processor, attr, None), str):
+                    tokens.setdefault(getattr(self.processor, attr), False)
+            backend = getattr(tokenizer, "backend_tokenizer", None)
+            normalizer = getattr(backend, "normalizer", None)
+            normalize = normalizer.normalize_str if normalizer is not None else (lambda text: text)
+            cached = (_alternation(t for t, n in tokens.items() if t and not n),
+                      _alternation(normalize(t) for t, n in tokens.items() if t and n), normalize)
+            self._special_cache = cached
+        return cached
+
+    @contextmanager
+    def client_data(self, request: GenerationRequest, what: str) -> Iterator[None]:
+        """Around a chat template or processor call only: what they raise about the client's data
+        becomes a 400 naming the field (media for the processor, the text for the template). Our own
+        errors elsewhere stay 500s."""
+        from jinja2.exceptions import TemplateError, TemplateSyntaxError
+
+        try:
+            yield
+        except TemplateSyntaxError:  # a broken template is the checkpoint's fault, not the client's
+            raise
+        except TemplateError as exc:
+            where = text_field(request)
+            log.info("%s: the chat template refused the request (%s): %s", self.spec.key, where, exc)
+            raise InvalidInput(f"the chat template of '{self.spec.key}' refuses this conversation: {exc}",
+                               field=where, error="unsupported conversation") from None
+        except CLIENT_DATA_ERRORS as exc:
+            where = media_field(request) if what == "processor" else text_field(request)
+            log.info("%s: the %s refused the request's data (%s): %r", self.spec.key, what, where, exc)
+            raise InvalidInput(f"'{self.spec.key}' cannot take this input: {str(exc)[:300]}", field=where) from None
 
     # -- shared helpers
     def check_media(self, request: GenerationRequest) -> None:
@@ -211,9 +314,11 @@ class Family:
 
     def chat_inputs(self, request: GenerationRequest, items: list[dict]) -> dict:
         """Chat template over media items + prompt, then the processor: tensors on the model's device."""
-        text = self.processor.apply_chat_template(chat_messages(request, items), tokenize=False,
-                                                  add_generation_prompt=True)
-        inputs = self.processor(text=[text], return_tensors="pt", padding=True, **self.media_kwargs(request))
+        with self.client_data(request, "chat template"):
+            text = self.processor.apply_chat_template(chat_messages(request, items), tokenize=False,
+                                                      add_generation_prompt=True)
+        with self.client_data(request, "processor"):
+            inputs = self.processor(text=[text], return_tensors="pt", padding=True, **self.media_kwargs(request))
         return {k: (v.to(self.model.device) if hasattr(v, "to") else v) for k, v in inputs.items()}
 
     def _tokenizer(self) -> Any:
@@ -285,6 +390,11 @@ def torch_dtype(name: str) -> Any:
 def from_pretrained_kwargs(spec: ModelSpec, device: str, skip_modules: list[str] | None = None) -> dict:
     """dtype, device placement and bitsandbytes quantization for any family's from_pretrained."""
     kwargs: dict[str, Any] = {"dtype": torch_dtype(spec.dtype), "device_map": {"": device}}
+    if spec.max_memory and device == next(iter(spec.max_memory)):  # split as seed 001 did (a CPU fallback
+        # is handed "cpu" instead of the split's first device, and loads whole)
+        kwargs["device_map"] = "auto"
+        kwargs["max_memory"] = {(int(d.split(":")[1]) if d.startswith("cuda") else d): n
+                                for d, n in spec.max_memory.items()}
     if spec.engine.attn_implementation != "auto":
         kwargs["attn_implementation"] = spec.engine.attn_implementation
     if spec.quantization != "none":
@@ -301,6 +411,36 @@ def from_pretrained_kwargs(spec: ModelSpec, device: str, skip_modules: list[str]
         kwargs["quantization_config"] = config
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # one notice per matmul otherwise
     return kwargs
+
+
+def _alternation(tokens: Any) -> Any:
+    tokens = sorted(set(tokens), key=len, reverse=True)  # the longest first, as the tokenizer matches
+    return re.compile("|".join(map(re.escape, tokens))) if tokens else None
+
+
+def client_texts(request: GenerationRequest) -> list[tuple[str, str]]:
+    """(field, text) of every text the client wrote."""
+    if request.texts is not None:
+        return list(request.texts)
+    if request.messages is not None:
+        return [(f"messages[{i}].content", part["text"]) for i, message in enumerate(request.messages)
+                for part in message["content"] if part["type"] == "text"]
+    return [(name, text) for name, text in (("system", request.system), ("prompt", request.prompt)) if text]
+
+
+def text_field(request: GenerationRequest) -> str:
+    """The field a refusal of the request's text names."""
+    if request.messages is not None:
+        return "messages"
+    return "system" if request.system else "prompt"
+
+
+def media_field(request: GenerationRequest) -> str:
+    """The field a processor's refusal names: the one media item, or all of them; the text if none."""
+    fields = [name for names in request.media_fields.values() for name in names]
+    if not fields:
+        return text_field(request)
+    return fields[0] if len(fields) == 1 else ", ".join(fields)
 
 
 def chat_messages(request: GenerationRequest, media_items: list[dict] | None = None) -> list[dict]:

@@ -15,12 +15,16 @@ class OmniFamily(Family):
     processor_class = "Qwen2_5OmniProcessor"
     model_kwargs = {"enable_audio_output": False}
     quant_skip_modules = ["thinker.visual", "thinker.audio_tower", "thinker.lm_head", "lm_head"]
+    max_aspect_ratio = 200  # Qwen2-VL's smart_resize raises beyond 200:1 (images and video frames)
+    # A clip becomes ((mel_frames - 1) // 2 + 1 - 2) // 2 + 1 audio tokens (Whisper features, hop 160
+    # at 16 kHz): below 3 mel frames (321 samples, ~20 ms) that is none and the model never hears it.
+    min_audio_seconds = (2 * 160 + 1) / 16000
 
     def _generator(self):
         return self.model.thinker
 
     def prepare(self, request: GenerationRequest) -> dict:
-        self.check_media(request)
+        self.check_request(request)
         items = ([{"type": "image"} for _ in request.images] + [{"type": "video"} for _ in request.videos]
                  + [{"type": "audio"} for _ in request.audios])
         return self.chat_inputs(request, items)

@@ -17,12 +17,13 @@ class TextFamily(Family):
     continuous_batching = True  # requests join the running batch between decode steps (engine/continuous.py)
 
     def prepare(self, request: GenerationRequest) -> dict:
-        self.check_media(request)
+        self.check_request(request)
         if request.raw:  # a legacy completion: the text continues as it is
             inputs = self.processor(request.prompt, return_tensors="pt")
         else:
-            inputs = self.processor.apply_chat_template(text_messages(request), add_generation_prompt=True,
-                                                        return_tensors="pt", return_dict=True)
+            with self.client_data(request, "chat template"):
+                inputs = self.processor.apply_chat_template(text_messages(request), add_generation_prompt=True,
+                                                            return_tensors="pt", return_dict=True)
         return {k: v.to(self.model.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
 
     def result_from_tokens(self, tokens: list[int], prompt_tokens: int, finish_reason: str) -> GenerationResult:

@@ -10,8 +10,9 @@ class VisionLanguageFamily(Family):
     model_class = "AutoModelForImageTextToText"
     # bitsandbytes 4-bit on CPU rejects the vision tower's odd layer sizes; it stays in dtype.
     quant_skip_modules = ["model.visual", "lm_head"]
+    max_aspect_ratio = 200  # Qwen2-VL's smart_resize raises beyond 200:1 (images and video frames)
 
     def prepare(self, request: GenerationRequest) -> dict:
-        self.check_media(request)
+        self.check_request(request)
         items = [{"type": "image"} for _ in request.images] + [{"type": "video"} for _ in request.videos]
         return self.chat_inputs(request, items)

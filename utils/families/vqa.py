@@ -14,11 +14,12 @@ class VqaFamily(Family):
     padding_side = "right"  # BLIP's question encoder has absolute positions: left padding would shift them
 
     def prepare(self, request: GenerationRequest) -> dict:
-        self.check_media(request)
+        self.check_request(request)
         if len(request.images) != 1:
             raise InvalidInput(f"'{self.spec.key}' answers a question about exactly one image; "
                                f"got {len(request.images)}", field="image", error="missing image")
-        inputs = self.processor(images=request.images[0], text=question(request), return_tensors="pt")
+        with self.client_data(request, "processor"):
+            inputs = self.processor(images=request.images[0], text=question(request), return_tensors="pt")
         return {k: v.to(self.model.device) for k, v in inputs.items()}
 
     def _generate_kwargs(self, params: GenerationParams) -> dict:

@@ -1,0 +1,112 @@
+"""POST /admin/reload_config: models.yaml re-read and applied without a restart, on the real stack."""
+from __future__ import annotations
+
+import pytest
+
+from tests import media_samples as ms
+from tests.conftest import make_app
+from tests.conftest import test_env as server_env
+from utils.families import GenerationParams, GenerationRequest
+from utils.settings import load_settings
+
+BLIP = """  blip_vqa:
+    repo_id: Salesforce/blip-vqa-base
+    family: vqa
+    generation: {max_new_tokens: 4}
+    limits: {max_new_tokens: 8, max_images: 1}
+"""
+DEEPSEEK = """  deepseek:
+    repo_id: deepseek-ai/DeepSeek-R1-0528-Qwen3-8B
+    family: text
+    generation: {max_new_tokens: 4}
+    limits: {max_new_tokens: LIMIT}
+"""
+QWEN_VL = """  qwen_vl:
+    repo_id: Qwen/Qwen2.5-VL-3B-Instruct
+    family: vision_language
+    generation: {max_new_tokens: 4}
+    limits: {max_new_tokens: 16, max_images: 2}
+"""
+
+
+def write(path, *models, server="  max_loaded_models: 3\n", limit=64):
+    path.write_text("server:\n" + server + "models:\n" + "".join(models).replace("LIMIT", str(limit)))
+
+
+@pytest.fixture()
+def reloadable(tmp_path, models_dir):
+    config = tmp_path / "models.yaml"
+    write(config, DEEPSEEK, BLIP)
+    settings = load_settings(config, env=server_env(models_dir, tmp_path))
+    app = make_app(settings)
+    yield config, app, app.test_client()
+    app.extensions["model_server"].manager.shutdown()
+
+
+def reload(client):
+    response = client.post("/admin/reload_config")
+    return response.status_code, response.get_json()
+
+
+def ask(client, key, **body):
+    body.setdefault("prompt", "what is this?")
+    body.setdefault("max_new_tokens", 2)
+    if key != "deepseek":
+        body.setdefault("image", ms.b64(ms.png()))
+    return client.post(f"/generate/{key}", json=body)
+
+
+def test_added_model_appears_and_a_changed_limit_applies_to_the_next_request(reloadable):
+    config, app, client = reloadable
+    assert ask(client, "qwen_vl").status_code == 404
+    assert ask(client, "deepseek", max_new_tokens=20).status_code == 200
+    write(config, DEEPSEEK, BLIP, QWEN_VL, limit=8)
+    status, diff = reload(client)
+    assert status == 200 and diff["models"]["added"] == ["qwen_vl"] and diff["models"]["changed"] == ["deepseek"]
+    assert diff["models"]["reload_when_idle"] == []  # a limit needs no reload
+    assert ask(client, "qwen_vl").status_code == 200
+    refused = ask(client, "deepseek", max_new_tokens=20)
+    assert refused.status_code == 400 and refused.get_json()["field"] == "max_new_tokens"
+    assert "qwen_vl" in client.get("/v1/models").get_json()["data"][-1]["id"]
+
+
+def test_a_removed_model_finishes_what_it_serves_then_unloads(reloadable):
+    config, app, client = reloadable
+    manager = app.extensions["model_server"].manager
+    assert ask(client, "blip_vqa").status_code == 200
+    with manager.lease("blip_vqa") as served:          # a request in flight
+        write(config, DEEPSEEK)
+        status, diff = reload(client)
+        assert status == 200 and diff["models"]["removed"] == ["blip_vqa"]
+        assert ask(client, "blip_vqa").status_code == 404  # no new requests
+        info = client.get("/admin/model_status").get_json()["models"]["blip_vqa"]
+        assert info["loaded"] and info["removed"]
+        from PIL import Image
+        prepared = served.adapter.prepare(GenerationRequest(prompt="still?", images=[Image.new("RGB", (32, 32))]))
+        job = served.engine.submit(prepared, GenerationParams(max_new_tokens=2, temperature=1.0, top_p=1.0,
+                                                              do_sample=False))
+        assert served.engine.run(job).completion_tokens >= 1   # the one in flight is served
+    assert "blip_vqa" not in client.get("/admin/model_status").get_json()["models"]  # unloaded and forgotten
+
+
+def test_an_invalid_file_changes_nothing_and_names_the_key(reloadable):
+    config, app, client = reloadable
+    write(config, DEEPSEEK, server="  max_loaded_models: -1\n")
+    status, body = reload(client)
+    assert status == 400 and "max_loaded_models" in body["details"] and "nothing changed" in body["details"]
+    assert ask(client, "blip_vqa").status_code == 200
+    assert app.extensions["model_server"].settings.max_loaded_models == 3
+
+
+def test_load_time_changes_reload_once_idle_and_restart_only_settings_are_named(reloadable, tmp_path):
+    config, app, client = reloadable
+    manager = app.extensions["model_server"].manager
+    assert ask(client, "deepseek").status_code == 200
+    write(config, DEEPSEEK.replace("family: text", "family: text\n    engine: {max_batch_size: 2}"), BLIP,
+          server="  max_loaded_models: 3\n  torch_threads: 1\n")
+    status, diff = reload(client)
+    assert status == 200 and diff["needs_restart"] == ["torch_threads"]
+    assert not manager.snapshot_one("deepseek")["loaded"]     # it was idle: unloaded at once...
+    assert ask(client, "deepseek").status_code == 200          # ...and reloads with the new engine
+    assert manager.snapshot_one("deepseek")["engine"]["max_batch_size"] == 2
+    assert manager.snapshot_one("deepseek")["last_unload_reason"] == "reconfigured"

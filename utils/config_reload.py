@@ -1,0 +1,44 @@
+"""Config reload without a restart (POST /admin/reload_config, SIGHUP): re-read settings are applied to
+the running services, and what changed is reported. No Flask here; the route applies the body limit."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from utils.settings import ServerSettings
+
+log = logging.getLogger("model_server.config")
+
+# Server settings a running process cannot take on: folders it opened, torch's thread pool, the tokens
+# its auth checks were built with, demo mode.
+RESTART_ONLY = ("models_dir", "tmp_dir", "log_dir", "torch_threads", "admin_token", "api_token", "demo")
+
+
+def apply(services: Any, new: ServerSettings) -> dict:
+    """Applies `new` to the manager, the inference service, the temp manager and the sweeper.
+    Returns {"models": {added, removed, changed, reload_when_idle}, "server": [changed fields],
+    "needs_restart": [fields kept as they were]}."""
+    old: ServerSettings = services.settings
+    keep = {name: getattr(old, name) for name in RESTART_ONLY if getattr(old, name) != getattr(new, name)}
+    applied = dataclasses.replace(new, **keep)
+    server_changes = [f.name for f in dataclasses.fields(ServerSettings)
+                      if f.name not in ("models", "config_path", "env") and f.name not in keep
+                      and getattr(old, f.name) != getattr(applied, f.name)]
+    models = services.manager.reconfigure(applied)
+    services.settings = applied
+    _apply_services(services, applied)
+    diff = {"models": models, "server": server_changes, "needs_restart": sorted(keep)}
+    log.info("config reloaded: %s", diff)
+    return diff
+
+
+def _apply_services(services: Any, settings: ServerSettings) -> None:
+    from utils.media import MediaLimits
+    from utils.remote_media import RemoteFetcher
+
+    services.inference.media_limits = MediaLimits(**dataclasses.asdict(settings.media))
+    services.inference.set_fetcher(RemoteFetcher(settings.remote_media).fetch)
+    services.temp.ttl_seconds, services.temp.max_total_bytes = settings.tmp_ttl, settings.tmp_max_bytes
+    if services.sweeper is not None:
+        services.sweeper.interval = settings.sweep_interval
