@@ -145,3 +145,31 @@ def test_eviction_waits_until_the_evicted_models_engine_drained(start_server):
     assert info["last_unload_reason"] == "count" and info["unload_count"] == 1
     # blip_vqa could only load once deepseek's running request had finished and its engine drained
     assert results["finished_at"] <= finished_other
+
+
+def test_a_request_past_its_deadline_gets_408_with_what_was_generated(server):
+    body = dict(LONG, timeout=0.5)
+    started = time.monotonic()
+    response = requests.post(server.url + "/generate/deepseek", json=body, timeout=60)
+    took = time.monotonic() - started
+    assert response.status_code == 408, response.text
+    error = response.json()
+    assert error["error"] == "request timeout" and "generated so far" in error["details"]
+    assert took < 3, f"the deadline was 0.5 s; the answer took {took:.1f} s"
+    assert wait_for(lambda: status(server, "deepseek")["engine"]["running_batch"] == 0, timeout=2)
+    quick = requests.post(server.url + "/generate/deepseek", json={"prompt": "next", "max_new_tokens": 2},
+                          timeout=10)
+    assert quick.status_code == 200  # the next request to the same model is served at once
+
+
+def test_a_stream_past_its_deadline_ends_with_finish_reason_timeout(server):
+    import json
+    body = {"model": "deepseek", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 3000,
+            "temperature": 0, "stream": True, "timeout": 0.5}
+    with requests.post(server.url + "/v1/chat/completions", json=body, stream=True, timeout=60) as response:
+        events = [line[6:] for line in response.iter_lines(decode_unicode=True) if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    finishes = [c["choices"][0]["finish_reason"] for c in map(json.loads, events[:-1]) if c.get("choices")]
+    assert finishes[-1] == "timeout"
+    per_model = requests.post(server.url + "/generate/deepseek", json=dict(LONG, timeout="x"), timeout=10)
+    assert per_model.status_code == 400 and per_model.json()["field"] == "timeout"

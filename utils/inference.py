@@ -10,7 +10,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
-from utils.errors import InvalidInput
+from utils.errors import InvalidInput, RequestTimeout
 from utils.families import GenerationParams, GenerationRequest, GenerationResult, accepted_media, family_class
 from utils.settings import ModelSpec
 
@@ -38,6 +38,7 @@ class GenerateJob:
     stream: bool = False
     messages: list[dict] | None = None  # a conversation (see GenerationRequest.messages)
     raw: bool = False
+    timeout: float | None = None  # the request's own deadline, seconds; None = the model's / server's
     texts: list[tuple[str, str]] | None = None  # (field, text) the client wrote (see GenerationRequest.texts)
 
 
@@ -142,6 +143,11 @@ def _media_items(body: Mapping, uploads: Mapping[str, list[bytes]]) -> list[Medi
     return items
 
 
+def parse_timeout(body: Mapping) -> float | None:
+    """`timeout`: seconds this request may take; when they pass, generation stops (408 / "timeout")."""
+    return _number(body, "timeout", integer=False, low=0.01, high=86400, default=None)
+
+
 def check_media_items(media: list[MediaItem], spec: ModelSpec) -> None:
     """Kinds and counts a model takes, checked before anything is decoded or any model is leased."""
     accepted = accepted_media(spec.family)
@@ -173,6 +179,7 @@ def parse_job(body: Mapping, uploads: Mapping[str, list[bytes]], spec: ModelSpec
         media=media,
         keep_alive=keep_alive,
         stream=_flag(body, "stream", False),
+        timeout=parse_timeout(body),
     )
 
 
@@ -243,10 +250,19 @@ class InferenceService:
         request = self.decode_media(job, self.spec(key))  # bad media fails before any model loads
         with self.manager.lease(key, keep_alive=job.keep_alive) as served:
             prepared = self._prepare(served, request, job)
-            result = served.engine.run(served.engine.submit(prepared, job.params), is_gone)
+            result = served.engine.run(served.engine.submit(prepared, job.params, timeout=self._deadline(key, job)),
+                                        is_gone)
         if self._on_result and result.finish_reason != "cancelled":
             self._on_result(key, result)
+        if result.finish_reason == "timeout":
+            raise RequestTimeout(f"the request's deadline ({self._deadline(key, job):g}s) passed after "
+                                 f"{result.completion_tokens} tokens; generated so far: {result.text!r}",
+                                 partial=result)
         return result
+
+    def _deadline(self, key: str, job: GenerateJob) -> float:
+        """The request's `timeout`, else its model's, else the server's request_timeout."""
+        return job.timeout or self.spec(key).timeout or self.manager.settings.request_timeout
 
     def stream(self, key: str, job: GenerateJob) -> "LeasedStream":
         """Text pieces as generated; the lease is held until the stream ends or is closed. The
@@ -256,7 +272,8 @@ class InferenceService:
         served = lease.__enter__()
         try:
             prepared = self._prepare(served, request, job)
-            engine_job = served.engine.submit(prepared, job.params, streaming=True)
+            engine_job = served.engine.submit(prepared, job.params, streaming=True,
+                                              timeout=self._deadline(key, job))
             served.engine.await_start(engine_job)
         except BaseException:
             lease.__exit__(None, None, None)

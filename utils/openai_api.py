@@ -9,7 +9,7 @@ import uuid
 from typing import Any, Iterator, Mapping
 
 from utils.errors import InvalidInput, ServerError, UnknownModel
-from utils.inference import GenerateJob, MediaItem, check_media_items, parse_params
+from utils.inference import GenerateJob, MediaItem, check_media_items, parse_params, parse_timeout
 from utils.settings import ModelSpec, ServerSettings
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -161,7 +161,7 @@ def parse_chat(body: Mapping, spec: ModelSpec) -> GenerateJob:
     check_media_items(media, spec)
     last = "".join(p["text"] for p in turns[-1]["content"] if p["type"] == "text")
     return GenerateJob(prompt=last, params=_params(body, spec), media=media, messages=turns, texts=texts,
-                       stream=body.get("stream") is True)
+                       stream=body.get("stream") is True, timeout=parse_timeout(body))
 
 
 def parse_completion(body: Mapping, spec: ModelSpec) -> GenerateJob:
@@ -178,7 +178,8 @@ def parse_completion(body: Mapping, spec: ModelSpec) -> GenerateJob:
         raise InvalidInput(f"'prompt' is {len(prompt)} characters; this model takes at most "
                            f"{spec.limits.max_prompt_chars}", field="prompt", error="value out of range")
     _check_text(prompt, "prompt")
-    return GenerateJob(prompt=prompt, params=_params(body, spec), raw=True, stream=body.get("stream") is True)
+    return GenerateJob(prompt=prompt, params=_params(body, spec), raw=True, stream=body.get("stream") is True,
+                       timeout=parse_timeout(body))
 
 
 def parse_transcription(form: Mapping, audio: bytes, spec: ModelSpec) -> tuple[GenerateJob, str]:
@@ -225,7 +226,8 @@ def usage(result: Any) -> dict:
 
 
 def finish_reason(result: Any) -> str:
-    return "length" if result.finish_reason == "length" else "stop"
+    """OpenAI's stop / length; a stream whose deadline passed ends with "timeout"."""
+    return result.finish_reason if result.finish_reason in ("length", "timeout") else "stop"
 
 
 def chat_response(key: str, result: Any) -> dict:
