@@ -22,6 +22,9 @@ USER app
 EXPOSE 5000
 VOLUME ["/app/models", "/app/logs", "/app/tmp"]
 # The server records the host/port/pid it really bound in logs/server.json (whatever --port or PORT
-# said); the check reads that record (stdlib only) and fails when it is missing, stale or unanswered.
-HEALTHCHECK --interval=30s --timeout=5s --start-period=60s CMD ["./start.sh", "--healthcheck"]
+# said); the check reads that record (stdlib only) and asks GET /ready there: unhealthy when the record
+# is missing or stale, or the server does not answer 200 (preloading, models folder unreadable, draining).
+HEALTHCHECK --interval=30s --timeout=5s --start-period=300s CMD ["./start.sh", "--healthcheck"]
+# All interfaces: the server refuses to start unless ADMIN_TOKEN and API_TOKEN are set (or --insecure).
+# SIGTERM drains for SHUTDOWN_GRACE (30 s) + up to 15 s: give `docker stop` / `docker run` --stop-timeout 60.
 ENTRYPOINT ["./start.sh", "--host", "0.0.0.0"]

@@ -3,6 +3,7 @@ logs and metrics hooks."""
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import re
 import threading
@@ -14,7 +15,7 @@ from typing import Any
 from flask import Flask, Request, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from utils.errors import ServerError, Unauthorized
+from utils.errors import ServerError, ShuttingDown, Unauthorized
 from utils.settings import ServerSettings, load_settings
 
 log = logging.getLogger("model_server.app")
@@ -31,6 +32,8 @@ class Services:
     probe: Any
     metrics: Any = None
     sweeper: Any = None
+    lifecycle: Any = None   # utils/lifecycle.Lifecycle: readiness, requests in flight, drain, shutdown
+    runtime: Any = None     # utils/runtime_settings.RuntimeSettings
 
 
 class Sweeper:
@@ -121,8 +124,12 @@ def _install_temp_scopes(app: Flask) -> None:
             manager.__exit__(None, None, None)
 
 
-def create_app(settings: ServerSettings | None = None, *, background: bool = True) -> Flask:
+def create_app(settings: ServerSettings | None = None, *, background: bool = True, runtime=None) -> Flask:
+    """runtime: RuntimeSettings (BODY_TIMEOUT, SHUTDOWN_GRACE, METRICS_TOKEN); default from the environment."""
+    from utils.lifecycle import Lifecycle
+    from utils.runtime_settings import RuntimeSettings
     settings = settings or load_settings()
+    runtime = runtime or RuntimeSettings.from_env()
     for folder in (settings.models_dir, settings.tmp_dir, settings.log_dir):
         folder.mkdir(parents=True, exist_ok=True)
     from utils.logging_setup import setup_logging
@@ -135,6 +142,7 @@ def create_app(settings: ServerSettings | None = None, *, background: bool = Tru
     app.config["MAX_CONTENT_LENGTH"] = settings.max_content_length
     app.json.sort_keys = False
     services = build_services(settings)
+    services.runtime, services.lifecycle = runtime, Lifecycle(grace=runtime.shutdown_grace)
     app.extensions["model_server"] = services
     services.temp.startup_sweep()
 
@@ -148,17 +156,56 @@ def create_app(settings: ServerSettings | None = None, *, background: bool = Tru
     app.register_blueprint(dashboard_bp)
     app.register_blueprint(metrics_bp)
     _install_request_ids(app)
+    _install_drain_refusal(app)
     _install_observability(app, services)
     _install_temp_scopes(app)
-    _install_auth(app, settings)
+    _install_auth(app, settings, runtime)
     _install_error_handlers(app)
+    _install_serving_layer(app, services)
 
     if background:
         services.sweeper = Sweeper(settings.sweep_interval,
                                    [services.manager.expire_idle, services.manager.relieve_pressure,
                                     services.temp.sweep]).start()
-        threading.Thread(target=services.manager.preload, name="preload", daemon=True).start()
+        threading.Thread(target=services.lifecycle.run_preload, args=(services.manager.preload,), name="preload",
+                         daemon=True).start()
+    else:
+        services.lifecycle.skip_preload()
     return app
+
+
+def _install_serving_layer(app: Flask, services: Services) -> None:
+    """The WSGI layer under Flask (utils/api/wsgi.py: bodies, drain admission, requests in flight) and
+    the shutdown steps the worker runs after the drain."""
+    from utils.api.wsgi import ServingMiddleware
+
+    def stream_end(path: str) -> bytes:
+        details = "the server is shutting down; the answer is incomplete"
+        if path.startswith("/v1/"):
+            from utils.openai_api import error_body
+            body = error_body(503, "shutting down", details)
+        else:
+            body = {"error": "shutting down", "details": details}
+        return f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n".encode()
+
+    app.wsgi_app = ServingMiddleware(app.wsgi_app, lifecycle=services.lifecycle,
+                                     max_bytes=services.settings.max_content_length,
+                                     body_timeout=services.runtime.body_timeout, stream_end=stream_end)
+    lifecycle = services.lifecycle
+    lifecycle.on_shutdown("stop the sweeper", lambda: services.sweeper and services.sweeper.stop())
+    lifecycle.on_shutdown("unload the models", services.manager.shutdown)
+    lifecycle.on_shutdown("remove the temp files", lambda: services.temp.sweep(force=True))
+
+
+def _install_drain_refusal(app: Flask) -> None:
+    """Requests the WSGI layer refused while draining (after SIGTERM) get 503 + Retry-After."""
+    from utils.api.wsgi import REFUSED
+
+    @app.before_request
+    def refuse_while_draining() -> None:
+        if request.environ.get(REFUSED):
+            raise ShuttingDown("the server is shutting down and takes no new requests; retry on another instance "
+                               "or once it is back")
 
 
 def _install_request_ids(app: Flask) -> None:
@@ -174,9 +221,10 @@ def _install_request_ids(app: Flask) -> None:
         return response
 
 
-def _install_auth(app: Flask, settings: ServerSettings) -> None:
-    """ADMIN_TOKEN guards /admin, API_TOKEN guards inference; /health and /metrics stay open, and so
-    do views marked `public` (the dashboard's page and assets, which hold no data)."""
+def _install_auth(app: Flask, settings: ServerSettings, runtime) -> None:
+    """ADMIN_TOKEN guards /admin, API_TOKEN guards inference, METRICS_TOKEN (when set) /metrics;
+    /health and /ready stay open, and so do views marked `public` (the dashboard's page and assets,
+    which hold no data)."""
 
     @app.before_request
     def check_token() -> None:
@@ -187,6 +235,8 @@ def _install_auth(app: Flask, settings: ServerSettings) -> None:
             expected = settings.admin_token
         elif path.startswith(("/generate", "/v1")):
             expected = settings.api_token
+        elif path == "/metrics":
+            expected = runtime.metrics_token
         else:
             return
         if expected is None:
@@ -253,3 +303,12 @@ def _install_error_handlers(app: Flask) -> None:
         request_id = g.get("request_id", "-")
         log.exception("unhandled error in request %s", request_id)
         return error_response(500, "internal error", f"see the server log for request id {request_id}")
+
+
+if __name__ == "__main__":  # seed 001's `python app.py`: Flask's development server, main.py's flags
+    import sys
+
+    import main
+    print("app.py runs Flask's development server; in production run `python main.py` (gunicorn, one worker, "
+          "threads, drains on SIGTERM)", file=sys.stderr)
+    sys.exit(main.main(["--debug", *sys.argv[1:]]))

@@ -13,6 +13,7 @@ cd "$(dirname "$0")/.."
 IMAGE=${IMAGE:-model-server:smoke}
 CONTAINER_PORT=27431                        # not 5000: the health check must follow --port
 TOKEN=smoke-$RANDOM$RANDOM
+API=smoke-api-$RANDOM$RANDOM                 # both tokens: without them the server refuses 0.0.0.0
 NAME=model-server-smoke-$$
 
 if [ -z "${ENGINE:-}" ]; then
@@ -39,7 +40,7 @@ case "$test_cmd" in null|""|"[]") fail "the image has no HEALTHCHECK (podman wit
 
 PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 gpu=(); [ -n "${GPU:-}" ] && { [ "$ENGINE" = podman ] && gpu=(--device nvidia.com/gpu=all) || gpu=(--gpus all); }
-$ENGINE run -d --name "$NAME" "${gpu[@]}" -p "127.0.0.1:$PORT:$CONTAINER_PORT" -e ADMIN_TOKEN="$TOKEN" \
+$ENGINE run -d --name "$NAME" "${gpu[@]}" -p "127.0.0.1:$PORT:$CONTAINER_PORT" -e ADMIN_TOKEN="$TOKEN" -e API_TOKEN="$API" \
     --health-interval 2s "$IMAGE" --demo --port "$CONTAINER_PORT" >/dev/null
 URL=http://127.0.0.1:$PORT
 echo "container $NAME on $URL"
@@ -52,7 +53,7 @@ until curl -fsS "$URL/health" >/dev/null 2>&1; do
 done
 echo "ok  /health after $(( $(date +%s) - start )) s"
 
-answer=$(curl -fsS "$URL/generate/deepseek" -H 'Content-Type: application/json' \
+answer=$(curl -fsS "$URL/generate/deepseek" -H 'Content-Type: application/json' -H "Authorization: Bearer $API" \
          -d '{"prompt": "Say hi", "max_new_tokens": 4}') || fail "generate"
 echo "$answer" | python3 -c 'import json, sys; assert json.load(sys.stdin)["model"] == "deepseek"' \
     || fail "generate answered $answer"

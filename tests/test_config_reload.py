@@ -110,3 +110,32 @@ def test_load_time_changes_reload_once_idle_and_restart_only_settings_are_named(
     assert ask(client, "deepseek").status_code == 200          # ...and reloads with the new engine
     assert manager.snapshot_one("deepseek")["engine"]["max_batch_size"] == 2
     assert manager.snapshot_one("deepseek")["last_unload_reason"] == "reconfigured"
+
+
+def test_sighup_reloads_the_config_and_loaded_models_stay(start_server, tmp_path, models_dir):
+    import os
+    import signal
+
+    import requests
+
+    from tests.conftest import wait_for
+    config = tmp_path / "live-models.yaml"
+    write(config, DEEPSEEK, BLIP)
+    server = start_server(MODELS_CONFIG=config)
+    assert requests.post(server.url + "/generate/deepseek", json={"prompt": "hi", "max_new_tokens": 2},
+                         timeout=60).status_code == 200
+    write(config, DEEPSEEK, BLIP, QWEN_VL)
+    os.kill(server.process.pid, signal.SIGHUP)
+
+    def models():
+        return requests.get(server.url + "/admin/model_status", timeout=10).json()["models"]
+    assert wait_for(lambda: "qwen_vl" in models(), timeout=20), "SIGHUP did not reload the config"
+    assert models()["deepseek"]["loaded"] and models()["deepseek"]["load_count"] == 1  # same worker, same model
+    image = ms.b64(ms.png())
+    assert requests.post(server.url + "/generate/qwen_vl", json={"prompt": "?", "image": image, "max_new_tokens": 2},
+                         timeout=60).status_code == 200
+    write(config, DEEPSEEK, server="  max_loaded_models: nope\n")
+    os.kill(server.process.pid, signal.SIGHUP)                   # an invalid file: nothing changes
+    import time
+    time.sleep(1.0)
+    assert "qwen_vl" in models() and server.process.poll() is None

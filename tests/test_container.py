@@ -25,6 +25,9 @@ from tests.conftest import ROOT, free_port
 from tests.conftest import test_env as server_env
 
 SERVICE = "model-server"
+# The ENTRYPOINT listens on 0.0.0.0, where the server refuses to start without both tokens (main.py), and
+# compose requires both: the servers started here get them, as a real deployment does.
+TOKENS = {"ADMIN_TOKEN": "admin-test-token", "API_TOKEN": "api-test-token"}
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
@@ -93,11 +96,20 @@ def test_compose_service_builds_this_directory_and_maps_the_exposed_port(compose
     assert service["ports"] == ["5000:5000"]
 
 
-def test_compose_requires_admin_token(compose):
+def test_compose_requires_admin_and_api_tokens(compose):
     env = compose["services"][SERVICE]["environment"]
-    assert re.fullmatch(r"\$\{ADMIN_TOKEN:\?[^}]+\}", env["ADMIN_TOKEN"]), env["ADMIN_TOKEN"]
-    for optional in ("API_TOKEN", "HF_TOKEN"):  # passed through, empty when unset
+    for required in ("ADMIN_TOKEN", "API_TOKEN"):
+        assert re.fullmatch(rf"\$\{{{required}:\?[^}}]+\}}", env[required]), env[required]
+    for optional in ("METRICS_TOKEN", "HF_TOKEN"):  # passed through, empty when unset
         assert env[optional] == f"${{{optional}:-}}"
+
+
+def test_compose_checks_readiness_and_outlasts_the_drain(compose):
+    service = compose["services"][SERVICE]
+    assert service["healthcheck"]["test"] == ["CMD"] + healthcheck_spec()[1]
+    grace = float(str(service["environment"]["SHUTDOWN_GRACE"]).split(":-")[-1].rstrip("}"))
+    from utils.gunicorn_worker import SHUTDOWN_MARGIN
+    assert seconds(service["stop_grace_period"]) > grace + SHUTDOWN_MARGIN
 
 
 def test_compose_volumes_cover_the_image_volumes(compose):
@@ -131,12 +143,14 @@ def _compose_cli() -> list[str] | None:
 
 
 @pytest.mark.skipif(_compose_cli() is None, reason="docker compose is not installed")
-def test_compose_cli_refuses_to_start_without_admin_token():
+def test_compose_cli_refuses_to_start_without_both_tokens():
     cli = _compose_cli()
-    env = {k: v for k, v in os.environ.items() if k != "ADMIN_TOKEN"}
-    refused = subprocess.run([*cli, "config", "--quiet"], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert refused.returncode != 0 and "set ADMIN_TOKEN" in refused.stderr
-    accepted = subprocess.run([*cli, "config", "--quiet"], cwd=ROOT, env=dict(env, ADMIN_TOKEN="x"),
+    env = {k: v for k, v in os.environ.items() if k not in ("ADMIN_TOKEN", "API_TOKEN")}
+    for given, missing in (({"API_TOKEN": "y"}, "ADMIN_TOKEN"), ({"ADMIN_TOKEN": "x"}, "API_TOKEN")):
+        refused = subprocess.run([*cli, "config", "--quiet"], cwd=ROOT, env=dict(env, **given), capture_output=True,
+                                 text=True)
+        assert refused.returncode != 0 and f"set {missing}" in refused.stderr
+    accepted = subprocess.run([*cli, "config", "--quiet"], cwd=ROOT, env=dict(env, ADMIN_TOKEN="x", API_TOKEN="y"),
                               capture_output=True, text=True)
     assert accepted.returncode == 0, accepted.stderr
 
@@ -215,7 +229,7 @@ def entrypoint_server(models_dir, tmp_path):
 
     def start(port: int, args=(), **extra_env):
         """port: where this server will listen (passed in args or PORT by the test)."""
-        env = server_env(models_dir, tmp_path, **extra_env)
+        env = server_env(models_dir, tmp_path, **TOKENS, **extra_env)
         server = EntrypointServer(env, list(args), port, tmp_path / f"server-{len(servers)}.log")
         servers.append(server)  # stopped at teardown even when it never gets ready
         server.wait_ready()
@@ -243,7 +257,7 @@ def test_healthcheck_follows_port_flag_and_fails_once_stopped(entrypoint_server)
 
     healthy = run_healthcheck(server.env)
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr
-    assert f":{port}/health" in healthy.stdout
+    assert f":{port}/ready" in healthy.stdout
 
     server.stop()  # SIGTERM, as `docker stop` sends: a clean exit removes the record
     assert server.process.returncode == 0
@@ -256,13 +270,25 @@ def test_healthcheck_follows_port_env_and_rejects_a_stale_record(entrypoint_serv
     port = free_port()
     server = entrypoint_server(port, ["--demo"], PORT=str(port))  # no --port: PORT decides
     healthy = run_healthcheck(server.env)
-    assert healthy.returncode == 0 and f":{port}/health" in healthy.stdout, healthy.stdout + healthy.stderr
+    assert healthy.returncode == 0 and f":{port}/ready" in healthy.stdout, healthy.stdout + healthy.stderr
 
     server.stop(signal.SIGKILL)  # no clean exit: the record stays behind, naming a dead pid
     record_file = Path(server.env["LOG_DIR"]) / "server.json"
     assert json.loads(record_file.read_text())["pid"] == server.process.pid
     stale = run_healthcheck(server.env)
     assert stale.returncode != 0 and "stale" in stale.stdout, stale.stdout + stale.stderr
+
+
+def test_entrypoint_without_tokens_refuses_to_start_and_says_what_is_open(models_dir, tmp_path):
+    port = free_port()
+    argv = command_argv(instruction("ENTRYPOINT")) + ["--demo", "--port", str(port)]
+    env = {k: v for k, v in os.environ.items() if k not in TOKENS}
+    for given in ({}, {"ADMIN_TOKEN": "admin-only"}):
+        result = subprocess.run(argv, cwd=ROOT, env=dict(env, **server_env(models_dir, tmp_path, **given)),
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert "refusing to listen on 0.0.0.0" in result.stderr and "API_TOKEN is not set" in result.stderr
+        assert ("ADMIN_TOKEN is not set" in result.stderr) == (not given) and "--insecure" in result.stderr
 
 
 def test_healthcheck_fails_when_the_recorded_pid_lives_but_nothing_answers(models_dir, tmp_path):

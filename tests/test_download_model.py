@@ -468,3 +468,49 @@ def test_downloaded_model_is_served_after_restart(tmp_path, repos):
     finally:
         server.terminate()
         server.wait(timeout=20)
+
+
+def test_main_py_fetches_missing_models_before_serving_and_serves_despite_a_failed_one(tmp_path, repos):
+    """Seed 001's `python main.py`: download what is missing, then serve; a model whose download
+    failed is reported and answers 503, the others serve."""
+    import os
+    import subprocess
+    import sys
+
+    import requests
+
+    from tests.conftest import ROOT, free_port, wait_for
+    from tests.hub_server import start_hub
+
+    hub = start_hub(tmp_path / "hub-root", {REPO: repos[REPO]})
+    config = tmp_path / "models.yaml"
+    model = "    family: text\n    dtype: float32\n    device: cpu\n    generation: {max_new_tokens: 3}\n"
+    config.write_text("server: {max_loaded_models: 2}\nmodels:\n"
+                      f"  tiny:\n    repo_id: {REPO}\n    path: tiny\n{model}"
+                      f"  gone:\n    repo_id: test/not-on-the-hub\n    path: gone\n{model}")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1", MODELS_DIR=str(tmp_path / "models"),
+               TMP_DIR=str(tmp_path / "tmp"), LOG_DIR=str(tmp_path / "logs"), DOWNLOAD_RESERVE_BYTES="0",
+               HF_HOME=str(tmp_path / "hf-home"), NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+    port = free_port()
+    log = open(tmp_path / "server.log", "wb")
+    server = subprocess.Popen([sys.executable, "main.py", "--config", str(config), "--port", str(port)], cwd=ROOT,
+                              env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up():
+            try:
+                return requests.get(url + "/health", timeout=1).ok
+            except requests.RequestException:
+                return False
+        assert wait_for(up, timeout=90), (tmp_path / "server.log").read_text()[-3000:]
+        assert checkpoint_state(tmp_path / "models" / "tiny") == "downloaded"
+        assert requests.post(url + "/generate/tiny", json={"prompt": "w1 w2"}, timeout=60).status_code == 200
+        assert requests.post(url + "/generate/gone", json={"prompt": "w1"}, timeout=60).status_code == 503
+        output = (tmp_path / "server.log").read_text()
+        assert "gone" in output and "tiny" in output  # the summary names both
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+        hub.stop()

@@ -4,9 +4,10 @@ At start the gunicorn master writes ``<log_dir>/server.json`` = {host, port, pid
 really bound (however it was chosen: --port, PORT or the default), and removes it on a clean exit.
 It lives beside the logs, not in tmp/, so the temp manager neither counts nor sweeps it.
 ``python main.py --healthcheck`` (the image's HEALTHCHECK, through start.sh) resolves the same log
-dir from the same settings, then exits 0 only when that pid is alive and GET /health on the recorded
-address answers 200 with status "ok". No record, a stale record (dead pid), a refused or slow
-connection: exit 1.
+dir from the same settings, then exits 0 only when that pid is alive and GET /ready on the recorded
+address answers 200 with status "ready". No record, a stale record (dead pid), a refused or slow
+connection, a server not ready (preloading, models folder unreadable, draining after SIGTERM): exit 1,
+with the server's reasons in the line printed.
 """
 from __future__ import annotations
 
@@ -76,7 +77,7 @@ def _pid_alive(pid: int) -> bool:
 
 def _url(host: str, port: int) -> str:
     host = _LOOPBACK.get(host, host).strip("[]")
-    return f"http://[{host}]:{port}/health" if ":" in host else f"http://{host}:{port}/health"
+    return f"http://[{host}]:{port}/ready" if ":" in host else f"http://{host}:{port}/ready"
 
 
 def check(path: Path, timeout: float = 4.0) -> tuple[bool, str]:
@@ -97,10 +98,14 @@ def check(path: Path, timeout: float = 4.0) -> tuple[bool, str]:
             body = json.loads(response.read() or b"{}")
             status = response.status
     except urllib.error.HTTPError as exc:
-        return False, f"{url} answered {exc.code}"
+        try:
+            reasons = "; ".join(json.loads(exc.read() or b"{}").get("reasons") or [])
+        except (OSError, ValueError, AttributeError):
+            reasons = ""
+        return False, f"{url} answered {exc.code}" + (f": {reasons}" if reasons else "")
     except (OSError, ValueError) as exc:  # refused, timed out, not JSON
         return False, f"{url} failed: {exc}"
-    if status != 200 or body.get("status") != "ok":
+    if status != 200 or body.get("status") != "ready":
         return False, f"{url} answered {status} {body.get('status')!r}"
     return True, f"healthy: {url} (pid {pid})"
 

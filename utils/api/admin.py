@@ -127,15 +127,11 @@ def reload_config():
     """Re-reads models.yaml and the environment; an invalid file changes nothing (400 naming the key)."""
     from utils import config_reload
     from utils.errors import ConfigError
-    from utils.settings import load_settings
 
-    svc = services()
     try:
-        new = load_settings(svc.settings.config_path, env=svc.settings.env, demo=svc.settings.demo)
+        diff = config_reload.reload_config(services(), current_app.config)
     except ConfigError as exc:
         raise InvalidInput(f"nothing changed: {exc}", error="invalid config") from None
-    diff = config_reload.apply(svc, new)
-    current_app.config["MAX_CONTENT_LENGTH"] = svc.settings.max_content_length
     return jsonify(dict(diff, reloaded=True))
 
 
