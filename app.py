@@ -34,6 +34,7 @@ class Services:
     sweeper: Any = None
     lifecycle: Any = None   # utils/lifecycle.Lifecycle: readiness, requests in flight, drain, shutdown
     runtime: Any = None     # utils/runtime_settings.RuntimeSettings
+    quant_cache: Any = None  # utils/checkpoints.QuantizedCache: 4-bit / 8-bit models saved once quantized
 
 
 class Sweeper:
@@ -61,6 +62,9 @@ class Sweeper:
 
 
 def build_services(settings: ServerSettings) -> Services:
+    from functools import partial
+
+    from utils.checkpoints import QuantizedCache
     from utils.engine import make_loader
     from utils.families import WEIGHT_LOADS, load_family
     from utils.inference import InferenceService
@@ -74,15 +78,17 @@ def build_services(settings: ServerSettings) -> Services:
     set_torch_threads(settings.torch_threads)
     probe = MemoryProbe()
     metrics = Metrics()  # per app: several apps may share one process (tests)
-    manager = ModelManager(settings, make_loader(load_family, observer=metrics), estimator=estimate_model_bytes,
-                           probe=probe, events=metrics, loads_waiting=WEIGHT_LOADS.waiting)
+    quant_cache = QuantizedCache.from_settings(settings)
+    manager = ModelManager(settings, make_loader(partial(load_family, cache=quant_cache), observer=metrics),
+                           estimator=estimate_model_bytes, probe=probe, events=metrics,
+                           loads_waiting=WEIGHT_LOADS.waiting)
     media_limits = MediaLimits(**asdict(settings.media))
     temp = TempManager(settings.tmp_dir, ttl_seconds=settings.tmp_ttl, max_total_bytes=settings.tmp_max_bytes)
     metrics.watch(manager=manager, probe=probe, temp=temp)
     inference = InferenceService(manager, media_limits, on_result=metrics.on_result,
                                  fetch=RemoteFetcher(settings.remote_media).fetch)
     return Services(settings=settings, manager=manager, inference=inference, temp=temp, probe=probe,
-                    metrics=metrics)
+                    metrics=metrics, quant_cache=quant_cache)
 
 
 def set_torch_threads(threads: int | None) -> None:

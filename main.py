@@ -51,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     downloads.add_argument("--skip-download", action="store_true",
                            help="never download (also with HF_HUB_OFFLINE=1 and in demo mode)")
     parser.add_argument("--model", nargs="+", default=None, help="with --download*: only these model keys")
+    parser.add_argument("--no-quant-cache", action="store_true",
+                        help="with --download / --download-only: do not build the quantized cache ahead of time")
     parser.add_argument("--healthcheck", action="store_true",
                         help="exit 0 if the server recorded in the tmp dir answers /health, else 1 (the image's "
                              "HEALTHCHECK; give it the same --config / environment as the server)")
@@ -150,9 +152,13 @@ def main(argv=None) -> int:
         if args.download or args.download_only:
             print("--demo serves built-in tiny checkpoints; nothing to download", file=sys.stderr)
     elif args.download_only:
-        return 0 if fetch_missing(settings, args.model, every=True) else 1
+        fetched = fetch_missing(settings, args.model, every=True)
+        cached = args.no_quant_cache or build_cache(settings, args.model)
+        return 0 if fetched and cached else 1
     elif not args.skip_download and os.environ.get("HF_HUB_OFFLINE", "") not in ("1", "true", "yes"):
         fetch_missing(settings, args.model)  # failures are reported; the models that are there still serve
+        if args.download and not args.no_quant_cache:  # not by default: minutes before serving
+            build_cache(settings, args.model)
 
     from app import create_app
     record = healthcheck.record_path(settings.log_dir)
@@ -177,6 +183,14 @@ def fetch_missing(settings, keys=None, *, every: bool = False) -> bool:
     results = download_models(settings, wanted, reserve_bytes=reserve_bytes_from_env())
     print(format_summary(results))
     return all(r.ok for r in results)
+
+
+def build_cache(settings, keys=None) -> bool:
+    """Quantizes the 4-bit / 8-bit models into the quantized cache ahead of their first load."""
+    from utils.checkpoints import build_quantized_cache, format_cache_report
+    report = build_quantized_cache(settings, keys or list(settings.models))
+    print(format_cache_report(report))
+    return not any(row.get("status") == "failed" for row in report)
 
 
 def run_debug(app, host: str, port: int, record) -> int:

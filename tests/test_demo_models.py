@@ -85,7 +85,8 @@ def _new_text(processor_or_tok, out: torch.Tensor, prompt_len: int) -> list[str]
 
 def test_api_and_markers(demo, demo_root):
     assert set(demo) == set(DEMO_KEYS)
-    assert [demo_family(k) for k in DEMO_KEYS] == ["text", "vision_language", "vqa", "audio", "omni"]
+    assert [demo_family(k) for k in DEMO_KEYS] == ["text", "vision_language", "vqa", "audio", "omni",
+                                                   "text_to_image", "image_edit"]
     with pytest.raises(KeyError):
         demo_family("nope")
     with pytest.raises(KeyError):
@@ -94,8 +95,14 @@ def test_api_and_markers(demo, demo_root):
         assert path == demo_root / key
         marker = json.loads((path / MARKER_NAME).read_text())
         assert marker["version"] == DEMO_VERSION and marker["key"] == key
-        assert (path / "model.safetensors").is_file() and (path / "config.json").is_file()
-        size = sum(f.stat().st_size for f in path.iterdir())
+        if demo_family(key) in ("text_to_image", "image_edit"):  # diffusers pipelines: one folder per component
+            assert (path / "model_index.json").is_file()
+            assert (path / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+            assert (path / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+            assert (path / "text_encoder" / "model.safetensors").is_file()
+        else:
+            assert (path / "model.safetensors").is_file() and (path / "config.json").is_file()
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         assert size < 2_000_000, f"{key} is {size} bytes"
     assert (demo_root / "qwen_omni" / "spk_dict.pt").is_file()
     assert not [p for p in demo_root.iterdir() if p.name.startswith(".building-")]

@@ -11,11 +11,15 @@ from utils.errors import ConfigError
 from utils.settings import GIB, MIB, load_settings
 
 
-def test_shipped_config_has_the_five_reference_models():
+def test_shipped_config_has_the_reference_models():
     settings = load_settings(env={})
-    assert list(settings.models) == ["deepseek", "qwen_vl", "qwen_audio", "qwen_omni", "blip_vqa"]
+    assert list(settings.models) == ["deepseek", "qwen_vl", "qwen_audio", "qwen_omni", "blip_vqa", "flux",
+                                     "qwen_image_edit"]
     assert settings.models["deepseek"].repo_id == "deepseek-ai/DeepSeek-R1-0528-Qwen3-8B"
-    assert {s.family for s in settings.models.values()} == {"text", "vision_language", "audio", "omni", "vqa"}
+    assert settings.models["flux"].repo_id == "black-forest-labs/FLUX.1-schnell"
+    assert settings.models["qwen_image_edit"].repo_id == "Qwen/Qwen-Image-Edit"
+    assert {s.family for s in settings.models.values()} == {"text", "vision_language", "audio", "omni", "vqa",
+                                                            "text_to_image", "image_edit"}
 
 
 def test_environment_overrides():

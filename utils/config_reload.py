@@ -12,7 +12,8 @@ log = logging.getLogger("model_server.config")
 
 # Server settings a running process cannot take on: folders it opened, torch's thread pool, the tokens
 # its auth checks were built with, demo mode.
-RESTART_ONLY = ("models_dir", "tmp_dir", "log_dir", "torch_threads", "admin_token", "api_token", "demo")
+RESTART_ONLY = ("models_dir", "tmp_dir", "log_dir", "torch_threads", "admin_token", "api_token", "demo",
+                "quant_cache_dir")
 
 
 def apply(services: Any, new: ServerSettings) -> dict:
@@ -42,3 +43,19 @@ def _apply_services(services: Any, settings: ServerSettings) -> None:
     services.temp.ttl_seconds, services.temp.max_total_bytes = settings.tmp_ttl, settings.tmp_max_bytes
     if services.sweeper is not None:
         services.sweeper.interval = settings.sweep_interval
+    cache = getattr(services, "quant_cache", None)
+    if cache is not None:  # the switch and the cap: from the next load on
+        cache.reconfigure(settings)
+
+
+def reload_config(services: Any, app_config: Any = None) -> dict:
+    """Re-reads the config file and environment the server started with and applies them; raises
+    ConfigError (nothing changed) when the file is invalid. `app_config`: the web app's config dict,
+    for the body size limit. Called by POST /admin/reload_config and on SIGHUP."""
+    from utils.settings import load_settings
+
+    old = services.settings
+    diff = apply(services, load_settings(old.config_path, env=old.env, demo=old.demo))
+    if app_config is not None:
+        app_config["MAX_CONTENT_LENGTH"] = services.settings.max_content_length
+    return diff

@@ -7,6 +7,10 @@ Each key builds one directory that loads through the same classes as the real mo
     blip_vqa    BlipForQuestionAnswering + BlipProcessor
     qwen_audio  Qwen2AudioForConditionalGeneration + Qwen2AudioProcessor
     qwen_omni   Qwen2_5OmniForConditionalGeneration (thinker only, audio output off) + Qwen2_5OmniProcessor
+    flux        FluxPipeline (FLUX.1-schnell layout): 1+1-layer FluxTransformer2DModel, AutoencoderKL, CLIP + T5
+                text encoders with their tokenizers, FlowMatchEulerDiscreteScheduler
+    qwen_image_edit  QwenImageEditPipeline: QwenImageTransformer2DModel, AutoencoderKLQwenImage, a Qwen2.5-VL
+                text encoder + Qwen2VLProcessor
 
 Weights are float32, seeded per key (deterministic), saved as safetensors. Tokenizers are built offline
 with `tokenizers` (WordPiece over a few hundred English words plus single characters, so any ASCII text
@@ -41,7 +45,7 @@ __all__ = ["DEMO_KEYS", "DEMO_VERSION", "DEFAULT_ROOT", "MARKER_NAME", "build_de
 log = logging.getLogger(__name__)
 
 DEMO_VERSION = 1
-DEMO_KEYS = ("deepseek", "qwen_vl", "blip_vqa", "qwen_audio", "qwen_omni")
+DEMO_KEYS = ("deepseek", "qwen_vl", "blip_vqa", "qwen_audio", "qwen_omni", "flux", "qwen_image_edit")
 MARKER_NAME = ".demo_checkpoint"
 LOCK_NAME = ".demo.lock"
 _TMP_PREFIX = ".building-"
@@ -53,6 +57,8 @@ _FAMILIES = {
     "blip_vqa": "vqa",
     "qwen_audio": "audio",
     "qwen_omni": "omni",
+    "flux": "text_to_image",
+    "qwen_image_edit": "image_edit",
 }
 _SEEDS = {key: 1000 + i for i, key in enumerate(DEMO_KEYS)}
 
@@ -487,12 +493,96 @@ def _build_qwen_omni(out: Path) -> None:
                              do_sample=False)
 
 
+# --- diffusers pipelines: the same components as the real repos, each a few KB. Their VAEs downsample
+# 8x like the real ones (so sizes are multiples of 16, as for the real models).
+
+def _special_tokenizer(head: list[str], *, bos: str | None, eos: str, pad: str, max_length: int):
+    """A WordPiece PreTrainedTokenizerFast that wraps every text as [bos] text eos, like CLIP's and T5's."""
+    from tokenizers import AddedToken, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = _wordpiece_vocab(head)
+    tk = _wordpiece_tokenizer(vocab, "<unk>")
+    single = f"{bos} $A {eos}" if bos else f"$A {eos}"
+    tk.post_processor = processors.TemplateProcessing(
+        single=single, special_tokens=[(t, vocab[t]) for t in (bos, eos) if t])
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in head])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=bos, eos_token=eos, pad_token=pad, unk_token="<unk>",
+                                   model_max_length=max_length, clean_up_tokenization_spaces=False)
+
+
+def _build_flux(out: Path) -> None:
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    clip_tok = _special_tokenizer(["<|startoftext|>", "<|endoftext|>", "<unk>"], bos="<|startoftext|>",
+                                  eos="<|endoftext|>", pad="<|endoftext|>", max_length=77)
+    t5_tok = _special_tokenizer(["<pad>", "</s>", "<unk>"], bos=None, eos="</s>", pad="<pad>", max_length=512)
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=_vocab_size(clip_tok), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=32, bos_token_id=clip_tok.bos_token_id,
+        eos_token_id=clip_tok.eos_token_id, pad_token_id=clip_tok.pad_token_id))
+    t5 = T5EncoderModel(T5Config(vocab_size=_vocab_size(t5_tok), d_model=32, d_kv=8, d_ff=37, num_layers=1,
+                                 num_heads=4, relative_attention_num_buckets=8, pad_token_id=t5_tok.pad_token_id,
+                                 eos_token_id=t5_tok.eos_token_id, decoder_start_token_id=t5_tok.pad_token_id))
+    # FLUX.1-schnell: no guidance embedding; 16 latent channels packed 2x2 -> 64 (here 4 -> 16).
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=False)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+                        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=(4, 4, 4, 4), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5035, sample_size=64)
+    scheduler = FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096,
+                                                max_shift=1.15, shift=1.0, use_dynamic_shifting=False)
+    FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5,
+                 tokenizer_2=t5_tok, transformer=transformer).save_pretrained(out)
+
+
+def _build_qwen_image_edit(out: Path) -> None:
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline,
+                           QwenImageTransformer2DModel)
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor,
+                              Qwen2VLProcessor, Qwen2VLVideoProcessor)
+
+    tok = _qwen_tokenizer([], _QWEN_VL_TEMPLATE)
+    pad_id, eos_id, image_id, video_id, vs_id, ve_id = _ids(
+        tok, "<|endoftext|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+    hidden = 32  # the text encoder's width = the transformer's joint_attention_dim
+    config = Qwen2_5_VLConfig(
+        text_config=dict(_TEXT, vocab_size=_vocab_size(tok), hidden_size=hidden, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                         rope_parameters=dict(_MROPE), bos_token_id=pad_id, eos_token_id=eos_id, pad_token_id=pad_id),
+        vision_config=dict(_VISION, depth=1, fullatt_block_indexes=[0], out_hidden_size=hidden),
+        image_token_id=image_id, video_token_id=video_id, vision_start_token_id=vs_id, vision_end_token_id=ve_id,
+        tie_word_embeddings=False, bos_token_id=pad_id, eos_token_id=eos_id, pad_token_id=pad_id,
+    )
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config)
+    image_proc, video_proc = _vision_processors(Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+    processor = Qwen2VLProcessor(image_processor=image_proc, tokenizer=tok, video_processor=video_proc,
+                                 chat_template=_QWEN_VL_TEMPLATE)
+    z_dim = 4
+    vae = AutoencoderKLQwenImage(base_dim=4, z_dim=z_dim, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True], latents_mean=[0.0] * z_dim,
+                                 latents_std=[1.0] * z_dim)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=4 * z_dim, out_channels=z_dim, num_layers=1,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=hidden,
+                                              guidance_embeds=False, axes_dims_rope=(8, 4, 4))
+    scheduler = FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192,
+                                                max_shift=0.9, shift=1.0, shift_terminal=0.02,
+                                                use_dynamic_shifting=True, time_shift_type="exponential")
+    QwenImageEditPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok, processor=processor,
+                          transformer=transformer).save_pretrained(out)
+
+
 _BUILDERS: dict[str, Callable[[Path], None]] = {
     "deepseek": _build_deepseek,
     "qwen_vl": _build_qwen_vl,
     "blip_vqa": _build_blip_vqa,
     "qwen_audio": _build_qwen_audio,
     "qwen_omni": _build_qwen_omni,
+    "flux": _build_flux,
+    "qwen_image_edit": _build_qwen_image_edit,
 }
 
 

@@ -57,6 +57,7 @@ from utils.settings import ServerSettings, load_settings  # noqa: E402
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = ".download.json"
+LOCAL_REPO = "(local)"  # the repo shown for a model configured with a local path and no repo_id
 _HF_DIR = Path(".cache") / "huggingface"  # huggingface_hub's per-folder metadata (local_dir downloads)
 _LOCK_NAME = ".download.lock"
 DEFAULT_RESERVE_BYTES = 1 << 30  # keep 1 GiB free after a download (logs, temp files)
@@ -69,6 +70,13 @@ ALLOW_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.json", "tokeni
 # Copies of the weights in other formats, and their indexes: never needed next to safetensors.
 IGNORE_PATTERNS = ("*.bin.index.json", "*.pt.index.json", "*.msgpack.index.json", "*.h5.index.json",
                    "onnx/*", "openvino/*", "coreml/*", "tflite/*", "mlx/*", "gguf/*", "original/*")
+# A diffusers pipeline (model_index.json at the top): each component in its subfolder (transformer/,
+# vae/, text_encoder/, tokenizer/, scheduler/, processor/). Files at the top other than model_index.json
+# are single-file copies of the same weights (FLUX.1's flux1-schnell.safetensors, 24 GB): never needed.
+PIPELINE_ALLOW_PATTERNS = ("model_index.json", "*/*.safetensors", "*/*.safetensors.index.json", "*/*.json",
+                           "*/tokenizer.model", "*/spiece.model", "*/*.tiktoken", "*/merges.txt", "*/vocab.*",
+                           "*/*.jinja")
+PIPELINE_INDEX = "model_index.json"
 # Used only when the repo has no *.safetensors at all.
 BIN_PATTERNS = ("*.bin", "*.bin.index.json")
 _BIN_EXCLUDE = ("training_args.bin", "optimizer.bin", "scheduler.bin", "rng_state*.bin")
@@ -117,7 +125,9 @@ def select_files(repo_files: Iterable[str]) -> FileSelection:
     from huggingface_hub.utils import filter_repo_objects
 
     names = sorted(set(repo_files))
-    if any(name.endswith(".safetensors") for name in names):
+    if PIPELINE_INDEX in names:
+        allow, ignore, fmt = PIPELINE_ALLOW_PATTERNS, IGNORE_PATTERNS, "safetensors"
+    elif any(name.endswith(".safetensors") for name in names):
         allow, ignore, fmt = ALLOW_PATTERNS, IGNORE_PATTERNS, "safetensors"
     else:
         allow = ALLOW_PATTERNS + BIN_PATTERNS
@@ -149,8 +159,11 @@ def _leftovers(path: Path) -> list[Path]:
 def _weight_files(path: Path) -> list[Path]:
     """The weight files a load of `path` reads: the shards an index names, else the single files.
 
-    Safetensors first; *.bin only when the folder has no safetensors weights.
+    Safetensors first; *.bin only when the folder has no safetensors weights. A diffusers pipeline:
+    those of every component its model_index.json lists that has a config (a model, not a tokenizer).
     """
+    if (path / PIPELINE_INDEX).is_file():
+        return _pipeline_weight_files(path)
     for suffix in (".safetensors", ".bin"):
         indexes = sorted(path.glob(f"*{suffix}.index.json"))
         if indexes:
@@ -169,6 +182,22 @@ def _weight_files(path: Path) -> list[Path]:
         if singles:
             return singles
     return []
+
+
+def _pipeline_weight_files(path: Path) -> list[Path]:
+    try:
+        index = json.loads((path / PIPELINE_INDEX).read_text())
+    except (OSError, ValueError):
+        return [path / f"<unreadable {PIPELINE_INDEX}>"]
+    files: list[Path] = []
+    for name, value in sorted(index.items()):
+        if name.startswith("_") or not isinstance(value, list) or value[0] is None:
+            continue
+        folder = path / name
+        if (folder / "config.json").is_file() or not folder.is_dir():  # a model (tokenizers have no config)
+            found = _weight_files(folder) if folder.is_dir() else []
+            files += found or [folder / "<no weights>"]
+    return files
 
 
 def _size_or_none(path: Path) -> int | None:
@@ -193,7 +222,7 @@ def checkpoint_state(path: Path) -> str:
     content = [p for p in path.iterdir() if p.name != ".cache"]
     if not content and not leftovers:
         return "not_downloaded"
-    if leftovers or not (path / "config.json").is_file():
+    if leftovers or not ((path / "config.json").is_file() or (path / PIPELINE_INDEX).is_file()):
         return "partial"
     weights = _weight_files(path)
     if not weights or any(not _size_or_none(w) for w in weights):
@@ -340,6 +369,18 @@ def _write_manifest(target: Path, *, repo_id: str, revision: str, sha: str, file
     os.replace(tmp, target / MANIFEST_NAME)
 
 
+def _local_result(result: DownloadResult) -> DownloadResult:
+    """A model with no repo_id is a local folder: nothing is fetched; it is ok when complete."""
+    state = checkpoint_state(result.path)
+    if state == "downloaded":
+        result.status, result.reason = "skipped", "local folder (no repo_id)"
+        result.bytes = checkpoint_bytes(result.path)
+    else:
+        result.status = "failed"
+        result.reason = f"local folder (no repo_id) holds no complete checkpoint ({state}); put the checkpoint there"
+    return result
+
+
 def _offline_result(result: DownloadResult) -> DownloadResult:
     state = checkpoint_state(result.path)
     manifest = read_manifest(result.path) or {}
@@ -460,10 +501,13 @@ def download_models(settings: ServerSettings, keys: Sequence[str], *, path: Path
     for key in dict.fromkeys(keys):
         spec = settings.models[key]
         target = (Path(path).expanduser().resolve() / key) if path is not None else Path(spec.path)
-        result = DownloadResult(key=key, repo_id=spec.repo_id, revision=revision or spec.revision, path=target)
+        result = DownloadResult(key=key, repo_id=spec.repo_id or LOCAL_REPO, revision=revision or spec.revision,
+                                path=target)
         started = time.monotonic()
         try:
-            if offline:
+            if not spec.repo_id:
+                _local_result(result)
+            elif offline:
                 _offline_result(result)
             else:
                 _download_one(result, token=token, reserve_bytes=reserve_bytes, endpoint=endpoint,

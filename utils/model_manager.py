@@ -662,7 +662,7 @@ def default_device_resolver(spec: ModelSpec) -> str:
 def _load_fields(spec: ModelSpec) -> tuple:
     """What a loaded model was built from: a change to any of these needs a reload to apply."""
     return (spec.family, spec.path, spec.revision, spec.dtype, spec.quantization, spec.device, spec.engine,
-            spec.max_memory)
+            spec.max_memory, spec.offload)
 
 
 def _mps_available() -> bool:

@@ -34,7 +34,7 @@ def resolve_model(settings: ServerSettings, name: Any) -> str:
 
 
 def model_card(spec: ModelSpec, created: int, loaded: bool) -> dict:
-    return {"id": spec.key, "object": "model", "created": created, "owned_by": spec.repo_id.split("/")[0],
+    return {"id": spec.key, "object": "model", "created": created, "owned_by": (spec.repo_id or "local").split("/")[0],
             "repo_id": spec.repo_id, "family": spec.family, "loaded": loaded}
 
 
@@ -140,7 +140,8 @@ def parse_chat(body: Mapping, spec: ModelSpec) -> GenerateJob:
     turns: list[dict] = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
-        if not isinstance(message, Mapping) or message.get("role") not in ROLES:
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str) \
+                or message["role"] not in ROLES:
             raise InvalidInput(f"each message needs a role: one of {', '.join(ROLES)}", field=f"{where}.role")
         role = ROLES[message["role"]]
         content = message.get("content")
@@ -212,6 +213,71 @@ def _check_text(text: str, field: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise InvalidInput("text is not valid Unicode (lone surrogate)", field=field) from None
+
+
+# ------------------------------------------------------------------ images
+
+# Extensions an image request may carry (extra_body in the openai client), validated as on /generate.
+IMAGE_EXTENSIONS = ("seed", "negative_prompt", "num_inference_steps", "guidance_scale", "true_cfg_scale", "timeout")
+# OpenAI parameters we take only at their neutral value; anything else changes the answer: refused.
+IMAGE_NEUTRAL = {"quality": (None, "auto", "standard"), "style": (None,), "background": (None, "auto"),
+                 "output_format": (None, "png"), "output_compression": (None, 100, "100"),
+                 "stream": (None, False, "false"), "partial_images": (None, 0, "0"), "mask": (None,),
+                 "input_fidelity": (None,)}
+
+
+def parse_image_request(body: Mapping, spec: ModelSpec, *, edit: bool, image: Any = None):
+    """A /v1/images/generations (JSON) or /v1/images/edits (multipart) body -> our ImageJob: `n` is
+    num_images, `size` "WxH" (or "auto") width and height; images come back as b64_json only."""
+    from utils.images import is_image_model, parse_image_job
+
+    family = spec.family
+    if not is_image_model(spec):
+        raise InvalidInput(f"'{spec.key}' does not make images; image models: the text_to_image and image_edit "
+                           f"families (GET /v1/models)", field="model", error="unsupported model")
+    if edit and family != "image_edit":
+        raise InvalidInput(f"'{spec.key}' generates images from text; use /v1/images/generations", field="model",
+                           error="unsupported model")
+    if not edit and family != "text_to_image":
+        raise InvalidInput(f"'{spec.key}' edits an image; use /v1/images/edits with the image", field="model",
+                           error="unsupported model")
+    response_format = body.get("response_format") or "b64_json"
+    if response_format != "b64_json":
+        raise InvalidInput("this server returns images inline only: response_format b64_json (url is not served)",
+                           field="response_format", error="unsupported parameter")
+    for name, neutral in IMAGE_NEUTRAL.items():
+        if body.get(name) not in neutral:
+            allowed = ", ".join(repr(v) for v in neutral if v is not None) or "leave it out"
+            raise InvalidInput(f"'{name}' is not supported by this server (only: {allowed})", field=name,
+                               error="unsupported parameter")
+    ours: dict[str, Any] = {name: body[name] for name in IMAGE_EXTENSIONS if body.get(name) not in (None, "")}
+    ours["prompt"] = body.get("prompt")
+    if body.get("n") not in (None, ""):
+        ours["num_images"] = body["n"]
+    size = body.get("size")
+    if size not in (None, "", "auto"):
+        parts = size.lower().split("x") if isinstance(size, str) else []
+        if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
+            raise InvalidInput(f"'size' is WIDTHxHEIGHT (e.g. 1024x768) or auto; got {size!r}", field="size")
+        ours["width"], ours["height"] = (int(part) for part in parts)
+    uploads = {"image": [image]} if image is not None else {}
+    try:
+        return parse_image_job(ours, uploads, spec)
+    except InvalidInput as exc:
+        renamed = {"num_images": "n", "width": "size", "height": "size"}.get(exc.field or "")
+        if renamed:
+            exc.details = exc.details.replace(f"'{exc.field}'", f"'{renamed}' ({exc.field})")
+            exc.field = renamed
+        raise
+
+
+def images_response(outcome: Any) -> dict:
+    """OpenAI's ImagesResponse; `seed` (an extension) reproduces the images."""
+    import base64
+    params = outcome.params
+    return {"created": int(time.time()), "data": [{"b64_json": base64.b64encode(png).decode("ascii")}
+                                                  for png in outcome.images],
+            "output_format": "png", "size": f"{params.width}x{params.height}", "seed": params.seed}
 
 
 # ------------------------------------------------------------------ responses

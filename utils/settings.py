@@ -23,7 +23,10 @@ MIB = 2**20
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "models.yaml"
 
-FAMILIES = ("text", "vision_language", "vqa", "audio", "omni")
+FAMILIES = ("text", "vision_language", "vqa", "audio", "omni", "text_to_image", "image_edit")
+IMAGE_FAMILIES = ("text_to_image", "image_edit")  # diffusers pipelines: images out (utils/families/diffusion.py)
+OFFLOADS = ("none", "model", "sequential")        # image families on small GPUs (CUDA only)
+IMAGE_SIZE_MULTIPLE = 16                         # FLUX and Qwen-Image: VAE factor 8 x 2x2 latent patches
 QUANTIZATIONS = ("none", "4bit", "8bit")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 BATCHING = ("auto", "continuous", "dynamic")
@@ -44,6 +47,13 @@ class GenerationDefaults:
     top_k: int | None = None
     do_sample: bool = False
     repetition_penalty: float | None = None
+    # Image families (text_to_image, image_edit); text models ignore these.
+    num_inference_steps: int = 28
+    guidance_scale: float = 3.5       # FLUX.1-dev's distilled guidance; schnell ignores it
+    true_cfg_scale: float = 1.0       # > 1 with a negative prompt: true classifier-free guidance (2 passes a step)
+    negative_prompt: str | None = None
+    width: int | None = None          # None: 1024 (text_to_image); the input's aspect ratio at ~1 MP (image_edit)
+    height: int | None = None
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,12 @@ class ModelLimits:
     max_images: int = 0
     max_videos: int = 0
     max_audios: int = 0
+    # Image families: steps, size and count of the images a request may ask for, and how much work
+    # (steps x width x height x images) one synchronous request may be; more is for an async job.
+    max_steps: int = 50
+    max_image_pixels: int = 2 * 1024 * 1024    # width x height of one output image
+    max_images_out: int = 4
+    max_sync_step_pixels: int = 128 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -70,7 +86,7 @@ class EngineSettings:
 @dataclass(frozen=True)
 class ModelSpec:
     key: str
-    repo_id: str
+    repo_id: str | None  # None: a local folder (`path`) that is never downloaded
     family: str
     path: Path  # absolute local checkpoint folder
     revision: str = "main"
@@ -90,6 +106,9 @@ class ModelSpec:
     # Other folders that may hold this checkpoint (seed 001's names): used when `path` has no complete one.
     also_look_in: tuple[Path, ...] = ()
     timeout: float | None = None    # seconds a request may take (its deadline); None = the server's request_timeout
+    # Image families on small GPUs: "model" keeps each pipeline component on the CPU until its turn,
+    # "sequential" each layer (slower, least GPU memory); CUDA only.
+    offload: str = "none"
     path_note: str | None = None    # why `path` is not the configured folder, when it is not
 
 
@@ -142,12 +161,21 @@ class ServerSettings:
     request_timeout: float = 600.0   # REQUEST_TIMEOUT: default deadline of a request, seconds (per model: timeout)
     memory_pressure_release: bool = True
     pressure_margin_bytes: int = 1 * GIB
+    # Quantized cache (utils/checkpoints.py): the first 4-bit / 8-bit load of a model saves the quantized
+    # weights; later loads read them instead of quantizing again. LRU entries go beyond the cap.
+    quant_cache: bool = True                        # QUANT_CACHE
+    quant_cache_dir: Path | None = None             # QUANT_CACHE_DIR; None: <models_dir>/.quantized
+    quant_cache_max_bytes: int | None = 32 * GIB    # QUANT_CACHE_MAX_GB; None (null): no cap
     admin_token: str | None = None
     api_token: str | None = None
     demo: bool = False
     config_path: Path | None = None
     # The environment these settings were read with (a config reload reads the same one again).
     env: Mapping[str, str] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def quant_cache_path(self) -> Path:
+        return self.quant_cache_dir or self.models_dir / ".quantized"
 
     def replace(self, **changes: Any) -> "ServerSettings":
         return dataclasses.replace(self, **changes)
@@ -171,10 +199,13 @@ class ServerSettings:
         for key in DEMO_KEYS:
             if key in models:
                 spec = models[key]
-                models[key] = dataclasses.replace(
-                    spec, path=root / key, dtype="float32", quantization="none",
-                    generation=dataclasses.replace(spec.generation,
-                                                   max_new_tokens=min(spec.generation.max_new_tokens, 16)))
+                generation = dataclasses.replace(spec.generation,
+                                                 max_new_tokens=min(spec.generation.max_new_tokens, 16))
+                if spec.family in IMAGE_FAMILIES:  # demo images are noise: small and few steps
+                    generation = dataclasses.replace(
+                        generation, num_inference_steps=min(generation.num_inference_steps, 4), width=64, height=64)
+                models[key] = dataclasses.replace(spec, path=root / key, dtype="float32", quantization="none",
+                                                  offload="none", generation=generation)
         return self.replace(models=models, demo=True)
 
     def public_dict(self) -> dict:
@@ -199,10 +230,21 @@ class ServerSettings:
             "request_timeout": self.request_timeout,
             "memory_pressure_release": self.memory_pressure_release,
             "pressure_margin_bytes": self.pressure_margin_bytes,
+            "quant_cache": self.quant_cache,
+            "quant_cache_dir": _shown_path(self.quant_cache_path, self.models_dir),
+            "quant_cache_max_bytes": self.quant_cache_max_bytes,
             "admin_auth": self.admin_token is not None,
             "api_auth": self.api_token is not None,
             "demo": self.demo,
         }
+
+
+def _shown_path(path: Path, base: Path) -> str:
+    """A path as operators see it: relative to `base` when inside it, else only its last part."""
+    try:
+        return str(path.relative_to(base))
+    except ValueError:
+        return path.name
 
 
 # ---------------------------------------------------------------- parsing helpers
@@ -265,6 +307,7 @@ def _gib(value: Any, where: str) -> int | None:
     return int(_float(value, where, minimum=0) * GIB)
 
 
+
 def _keep_alive(value: Any, where: str) -> float | None:
     if value is None:
         return None
@@ -302,12 +345,12 @@ _LIMIT_FIELDS = {f.name for f in dataclasses.fields(ModelLimits)}
 _ENGINE_FIELDS = {f.name for f in dataclasses.fields(EngineSettings)}
 _MODEL_FIELDS = {"repo_id", "family", "path", "revision", "dtype", "quantization", "device", "keep_alive",
                  "pinned", "preload", "generation", "limits", "engine", "fallback", "max_memory", "also_look_in",
-                 "timeout"}
+                 "timeout", "offload"}
 _SERVER_FIELDS = {"max_loaded_models", "idle_timeout", "models_dir", "tmp_dir", "log_dir", "max_content_length_mb",
                   "ram_budget_gb", "ram_headroom_gb", "gpu_budget_gb", "gpu_headroom_gb", "failed_load_backoff",
                   "sweep_interval", "tmp_ttl", "tmp_max_mb", "media", "remote_media", "engine", "torch_threads",
                   "group_window", "max_pass_over", "memory_pressure_release", "pressure_margin_gb",
-                  "request_timeout"}
+                  "request_timeout", "quant_cache", "quant_cache_dir", "quant_cache_max_gb"}
 _MEDIA_FIELDS = {"max_media_mb", "max_image_pixels", "max_audio_seconds", "max_video_seconds", "max_video_frames"}
 _REMOTE_MEDIA_FIELDS = {"enabled", "allow_hosts", "max_mb", "timeout", "max_redirects"}
 
@@ -333,6 +376,9 @@ SERVER_ENV = {
     "MEMORY_PRESSURE_RELEASE": "memory_pressure_release",
     "REQUEST_TIMEOUT": "request_timeout",
     "PRESSURE_MARGIN_GB": "pressure_margin_gb",
+    "QUANT_CACHE": "quant_cache",
+    "QUANT_CACHE_DIR": "quant_cache_dir",
+    "QUANT_CACHE_MAX_GB": "quant_cache_max_gb",
 }
 # Environment variable -> key of the server `engine` section (the defaults of every model's engine).
 ENGINE_ENV = {"BATCHING": "batching", "MAX_BATCH_SIZE": "max_batch_size", "MAX_QUEUE": "max_queue",
@@ -343,12 +389,13 @@ REMOTE_MEDIA_ENV = {"REMOTE_MEDIA": "enabled", "REMOTE_MEDIA_ALLOW_HOSTS": "allo
 _HOST_LABEL_RE = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")  # fullmatch
 # MODEL_<KEY>_<FIELD> overrides one field of one model, e.g. MODEL_DEEPSEEK_QUANTIZATION=8bit.
 MODEL_ENV_FIELDS = ("quantization", "dtype", "device", "path", "keep_alive", "pinned", "preload", "revision",
-                    "fallback")
+                    "fallback", "offload")
 
 
 def _generation(raw: Any, where: str) -> GenerationDefaults:
     raw = _mapping(raw, where)
     _only_known(raw, where, _GEN_FIELDS)
+    d = GenerationDefaults()
     out = GenerationDefaults(
         max_new_tokens=_int(raw.get("max_new_tokens", 256), f"{where}.max_new_tokens", minimum=1),
         temperature=_float(raw.get("temperature", 0.7), f"{where}.temperature", minimum=0.0),
@@ -357,9 +404,22 @@ def _generation(raw: Any, where: str) -> GenerationDefaults:
         do_sample=_bool(raw.get("do_sample", False), f"{where}.do_sample"),
         repetition_penalty=(None if raw.get("repetition_penalty") is None
                             else _float(raw["repetition_penalty"], f"{where}.repetition_penalty", minimum=0.01)),
+        num_inference_steps=_int(raw.get("num_inference_steps", d.num_inference_steps),
+                                 f"{where}.num_inference_steps", minimum=1),
+        guidance_scale=_float(raw.get("guidance_scale", d.guidance_scale), f"{where}.guidance_scale", minimum=0.0,
+                              maximum=100.0),
+        true_cfg_scale=_float(raw.get("true_cfg_scale", d.true_cfg_scale), f"{where}.true_cfg_scale", minimum=0.0,
+                              maximum=100.0),
+        negative_prompt=None if raw.get("negative_prompt") is None else str(raw["negative_prompt"]),
+        width=None if raw.get("width") is None else _int(raw["width"], f"{where}.width", minimum=IMAGE_SIZE_MULTIPLE),
+        height=None if raw.get("height") is None else _int(raw["height"], f"{where}.height",
+                                                           minimum=IMAGE_SIZE_MULTIPLE),
     )
     if out.top_p > 1.0:
         _fail(f"{where}.top_p", f"must be <= 1, got {out.top_p}")
+    for name in ("width", "height"):
+        if getattr(out, name) is not None and getattr(out, name) % IMAGE_SIZE_MULTIPLE:
+            _fail(f"{where}.{name}", f"must be a multiple of {IMAGE_SIZE_MULTIPLE}, got {getattr(out, name)}")
     return out
 
 
@@ -408,9 +468,10 @@ def _model(key: str, raw: Any, models_dir: Path, env: Mapping[str, str],
         env_name = f"MODEL_{key.upper()}_{name.upper()}"
         if env.get(env_name) not in (None, ""):
             raw[name] = env[env_name]
-    for required in ("repo_id", "family"):
-        if not raw.get(required):
-            _fail(where, f"'{required}' is required")
+    if not raw.get("family"):
+        _fail(where, "'family' is required")
+    if not raw.get("repo_id") and not raw.get("path"):  # a local folder needs no Hub id
+        _fail(where, "'repo_id' is required (or a local folder in 'path', which is then never downloaded)")
     generation = _generation(raw.get("generation"), f"{where}.generation")
     limits = _limits(raw.get("limits"), f"{where}.limits")
     if generation.max_new_tokens > limits.max_new_tokens:
@@ -421,7 +482,7 @@ def _model(key: str, raw: Any, models_dir: Path, env: Mapping[str, str],
         _fail(f"{where}.device", f"must be auto, cpu, cuda, cuda:N or mps; got {raw.get('device')!r}")
     spec = ModelSpec(
         key=key,
-        repo_id=str(raw["repo_id"]),
+        repo_id=str(raw["repo_id"]) if raw.get("repo_id") else None,
         family=_choice(raw["family"], f"{where}.family", FAMILIES),
         path=_resolve(raw.get("path", key), models_dir, f"{where}.path"),
         revision=str(raw.get("revision", "main")),
@@ -439,8 +500,36 @@ def _model(key: str, raw: Any, models_dir: Path, env: Mapping[str, str],
         also_look_in=tuple(_resolve(p, models_dir, f"{where}.also_look_in")
                            for p in _list(raw.get("also_look_in"), f"{where}.also_look_in")),
         timeout=None if raw.get("timeout") is None else _float(raw["timeout"], f"{where}.timeout", minimum=0.01),
+        offload=_choice(raw.get("offload", "none"), f"{where}.offload", OFFLOADS),
     )
+    _check_image_model(spec, where)
     return _prefer_complete_folder(spec)
+
+
+def _check_image_model(spec: ModelSpec, where: str) -> None:
+    """What an image family (diffusers pipeline) can and cannot be configured with."""
+    if spec.family not in IMAGE_FAMILIES:
+        if spec.offload != "none":
+            _fail(f"{where}.offload", f"offload is for the image families ({', '.join(IMAGE_FAMILIES)}); "
+                                      f"'{spec.family}' models split with max_memory instead")
+        return
+    if spec.quantization != "none":
+        _fail(f"{where}.quantization", f"the image families load in dtype only (none); got {spec.quantization}")
+    if spec.max_memory:
+        _fail(f"{where}.max_memory", "the image families do not split by max_memory; use offload: model|sequential")
+    if spec.engine.batching == "continuous":
+        _fail(f"{where}.engine.batching", "image models batch dynamically (auto or dynamic)")
+    generation, limits = spec.generation, spec.limits
+    if generation.num_inference_steps > limits.max_steps:
+        _fail(f"{where}.generation.num_inference_steps",
+              f"default {generation.num_inference_steps} exceeds limits.max_steps {limits.max_steps}")
+    if generation.width and generation.height and generation.width * generation.height > limits.max_image_pixels:
+        _fail(f"{where}.generation.width", f"default {generation.width}x{generation.height} exceeds "
+                                           f"limits.max_image_pixels {limits.max_image_pixels}")
+    if limits.max_images_out < 1 or limits.max_steps < 1:
+        _fail(f"{where}.limits", "max_steps and max_images_out must be at least 1 for an image model")
+    if spec.family == "image_edit" and limits.max_images < 1:
+        _fail(f"{where}.limits.max_images", "an image_edit model takes one input image: set max_images: 1")
 
 
 def _list(value: Any, where: str) -> list:
@@ -630,6 +719,11 @@ def load_settings(config_path: str | os.PathLike | None = None, env: Mapping[str
                                       "server.memory_pressure_release"),
         pressure_margin_bytes=_gib(server.get("pressure_margin_gb", ServerSettings.pressure_margin_bytes / GIB),
                                    "server.pressure_margin_gb") or 0,
+        quant_cache=_bool(server.get("quant_cache", ServerSettings.quant_cache), "server.quant_cache"),
+        quant_cache_dir=(None if server.get("quant_cache_dir") in (None, "") else
+                         _resolve(server["quant_cache_dir"], base, "server.quant_cache_dir")),
+        quant_cache_max_bytes=(_gib(server["quant_cache_max_gb"], "server.quant_cache_max_gb")
+                               if "quant_cache_max_gb" in server else ServerSettings.quant_cache_max_bytes),
         admin_token=env.get("ADMIN_TOKEN") or None,
         api_token=env.get("API_TOKEN") or None,
         config_path=path,

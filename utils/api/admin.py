@@ -76,6 +76,8 @@ def model_status():
     svc = services()
     snapshot = svc.manager.snapshot()
     specs = svc.manager.specs()
+    cache = getattr(svc, "quant_cache", None)
+    cache_usage = cache.usage() if cache else {}
     models = {}
     for key, info in snapshot.items():
         spec = specs[key]
@@ -88,11 +90,11 @@ def model_status():
         except Exception:
             estimated = None
         models[key] = dict(info, state=state, manager_state=info["state"], files=disk,
-                           path=spec.path.name, bytes_estimated=estimated)
+                           path=spec.path.name, bytes_estimated=estimated, quant_cache_bytes=cache_usage.get(key, 0))
     return jsonify({"timestamp": time.time(), "available_models": list(snapshot),
                     "loaded_models": [k for k, v in snapshot.items() if v["loaded"]],
                     "max_loaded_models": svc.settings.max_loaded_models, "models": models,
-                    "settings": svc.settings.public_dict()})
+                    "quant_cache": cache.status() if cache else None, "settings": svc.settings.public_dict()})
 
 
 def wait_seconds() -> float:

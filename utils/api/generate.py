@@ -8,6 +8,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request, stream_
 
 from utils.errors import InvalidInput, UnsupportedMediaType
 from utils.inference import parse_job
+from utils.settings import IMAGE_FAMILIES
 
 bp = Blueprint("generate", __name__)
 
@@ -61,6 +62,9 @@ def client_gone_probe():
 def generate(model: str):
     svc = services()
     spec = svc.inference.spec(model)  # unknown model -> 404 before the body is even read
+    if spec.family in IMAGE_FAMILIES:  # images out: utils/api/images.py
+        from utils.api.images import generate_image
+        return generate_image(model, spec)
     body, uploads = request_body()
     job = parse_job(body, uploads, spec)
     if job.stream:
@@ -97,6 +101,23 @@ def health():
     snapshot = svc.manager.snapshot()
     return jsonify({"status": "ok", "models": {k: v["state"] for k, v in snapshot.items()},
                     "loaded": [k for k, v in snapshot.items() if v["loaded"]], "demo": svc.settings.demo})
+
+
+@bp.get("/ready")
+def ready():
+    """Readiness (load balancers, the image's HEALTHCHECK): 200 only when this process should get
+    traffic; 503 with the reasons otherwise. /health stays the liveness answer."""
+    svc = services()
+    preloads = [key for key, spec in svc.settings.models.items() if spec.preload]
+    snapshot = svc.manager.snapshot() if preloads else {}
+    failed = {key: snapshot[key].get("error") or "failed to load" for key in preloads
+              if snapshot.get(key, {}).get("state") == "error"}
+    is_ready, body = svc.lifecycle.readiness(svc.settings.models_dir, failed)
+    response = jsonify(body)
+    response.status_code = 200 if is_ready else 503
+    if not is_ready:
+        response.headers["Retry-After"] = "5"
+    return response
 
 
 @bp.get("/models")

@@ -109,3 +109,41 @@ def transcriptions():
     return jsonify({"text": result.text, "usage": {"type": "tokens", "input_tokens": result.prompt_tokens,
                                                    "output_tokens": result.completion_tokens,
                                                    "total_tokens": result.prompt_tokens + result.completion_tokens}})
+
+
+@bp.post("/images/generations")
+def image_generations():
+    """OpenAI's images API on a text_to_image model (JSON; b64_json out)."""
+    svc = services()
+    body = json_body()
+    key = oa.resolve_model(svc.settings, body.get("model"))
+    job = oa.parse_image_request(body, svc.settings.models[key], edit=False)
+    return _images(key, job)
+
+
+@bp.post("/images/edits")
+def image_edits():
+    """OpenAI's image edits on an image_edit model: multipart `image` (or `image[]`, one) + `prompt`."""
+    svc = services()
+    if request.mimetype != "multipart/form-data":
+        raise UnsupportedMediaType("send multipart/form-data with 'image', 'prompt' and 'model'")
+    key = oa.resolve_model(svc.settings, request.form.get("model"))
+    files = [f for name in ("image", "image[]") for f in request.files.getlist(name)]
+    if not files:
+        raise InvalidInput("'image' (the image to edit) is required", field="image", error="missing field")
+    if len(files) > 1:
+        raise InvalidInput(f"'{key}' edits one image; got {len(files)}", field="image", error="too many media items")
+    if "mask" in request.files:
+        raise InvalidInput("'mask' is not supported by this server (the whole image is edited)", field="mask",
+                           error="unsupported parameter")
+    form = {k: request.form.get(k) for k in request.form}
+    job = oa.parse_image_request(form, svc.settings.models[key], edit=True, image=files[0].read())
+    return _images(key, job)
+
+
+def _images(key: str, job):
+    from utils.images import run_images
+    g.model = key
+    outcome = run_images(services().inference, key, job, is_gone=client_gone_probe())
+    return jsonify(oa.images_response(outcome))
+

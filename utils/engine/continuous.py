@@ -51,6 +51,7 @@ class ContinuousEngine(Engine):
                 joining = self._take_joining(limit - len(batch.rows))
                 self._running = [row.job for row in batch.rows] + joining
             self._observe("on_batch", self.key, len(batch.rows) + len(joining))
+            self._peak = max(self._peak, len(batch.rows) + len(joining))
             try:
                 if joining:
                     batch.join(joining)
@@ -155,8 +156,8 @@ class DecodeBatch:
         """One decode step for every running row that is still open."""
         import torch
 
-        if not self.rows:
-            return
+        if all(row.done for row in self.rows):  # e.g. every joining row finished at its prefill (1 token,
+            return                               # or eos first): a forward now would only be thrown away
         length = self.mask.shape[1]
         last = torch.tensor([[row.tokens[-1]] for row in self.rows], device=self.mask.device)
         positions = self.mask.sum(-1, keepdim=True)  # each row's count of real tokens so far

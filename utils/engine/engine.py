@@ -52,6 +52,7 @@ class Job:
         self.result: GenerationResult | None = None
         self.error: BaseException | None = None
         self.emitted_any = False
+        self.step: tuple[int, int] | None = None  # (steps done, steps in all) of a stepped job (images)
         self._cancelled = threading.Event()
         self._started = threading.Event()
         self._done = threading.Event()
@@ -69,6 +70,10 @@ class Job:
     def emit(self, piece: str) -> None:
         self.emitted_any = True
         self._pieces.put(piece)
+
+    def progress(self, step: int, total: int) -> None:
+        """A family that runs in steps (diffusion) reports each one; readers poll `step`."""
+        self.step = (step, total)
 
     def finish(self, result: GenerationResult) -> None:
         if not self._done.is_set():
@@ -139,6 +144,7 @@ class Engine:
         self._batches = 0
         self._rows = 0
         self._generated = 0  # tokens of every finished row, cancelled ones included
+        self._peak = 0       # the most rows one forward pass has run
         self._tokens: deque[tuple[float, int]] = deque()  # (finished at, completion tokens), last minute
         self._thread = threading.Thread(target=self._run, name=f"engine-{key}", daemon=True)
 
@@ -210,7 +216,7 @@ class Engine:
             return {"kind": self.kind, "queue_depth": len(self._queue), "running_batch": len(self._running),
                     "max_batch_size": self.max_batch_size, "max_queue": self.max_queue,
                     "queue_timeout": self.queue_timeout, "batches": self._batches, "rows": self._rows,
-                    "tokens_generated": self._generated,
+                    "tokens_generated": self._generated, "peak_batch": self._peak,
                     "tokens_per_second": round(sum(n for _, n in self._tokens) / window, 2)}
 
     def _drain_estimate(self) -> float:
@@ -239,12 +245,13 @@ class Engine:
         if not self._queue:
             return []
         first = self._queue.popleft()
-        key, batch, rest = batch_key(first.params, first.id), [first], deque()
+        key_of = self._batch_key
+        key, batch, rest = key_of(first), [first], deque()
         while self._queue and len(batch) < self.max_batch_size:
             job = self._queue.popleft()
             if job.cancelled:
                 self._fail_gone(job)
-            elif batch_key(job.params, job.id) == key:
+            elif key_of(job) == key:
                 batch.append(job)
             else:
                 rest.append(job)
@@ -252,6 +259,12 @@ class Engine:
         for job in batch:
             self._start(job)
         return batch
+
+    def _batch_key(self, job: Job) -> tuple:
+        """Which rows may share a call: the family's own rule where it has one (images), else
+        rows.batch_key on the generation parameters."""
+        family_key = getattr(self.adapter, "batch_key", None)
+        return family_key(job) if family_key is not None else batch_key(job.params, job.id)
 
     def _start(self, job: Job) -> None:
         job.mark_started()
@@ -263,6 +276,7 @@ class Engine:
 
     def _run_batch(self, batch: list[Job]) -> None:
         self._observe("on_batch", self.key, len(batch))
+        self._peak = max(self._peak, len(batch))
         try:
             self.adapter.generate_batch(batch)
         except Exception as exc:

@@ -14,6 +14,8 @@ _REGISTRY = {
     "vqa": "utils.families.vqa:VqaFamily",
     "audio": "utils.families.audio:AudioFamily",
     "omni": "utils.families.omni:OmniFamily",
+    "text_to_image": "utils.families.text_to_image:TextToImageFamily",
+    "image_edit": "utils.families.image_edit:ImageEditFamily",
 }
 
 
@@ -22,15 +24,20 @@ def family_class(name: str) -> type[Family]:
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def load_family(spec, device: str) -> Family:
-    """The model manager's loader. Weights load one model at a time (see families/loading.py)."""
-    if not (spec.path / "config.json").is_file():
-        raise FileNotFoundError(f"no checkpoint in {spec.path.name}/ (download it: python main.py --download-only "
-                                f"--model {spec.key})")
+def load_family(spec, device: str, *, cache=None) -> Family:
+    """The model manager's loader. Weights load one model at a time (see families/loading.py).
+    `cache`: a utils.checkpoints.QuantizedCache for 4-bit / 8-bit models (None: quantize every load)."""
+    if not (spec.path / family_class(spec.family).checkpoint_file).is_file():
+        how = (f"download it: python main.py --download-only --model {spec.key}" if spec.repo_id
+               else "a local folder with no repo_id: put the checkpoint there")
+        raise FileNotFoundError(f"no checkpoint in {spec.path.name}/ ({how})")
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # a per-load progress bar is noise in a server log
     with WEIGHT_LOADS.turn(spec.key):
-        return family_class(spec.family).load(spec, device)
+        family = family_class(spec.family)
+        if cache is not None and spec.quantization != "none":
+            return family.load(spec, device, cache)
+        return family.load(spec, device)
 
 
 def accepted_media(name: str) -> frozenset[str]:

@@ -12,11 +12,14 @@ import re
 import threading
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Sequence
 
 from utils.errors import InvalidInput
 from utils.families.loading import check_loaded_weights
 from utils.settings import ModelSpec
+
+if TYPE_CHECKING:
+    from utils.checkpoints import QuantizedCache
 
 log = logging.getLogger("model_server.families")
 
@@ -71,6 +74,7 @@ class GenerationRequest:
     media_fields: dict[str, list[str]] = field(default_factory=dict)
     # (field, text) of every text the client wrote; None: the prompt, system and messages as they are.
     texts: list[tuple[str, str]] | None = None
+    negative_prompt: str | None = None  # image families: what the image should not show
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,7 @@ class GenerationResult:
     completion_tokens: int
     reasoning: str | None = None
     finish_reason: str = "stop"   # "stop" | "length" | "cancelled" | "timeout"
+    images: list[bytes] | None = None   # image families: one PNG per image asked for
 
 
 # What a processor or chat template raises about the client's data (an image of 1x300 pixels, a
@@ -104,7 +109,9 @@ class Family:
 
     name: ClassVar[str]
     accepts: ClassVar[frozenset[str]] = frozenset()   # media kinds: "image", "video", "audio"
+    checkpoint_file: ClassVar[str] = "config.json"    # what a complete checkpoint folder holds at its top
     quant_skip_modules: ClassVar[list[str] | None] = None
+    uses_chat_template: ClassVar[bool] = True  # prompts go through the checkpoint's chat template
     # Media the family's processor or model cannot take, as class data: checked before any model is
     # leased (InferenceService.decode_media), from headers where they tell.
     max_aspect_ratio: ClassVar[float | None] = None   # images and video frames, longer side / shorter side
@@ -121,7 +128,9 @@ class Family:
 
     # -- lifecycle
     @classmethod
-    def load(cls, spec: ModelSpec, device: str) -> "Family":
+    def load(cls, spec: ModelSpec, device: str, cache: "QuantizedCache | None" = None) -> "Family":
+        """The processor and the model; a quantized model through `cache` when one is given (read back
+        already quantized when it holds a valid entry, else quantized here and written to it)."""
         import transformers
 
         if spec.engine.compile and not device.startswith("cuda"):
@@ -129,13 +138,26 @@ class Family:
                              f"compiles generation on CUDA only; turn compile off for this model")
 
         processor = getattr(transformers, cls.processor_class).from_pretrained(spec.path)
-        model = getattr(transformers, cls.model_class).from_pretrained(
-            spec.path, **cls.model_kwargs, **from_pretrained_kwargs(spec, device, cls.quant_skip_modules))
+        check_processor(cls, spec, processor)
+        model_class, kwargs = cls.weights(spec, device)
+        if cache is not None and spec.quantization != "none":
+            model = cache.load(spec, device, model_class, kwargs)
+        else:
+            model = model_class.from_pretrained(spec.path, **kwargs)
         model.eval()
         check_loaded_weights(model)
         return cls(spec, device, model, processor)
 
+    @classmethod
+    def weights(cls, spec: ModelSpec, device: str) -> tuple[Any, dict]:
+        """The transformers class of this family's model and the kwargs of its from_pretrained."""
+        import transformers
+        return (getattr(transformers, cls.model_class),
+                {**cls.model_kwargs, **from_pretrained_kwargs(spec, device, cls.quant_skip_modules)})
+
     def release(self) -> None:
+        from utils.memory import expect_freed
+        expect_freed(self.model)
         self.model = None
         self.processor = None
 
@@ -380,6 +402,21 @@ class SoloRow:
 
     def finish(self, result: GenerationResult) -> None:
         self.result = result
+
+    def progress(self, step: int, total: int) -> None:
+        pass
+
+
+def check_processor(family: type, spec: ModelSpec, processor: Any) -> None:
+    """A checkpoint whose tokenizer files are missing still "loads" a tokenizer with no vocabulary or
+    chat template; every request would then fail. That is a failed load, not the client's fault."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if len(tokenizer) < 2:
+        raise ValueError(f"{spec.path.name}/ holds no usable tokenizer (tokenizer files missing)")
+    if family.uses_chat_template and not (getattr(processor, "chat_template", None)
+                                          or getattr(tokenizer, "chat_template", None)):
+        raise ValueError(f"{spec.path.name}/ has no chat template (tokenizer_config.json or chat_template.jinja "
+                         f"missing)")
 
 
 def torch_dtype(name: str) -> Any:

@@ -11,6 +11,7 @@ class VqaFamily(Family):
 
     model_class = "BlipForQuestionAnswering"
     processor_class = "BlipProcessor"
+    uses_chat_template = False  # BLIP takes the question as it is
     padding_side = "right"  # BLIP's question encoder has absolute positions: left padding would shift them
 
     def prepare(self, request: GenerationRequest) -> dict:

@@ -1,0 +1,164 @@
+"""Image requests (families text_to_image and image_edit): validated before any load, run on the
+model's engine like every other request, answered as PNGs. No Flask here: POST /generate/<model> and
+/v1/images/* translate to and from these.
+
+Request -> parse_image_job (types, ranges, sizes, counts: everything that needs no weights) ->
+run_images: the input image decoded (edits), the output size resolved, the synchronous limit checked,
+then the lease, the family's prepare, and the engine.
+"""
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from utils.errors import InvalidInput, RequestTimeout
+from utils.families import family_class
+from utils.families.diffusion import ImageParams
+from utils.inference import (SEED_MAX, GenerateJob, MediaItem, _flag, _media_items, _number, _text,
+                             check_media_items, parse_timeout)
+from utils.settings import IMAGE_FAMILIES, ModelSpec
+
+MAX_SCALE = 100.0  # guidance and true CFG scales; real use is 0..10
+TEXT_ONLY_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "do_sample", "repetition_penalty", "system")
+
+
+def is_image_model(spec: ModelSpec) -> bool:
+    return spec.family in IMAGE_FAMILIES
+
+
+@dataclass
+class ImageJob:
+    prompt: str
+    params: ImageParams
+    negative_prompt: str | None = None
+    media: list[MediaItem] = field(default_factory=list)
+    keep_alive: float | None = None
+    timeout: float | None = None
+
+
+@dataclass
+class ImageOutcome:
+    images: list[bytes]          # PNG bytes, one per image asked for
+    params: ImageParams          # as run: the seed and size included
+    timings: dict[str, float]
+    finish_reason: str = "stop"
+
+
+# ------------------------------------------------------------------ validation
+
+def parse_image_job(body: Mapping, uploads: Mapping[str, list[bytes]], spec: ModelSpec) -> ImageJob:
+    """Validates a /generate body for an image model against its limits; a bad value is a 400 naming
+    its field. The output size of an edit without width/height follows its input image (run_images)."""
+    defaults, limits = spec.generation, spec.limits
+    family = family_class(spec.family)
+    for name in TEXT_ONLY_FIELDS:
+        if body.get(name) not in (None, ""):
+            raise InvalidInput(f"'{name}' is a text generation parameter; '{spec.key}' makes images "
+                               f"(num_inference_steps, guidance_scale, width, height, num_images, seed)", field=name,
+                               error="unsupported parameter")
+    if _flag(body, "stream", False):
+        raise InvalidInput(f"'{spec.key}' returns whole images; streaming is for text models", field="stream",
+                           error="unsupported parameter")
+    media = _media_items(body, uploads)
+    check_media_items(media, spec)
+    if "image" in family.accepts and not media:
+        raise InvalidInput(f"'{spec.key}' edits an image: send it in 'image' (base64, a data URL or an upload)",
+                           field="image", error="missing image")
+    prompt = _text(body, "prompt", required=True, max_chars=limits.max_prompt_chars)
+    negative = _text(body, "negative_prompt", required=False, max_chars=limits.max_prompt_chars)
+    if negative is None:
+        negative = defaults.negative_prompt
+    width, height = (_size(body, name, getattr(defaults, name), spec, family.size_multiple)
+                     for name in ("width", "height"))
+    if width and height and width * height > limits.max_image_pixels:
+        raise InvalidInput(f"{width}x{height} is {width * height} pixels; '{spec.key}' makes images of at most "
+                           f"{limits.max_image_pixels} pixels (limits.max_image_pixels)", field="width",
+                           error="image too large")
+    true_cfg = _number(body, "true_cfg_scale", integer=False, low=0.0, high=MAX_SCALE, default=defaults.true_cfg_scale)
+    seed = _number(body, "seed", integer=True, low=0, high=SEED_MAX, default=None)
+    params = ImageParams(
+        num_inference_steps=_number(body, "num_inference_steps", integer=True, low=1, high=limits.max_steps,
+                                    default=defaults.num_inference_steps),
+        guidance_scale=_number(body, "guidance_scale", integer=False, low=0.0, high=MAX_SCALE,
+                               default=defaults.guidance_scale),
+        true_cfg_scale=true_cfg,
+        width=width, height=height,
+        num_images=_number(body, "num_images", integer=True, low=1, high=limits.max_images_out, default=1),
+        seed=secrets.randbelow(SEED_MAX + 1) if seed is None else seed,
+        cfg=true_cfg > 1 and bool(negative and negative.strip()),
+    )
+    keep_alive = _number(body, "keep_alive", integer=False, low=-1, high=10 * 365 * 86400, default=None)
+    if keep_alive is not None and -1 < keep_alive < 0:
+        raise InvalidInput("'keep_alive' is -1 (keep loaded), 0 (unload after this request) or seconds",
+                           field="keep_alive")
+    return ImageJob(prompt=prompt, params=params, negative_prompt=negative if params.cfg else None, media=media,
+                    keep_alive=keep_alive, timeout=parse_timeout(body))
+
+
+def _size(body: Mapping, name: str, default: int | None, spec: ModelSpec, multiple: int) -> int | None:
+    value = _number(body, name, integer=True, low=multiple, high=spec.limits.max_image_pixels // multiple,
+                    default=default)
+    if value is not None and value % multiple:
+        raise InvalidInput(f"'{name}' must be a multiple of {multiple} for '{spec.key}'; got {value}", field=name,
+                           error="unsupported image size")
+    return value
+
+
+def check_sync_limit(key: str, spec: ModelSpec, params: ImageParams) -> None:
+    """A request bigger than a synchronous answer should wait for (steps x pixels x images over
+    limits.max_sync_step_pixels) is refused before any load, pointing to the job API."""
+    pixels = params.width * params.height
+    if pixels > spec.limits.max_image_pixels:  # one side given, the other the family's default
+        raise InvalidInput(f"{params.width}x{params.height} is {pixels} pixels; '{key}' makes images of at most "
+                           f"{spec.limits.max_image_pixels} pixels (limits.max_image_pixels)", field="width",
+                           error="image too large")
+    limit = spec.limits.max_sync_step_pixels
+    if params.work > limit:
+        raise InvalidInput(
+            f"{params.num_inference_steps} steps x {params.width}x{params.height} x {params.num_images} image(s) = "
+            f"{params.work} step-pixels is over '{key}''s limit for a synchronous request "
+            f"(limits.max_sync_step_pixels = {limit}); use POST /jobs/{key}, or fewer steps, pixels or images",
+            error="too large for a synchronous request")
+
+
+# ------------------------------------------------------------------ execution
+
+def run_images(inference: Any, key: str, job: ImageJob, is_gone: Callable[[], bool] | None = None) -> ImageOutcome:
+    """Decodes the input image, resolves the size, checks the synchronous limit, then runs the job on
+    the model's engine (batched there with compatible requests)."""
+    began = time.monotonic()
+    spec = inference.spec(key)
+    family = family_class(spec.family)
+    texts = [("prompt", job.prompt)] + ([("negative_prompt", job.negative_prompt)] if job.negative_prompt else [])
+    request = inference.decode_media(GenerateJob(prompt=job.prompt, params=job.params, media=job.media, texts=texts),
+                                     spec)  # bad media fails before any model loads
+    request.negative_prompt = job.negative_prompt
+    params = family.resolve_size(job.params, request, spec.limits.max_image_pixels)
+    check_sync_limit(key, spec, params)
+    deadline = job.timeout or spec.timeout or inference.manager.settings.request_timeout
+    with inference.manager.lease(key, keep_alive=job.keep_alive) as served:
+        leased = time.monotonic()
+        prepared = served.adapter.prepare(request)
+        engine_job = served.engine.submit(prepared, params, timeout=deadline)
+        result = served.engine.run(engine_job, is_gone)
+    done = time.monotonic()
+    if result.finish_reason == "timeout":
+        steps_done = engine_job.step[0] if engine_job.step else 0
+        raise RequestTimeout(f"the request's deadline ({deadline:g}s) passed after {steps_done} of "
+                             f"{params.num_inference_steps} steps; no image was finished")
+    started = engine_job.started_at or done
+    timings = {"load_seconds": round(leased - began, 4), "queue_seconds": round(started - engine_job.submitted_at, 4),
+               "generate_seconds": round(done - started, 4), "total_seconds": round(done - began, 4)}
+    return ImageOutcome(images=list(result.images or []), params=params, timings=timings,
+                        finish_reason=result.finish_reason)
+
+
+def image_body(key: str, outcome: ImageOutcome) -> dict:
+    """The /generate answer: base64 PNGs and what they were made with."""
+    import base64
+    params = outcome.params
+    return {"images": [base64.b64encode(png).decode("ascii") for png in outcome.images], "model": key,
+            "seed": params.seed, "width": params.width, "height": params.height,
+            "num_inference_steps": params.num_inference_steps, "timings": outcome.timings}
