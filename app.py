@@ -224,6 +224,8 @@ def _install_request_ids(app: Flask) -> None:
     @app.after_request
     def expose_request_id(response):
         response.headers["X-Request-ID"] = g.get("request_id", "")
+        if g.get("model_device"):  # where the model ran: cpu after a fallback, cuda:N, ...
+            response.headers["X-Model-Device"] = g.model_device
         return response
 
 

@@ -183,3 +183,11 @@ def test_a_model_split_by_max_memory_loads_through_device_map_auto_and_serves(ma
     assert moved.status_code == 200 and moved.get_json()["model"]["device"] == "cpu"
     assert client.post("/admin/models/deepseek/load?device=tpu").status_code == 400
     app.extensions["model_server"].manager.shutdown()
+
+
+def test_the_response_names_the_device_the_model_ran_on(lc):
+    response = generate(lc, "deepseek")
+    assert response.status_code == 200 and response.headers["X-Model-Device"] == "cpu"
+    chat = lc.post("/v1/chat/completions", json={"model": "deepseek", "max_tokens": 2,
+                                                 "messages": [{"role": "user", "content": "hi"}]})
+    assert chat.headers["X-Model-Device"] == "cpu"

@@ -252,6 +252,7 @@ class InferenceService:
             prepared = self._prepare(served, request, job)
             result = served.engine.run(served.engine.submit(prepared, job.params, timeout=self._deadline(key, job)),
                                         is_gone)
+            result.device = served.adapter.device
         if self._on_result and result.finish_reason != "cancelled":
             self._on_result(key, result)
         if result.finish_reason == "timeout":
@@ -279,7 +280,9 @@ class InferenceService:
             lease.__exit__(None, None, None)
             raise
         on_result = (lambda result: self._on_result(key, result)) if self._on_result else None
-        return LeasedStream(engine_job, lambda: lease.__exit__(None, None, None), on_result)
+        stream = LeasedStream(engine_job, lambda: lease.__exit__(None, None, None), on_result)
+        stream.device = served.adapter.device
+        return stream
 
     @staticmethod
     def _prepare(served: Any, request: GenerationRequest, job: GenerateJob) -> Any:
@@ -309,6 +312,7 @@ class LeasedStream:
         self._lock = threading.Lock()
         self._ended = False
         self.result: GenerationResult | None = None  # set when the pieces ran out (token counts, finish)
+        self.device: str | None = None
 
     def __iter__(self) -> Iterator[str]:
         try:

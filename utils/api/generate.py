@@ -69,6 +69,7 @@ def generate(model: str):
     job = parse_job(body, uploads, spec)
     if job.stream:
         pieces = svc.inference.stream(model, job)
+        g.model_device = pieces.device
 
         def events():
             try:
@@ -85,6 +86,7 @@ def generate(model: str):
         response.call_on_close(pieces.close)
         return response
     result = svc.inference.generate(model, job, is_gone=client_gone_probe())
+    g.model_device = result.device
     body = {"response": result.text, "model": model,
             "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
                       "total_tokens": result.prompt_tokens + result.completion_tokens},

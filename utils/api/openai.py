@@ -51,11 +51,12 @@ def run(key: str, job, to_body, to_chunks, body: dict):
     g.model = key
     if job.stream:
         stream = svc.inference.stream(key, job)
+        g.model_device = stream.device
         response = sse(to_chunks(key, stream, include_usage(body)))
         response.call_on_close(stream.close)
         return response
     result = svc.inference.generate(key, job, is_gone=client_gone_probe())
-    g.completion_tokens = result.completion_tokens
+    g.completion_tokens, g.model_device = result.completion_tokens, result.device
     return jsonify(to_body(key, result))
 
 

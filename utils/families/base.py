@@ -96,6 +96,7 @@ class GenerationResult:
     completion_tokens: int
     reasoning: str | None = None
     finish_reason: str = "stop"   # "stop" | "length" | "cancelled" | "timeout"
+    device: str | None = None     # where the model ran (cpu after a fallback, cuda:N, ...)
     images: list[bytes] | None = None   # image families: one PNG per image asked for
 
 
