@@ -16,8 +16,8 @@ from typing import Any, Callable, Mapping
 from utils.errors import InvalidInput, RequestTimeout
 from utils.families import family_class
 from utils.families.diffusion import ImageParams
-from utils.inference import (SEED_MAX, GenerateJob, MediaItem, _flag, _media_items, _number, _text,
-                             check_media_items, parse_timeout)
+from utils.inference import (SEED_MAX, GenerateJob, MediaItem, check_media_items, flag_field, media_items,
+                             number_field, parse_timeout, text_field)
 from utils.settings import IMAGE_FAMILIES, ModelSpec
 
 MAX_SCALE = 100.0  # guidance and true CFG scales; real use is 0..10
@@ -58,16 +58,16 @@ def parse_image_job(body: Mapping, uploads: Mapping[str, list[bytes]], spec: Mod
             raise InvalidInput(f"'{name}' is a text generation parameter; '{spec.key}' makes images "
                                f"(num_inference_steps, guidance_scale, width, height, num_images, seed)", field=name,
                                error="unsupported parameter")
-    if _flag(body, "stream", False):
+    if flag_field(body, "stream", False):
         raise InvalidInput(f"'{spec.key}' returns whole images; streaming is for text models", field="stream",
                            error="unsupported parameter")
-    media = _media_items(body, uploads)
+    media = media_items(body, uploads)
     check_media_items(media, spec)
     if "image" in family.accepts and not media:
         raise InvalidInput(f"'{spec.key}' edits an image: send it in 'image' (base64, a data URL or an upload)",
                            field="image", error="missing image")
-    prompt = _text(body, "prompt", required=True, max_chars=limits.max_prompt_chars)
-    negative = _text(body, "negative_prompt", required=False, max_chars=limits.max_prompt_chars)
+    prompt = text_field(body, "prompt", required=True, max_chars=limits.max_prompt_chars)
+    negative = text_field(body, "negative_prompt", required=False, max_chars=limits.max_prompt_chars)
     if negative is None:
         negative = defaults.negative_prompt
     width, height = (_size(body, name, getattr(defaults, name), spec, family.size_multiple)
@@ -76,20 +76,21 @@ def parse_image_job(body: Mapping, uploads: Mapping[str, list[bytes]], spec: Mod
         raise InvalidInput(f"{width}x{height} is {width * height} pixels; '{spec.key}' makes images of at most "
                            f"{limits.max_image_pixels} pixels (limits.max_image_pixels)", field="width",
                            error="image too large")
-    true_cfg = _number(body, "true_cfg_scale", integer=False, low=0.0, high=MAX_SCALE, default=defaults.true_cfg_scale)
-    seed = _number(body, "seed", integer=True, low=0, high=SEED_MAX, default=None)
+    true_cfg = number_field(body, "true_cfg_scale", integer=False, low=0.0, high=MAX_SCALE,
+                            default=defaults.true_cfg_scale)
+    seed = number_field(body, "seed", integer=True, low=0, high=SEED_MAX, default=None)
     params = ImageParams(
-        num_inference_steps=_number(body, "num_inference_steps", integer=True, low=1, high=limits.max_steps,
+        num_inference_steps=number_field(body, "num_inference_steps", integer=True, low=1, high=limits.max_steps,
                                     default=defaults.num_inference_steps),
-        guidance_scale=_number(body, "guidance_scale", integer=False, low=0.0, high=MAX_SCALE,
+        guidance_scale=number_field(body, "guidance_scale", integer=False, low=0.0, high=MAX_SCALE,
                                default=defaults.guidance_scale),
         true_cfg_scale=true_cfg,
         width=width, height=height,
-        num_images=_number(body, "num_images", integer=True, low=1, high=limits.max_images_out, default=1),
+        num_images=number_field(body, "num_images", integer=True, low=1, high=limits.max_images_out, default=1),
         seed=secrets.randbelow(SEED_MAX + 1) if seed is None else seed,
         cfg=true_cfg > 1 and bool(negative and negative.strip()),
     )
-    keep_alive = _number(body, "keep_alive", integer=False, low=-1, high=10 * 365 * 86400, default=None)
+    keep_alive = number_field(body, "keep_alive", integer=False, low=-1, high=10 * 365 * 86400, default=None)
     if keep_alive is not None and -1 < keep_alive < 0:
         raise InvalidInput("'keep_alive' is -1 (keep loaded), 0 (unload after this request) or seconds",
                            field="keep_alive")
@@ -98,7 +99,7 @@ def parse_image_job(body: Mapping, uploads: Mapping[str, list[bytes]], spec: Mod
 
 
 def _size(body: Mapping, name: str, default: int | None, spec: ModelSpec, multiple: int) -> int | None:
-    value = _number(body, name, integer=True, low=multiple, high=spec.limits.max_image_pixels // multiple,
+    value = number_field(body, name, integer=True, low=multiple, high=spec.limits.max_image_pixels // multiple,
                     default=default)
     if value is not None and value % multiple:
         raise InvalidInput(f"'{name}' must be a multiple of {multiple} for '{spec.key}'; got {value}", field=name,

@@ -44,7 +44,7 @@ class GenerateJob:
 
 # ------------------------------------------------------------------ validation
 
-def _number(body: Mapping, name: str, *, integer: bool, low: float, high: float, default: Any) -> Any:
+def number_field(body: Mapping, name: str, *, integer: bool, low: float, high: float, default: Any) -> Any:
     if name not in body or body[name] is None:
         return default
     value = body[name]
@@ -67,7 +67,7 @@ def _number(body: Mapping, name: str, *, integer: bool, low: float, high: float,
     return int(value) if integer else float(value)
 
 
-def _flag(body: Mapping, name: str, default: bool) -> bool:
+def flag_field(body: Mapping, name: str, default: bool) -> bool:
     value = body.get(name)
     if value is None:
         return default
@@ -78,7 +78,7 @@ def _flag(body: Mapping, name: str, default: bool) -> bool:
     raise InvalidInput(f"'{name}' must be true or false; got {value!r}", field=name)
 
 
-def _text(body: Mapping, name: str, *, required: bool, max_chars: int) -> str | None:
+def text_field(body: Mapping, name: str, *, required: bool, max_chars: int) -> str | None:
     value = body.get(name)
     if value is None:
         if required:
@@ -100,29 +100,29 @@ def _text(body: Mapping, name: str, *, required: bool, max_chars: int) -> str | 
 
 def parse_params(body: Mapping, spec: ModelSpec) -> GenerationParams:
     defaults, limits = spec.generation, spec.limits
-    temperature = _number(body, "temperature", integer=False, low=0.0, high=2.0, default=None)
+    temperature = number_field(body, "temperature", integer=False, low=0.0, high=2.0, default=None)
     if temperature is not None and 0 < temperature < MIN_TEMPERATURE:
         raise InvalidInput(f"'temperature' must be 0 (greedy) or at least {MIN_TEMPERATURE}; got {temperature}",
                            field="temperature", error="value out of range")
     do_sample_default = defaults.do_sample if temperature is None else temperature > 0
-    do_sample = _flag(body, "do_sample", do_sample_default)
+    do_sample = flag_field(body, "do_sample", do_sample_default)
     if temperature == 0 and do_sample:
         raise InvalidInput("'temperature' 0 means greedy decoding; it cannot be combined with do_sample=true",
                            field="temperature")
     return GenerationParams(
-        max_new_tokens=_number(body, "max_new_tokens", integer=True, low=1, high=limits.max_new_tokens,
+        max_new_tokens=number_field(body, "max_new_tokens", integer=True, low=1, high=limits.max_new_tokens,
                                default=defaults.max_new_tokens),
         temperature=temperature if temperature else defaults.temperature or 1.0,
-        top_p=_number(body, "top_p", integer=False, low=1e-6, high=1.0, default=defaults.top_p),
-        top_k=_number(body, "top_k", integer=True, low=0, high=100_000, default=defaults.top_k),
+        top_p=number_field(body, "top_p", integer=False, low=1e-6, high=1.0, default=defaults.top_p),
+        top_k=number_field(body, "top_k", integer=True, low=0, high=100_000, default=defaults.top_k),
         do_sample=do_sample,
-        repetition_penalty=_number(body, "repetition_penalty", integer=False, low=0.01, high=10.0,
+        repetition_penalty=number_field(body, "repetition_penalty", integer=False, low=0.01, high=10.0,
                                    default=defaults.repetition_penalty),
-        seed=_number(body, "seed", integer=True, low=0, high=SEED_MAX, default=None),
+        seed=number_field(body, "seed", integer=True, low=0, high=SEED_MAX, default=None),
     )
 
 
-def _media_items(body: Mapping, uploads: Mapping[str, list[bytes]]) -> list[MediaItem]:
+def media_items(body: Mapping, uploads: Mapping[str, list[bytes]]) -> list[MediaItem]:
     items: list[MediaItem] = []
     for name, kind in MEDIA_FIELDS.items():
         value = body.get(name)
@@ -145,7 +145,7 @@ def _media_items(body: Mapping, uploads: Mapping[str, list[bytes]]) -> list[Medi
 
 def parse_timeout(body: Mapping) -> float | None:
     """`timeout`: seconds this request may take; when they pass, generation stops (408 / "timeout")."""
-    return _number(body, "timeout", integer=False, low=0.01, high=86400, default=None)
+    return number_field(body, "timeout", integer=False, low=0.01, high=86400, default=None)
 
 
 def check_media_items(media: list[MediaItem], spec: ModelSpec) -> None:
@@ -166,19 +166,19 @@ def check_media_items(media: list[MediaItem], spec: ModelSpec) -> None:
 
 def parse_job(body: Mapping, uploads: Mapping[str, list[bytes]], spec: ModelSpec) -> GenerateJob:
     """Validates a /generate body (JSON object or form fields) against the model's limits."""
-    media = _media_items(body, uploads)
+    media = media_items(body, uploads)
     check_media_items(media, spec)
-    keep_alive = _number(body, "keep_alive", integer=False, low=-1, high=10 * 365 * 86400, default=None)
+    keep_alive = number_field(body, "keep_alive", integer=False, low=-1, high=10 * 365 * 86400, default=None)
     if keep_alive is not None and -1 < keep_alive < 0:
         raise InvalidInput("'keep_alive' is -1 (keep loaded), 0 (unload after this request) or seconds",
                            field="keep_alive")
     return GenerateJob(
-        prompt=_text(body, "prompt", required=True, max_chars=spec.limits.max_prompt_chars),
-        system=_text(body, "system", required=False, max_chars=spec.limits.max_prompt_chars),
+        prompt=text_field(body, "prompt", required=True, max_chars=spec.limits.max_prompt_chars),
+        system=text_field(body, "system", required=False, max_chars=spec.limits.max_prompt_chars),
         params=parse_params(body, spec),
         media=media,
         keep_alive=keep_alive,
-        stream=_flag(body, "stream", False),
+        stream=flag_field(body, "stream", False),
         timeout=parse_timeout(body),
     )
 
@@ -248,15 +248,15 @@ class InferenceService:
         """Runs the job on the model's engine; `is_gone` tells whether the client has left (its row
         then leaves the queue or stops)."""
         request = self.decode_media(job, self.spec(key))  # bad media fails before any model loads
+        deadline = self._deadline(key, job)
         with self.manager.lease(key, keep_alive=job.keep_alive) as served:
             prepared = self._prepare(served, request, job)
-            result = served.engine.run(served.engine.submit(prepared, job.params, timeout=self._deadline(key, job)),
-                                        is_gone)
+            result = served.engine.run(served.engine.submit(prepared, job.params, timeout=deadline), is_gone)
             result.device = served.adapter.device
         if self._on_result and result.finish_reason != "cancelled":
             self._on_result(key, result)
         if result.finish_reason == "timeout":
-            raise RequestTimeout(f"the request's deadline ({self._deadline(key, job):g}s) passed after "
+            raise RequestTimeout(f"the request's deadline ({deadline:g}s) passed after "
                                  f"{result.completion_tokens} tokens; generated so far: {result.text!r}",
                                  partial=result)
         return result
