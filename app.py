@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import json
+from functools import partial
 import logging
 import re
 import threading
@@ -35,6 +36,8 @@ class Services:
     lifecycle: Any = None   # utils/lifecycle.Lifecycle: readiness, requests in flight, drain, shutdown
     runtime: Any = None     # utils/runtime_settings.RuntimeSettings
     quant_cache: Any = None  # utils/checkpoints.QuantizedCache: 4-bit / 8-bit models saved once quantized
+    jobs: Any = None         # utils/jobs.JobRunner: asynchronous jobs (records and results on disk)
+    job_executor: Any = None  # utils/job_executor.JobExecutor: checks a job's body, runs a job
 
 
 class Sweeper:
@@ -62,12 +65,12 @@ class Sweeper:
 
 
 def build_services(settings: ServerSettings) -> Services:
-    from functools import partial
-
     from utils.checkpoints import QuantizedCache
     from utils.engine import make_loader
     from utils.families import WEIGHT_LOADS, load_family
     from utils.inference import InferenceService
+    from utils.job_executor import JobExecutor
+    from utils.jobs import JobRunner, JobStore
     from utils.media import MediaLimits
     from utils.memory import MemoryProbe, estimate_model_bytes
     from utils.metrics import Metrics
@@ -83,12 +86,19 @@ def build_services(settings: ServerSettings) -> Services:
                            estimator=estimate_model_bytes, probe=probe, events=metrics,
                            loads_waiting=WEIGHT_LOADS.waiting)
     media_limits = MediaLimits(**asdict(settings.media))
-    temp = TempManager(settings.tmp_dir, ttl_seconds=settings.tmp_ttl, max_total_bytes=settings.tmp_max_bytes)
+    jobs_dir = settings.jobs_path
+    temp = TempManager(settings.tmp_dir, ttl_seconds=settings.tmp_ttl, max_total_bytes=settings.tmp_max_bytes,
+                       others=frozenset({jobs_dir.name} if jobs_dir.parent == settings.tmp_dir else ()))
     metrics.watch(manager=manager, probe=probe, temp=temp)
     inference = InferenceService(manager, media_limits, on_result=metrics.on_result,
                                  fetch=RemoteFetcher(settings.remote_media).fetch)
+    job_executor = JobExecutor(inference, settings.jobs.timeout)
+    jobs = JobRunner(JobStore(jobs_dir), job_executor, workers=settings.jobs.workers,
+                     max_queued=settings.jobs.max_queued, max_attempts=settings.jobs.max_attempts,
+                     result_ttl=settings.jobs.result_ttl, events=metrics)
+    metrics.watch_jobs(jobs)
     return Services(settings=settings, manager=manager, inference=inference, temp=temp, probe=probe,
-                    metrics=metrics, quant_cache=quant_cache)
+                    metrics=metrics, quant_cache=quant_cache, jobs=jobs, job_executor=job_executor)
 
 
 def set_torch_threads(threads: int | None) -> None:
@@ -155,9 +165,11 @@ def create_app(settings: ServerSettings | None = None, *, background: bool = Tru
     from utils.api.admin import bp as admin_bp, metrics_bp
     from utils.api.dashboard import bp as dashboard_bp
     from utils.api.generate import bp as generate_bp
+    from utils.api.jobs import bp as jobs_bp
     from utils.api.openai import bp as openai_bp
     app.register_blueprint(generate_bp)
     app.register_blueprint(openai_bp)
+    app.register_blueprint(jobs_bp)
     app.register_blueprint(admin_bp)
     app.register_blueprint(dashboard_bp)
     app.register_blueprint(metrics_bp)
@@ -170,9 +182,11 @@ def create_app(settings: ServerSettings | None = None, *, background: bool = Tru
     _install_serving_layer(app, services)
 
     if background:
+        services.jobs.start()
         services.sweeper = Sweeper(settings.sweep_interval,
                                    [services.manager.expire_idle, services.manager.relieve_pressure,
-                                    services.temp.sweep]).start()
+                                    services.temp.sweep, services.jobs.sweep]
+                                   ).start()
         threading.Thread(target=services.lifecycle.run_preload, args=(services.manager.preload,), name="preload",
                          daemon=True).start()
     else:
@@ -199,6 +213,7 @@ def _install_serving_layer(app: Flask, services: Services) -> None:
                                      body_timeout=services.runtime.body_timeout, stream_end=stream_end)
     lifecycle = services.lifecycle
     lifecycle.on_shutdown("stop the sweeper", lambda: services.sweeper and services.sweeper.stop())
+    lifecycle.on_shutdown("stop the jobs (running ones are queued again)", services.jobs.stop)
     lifecycle.on_shutdown("unload the models", services.manager.shutdown)
     lifecycle.on_shutdown("remove the temp files", lambda: services.temp.sweep(force=True))
 
@@ -241,7 +256,7 @@ def _install_auth(app: Flask, settings: ServerSettings, runtime) -> None:
             return
         if path.startswith("/admin"):
             expected = settings.admin_token
-        elif path.startswith(("/generate", "/v1")):
+        elif path.startswith(("/generate", "/v1", "/jobs")):
             expected = settings.api_token
         elif path == "/metrics":
             expected = runtime.metrics_token

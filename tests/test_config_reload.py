@@ -139,3 +139,17 @@ def test_sighup_reloads_the_config_and_loaded_models_stay(start_server, tmp_path
     import time
     time.sleep(1.0)
     assert "qwen_vl" in models() and server.process.poll() is None
+
+
+def test_job_limits_apply_on_reload_and_the_job_folder_and_workers_wait_for_a_restart(reloadable, tmp_path):
+    config, app, client = reloadable
+    services = app.extensions["model_server"]
+    write(config, DEEPSEEK, BLIP, server="  max_loaded_models: 3\n  jobs: {max_queued: 1, timeout: 9, result_ttl: 60, "
+                                         "workers: 7, dir: elsewhere}\n")
+    status, diff = reload(client)
+    assert status == 200 and diff["needs_restart"] == ["jobs.dir", "jobs.workers"] and "jobs" in diff["server"]
+    assert services.settings.jobs.workers == 4 and services.settings.jobs.dir is None
+    assert services.jobs.result_ttl == 60 and services.job_executor.job_timeout == 9
+    assert client.post("/jobs/deepseek", json={"prompt": "one"}).status_code == 202  # background off: stays queued
+    full = client.post("/jobs/deepseek", json={"prompt": "two"})
+    assert full.status_code == 503 and full.get_json()["error"] == "job queue full"

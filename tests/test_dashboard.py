@@ -18,6 +18,8 @@ from html.parser import HTMLParser
 import pytest
 import requests
 
+from tests.conftest import wait_for
+
 TOKEN = "dash-token-5150"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -323,3 +325,21 @@ def test_token_prompt_and_buttons_drive_the_json_routes(live, tmp_path):
         browser.close()
     log = (live.tmp / "logs" / "server.log").read_text()
     assert TOKEN not in log and "wrong-token" not in log                  # tokens never reach the logs
+
+
+@needs_chromium
+def test_recent_jobs_show_with_their_state_and_the_counts(live, tmp_path):
+    submitted = requests.post(live.url + "/jobs/deepseek", json={"prompt": "a job", "max_new_tokens": 3}, timeout=30)
+    job_id = submitted.json()["job_id"]
+    assert wait_for(lambda: requests.get(f"{live.url}/jobs/{job_id}", timeout=30).json()["status"] == "succeeded")
+    browser = Browser(tmp_path / "profile")
+    try:
+        browser.open(f"{live.url}/admin/?interval=0.3#token={TOKEN}")
+        row = f"document.querySelector('#jobs tr[data-job=\"{job_id}\"]')"
+        browser.wait_for(f"{row} && {row}.dataset.status === 'succeeded'")
+        assert browser.js(f"{row}.cells[1].textContent") == "deepseek"
+        counts = requests.get(live.url + "/admin/jobs", headers=AUTH, timeout=30).json()["counts"]
+        assert browser.js("document.querySelector('[data-fact=\"jobs-succeeded\"] dd').textContent") == \
+            str(counts["succeeded"])
+    finally:
+        browser.close()

@@ -14,6 +14,7 @@ log = logging.getLogger("model_server.config")
 # its auth checks were built with, demo mode.
 RESTART_ONLY = ("models_dir", "tmp_dir", "log_dir", "torch_threads", "admin_token", "api_token", "demo",
                 "quant_cache_dir")
+JOBS_RESTART_ONLY = ("dir", "workers")  # the open job store, the worker threads
 
 
 def apply(services: Any, new: ServerSettings) -> dict:
@@ -22,14 +23,19 @@ def apply(services: Any, new: ServerSettings) -> dict:
     "needs_restart": [fields kept as they were]}."""
     old: ServerSettings = services.settings
     keep = {name: getattr(old, name) for name in RESTART_ONLY if getattr(old, name) != getattr(new, name)}
+    jobs_kept = {name: getattr(old.jobs, name) for name in JOBS_RESTART_ONLY
+                 if getattr(old.jobs, name) != getattr(new.jobs, name)}
+    if jobs_kept:
+        keep["jobs"] = dataclasses.replace(new.jobs, **jobs_kept)
     applied = dataclasses.replace(new, **keep)
     server_changes = [f.name for f in dataclasses.fields(ServerSettings)
-                      if f.name not in ("models", "config_path", "env") and f.name not in keep
+                      if f.name not in ("models", "config_path", "env") and f.name not in set(keep) - {"jobs"}
                       and getattr(old, f.name) != getattr(applied, f.name)]
     models = services.manager.reconfigure(applied)
     services.settings = applied
     _apply_services(services, applied)
-    diff = {"models": models, "server": server_changes, "needs_restart": sorted(keep)}
+    needs_restart = sorted([name for name in keep if name != "jobs"] + [f"jobs.{name}" for name in jobs_kept])
+    diff = {"models": models, "server": server_changes, "needs_restart": needs_restart}
     log.info("config reloaded: %s", diff)
     return diff
 
@@ -43,6 +49,11 @@ def _apply_services(services: Any, settings: ServerSettings) -> None:
     services.temp.ttl_seconds, services.temp.max_total_bytes = settings.tmp_ttl, settings.tmp_max_bytes
     if services.sweeper is not None:
         services.sweeper.interval = settings.sweep_interval
+    jobs = getattr(services, "jobs", None)
+    if jobs is not None:
+        jobs.configure(max_queued=settings.jobs.max_queued, max_attempts=settings.jobs.max_attempts,
+                       result_ttl=settings.jobs.result_ttl)
+        services.job_executor.job_timeout = settings.jobs.timeout
     cache = getattr(services, "quant_cache", None)
     if cache is not None:  # the switch and the cap: from the next load on
         cache.reconfigure(settings)

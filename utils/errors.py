@@ -120,3 +120,20 @@ class ShuttingDown(ServerError):
 
 class ConfigError(Exception):
     """Invalid settings: raised at start, never mapped to HTTP."""
+
+
+class UnknownJob(ServerError):
+    status = 404
+    error = "unknown job"
+
+
+class JobNotFinished(ServerError):
+    """The job's result is asked for before it exists (queued, running), or it never will (failed,
+    cancelled); the details say which."""
+
+    status = 409
+    error = "job not finished"
+
+
+class JobsFull(ModelUnavailable):
+    error = "job queue full"

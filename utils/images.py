@@ -107,14 +107,17 @@ def _size(body: Mapping, name: str, default: int | None, spec: ModelSpec, multip
     return value
 
 
-def check_sync_limit(key: str, spec: ModelSpec, params: ImageParams) -> None:
-    """A request bigger than a synchronous answer should wait for (steps x pixels x images over
-    limits.max_sync_step_pixels) is refused before any load, pointing to the job API."""
+def check_pixels(key: str, spec: ModelSpec, params: ImageParams) -> None:
     pixels = params.width * params.height
     if pixels > spec.limits.max_image_pixels:  # one side given, the other the family's default
         raise InvalidInput(f"{params.width}x{params.height} is {pixels} pixels; '{key}' makes images of at most "
                            f"{spec.limits.max_image_pixels} pixels (limits.max_image_pixels)", field="width",
                            error="image too large")
+
+
+def check_sync_limit(key: str, spec: ModelSpec, params: ImageParams) -> None:
+    """A request bigger than a synchronous answer should wait for (steps x pixels x images over
+    limits.max_sync_step_pixels) is refused before any load, pointing to the job API."""
     limit = spec.limits.max_sync_step_pixels
     if params.work > limit:
         raise InvalidInput(
@@ -126,10 +129,9 @@ def check_sync_limit(key: str, spec: ModelSpec, params: ImageParams) -> None:
 
 # ------------------------------------------------------------------ execution
 
-def run_images(inference: Any, key: str, job: ImageJob, is_gone: Callable[[], bool] | None = None) -> ImageOutcome:
-    """Decodes the input image, resolves the size, checks the synchronous limit, then runs the job on
-    the model's engine (batched there with compatible requests)."""
-    began = time.monotonic()
+def plan_images(inference: Any, key: str, job: ImageJob) -> tuple[Any, ImageParams]:
+    """The input image decoded (edits) and the output size resolved and checked: everything before
+    the lease. Returns the family's request and the parameters as they will run."""
     spec = inference.spec(key)
     family = family_class(spec.family)
     texts = [("prompt", job.prompt)] + ([("negative_prompt", job.negative_prompt)] if job.negative_prompt else [])
@@ -137,12 +139,26 @@ def run_images(inference: Any, key: str, job: ImageJob, is_gone: Callable[[], bo
                                      spec)  # bad media fails before any model loads
     request.negative_prompt = job.negative_prompt
     params = family.resolve_size(job.params, request, spec.limits.max_image_pixels)
-    check_sync_limit(key, spec, params)
+    check_pixels(key, spec, params)
+    return request, params
+
+
+def run_images(inference: Any, key: str, job: ImageJob, is_gone: Callable[[], bool] | None = None, *,
+               synchronous: bool = True, track: Callable[[Any], None] | None = None) -> ImageOutcome:
+    """Plans the job, checks the synchronous limit (not for jobs), then runs it on the model's engine
+    (batched there with compatible requests). `track` gets the engine job (its progress)."""
+    began = time.monotonic()
+    spec = inference.spec(key)
+    request, params = plan_images(inference, key, job)
+    if synchronous:
+        check_sync_limit(key, spec, params)
     deadline = job.timeout or spec.timeout or inference.manager.settings.request_timeout
     with inference.manager.lease(key, keep_alive=job.keep_alive) as served:
         leased = time.monotonic()
         prepared = served.adapter.prepare(request)
         engine_job = served.engine.submit(prepared, params, timeout=deadline)
+        if track:
+            track(engine_job)
         result = served.engine.run(engine_job, is_gone)
     done = time.monotonic()
     if result.finish_reason == "timeout":

@@ -244,14 +244,18 @@ class InferenceService:
             return self._fetch(payload, field)
         return media.decode_base64(payload, field, self.media_limits.max_media_bytes)
 
-    def generate(self, key: str, job: GenerateJob, is_gone: Callable[[], bool] | None = None) -> GenerationResult:
+    def generate(self, key: str, job: GenerateJob, is_gone: Callable[[], bool] | None = None,
+                 track: Callable[[Any], None] | None = None) -> GenerationResult:
         """Runs the job on the model's engine; `is_gone` tells whether the client has left (its row
-        then leaves the queue or stops)."""
+        then leaves the queue or stops); `track` gets the engine job (its progress: tokens so far)."""
         request = self.decode_media(job, self.spec(key))  # bad media fails before any model loads
         deadline = self._deadline(key, job)
         with self.manager.lease(key, keep_alive=job.keep_alive) as served:
             prepared = self._prepare(served, request, job)
-            result = served.engine.run(served.engine.submit(prepared, job.params, timeout=deadline), is_gone)
+            engine_job = served.engine.submit(prepared, job.params, timeout=deadline)
+            if track:
+                track(engine_job)
+            result = served.engine.run(engine_job, is_gone)
             result.device = served.adapter.device
         if self._on_result and result.finish_reason != "cancelled":
             self._on_result(key, result)
@@ -291,6 +295,17 @@ class InferenceService:
         prepared = served.adapter.prepare(request)
         served.adapter.check_context(int(prepared["input_ids"].shape[1]), job.params)
         return prepared
+
+
+def result_body(key: str, result: GenerationResult) -> dict:
+    """The answer of /generate (and of a text job) for a finished generation."""
+    body = {"response": result.text, "model": key,
+            "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+                      "total_tokens": result.prompt_tokens + result.completion_tokens},
+            "finish_reason": result.finish_reason}
+    if result.reasoning is not None:
+        body["reasoning"] = result.reasoning
+    return body
 
 
 def _no_remote_media(url: str, field: str) -> bytes:

@@ -31,6 +31,9 @@ Names (all prefixed `model_server_`):
                                                         engines) or per generate call (dynamic)
   engine_queue_depth{model}, engine_running_rows{model}          gauges
   engine_tokens_per_second{model}                      gauge: tokens generated over the last minute
+  jobs{state}                                          gauge: asynchronous jobs on record, by state
+  jobs_finished_total{model,state}                     counter: jobs that ended (succeeded|failed|cancelled)
+  job_queue_seconds{model}, job_run_seconds{model}     histograms: submitted to started, started to ended
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ PREFIX = "model_server_"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, float("inf"))
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, float("inf"))
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, float("inf"))
+JOB_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 14400, float("inf"))
 MODEL_STATES = ("unloaded", "waiting_to_load", "loading", "loaded", "unloading", "error")
 
 
@@ -75,7 +79,14 @@ class Metrics:
                                     registry=r)
         self.batch_size = Histogram(PREFIX + "batch_size", "Rows in one forward pass or generate call", ["model"],
                                     buckets=BATCH_BUCKETS, registry=r)
+        self.jobs_finished = Counter(PREFIX + "jobs_finished", "Asynchronous jobs that ended, by state",
+                                     ["model", "state"], registry=r)
+        self.job_queue = Histogram(PREFIX + "job_queue_seconds", "Seconds a job waited before it started",
+                                   ["model"], buckets=JOB_BUCKETS, registry=r)
+        self.job_run = Histogram(PREFIX + "job_run_seconds", "Seconds a job ran", ["model"], buckets=JOB_BUCKETS,
+                                 registry=r)
         self._collector: StateCollector | None = None
+        self._jobs_collector: JobCollector | None = None
 
     # ------------------------------------------------------------ feeds
 
@@ -84,6 +95,20 @@ class Metrics:
         if self._collector is None:
             self._collector = StateCollector(manager, probe, temp)
             self.registry.register(self._collector)
+
+    def watch_jobs(self, jobs: Any) -> None:
+        """Registers the jobs-by-state gauge (once), read from the job store at scrape time."""
+        if self._jobs_collector is None:
+            self._jobs_collector = JobCollector(jobs)
+            self.registry.register(self._jobs_collector)
+
+    # JobRunner events observer
+    def on_job_finished(self, key: str, state: str, queue_seconds: float, run_seconds: float | None) -> None:
+        """run_seconds None: the job never started (cancelled while queued)."""
+        self.jobs_finished.labels(key, state).inc()
+        self.job_queue.labels(key).observe(queue_seconds)
+        if run_seconds is not None:
+            self.job_run.labels(key).observe(run_seconds)
 
     def observe_request(self, route: str, method: str, model: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, model, str(status)).inc()
@@ -195,3 +220,22 @@ class StateCollector:
         yield GaugeMetricFamily(PREFIX + "temp_files", "Files under the temp folder", value=status["files"])
         yield GaugeMetricFamily(PREFIX + "temp_active_scopes", "Live per-request temp scopes",
                                 value=status["active_scopes"])
+
+
+class JobCollector:
+    def __init__(self, jobs: Any) -> None:
+        self.jobs = jobs
+
+    def describe(self) -> Iterable:
+        return []
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        try:
+            counts = self.jobs.store.counts()
+        except Exception:
+            log.exception("metrics collector for jobs failed")
+            return
+        family = GaugeMetricFamily(PREFIX + "jobs", "Asynchronous jobs on record, by state", labels=["state"])
+        for state, count in counts.items():
+            family.add_metric([state], count)
+        yield family

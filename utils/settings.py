@@ -132,6 +132,17 @@ class RemoteMediaSettings:
 
 
 @dataclass(frozen=True)
+class JobSettings:
+    """Asynchronous jobs (utils/jobs.py): records in SQLite and results as files under `dir`."""
+    dir: Path | None = None        # JOBS_DIR; None: <tmp_dir>/jobs (a volume in the container)
+    workers: int = 4               # JOB_WORKERS: jobs run at once (an engine batches those of one model)
+    result_ttl: float = 86400.0    # JOB_RESULT_TTL: seconds a finished job and its result are kept
+    max_queued: int = 1000         # JOB_MAX_QUEUED: more submissions get 503 + Retry-After
+    max_attempts: int = 2          # JOB_MAX_ATTEMPTS: starts a job gets when the server dies while it runs
+    timeout: float = 3600.0        # JOB_TIMEOUT: a job's deadline once started, unless its body sets `timeout`
+
+
+@dataclass(frozen=True)
 class ServerSettings:
     models: dict[str, ModelSpec]
     models_dir: Path
@@ -150,6 +161,7 @@ class ServerSettings:
     tmp_max_bytes: int = 2 * GIB
     media: MediaSettings = field(default_factory=MediaSettings)
     remote_media: RemoteMediaSettings = field(default_factory=RemoteMediaSettings)
+    jobs: JobSettings = field(default_factory=JobSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)  # defaults for every model's engine
     torch_threads: int | None = None  # torch's intra-op threads; None = the cores this process may use, less one
     # A model that served within group_window seconds is not evicted for another model's load...
@@ -172,6 +184,10 @@ class ServerSettings:
     config_path: Path | None = None
     # The environment these settings were read with (a config reload reads the same one again).
     env: Mapping[str, str] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def jobs_path(self) -> Path:
+        return self.jobs.dir or self.tmp_dir / "jobs"
 
     @property
     def quant_cache_path(self) -> Path:
@@ -223,6 +239,7 @@ class ServerSettings:
             "tmp_max_bytes": self.tmp_max_bytes,
             "media": dataclasses.asdict(self.media),
             "remote_media": dataclasses.asdict(self.remote_media),
+            "jobs": {**dataclasses.asdict(self.jobs), "dir": _shown_path(self.jobs_path, self.models_dir.parent)},
             "engine": dataclasses.asdict(self.engine),
             "torch_threads": self.torch_threads,
             "group_window": self.group_window,
@@ -350,7 +367,8 @@ _SERVER_FIELDS = {"max_loaded_models", "idle_timeout", "models_dir", "tmp_dir", 
                   "ram_budget_gb", "ram_headroom_gb", "gpu_budget_gb", "gpu_headroom_gb", "failed_load_backoff",
                   "sweep_interval", "tmp_ttl", "tmp_max_mb", "media", "remote_media", "engine", "torch_threads",
                   "group_window", "max_pass_over", "memory_pressure_release", "pressure_margin_gb",
-                  "request_timeout", "quant_cache", "quant_cache_dir", "quant_cache_max_gb"}
+                  "request_timeout", "quant_cache", "quant_cache_dir", "quant_cache_max_gb", "jobs"}
+_JOB_FIELDS = {f.name for f in dataclasses.fields(JobSettings)}
 _MEDIA_FIELDS = {"max_media_mb", "max_image_pixels", "max_audio_seconds", "max_video_seconds", "max_video_frames"}
 _REMOTE_MEDIA_FIELDS = {"enabled", "allow_hosts", "max_mb", "timeout", "max_redirects"}
 
@@ -383,6 +401,8 @@ SERVER_ENV = {
 # Environment variable -> key of the server `engine` section (the defaults of every model's engine).
 ENGINE_ENV = {"BATCHING": "batching", "MAX_BATCH_SIZE": "max_batch_size", "MAX_QUEUE": "max_queue",
               "QUEUE_TIMEOUT": "queue_timeout"}
+JOB_ENV = {"JOBS_DIR": "dir", "JOB_WORKERS": "workers", "JOB_RESULT_TTL": "result_ttl",
+           "JOB_MAX_QUEUED": "max_queued", "JOB_MAX_ATTEMPTS": "max_attempts", "JOB_TIMEOUT": "timeout"}
 MEDIA_ENV = {"MAX_MEDIA_MB": "max_media_mb", "MAX_VIDEO_FRAMES": "max_video_frames"}
 REMOTE_MEDIA_ENV = {"REMOTE_MEDIA": "enabled", "REMOTE_MEDIA_ALLOW_HOSTS": "allow_hosts",
                     "REMOTE_MEDIA_MAX_MB": "max_mb", "REMOTE_MEDIA_TIMEOUT": "timeout"}
@@ -608,6 +628,24 @@ def _media(raw: Any, env: Mapping[str, str]) -> MediaSettings:
     )
 
 
+def _jobs(raw: Any, env: Mapping[str, str], base: Path) -> JobSettings:
+    where = "server.jobs"
+    raw = dict(_mapping(raw, where))
+    _only_known(raw, where, _JOB_FIELDS)
+    for env_name, name in JOB_ENV.items():
+        if env.get(env_name) not in (None, ""):
+            raw[name] = env[env_name]
+    d = JobSettings()
+    return JobSettings(
+        dir=None if raw.get("dir") in (None, "") else _resolve(raw["dir"], base, f"{where}.dir"),
+        workers=_int(raw.get("workers", d.workers), f"{where}.workers", minimum=1),
+        result_ttl=_float(raw.get("result_ttl", d.result_ttl), f"{where}.result_ttl", minimum=1),
+        max_queued=_int(raw.get("max_queued", d.max_queued), f"{where}.max_queued", minimum=1),
+        max_attempts=_int(raw.get("max_attempts", d.max_attempts), f"{where}.max_attempts", minimum=1),
+        timeout=_float(raw.get("timeout", d.timeout), f"{where}.timeout", minimum=0.01),
+    )
+
+
 def _allowed_host(entry: Any, where: str) -> str:
     """One allow-list entry, normalised: a host name, "*.suffix", or an IP address."""
     text = str(entry).strip().lower().rstrip(".") if isinstance(entry, str) else ""
@@ -706,6 +744,7 @@ def load_settings(config_path: str | os.PathLike | None = None, env: Mapping[str
         tmp_max_bytes=int(_float(server.get("tmp_max_mb", 2048), "server.tmp_max_mb", minimum=1) * MIB),
         media=_media(server.get("media"), env),
         remote_media=_remote_media(server.get("remote_media"), env),
+        jobs=_jobs(server.get("jobs"), env, base),
         engine=engine,
         torch_threads=None if torch_threads in (None, "", "auto") else _int(torch_threads, "server.torch_threads",
                                                                            minimum=1),

@@ -141,9 +141,12 @@ class TempScope:
 
 class TempManager:
     def __init__(self, root: Path, *, ttl_seconds: float = 3600, max_total_bytes: int = 2 * 2**30,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, others: frozenset[str] = frozenset()):
         root = Path(root)
         self.root = root
+        # Top-level names under root that another owner keeps (the jobs folder): never listed, counted
+        # against the cap or swept here.
+        self._others = _KEEP | others
         # what status() shows: the configured relative name, or only the last part of an absolute one
         self._display_root = root.as_posix() if not root.is_absolute() else root.name
         self.ttl_seconds = float(ttl_seconds)
@@ -189,7 +192,7 @@ class TempManager:
     def _entries(self) -> list[dict]:
         """Top-level entries under root with their stats (files, bytes, age, in_use, managed)."""
         try:
-            paths = [p for p in self.root.iterdir() if p.name not in _KEEP]
+            paths = [p for p in self.root.iterdir() if p.name not in self._others]
         except FileNotFoundError:
             return []
         with self._lock:                      # copied after listing: see the module docstring

@@ -9,6 +9,7 @@ import time
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from utils.errors import InvalidInput
+from utils.inference import number_field
 from utils.memory import gpu_budget, ram_budget
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
@@ -167,6 +168,14 @@ def emergency_cleanup():
 @bp.get("/temp_status")
 def temp_status():
     return jsonify(services().temp.status())
+
+
+@bp.get("/jobs")
+def jobs_status():
+    """Jobs by state and the most recent ones (the dashboard's list); GET /jobs pages through all."""
+    limit = number_field(request.args, "limit", integer=True, low=1, high=200, default=20)
+    jobs = services().jobs
+    return jsonify({**jobs.status(), "recent": [view for view, _ in jobs.page(limit=limit)]})
 
 
 @bp.post("/cleanup_temp")

@@ -1,7 +1,7 @@
 """GET /admin/: one page for operators (models, live memory chart, temp usage, load/unload/cleanup).
 
 The page is static HTML + JS and holds no data: the script fetches the same JSON routes as any other
-client (/admin/model_status, /admin/memory_status, /admin/temp_status, POST .../load, .../unload,
+client (/admin/model_status, /admin/memory_status, /admin/temp_status, /admin/jobs, POST .../load, .../unload,
 /admin/cleanup_temp, /admin/emergency_cleanup), sending the admin token from sessionStorage as a
 Bearer header. So the page and its two assets are public even when ADMIN_TOKEN is set (app.py's auth
 skips views marked `public`); every number on it still needs the token. No CDN: the chart is drawn

@@ -7,7 +7,7 @@ import socket
 from flask import Blueprint, Response, current_app, g, jsonify, request, stream_with_context
 
 from utils.errors import InvalidInput, UnsupportedMediaType
-from utils.inference import parse_job
+from utils.inference import parse_job, result_body
 from utils.settings import IMAGE_FAMILIES
 
 bp = Blueprint("generate", __name__)
@@ -87,14 +87,8 @@ def generate(model: str):
         return response
     result = svc.inference.generate(model, job, is_gone=client_gone_probe())
     g.model_device = result.device
-    body = {"response": result.text, "model": model,
-            "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-                      "total_tokens": result.prompt_tokens + result.completion_tokens},
-            "finish_reason": result.finish_reason}
-    if result.reasoning is not None:
-        body["reasoning"] = result.reasoning
     g.completion_tokens = result.completion_tokens
-    return jsonify(body)
+    return jsonify(result_body(model, result))
 
 
 @bp.get("/health")

@@ -80,10 +80,13 @@ class RowState:
         self._stops = tuple(s for s in row.params.stop if s)
         self._stop_at: int | None = None   # where the first stop string starts in the decoded text
         self._emitted = ""
+        self._progress = getattr(row, "progress", None)  # readers (a job's status) poll tokens so far
 
     def add(self, token: int) -> bool:
         """Appends one generated token; True when the row is finished."""
         self.tokens.append(token)
+        if self._progress is not None:
+            self._progress(len(self.tokens), self.row.params.max_new_tokens)
         if token in self._eos:
             self.close("stop")
         elif self._stops and self._find_stop():

@@ -284,17 +284,42 @@
     ]);
   }
 
+  // ------------------------------------------------------------------ jobs
+
+  function jobProgress(job) {
+    if (job.status === "queued") return `#${job.position} in queue`;
+    if (job.progress) return `${job.progress.step} / ${job.progress.total}`;
+    return "";
+  }
+
+  function renderJobs(body) {
+    facts($("#job-counts"), Object.entries(body.counts).map(([name, count]) => [name, count, `jobs-${name}`]));
+    const rows = body.recent.map((job) => {
+      const tr = el("tr", "", { dataset: { job: job.job_id, status: job.status } });
+      tr.append(el("td", job.job_id.slice(0, 8), { title: job.job_id }), el("td", job.model),
+                el("td", job.status, { className: `state-${job.status}` }), el("td", jobProgress(job)),
+                el("td", new Date(job.created_at).toLocaleTimeString()),
+                el("td", fmtSeconds(job.timings.queue_seconds), { className: "num" }),
+                el("td", job.timings.run_seconds === undefined ? "–" : fmtSeconds(job.timings.run_seconds),
+                   { className: "num" }),
+                el("td", job.details || job.note || ""));
+      return tr;
+    });
+    $("#jobs tbody").replaceChildren(...rows);
+  }
+
   // ------------------------------------------------------------------ polling and actions
 
   async function refresh() {
     if (state.needToken) return;
     clearTimeout(state.timer);
     try {
-      const [models, memory, temp] = await Promise.all(
-        [api("model_status"), api("memory_status"), api("temp_status")]);
+      const [models, memory, temp, jobs] = await Promise.all(
+        [api("model_status"), api("memory_status"), api("temp_status"), api("jobs")]);
       renderModels(models);
       renderMemory(memory);
       renderTemp(temp);
+      renderJobs(jobs);
       state.polls += 1;
       $("#forget-token").hidden = !sessionStorage.getItem(TOKEN_KEY);
       setStatus(`updated ${new Date().toLocaleTimeString()}` + (memory.memory_warning ? " · memory warning" : ""),

@@ -1,0 +1,61 @@
+"""What a job is: the body /generate takes, checked when it is submitted and run later through the
+same code as a synchronous request (utils/inference.py for text, utils/images.py for images),
+without the synchronous size limit and under the job's own deadline. No Flask here."""
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any, Mapping
+
+from utils.errors import InvalidInput
+from utils.images import is_image_model, parse_image_job, plan_images, run_images
+from utils.inference import parse_job, result_body
+from utils.jobs import JobControl, JobOutcome, JobRecord
+
+
+class JobExecutor:
+    def __init__(self, inference: Any, job_timeout: float) -> None:
+        self.inference = inference
+        self.job_timeout = job_timeout  # jobs.timeout: a job's deadline unless its body sets one
+
+    def check(self, key: str, body: Mapping, uploads: Mapping[str, list[bytes]]) -> tuple[str, Mapping]:
+        """Everything a job can be refused for without weights, before it is accepted (types, ranges,
+        media decoded, sizes). Returns what the job makes ("image" or "text") and the body to keep:
+        an image job's random seed is drawn now, so a job run again after a restart makes the same
+        images."""
+        spec = self.inference.spec(key)
+        if is_image_model(spec):
+            job = parse_image_job(body, uploads, spec)
+            plan_images(self.inference, key, job)
+            return "image", {**body, "seed": job.params.seed}
+        job = parse_job(body, uploads, spec)
+        if job.stream:
+            raise InvalidInput("a job's result is fetched whole from GET /jobs/<id>/result; send 'stream' only "
+                               "to POST /generate", field="stream", error="unsupported parameter")
+        self.inference.decode_media(job, spec)
+        return "text", body
+
+    def __call__(self, record: JobRecord, control: JobControl) -> JobOutcome:
+        key = record.model
+        spec = self.inference.spec(key)  # a model removed from the config since: 404, the job fails
+        body = record.request["body"]
+        uploads = {name: [base64.b64decode(data) for data in files]
+                   for name, files in record.request["uploads"].items()}
+        if is_image_model(spec):
+            job = parse_image_job(body, uploads, spec)
+            job.timeout = job.timeout or self.job_timeout
+            outcome = run_images(self.inference, key, job, is_gone=control.cancelled, synchronous=False,
+                                 track=control.track)
+            params = outcome.params
+            return JobOutcome(files={f"{i}.png": png for i, png in enumerate(outcome.images)},
+                              media_type="image/png", cancelled=outcome.finish_reason == "cancelled",
+                              summary={"images": len(outcome.images), "seed": params.seed, "width": params.width,
+                                       "height": params.height, "num_inference_steps": params.num_inference_steps,
+                                       "timings": outcome.timings})
+        job = parse_job(body, uploads, spec)
+        job.timeout = job.timeout or self.job_timeout
+        result = self.inference.generate(key, job, is_gone=control.cancelled, track=control.track)
+        answer = result_body(key, result)
+        return JobOutcome(files={"result.json": json.dumps(answer).encode()}, media_type="application/json",
+                          cancelled=result.finish_reason == "cancelled",
+                          summary={"usage": answer["usage"], "finish_reason": result.finish_reason})
