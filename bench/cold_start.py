@@ -18,10 +18,18 @@ One run, bounded in time:
    cache found; its very first request is reported apart), and one with QUANT_CACHE=0 (every 4-bit /
    8-bit reload quantizes: the old behaviour).
 
-stdout: JSON lines ("kind": meta | measurement | ratio | summary | error); progress on stderr. A
-ratio is "met" when it reaches its target and no request of either side failed.
+stdout: JSON lines ("kind": meta | measurement | ratio | summary | error | skip); progress on stderr.
+A ratio is "met" when it reaches its target and no request of either side failed.
+
+`--ram-tier` (GPU only; on a machine without CUDA it prints a "skip" line and exits 0) measures the
+RAM tier instead: the same checkpoint as two bf16 keys on cuda:0 with max_loaded_models 1, requests
+alternating a, b, a, b; with the tier on every request after the first two promotes its model from
+(pinned) RAM, with RAM_TIER=0 it reloads it from disk (page cache). Compared: the promotion seconds
+the server reports against its reload seconds (target: promotion <= 1/10 of a cold load), and the
+client's latency of those requests.
 
     .venv/bin/python bench/cold_start.py [--rounds 4] [--uncached-rounds 2] [--models-dir DIR] [--keep-work]
+    .venv/bin/python bench/cold_start.py --ram-tier [--rounds 4] [--models-dir DIR]
 """
 from __future__ import annotations
 
@@ -49,7 +57,8 @@ QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, nu
                  rms_norm_eps=1e-6, tie_word_embeddings=True,
                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
 PRECISIONS = {"bf16": "none", "q8": "8bit", "q4": "4bit"}
-TARGETS = {"bf16_vs_plain": 1.5, "q4_cached_vs_bf16": 2.5, "q4_cached_vs_uncached": 0.4}
+TARGETS = {"bf16_vs_plain": 1.5, "q4_cached_vs_bf16": 2.5, "q4_cached_vs_uncached": 0.4,
+           "ram_tier_promotion_vs_cold_load": 0.1}
 
 
 def build_checkpoint(models_dir: Path) -> Path:
@@ -161,6 +170,8 @@ def request(server: C.Server, key: str, timeout: float) -> dict:
     status = C.model_status(server).get(key, {})
     return {"key": key, "status": outcome.status, "seconds": round(outcome.seconds, 4),
             "server_load_seconds": status.get("last_load_seconds"), "load_count": status.get("load_count"),
+            "server_promote_seconds": status.get("last_promote_seconds"),
+            "promote_count": status.get("promote_count"),
             "error": outcome.body[:300] if outcome.status != 200 else None}
 
 
@@ -206,6 +217,87 @@ def ratio(name: str, num: dict | None, den: dict | None, target: float | None, c
     return record
 
 
+def write_ram_tier_config(work: Path, models_dir: Path) -> Path:
+    lines = ["server:", "  max_loaded_models: 1", "  idle_timeout: 3600", f"  models_dir: {models_dir}",
+             f"  tmp_dir: {work / 'tmp'}", f"  log_dir: {work / 'logs'}", "  group_window: 0", "  ram_headroom_gb: 1",
+             "  ram_tier: {enabled: true, pin_memory: true, keep_alive: -1}", "models:"]
+    for side in ("a", "b"):
+        lines += [f"  tier_{side}:", "    family: text", f"    path: {CHECKPOINT}", "    dtype: bfloat16",
+                  "    device: cuda:0", "    generation: {max_new_tokens: 1}"]
+    path = work / "models_ram_tier.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def ram_tier_main(args) -> int:
+    """Promotion from the RAM tier vs a cold load of the same model (GPU only)."""
+    try:
+        import torch
+        has_cuda = bool(torch.cuda.is_available())
+    except Exception:
+        has_cuda = False
+    if not has_cuda:
+        C.emit({"kind": "skip", "bench": "cold_start --ram-tier",
+                "reason": "no CUDA GPU here: the RAM tier parks GPU models only (on a CPU-only machine it does "
+                          "nothing), so there is nothing to measure; run it where a GPU is lent"})
+        return 0
+    C.install_cleanup()
+    work, cleanup_work = C.make_work_dir(args.keep_work)
+    results: dict[str, dict] = {}
+    failed = False
+    try:
+        models_dir = Path(args.models_dir or work / "models").resolve()
+        models_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint = build_checkpoint(models_dir)
+        C.emit({"kind": "meta", "bench": "cold_start --ram-tier", "commit": C.git_commit(),
+                "date": time.strftime("%Y-%m-%d %H:%M:%S"), "gpu": torch.cuda.get_device_name(0),
+                "weights_bytes": (checkpoint / "model.safetensors").stat().st_size, "rounds": args.rounds,
+                "note": args.note})
+        config = write_ram_tier_config(work, models_dir)
+        for phase, env in (("ram_tier", {}), ("cold", {"RAM_TIER": "0"})):
+            server = start_server(f"{phase}_server", config, work, env)
+            try:
+                C.log(f"{phase}: alternating tier_a / tier_b")
+                rows = alternate(server, "tier", args.rounds, args.request_timeout,
+                                 time.monotonic() + args.budget)
+            finally:
+                server.stop()
+            measured = rows[2:]  # the first two are each key's first load in the process
+            summary = summarize(measured)
+            key = "server_promote_seconds" if phase == "ram_tier" else "server_load_seconds"
+            server_side = [r[key] for r in measured if r["status"] == 200 and r[key] is not None]
+            summary["median_server_s"] = round(statistics.median(server_side), 4) if server_side else None
+            if phase == "ram_tier":  # every measured request must have been a promotion, not a reload
+                summary["promotions"] = max((r["promote_count"] or 0 for r in rows), default=0)
+                summary["reloads"] = max((r["load_count"] or 0 for r in rows), default=0) - 1
+                if summary["reloads"] > 0:
+                    C.emit({"kind": "error", "error": f"{summary['reloads']} reload(s) with the RAM tier on: "
+                                                      f"a model was dropped instead of parked"})
+                    failed = True
+            results[phase] = summary
+            C.emit({"kind": "measurement", "name": f"{phase}_requests", **summary, "rows": measured})
+    except KeyboardInterrupt:
+        C.log("interrupted; servers stopped")
+        return 130
+    except Exception as exc:
+        C.emit({"kind": "error", "error": f"{type(exc).__name__}: {exc}"[:3000]})
+        failed = True
+    finally:
+        C.stop_all()
+        cleanup_work()
+    tier, cold = results.get("ram_tier") or {}, results.get("cold") or {}
+    server = ratio("ram_tier_promotion_vs_cold_load",
+                   {"median_s": tier.get("median_server_s"), "errors": tier.get("errors")},
+                   {"median_s": cold.get("median_server_s"), "errors": cold.get("errors")},
+                   TARGETS["ram_tier_promotion_vs_cold_load"],
+                   "server seconds: promotion from pinned RAM / reload from disk of the same model")
+    ratio("ram_tier_request_vs_cold_request", tier or None, cold or None, None,
+          "client latency of a 1-token request: model promoted (the other one parked) / model reloaded")
+    C.emit({"kind": "summary", "targets_met": server["met"], "failed": failed,
+            "medians_s": {k: v.get("median_s") for k, v in results.items()}})
+    return 1 if failed else 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4, help="a/b reload pairs per precision and server (default 4)")
@@ -216,7 +308,11 @@ def main(argv=None) -> int:
     parser.add_argument("--models-dir", type=Path, default=None, help="reuse the checkpoint there (default: temp dir)")
     parser.add_argument("--keep-work", action="store_true")
     parser.add_argument("--note", default=None, help="a note for the meta line (what tree was measured)")
+    parser.add_argument("--ram-tier", action="store_true",
+                        help="measure promotion from the RAM tier vs a cold load instead (GPU only)")
     args = parser.parse_args(argv)
+    if args.ram_tier:
+        return ram_tier_main(args)
     C.install_cleanup()
     work, cleanup_work = C.make_work_dir(args.keep_work)
     threads = max(1, len(os.sched_getaffinity(0)) - 1)  # what the server gives torch (TORCH_THREADS default)

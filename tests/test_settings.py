@@ -135,6 +135,30 @@ def test_remote_media_is_off_by_default_and_set_by_file_and_environment(tmp_path
     assert remote.enabled and remote.allow_hosts == () and remote.max_bytes == RemoteMediaSettings.max_bytes
 
 
+def test_ram_tier_defaults_file_and_environment(tmp_path):
+    from utils.settings import RamTierSettings
+    default = load_settings(env={})
+    assert default.ram_tier == RamTierSettings() and default.ram_tier.enabled and default.ram_tier.max_bytes is None
+    assert default.public_dict()["ram_tier"]["pin_memory"] is True
+    config = write_config(tmp_path, "  ram_tier: {enabled: true, max_gb: 24, pin_memory: false, keep_alive: -1}")
+    assert load_settings(config, env={}).ram_tier == RamTierSettings(max_bytes=24 * GIB, pin_memory=False,
+                                                                     keep_alive=-1)
+    tier = load_settings(config, env={"RAM_TIER": "0", "RAM_TIER_MAX_GB": "auto", "RAM_TIER_PIN_MEMORY": "1",
+                                      "RAM_TIER_KEEP_ALIVE": "60"}).ram_tier
+    assert tier == RamTierSettings(enabled=False, max_bytes=None, pin_memory=True, keep_alive=60.0)
+
+
+@pytest.mark.parametrize("server,needle", [
+    ("  ram_tier: {enabled: maybe}", "server.ram_tier.enabled"),
+    ("  ram_tier: {max_gb: -1}", "server.ram_tier.max_gb"),
+    ("  ram_tier: {keep_alive: -5}", "server.ram_tier.keep_alive"),
+    ("  ram_tier: {budget: 3}", "server.ram_tier: unknown key"),
+])
+def test_bad_ram_tier_settings_name_the_key(tmp_path, server, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_settings(write_config(tmp_path, server), env={})
+
+
 @pytest.mark.parametrize("env,needle", [
     ({"REMOTE_MEDIA": "maybe"}, "server.remote_media.enabled"),
     ({"REMOTE_MEDIA_MAX_MB": "0"}, "server.remote_media.max_mb"),

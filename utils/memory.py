@@ -128,6 +128,7 @@ def release_cached_memory() -> None:
             torch.cuda.empty_cache()
     except Exception:
         pass
+    release_host_cache()
     _trim_malloc()
 
 
@@ -173,6 +174,27 @@ def ram_budget(settings: ServerSettings, reading: MemoryReading) -> int:
     if settings.ram_budget_bytes is not None:
         return settings.ram_budget_bytes
     return max(0, reading.ram_total - settings.ram_headroom_bytes)
+
+
+def ram_tier_budget(settings: ServerSettings, reading: MemoryReading) -> int:
+    """Bytes of GPU models that may be parked in RAM (the RAM tier); auto: half the machine's RAM,
+    since page-locked memory the OS cannot swap out must leave room for everything else."""
+    if not settings.ram_tier.enabled:
+        return 0
+    if settings.ram_tier.max_bytes is not None:
+        return settings.ram_tier.max_bytes
+    return reading.ram_total // 2
+
+
+def release_host_cache() -> None:
+    """torch keeps freed page-locked (pinned) host blocks cached for reuse; a parked model that left
+    RAM would still hold them. Returns them to the OS (a no-op without CUDA)."""
+    try:
+        import torch
+        if torch.cuda.is_available() and hasattr(torch._C, "_host_emptyCache"):
+            torch._C._host_emptyCache()
+    except Exception:
+        pass
 
 
 def gpu_budget(settings: ServerSettings, gpu: GpuReading) -> int:

@@ -14,6 +14,10 @@ Names (all prefixed `model_server_`):
   model_unloads_total{model,reason}                    counter, reason admin|idle|count|memory|
                                                         emergency_cleanup|keep_alive=0|shutdown
   model_load_seconds{model}                            histogram (successful and failed loads)
+  model_demotions_total{model,reason}                  counter: GPU models parked in RAM (RAM tier) instead
+                                                        of unloaded, reason count|memory|memory_pressure|idle
+  model_promotions_total{model}                        counter: parked models moved back to their GPU
+  model_promotion_seconds{model}                       histogram: seconds a promotion took (move + engine start)
   memory_pressure_events_total{device}                 counter: times free memory fell below the headroom
                                                         (idle models there are released, reason memory_pressure)
   ram_total_bytes, ram_available_bytes, process_rss_bytes      gauges
@@ -22,6 +26,8 @@ Names (all prefixed `model_server_`):
   model_bytes{model,device}                            gauge: bytes one loaded model holds
   model_loaded{model}                                  gauge 0/1
   model_state{model,state}                             gauge, 1 for the model's current state
+  model_tier{model,tier}                               gauge, 1 for the model's tier: device (serving) | ram (parked)
+  ram_tier_bytes, ram_tier_budget_bytes                gauges: bytes of parked models, and their budget
   requests_in_flight{model}                            gauge: leases held (the model's queue depth)
   temp_bytes, temp_files, temp_active_scopes           gauges
   out_of_memory_total{model}                           counter: forward passes that ran out of device memory
@@ -51,7 +57,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, float("inf"))
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, float("inf"))
 JOB_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 14400, float("inf"))
-MODEL_STATES = ("unloaded", "waiting_to_load", "loading", "loaded", "unloading", "error")
+MODEL_STATES = ("unloaded", "waiting_to_load", "loading", "loaded", "unloading", "error", "parking", "parked")
+TIERS = ("device", "ram")
 
 
 class Metrics:
@@ -68,6 +75,12 @@ class Metrics:
         self.loads = Counter(PREFIX + "model_loads", "Model loads, by outcome", ["model", "outcome"], registry=r)
         self.unloads = Counter(PREFIX + "model_unloads", "Model unloads (evictions included), by reason",
                                ["model", "reason"], registry=r)
+        self.demotions = Counter(PREFIX + "model_demotions", "GPU models parked in RAM instead of unloaded, by "
+                                 "eviction reason", ["model", "reason"], registry=r)
+        self.promotions = Counter(PREFIX + "model_promotions", "Parked models moved back to their GPU", ["model"],
+                                  registry=r)
+        self.promotion_seconds = Histogram(PREFIX + "model_promotion_seconds", "Seconds a promotion from RAM took",
+                                           ["model"], buckets=LOAD_BUCKETS, registry=r)
         self.pressure_events = Counter(PREFIX + "memory_pressure_events", "Times free memory on a device fell "
                                        "below its headroom", ["device"], registry=r)
         self.load_seconds = Histogram(PREFIX + "model_load_seconds", "Seconds a model load took", ["model"],
@@ -121,6 +134,13 @@ class Metrics:
 
     def on_unload(self, key: str, reason: str) -> None:
         self.unloads.labels(key, reason).inc()
+
+    def on_demote(self, key: str, reason: str) -> None:
+        self.demotions.labels(key, reason).inc()
+
+    def on_promote(self, key: str, seconds: float) -> None:
+        self.promotions.labels(key).inc()
+        self.promotion_seconds.labels(key).observe(max(0.0, seconds))
 
     def on_pressure(self, device: str) -> None:
         self.pressure_events.labels(device).inc()
@@ -182,6 +202,10 @@ class StateCollector:
         for device, value in sorted(self.manager.loaded_bytes().items()):
             held.add_metric([device], value)
         yield held
+        tier = self.manager.ram_tier_status(reading)
+        yield GaugeMetricFamily(PREFIX + "ram_tier_bytes", "Bytes of GPU models parked in RAM", value=tier["used"])
+        yield GaugeMetricFamily(PREFIX + "ram_tier_budget_bytes", "Bytes the RAM tier may hold",
+                                value=tier["budget"])
 
     def _models(self) -> Iterable[GaugeMetricFamily]:
         snapshot = self.manager.snapshot()
@@ -190,6 +214,8 @@ class StateCollector:
         loaded = GaugeMetricFamily(PREFIX + "model_loaded", "1 when the model is loaded", labels=["model"])
         state = GaugeMetricFamily(PREFIX + "model_state", "1 for the model's current state",
                                   labels=["model", "state"])
+        tier = GaugeMetricFamily(PREFIX + "model_tier", "1 for the model's tier: device (serving) or ram (parked)",
+                                 labels=["model", "tier"])
         size = GaugeMetricFamily(PREFIX + "model_bytes", "Bytes the loaded model holds (measured)",
                                  labels=["model", "device"])
         depth = GaugeMetricFamily(PREFIX + "engine_queue_depth", "Requests waiting in the model's engine queue",
@@ -203,6 +229,8 @@ class StateCollector:
             loaded.add_metric([key], 1 if info["loaded"] else 0)
             for name in MODEL_STATES:
                 state.add_metric([key, name], 1 if info["state"] == name else 0)
+            for name in TIERS:
+                tier.add_metric([key, name], 1 if info.get("tier") == name else 0)
             if info["loaded"] and info["device"]:
                 size.add_metric([key, info["device"]], info["bytes_in_memory"])
             engine = info.get("engine")
@@ -210,7 +238,7 @@ class StateCollector:
                 depth.add_metric([key], engine["queue_depth"])
                 running.add_metric([key], engine["running_batch"])
                 speed.add_metric([key], engine["tokens_per_second"])
-        yield from (in_flight, loaded, state, size, depth, running, speed)
+        yield from (in_flight, loaded, state, tier, size, depth, running, speed)
 
     def _temp(self) -> Iterable[GaugeMetricFamily]:
         if self.temp is None:

@@ -5,6 +5,15 @@ count cap or a memory budget needs room, unloads idle models after their keep-al
 failed loads behind a backoff. Its loader, memory probe, estimator and clock are injected, so the
 policy is unit-tested with stand-ins while the serving tests run the real families.
 
+RAM tier: a model on a CUDA GPU that an eviction (count cap, memory budget, memory pressure, idle
+keep-alive) takes off the GPU is parked in CPU RAM instead of dropped when the tier's budget and the
+free RAM allow (`ram_tier` settings); its next lease promotes it back (room made on the GPU exactly as
+for a load, under the same load_lock). Each entry has a tier: "device" (serving), "ram" (parked) or
+none. One recency order spans both tiers: a model parks only by dropping parked models used less
+recently than itself, else it is dropped itself. Parked models do not count against
+max_loaded_models (it caps models on a device) and expire after `ram_tier.keep_alive`. The moves
+themselves are the handle's (`park` / `unpark`, utils/engine/__init__.py).
+
 Lock order: an entry's `load_lock` (held across the slow load) may be taken first and `_lock`
 (guards the dictionaries and counters, never held across a load, an unload or a wait on I/O)
 second; never the reverse, and never two `load_lock`s at once. Eviction needs only `_lock`:
@@ -21,8 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
 from utils.errors import InsufficientMemory, ModelBusy, ModelUnavailable, UnknownModel
-from utils.memory import (MemoryProbe, MemoryReading, device_budget, physical_room, release_cached_memory,
-                          split_estimate)
+from utils.memory import (MemoryProbe, MemoryReading, device_budget, physical_room, ram_tier_budget,
+                          release_cached_memory, split_estimate)
 from utils.observer import notify
 from utils.settings import ModelSpec, ServerSettings
 
@@ -33,6 +42,11 @@ MAX_BACKOFF = 600.0
 ROOM_WAIT_SECONDS = 30.0
 # Drivers report freed memory late; wait this long for an unload to show in the readings.
 RELEASE_SETTLE_SECONDS = 1.0
+# Evictions that park a GPU model in RAM when the RAM tier allows. Every other reason drops: an
+# operator asked to free memory (admin, emergency_cleanup), the model must go (reconfigured, moved,
+# shutdown), or its keep-alive of 0 asked for nothing to be kept after each request.
+DEMOTE_REASONS = frozenset({"count", "memory", "memory_pressure", "idle"})
+IN_MEMORY = ("loaded", "parked")  # states whose weights an unload drops
 
 
 class LoadedModel(Protocol):
@@ -46,7 +60,7 @@ Loader = Callable[[ModelSpec, str], LoadedModel]
 @dataclass
 class ModelEntry:
     spec: ModelSpec
-    state: str = "unloaded"          # unloaded | loading | loaded | unloading | error
+    state: str = "unloaded"          # unloaded | loading | loaded | unloading | error | parking | parked
     handle: Any = None
     device: str | None = None
     bytes_measured: int = 0
@@ -69,6 +83,14 @@ class ModelEntry:
     failures: int = 0
     retry_at: float | None = None
     last_unload_reason: str | None = None
+    # RAM tier: bytes parked in RAM (while parking, parked and promoting; 0 otherwise). `device` stays
+    # the GPU it left, where a promotion takes it back; `placement` is empty while parked.
+    parked_bytes: int = 0
+    parked_at: float | None = None
+    demote_count: int = 0
+    promote_count: int = 0
+    last_demote_reason: str | None = None
+    last_promote_seconds: float | None = None
     load_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
@@ -126,7 +148,8 @@ class ModelManager:
                     diff["added"].append(key)
                 if entry.spec != spec:
                     diff["changed"].append(key)
-                    if _load_fields(entry.spec) != _load_fields(spec) and entry.state in ("loaded", "loading"):
+                    if _load_fields(entry.spec) != _load_fields(spec) and entry.state in (
+                            "loaded", "loading", "parking", "parked"):
                         entry.stale = True
                         diff["reload_when_idle"].append(key)
                     entry.spec = spec
@@ -135,8 +158,10 @@ class ModelManager:
                     entry.removed = True
                     diff["removed"].append(key)
             self.settings = settings
+            tier_off = not settings.ram_tier.enabled  # parked models go with the tier
             taken = [(e, self._take_out(e, "reconfigured")) for e in self._entries.values()
-                     if (e.removed or e.stale) and e.state == "loaded" and e.leases == 0]
+                     if (e.removed or e.stale or (tier_off and e.state == "parked")) and e.state in IN_MEMORY
+                     and e.leases == 0]
             self._forget_removed()
         for entry, handle in taken:
             self._drop(entry, handle, "reconfigured")
@@ -184,35 +209,49 @@ class ModelManager:
         entry = self._entry(key)
         deadline = time.monotonic() + wait
         with self._lock:
+            while entry.state == "parking":  # a move to RAM in progress: it ends on its own, in seconds
+                self._changed.wait(timeout=0.5)
             while entry.state == "loaded" and entry.leases > 0:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise ModelBusy(f"'{key}' is serving {entry.leases} request(s); retry later or pass wait")
                 self._changed.wait(timeout=min(remaining, 0.5))
-            handle = self._take_out(entry, reason) if entry.state == "loaded" else None
+            handle = self._take_out(entry, reason) if entry.state in IN_MEMORY else None
         if handle is None:
             return False
         self._drop(entry, handle, reason)
         return True
 
     def unload_idle(self, *, reason: str = "cleanup") -> list[str]:
-        """Unloads every loaded model no request holds (pinned ones too: an operator asked)."""
+        """Unloads every loaded or parked model no request holds (pinned ones too: an operator asked)."""
         with self._lock:
             taken = [(e, self._take_out(e, reason)) for e in self._entries.values()
-                     if e.state == "loaded" and e.leases == 0]
+                     if e.state in IN_MEMORY and e.leases == 0]
         for entry, handle in taken:
             self._drop(entry, handle, reason)
         return [e.spec.key for e, _ in taken]
 
     def expire_idle(self) -> list[str]:
-        """Called by the sweeper: unloads models idle past their keep-alive."""
+        """Called by the sweeper: models idle past their keep-alive leave their device (parked in RAM
+        when the tier allows, so the next request skips the cold load, else unloaded), and parked
+        models idle in RAM past `ram_tier.keep_alive` are unloaded. Returns the keys that left."""
         now = self._clock()
+        reading = None  # without a reading nothing is parked: expired models unload as without the tier
+        if self.settings.ram_tier.enabled:
+            try:
+                reading = self._probe.read()
+            except Exception:
+                log.exception("reading memory for the RAM tier failed; idle models unload instead")
+        exits: list[tuple] = []
         with self._lock:
-            taken = [(e, self._take_out(e, "idle")) for e in self._entries.values()
-                     if e.state == "loaded" and e.leases == 0 and not e.spec.pinned and self._expired(e, now)]
-        for entry, handle in taken:
-            self._drop(entry, handle, "idle")
-        return [e.spec.key for e, _ in taken]
+            for entry in list(self._entries.values()):
+                if entry.state == "loaded" and entry.leases == 0 and not entry.spec.pinned \
+                        and self._expired(entry, now):
+                    exits += self._evict(entry, "idle", reading)
+                elif entry.state == "parked" and self._parked_expired(entry, now):
+                    exits.append((entry, self._take_out(entry, "ram_tier_idle"), "ram_tier_idle", False))
+        self._let_go(exits)
+        return [entry.spec.key for entry, *_ in exits]
 
     def relieve_pressure(self) -> list[str]:
         """Called by the sweeper: on every device whose free memory is below its headroom (something
@@ -240,7 +279,7 @@ class ModelManager:
                 self._notify("on_pressure", device)
             while physical_room(self.settings, reading, device) < self.settings.pressure_margin_bytes:
                 with self._lock:
-                    victim = self._pick_victim(None, device)
+                    victim = self._pick_victim(None, device, parked=device == "cpu")
                     if victim is None:
                         holders = [e.spec.key for e in self._entries.values() if device in e.placement
                                    and e.state in ("loaded", "loading")]
@@ -249,9 +288,9 @@ class ModelManager:
                             log.warning("memory pressure on %s: nothing idle left to release; in use or pinned: "
                                         "%s", device, ", ".join(holders) or "none of our models")
                         break
-                    handle = self._take_out(victim, "memory_pressure")
+                    exits = self._evict(victim, "memory_pressure", reading)  # a GPU model may park in RAM
                     event["released"] = event["released"] + [victim.spec.key]
-                self._drop(victim, handle, "memory_pressure")
+                self._let_go(exits)
                 released.append(victim.spec.key)
                 self._await_release(device, reading)
                 reading = self._probe.read()
@@ -301,11 +340,20 @@ class ModelManager:
                         out[device] = out.get(device, 0) + held
             return out
 
+    def ram_tier_status(self, reading: MemoryReading) -> dict:
+        """The RAM tier as operators see it: settings, budget, bytes parked and which models."""
+        tier = self.settings.ram_tier
+        with self._lock:
+            parked = {key: e.parked_bytes for key, e in self._entries.items() if e.parked_bytes}
+        return {"enabled": tier.enabled, "pin_memory": tier.pin_memory, "keep_alive": tier.keep_alive,
+                "budget": ram_tier_budget(self.settings, reading), "used": sum(parked.values()),
+                "models": sorted(parked)}
+
     def shutdown(self) -> None:
         """Unloads every idle model (at process exit; models still leased go with the process)."""
         with self._lock:
             taken = [(e, self._take_out(e, "shutdown")) for e in self._entries.values()
-                     if e.state == "loaded" and e.leases == 0]
+                     if e.state in IN_MEMORY and e.leases == 0]
         for entry, handle in taken:
             self._drop(entry, handle, "shutdown")
 
@@ -319,8 +367,8 @@ class ModelManager:
 
     def _forget_removed(self) -> None:
         """Under _lock: removed models that hold nothing any more leave the table."""
-        for key in [k for k, e in self._entries.items() if e.removed and e.state not in ("loaded", "loading")
-                    and e.leases == 0]:
+        for key in [k for k, e in self._entries.items() if e.removed
+                    and e.state not in ("loaded", "loading", "parking", "parked") and e.leases == 0]:
             del self._entries[key]
             self._lru.pop(key, None)
 
@@ -349,11 +397,24 @@ class ModelManager:
             return self._load(entry)
 
     def _load(self, entry: ModelEntry) -> Any:
-        """Holding entry.load_lock: makes room, loads, and returns the handle already leased.
+        """Holding entry.load_lock: makes room, loads (or promotes a parked model), and returns the
+        handle already leased.
 
         Whatever goes wrong, the entry never stays in "loading" and its reservation is dropped.
         """
         spec = entry.spec
+        with self._lock:
+            while entry.state == "parking":  # an eviction is moving it to RAM right now: promote after
+                self._changed.wait(timeout=0.5)
+            parked = entry.handle if entry.state == "parked" else None
+            if parked is not None:
+                # Promoting: no sweep, unload or RAM-tier LRU touches it meanwhile.
+                entry.state = "loading"
+                device = entry.requested_device or entry.device
+        if parked is not None:
+            handle = self._promote(entry, parked, device)
+            if handle is not None:
+                return handle
         try:
             device, need = self._reserve(entry)  # on return the entry is "loading" with `need` reserved
         except InsufficientMemory:
@@ -404,6 +465,72 @@ class ModelManager:
                  " + ".join(placement) if len(placement) > 1 else device, seconds, measured, sum(need.values()))
         self._notify("on_load", spec.key, seconds, True)
         return handle
+
+    def _promote(self, entry: ModelEntry, handle: Any, device: str) -> Any:
+        """Holding entry.load_lock, the entry taken out of the RAM tier (state "loading"): makes room
+        on `device` as a load does, moves the weights back and restarts the engine; returns the handle
+        leased. None when the parked copy had to be dropped (no room on the GPU but a CPU fallback
+        allowed, or the move failed): the caller then loads from disk as for any unloaded model."""
+        spec = entry.spec
+        need = {device: entry.parked_bytes}
+        try:
+            self._make_room(entry, need)
+        except InsufficientMemory:
+            fallback = spec.device == "auto" and spec.fallback == "cpu" and device != "cpu" \
+                and not entry.requested_device
+            self._discard_parked(entry, "fallback" if fallback else None)
+            if not fallback:
+                raise  # it stays parked: it comes back once the GPU has room
+            log.warning("%s: no room on %s to promote it from RAM; loading it again, where it fits", spec.key,
+                        device)
+            return None
+        except Exception as exc:  # a probe or driver error: it stays parked
+            self._discard_parked(entry, None)
+            log.exception("making room to promote %s failed", spec.key)
+            raise ModelUnavailable(f"could not check memory for '{spec.key}': {_describe_exception(exc)}",
+                                   retry_after=5) from None
+        except BaseException:
+            self._discard_parked(entry, None)
+            raise
+        started = time.perf_counter()
+        try:
+            handle.unpark(device)
+        except Exception as exc:
+            log.error("promoting %s to %s failed (%s); loading it from disk instead", spec.key, device,
+                      _describe_exception(exc), exc_info=True)
+            self._discard_parked(entry, "promotion_failed")
+            return None
+        seconds = time.perf_counter() - started
+        try:
+            measured = int(handle.memory_bytes())
+        except Exception:
+            measured = sum(need.values())
+        placement = _measured_placement(handle, device, measured)
+        with self._lock:
+            entry.state, entry.handle, entry.bytes_measured, entry.bytes_reserved = "loaded", handle, measured, 0
+            entry.placement, entry.parked_bytes, entry.parked_at = placement, 0, None
+            entry.promote_count += 1
+            entry.last_promote_seconds = seconds
+            entry.leases += 1
+            entry.last_used = self._clock()
+            self._lru[spec.key] = None
+            self._lru.move_to_end(spec.key)
+            self._changed.notify_all()
+        log.info("promoted %s from RAM to %s in %.2fs", spec.key, device, seconds)
+        self._notify("on_promote", spec.key, seconds)
+        return handle
+
+    def _discard_parked(self, entry: ModelEntry, reason: str | None) -> None:
+        """A promotion that did not happen: with a reason the parked copy is dropped (the entry ends
+        unloaded, its reservation gone); without one the entry goes back to the RAM tier."""
+        with self._lock:
+            if reason is None:
+                entry.state, entry.bytes_reserved, entry.placement = "parked", 0, {}
+                self._changed.notify_all()
+                return
+            handle = self._take_out(entry, reason)
+            entry.bytes_reserved = 0
+        self._drop(entry, handle, reason)
 
     def _reserve(self, entry: ModelEntry) -> tuple[str, dict[str, int]]:
         """Where the model goes and the bytes it needs there, with room made and reserved: its
@@ -504,12 +631,14 @@ class ModelManager:
                     entry.state, entry.device, entry.error = "loading", next(iter(need)), None
                     entry.placement, entry.bytes_reserved = dict(need), sum(need.values())
                     return
-                kind, message, short = problem
+                kind, message, short, physical = problem
                 if kind == "impossible":
                     raise InsufficientMemory(message, retry_after=5)
                 on_device = short if kind == "memory" else None
                 grouping = time.monotonic() - started < self.settings.max_pass_over
-                victim = self._pick_victim(entry, on_device, spare_recent=grouping)
+                # Parked models hold RAM, not budget: dropping them helps only a physical RAM shortage.
+                victim = self._pick_victim(entry, on_device, spare_recent=grouping,
+                                           parked=physical and on_device == "cpu")
                 if victim is None:
                     held_for_grouping = grouping and self._pick_victim(entry, on_device) is not None
                     waiting = held_for_grouping or self._blocked_by_leases(entry, on_device)
@@ -518,44 +647,57 @@ class ModelManager:
                         raise InsufficientMemory(message, retry_after=5)
                     self._changed.wait(timeout=0.05 if held_for_grouping else min(remaining, 0.5))
                     continue
-                handle = self._take_out(victim, kind)
-            self._drop(victim, handle, kind)
+                exits = self._evict(victim, kind, reading)  # a GPU model may park in RAM instead
+            self._let_go(exits)
             if kind == "memory":
                 self._await_release(short, reading)
 
     def _shortage(self, entry: ModelEntry, need: dict[str, int], reading: MemoryReading
-                  ) -> tuple[str, str, str | None] | None:
-        """Under _lock: why `need` (bytes per device) does not fit now, and on which device; None
-        when it does."""
+                  ) -> tuple[str, str, str | None, bool] | None:
+        """Under _lock: why `need` (bytes per device) does not fit now, on which device, and whether
+        it is free memory (not a budget) that is short; None when it fits. Parked models count on
+        neither the count cap nor a budget, but hold RAM: in RAM's physical room they can be dropped."""
         resident = [e for e in self._entries.values() if e is not entry and e.state in ("loaded", "loading")]
         if len(resident) >= self.settings.max_loaded_models:
             return ("count", f"max_loaded_models={self.settings.max_loaded_models} reached and every loaded "
-                             f"model is in use, pinned or still loading", None)
+                             f"model is in use, pinned or still loading", None, False)
         for device, bytes_needed in need.items():
             used = sum(e.placement.get(device, 0) for e in resident)
             budget = device_budget(self.settings, reading, device)
+            parked = sum(e.parked_bytes for e in self._entries.values() if e is not entry and e.state == "parked") \
+                if device == "cpu" else 0
             # Not even with every other model gone: evicting them would only cost their reloads.
             if bytes_needed > budget:
                 return ("impossible", f"'{entry.spec.key}' needs ~{_mb(bytes_needed)} on {device}; its budget is "
-                                      f"{_mb(budget)}", device)
-            best = physical_room(self.settings, reading, device) + used
+                                      f"{_mb(budget)}", device, False)
+            best = physical_room(self.settings, reading, device) + used + parked
             if bytes_needed > best:
                 return ("impossible", f"'{entry.spec.key}' needs ~{_mb(bytes_needed)} on {device}; only "
                                       f"{_mb(max(best, 0))} would be free after headroom even with every other "
-                                      f"model unloaded", device)
+                                      f"model unloaded", device, True)
             if used + bytes_needed > budget:
                 return ("memory", f"'{entry.spec.key}' needs ~{_mb(bytes_needed)} on {device}; budget "
-                                  f"{_mb(budget)}, {_mb(used)} held by other models that cannot be unloaded", device)
-            # Loads in flight have reserved memory the readings do not show yet.
+                                  f"{_mb(budget)}, {_mb(used)} held by other models that cannot be unloaded", device,
+                        False)
+            # Loads in flight have reserved memory the readings do not show yet (and so have models
+            # being parked in RAM right now).
             room = physical_room(self.settings, reading, device) - sum(
-                e.placement.get(device, 0) for e in resident if e.state == "loading")
+                e.placement.get(device, 0) for e in resident if e.state == "loading") - (
+                sum(e.parked_bytes for e in self._entries.values() if e.state == "parking") if device == "cpu" else 0)
             if bytes_needed > room:
                 return ("memory", f"'{entry.spec.key}' needs ~{_mb(bytes_needed)} on {device}; only "
-                                  f"{_mb(max(room, 0))} free after headroom", device)
+                                  f"{_mb(max(room, 0))} free after headroom", device, True)
         return None
 
-    def _pick_victim(self, entry: ModelEntry | None, device: str | None, *, spare_recent: bool = False
-                     ) -> ModelEntry | None:
+    def _pick_victim(self, entry: ModelEntry | None, device: str | None, *, spare_recent: bool = False,
+                     parked: bool = False) -> ModelEntry | None:
+        """The least recently used idle model to take out (on `device` when given); with `parked`,
+        parked models first (RAM is short: they serve nothing)."""
+        if parked:
+            for key in self._lru:
+                candidate = self._entries[key]
+                if candidate is not entry and candidate.state == "parked":
+                    return candidate
         now = self._clock()
         for key in self._lru:  # least recently used first
             candidate = self._entries[key]
@@ -587,16 +729,112 @@ class ModelManager:
             time.sleep(0.05)
 
     def _take_out(self, entry: ModelEntry, reason: str) -> Any:
-        """Under _lock: removes a loaded, unleased model from the table; returns its handle to drop."""
+        """Under _lock: removes a loaded (or parked), unleased model from the table; returns its handle
+        to drop."""
         handle = entry.handle
         entry.handle, entry.state, entry.bytes_measured, entry.device = None, "unloaded", 0, None
         entry.placement, entry.stale = {}, False
+        entry.parked_bytes, entry.parked_at = 0, None
         entry.unload_count += 1
         entry.keep_alive = None
         entry.last_unload_reason = reason
         self._lru.pop(entry.spec.key, None)
         self._changed.notify_all()
         return handle
+
+    def _evict(self, victim: ModelEntry, reason: str, reading: MemoryReading | None) -> list[tuple]:
+        """Under _lock: takes an idle model out of service. A GPU model parks in RAM when the tier
+        allows (after the parked models it displaces), else it is taken out to be dropped. Returns
+        (entry, handle, reason, park) for _let_go, which does the slow part outside the lock."""
+        displaced = self._park_plan(victim, reason, reading) if victim.state == "loaded" else None
+        if displaced is None:
+            return [(victim, self._take_out(victim, reason), reason, False)]
+        exits = [(e, self._take_out(e, "ram_tier_full"), "ram_tier_full", False) for e in displaced]
+        # Off the device now: its placement leaves the budgets (the move finishes outside the lock,
+        # as an unload's release does); its bytes count in the RAM tier from here on.
+        victim.state, victim.parked_bytes, victim.placement = "parking", victim.bytes_measured, {}
+        victim.keep_alive = None
+        victim.demote_count += 1
+        victim.last_demote_reason = reason
+        self._changed.notify_all()
+        return exits + [(victim, victim.handle, reason, True)]
+
+    def _park_plan(self, victim: ModelEntry, reason: str, reading: MemoryReading | None) -> list[ModelEntry] | None:
+        """Under _lock: the parked models to drop so that `victim` fits in the RAM tier (its budget and
+        the RAM free after headroom), or None when it is not to be parked. Least recently used first
+        across both tiers: only parked models used less recently than the victim make way for it."""
+        if reading is None or not self._parkable(victim, reason):
+            return None
+        size = victim.bytes_measured
+        parked = [e for e in self._entries.values() if e.parked_bytes]
+        # A model being promoted is leaving the tier (the victim leaves the GPU to make room for it):
+        # not counted against the budget; its RAM is in the readings until its move ends, though.
+        used = sum(e.parked_bytes for e in parked if e.state != "loading")
+        budget = ram_tier_budget(self.settings, reading)
+        # RAM the readings do not show yet: models being parked right now.
+        room = physical_room(self.settings, reading, "cpu") - sum(e.parked_bytes for e in parked
+                                                                   if e.state == "parking")
+        displaced: list[ModelEntry] = []
+        for key in self._lru:  # least recently used first
+            if used + size <= budget and size <= room:
+                break
+            candidate = self._entries[key]
+            if candidate is victim:
+                break  # every parked model left was used more recently than the victim
+            if candidate.state == "parked":
+                displaced.append(candidate)
+                used -= candidate.parked_bytes
+                room += candidate.parked_bytes
+        return displaced if used + size <= budget and size <= room else None
+
+    def _parkable(self, entry: ModelEntry, reason: str) -> bool:
+        """Whether this eviction may park the model in RAM rather than drop it."""
+        if not self.settings.ram_tier.enabled or reason not in DEMOTE_REASONS:
+            return False
+        spec, device = entry.spec, entry.device or ""
+        # A whole model on one CUDA GPU only (on a CPU it is in RAM already). Not bitsandbytes models:
+        # their weights carry quantization state (absmax, quant_state, 8-bit CB/SCB) that bitsandbytes
+        # ties to the device it quantized on, and `.to()` does not move it reliably. Not split
+        # (max_memory) or offloaded models: accelerate's hooks pin each part to its device and would
+        # move it back, or keep the GPU copy, on their own.
+        if not device.startswith("cuda") or set(entry.placement) != {device}:
+            return False
+        if spec.quantization != "none" or spec.offload != "none" or spec.max_memory:
+            return False
+        return callable(getattr(entry.handle, "park", None))
+
+    def _let_go(self, exits: list[tuple]) -> None:
+        """Outside _lock: what _evict decided, in order (displaced parked models first: their RAM
+        goes before the newcomer's comes)."""
+        for entry, handle, reason, park in exits:
+            if park:
+                self._park(entry, handle, reason)
+            else:
+                self._drop(entry, handle, reason)
+
+    def _park(self, entry: ModelEntry, handle: Any, reason: str) -> None:
+        """Outside _lock: moves an evicted model's weights to RAM (its engine drained and stopped
+        first); a move that fails unloads it instead."""
+        key, size = entry.spec.key, entry.parked_bytes
+        try:
+            handle.park(pin_memory=self.settings.ram_tier.pin_memory)
+        except Exception:
+            log.exception("parking %s in RAM failed; unloading it instead", key)
+            with self._lock:
+                self._take_out(entry, reason)
+            self._drop(entry, handle, reason)
+            return
+        with self._lock:
+            entry.state, entry.parked_at = "parked", self._clock()
+            # Removed or changed in the config, or the tier turned off, while it moved: it goes.
+            gone = entry.removed or entry.stale or not self.settings.ram_tier.enabled
+            leftover = self._take_out(entry, "reconfigured") if gone else None
+            self._forget_removed()
+            self._changed.notify_all()
+        log.info("parked %s in RAM (%s, %s)", key, reason, _mb(size))
+        self._notify("on_demote", key, reason)
+        if gone:
+            self._drop(entry, leftover, "reconfigured")
 
     def _drop(self, entry: ModelEntry, handle: Any, reason: str) -> None:
         """Outside _lock: frees the weights for real (every reference, gc, CUDA cache)."""
@@ -623,6 +861,10 @@ class ModelManager:
         keep = self._keep_alive(entry)
         return keep >= 0 and entry.last_used is not None and now - entry.last_used >= keep
 
+    def _parked_expired(self, entry: ModelEntry, now: float) -> bool:
+        keep = self.settings.ram_tier.keep_alive
+        return keep >= 0 and entry.parked_at is not None and now - entry.parked_at >= keep
+
     def _describe(self, entry: ModelEntry, now: float, waiting: frozenset[str] = frozenset()) -> dict:
         spec = entry.spec
         state = "waiting_to_load" if entry.state == "loading" and spec.key in waiting else entry.state
@@ -640,6 +882,12 @@ class ModelManager:
             "last_load_seconds": entry.last_load_seconds, "error": entry.error, "failures": entry.failures,
             "retry_after": max(0.0, entry.retry_at - now) if entry.retry_at else None,
             "last_unload_reason": entry.last_unload_reason,
+            # RAM tier: "device" serving where it loaded, "ram" parked (promoted by its next request)
+            "tier": "device" if entry.state == "loaded" else ("ram" if entry.parked_bytes else None),
+            "parked_bytes": entry.parked_bytes,
+            "parked_seconds": (now - entry.parked_at) if entry.parked_at is not None else None,
+            "demote_count": entry.demote_count, "promote_count": entry.promote_count,
+            "last_demote_reason": entry.last_demote_reason, "last_promote_seconds": entry.last_promote_seconds,
         }
 
     def _notify(self, method: str, *args: Any) -> None:

@@ -143,6 +143,22 @@ class JobSettings:
 
 
 @dataclass(frozen=True)
+class RamTierSettings:
+    """Parking GPU models in CPU RAM instead of dropping them (utils/model_manager.py, README "RAM tier").
+    Only models on a CUDA GPU are ever parked: on a CPU-only box this changes nothing."""
+    enabled: bool = True                 # RAM_TIER
+    # Bytes of parked models; None (auto): half the machine's RAM. Free RAM minus ram_headroom is
+    # checked too at each demotion. Parked models do not count against ram_budget_bytes (that one
+    # bounds models serving on the CPU), but they share physical RAM: a CPU load short of it drops
+    # parked models first.
+    max_bytes: int | None = None         # RAM_TIER_MAX_GB
+    pin_memory: bool = True              # RAM_TIER_PIN_MEMORY: page-locked, so the way back is one fast copy
+    # Seconds a parked model stays in RAM without a request before it is dropped for good (the sweeper
+    # checks); -1 = until the tier's budget or free RAM needs its room.
+    keep_alive: float = 1800.0           # RAM_TIER_KEEP_ALIVE
+
+
+@dataclass(frozen=True)
 class ServerSettings:
     models: dict[str, ModelSpec]
     models_dir: Path
@@ -162,6 +178,7 @@ class ServerSettings:
     media: MediaSettings = field(default_factory=MediaSettings)
     remote_media: RemoteMediaSettings = field(default_factory=RemoteMediaSettings)
     jobs: JobSettings = field(default_factory=JobSettings)
+    ram_tier: RamTierSettings = field(default_factory=RamTierSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)  # defaults for every model's engine
     torch_threads: int | None = None  # torch's intra-op threads; None = the cores this process may use, less one
     # A model that served within group_window seconds is not evicted for another model's load...
@@ -240,6 +257,7 @@ class ServerSettings:
             "media": dataclasses.asdict(self.media),
             "remote_media": dataclasses.asdict(self.remote_media),
             "jobs": {**dataclasses.asdict(self.jobs), "dir": _shown_path(self.jobs_path, self.models_dir.parent)},
+            "ram_tier": dataclasses.asdict(self.ram_tier),
             "engine": dataclasses.asdict(self.engine),
             "torch_threads": self.torch_threads,
             "group_window": self.group_window,
@@ -367,10 +385,12 @@ _SERVER_FIELDS = {"max_loaded_models", "idle_timeout", "models_dir", "tmp_dir", 
                   "ram_budget_gb", "ram_headroom_gb", "gpu_budget_gb", "gpu_headroom_gb", "failed_load_backoff",
                   "sweep_interval", "tmp_ttl", "tmp_max_mb", "media", "remote_media", "engine", "torch_threads",
                   "group_window", "max_pass_over", "memory_pressure_release", "pressure_margin_gb",
-                  "request_timeout", "quant_cache", "quant_cache_dir", "quant_cache_max_gb", "jobs"}
+                  "request_timeout", "quant_cache", "quant_cache_dir", "quant_cache_max_gb", "jobs",
+                  "ram_tier"}
 _JOB_FIELDS = {f.name for f in dataclasses.fields(JobSettings)}
 _MEDIA_FIELDS = {"max_media_mb", "max_image_pixels", "max_audio_seconds", "max_video_seconds", "max_video_frames"}
 _REMOTE_MEDIA_FIELDS = {"enabled", "allow_hosts", "max_mb", "timeout", "max_redirects"}
+_RAM_TIER_FIELDS = {"enabled", "max_gb", "pin_memory", "keep_alive"}
 
 # Environment variable -> key of the `server` section it overrides.
 SERVER_ENV = {
@@ -406,6 +426,8 @@ JOB_ENV = {"JOBS_DIR": "dir", "JOB_WORKERS": "workers", "JOB_RESULT_TTL": "resul
 MEDIA_ENV = {"MAX_MEDIA_MB": "max_media_mb", "MAX_VIDEO_FRAMES": "max_video_frames"}
 REMOTE_MEDIA_ENV = {"REMOTE_MEDIA": "enabled", "REMOTE_MEDIA_ALLOW_HOSTS": "allow_hosts",
                     "REMOTE_MEDIA_MAX_MB": "max_mb", "REMOTE_MEDIA_TIMEOUT": "timeout"}
+RAM_TIER_ENV = {"RAM_TIER": "enabled", "RAM_TIER_MAX_GB": "max_gb", "RAM_TIER_PIN_MEMORY": "pin_memory",
+                "RAM_TIER_KEEP_ALIVE": "keep_alive"}
 _HOST_LABEL_RE = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")  # fullmatch
 # MODEL_<KEY>_<FIELD> overrides one field of one model, e.g. MODEL_DEEPSEEK_QUANTIZATION=8bit.
 MODEL_ENV_FIELDS = ("quantization", "dtype", "device", "path", "keep_alive", "pinned", "preload", "revision",
@@ -690,6 +712,26 @@ def _remote_media(raw: Any, env: Mapping[str, str]) -> RemoteMediaSettings:
     )
 
 
+def _ram_tier(raw: Any, env: Mapping[str, str]) -> RamTierSettings:
+    where = "server.ram_tier"
+    raw = dict(_mapping(raw, where))
+    _only_known(raw, where, _RAM_TIER_FIELDS)
+    for env_name, name in RAM_TIER_ENV.items():
+        if env.get(env_name) not in (None, ""):
+            raw[name] = env[env_name]
+    d = RamTierSettings()
+    keep_alive = _float(raw.get("keep_alive", d.keep_alive), f"{where}.keep_alive")
+    if keep_alive < 0 and keep_alive != -1:
+        _fail(f"{where}.keep_alive", f"must be -1 (until RAM is needed), 0 or a positive number of seconds; "
+                                     f"got {keep_alive}")
+    return RamTierSettings(
+        enabled=_bool(raw.get("enabled", d.enabled), f"{where}.enabled"),
+        max_bytes=_gib(raw["max_gb"], f"{where}.max_gb") if "max_gb" in raw else d.max_bytes,
+        pin_memory=_bool(raw.get("pin_memory", d.pin_memory), f"{where}.pin_memory"),
+        keep_alive=keep_alive,
+    )
+
+
 def load_settings(config_path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
                   *, demo: bool = False) -> ServerSettings:
     """Reads models.yaml (or MODELS_CONFIG / config_path) and applies environment overrides."""
@@ -745,6 +787,7 @@ def load_settings(config_path: str | os.PathLike | None = None, env: Mapping[str
         media=_media(server.get("media"), env),
         remote_media=_remote_media(server.get("remote_media"), env),
         jobs=_jobs(server.get("jobs"), env, base),
+        ram_tier=_ram_tier(server.get("ram_tier"), env),
         engine=engine,
         torch_threads=None if torch_threads in (None, "", "auto") else _int(torch_threads, "server.torch_threads",
                                                                            minimum=1),

@@ -57,6 +57,7 @@ def memory_report() -> dict:
         "memory_warning": bool(warnings),
         "warnings": warnings,
         "pressure": svc.manager.pressure_status(),  # per device: events, active, released, held_by
+        "ram_tier": svc.manager.ram_tier_status(reading),  # GPU models parked in RAM: budget, used, which
     }
 
 
@@ -94,6 +95,7 @@ def model_status():
                            path=spec.path.name, bytes_estimated=estimated, quant_cache_bytes=cache_usage.get(key, 0))
     return jsonify({"timestamp": time.time(), "available_models": list(snapshot),
                     "loaded_models": [k for k, v in snapshot.items() if v["loaded"]],
+                    "parked_models": [k for k, v in snapshot.items() if v["tier"] == "ram"],
                     "max_loaded_models": svc.settings.max_loaded_models, "models": models,
                     "quant_cache": cache.status() if cache else None, "settings": svc.settings.public_dict()})
 

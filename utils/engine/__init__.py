@@ -13,10 +13,28 @@ from utils.settings import ModelSpec
 
 
 class ServedModel:
-    """A loaded model as the manager holds it: the family adapter and its engine."""
+    """A loaded model as the manager holds it: the family adapter and its engine.
 
-    def __init__(self, adapter: Any, engine: Engine) -> None:
+    The RAM tier moves it without a reload: `park` drains and stops the engine, then moves the weights
+    to CPU RAM; `unpark` moves them back and starts a new engine (a stopped engine's worker thread has
+    ended and cannot start again). The manager decides when; only it calls these, and only on a model
+    no request holds.
+    """
+
+    def __init__(self, adapter: Any, engine: Engine,
+                 new_engine: Callable[[Any], Engine] | None = None) -> None:
         self.adapter, self.engine = adapter, engine
+        self._new_engine = new_engine
+
+    def park(self, *, pin_memory: bool = True) -> None:
+        if self._new_engine is None:
+            raise RuntimeError("this model cannot start its engine again; it can only be unloaded")
+        self.engine.stop()  # drains: nothing runs on the weights while they move
+        self.adapter.park(pin_memory=pin_memory)
+
+    def unpark(self, device: str) -> None:
+        self.adapter.unpark(device)
+        self.engine = self._new_engine(self.adapter).start()
 
     def memory_bytes(self) -> int:
         return self.adapter.memory_bytes()
@@ -45,11 +63,13 @@ def make_loader(load_adapter: Callable[[ModelSpec, str], Any], observer: Any = N
     """The manager's loader: weights first, then the engine that will run them."""
     def load(spec: ModelSpec, device: str) -> ServedModel:
         adapter = load_adapter(spec, device)
-        settings = spec.engine
-        engine = engine_class(spec, adapter)(
-            adapter, key=spec.key, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
-            queue_timeout=settings.queue_timeout, observer=observer)
-        return ServedModel(adapter, engine.start())
+
+        def new_engine(adapter: Any) -> Engine:
+            settings = spec.engine
+            return engine_class(spec, adapter)(
+                adapter, key=spec.key, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
+                queue_timeout=settings.queue_timeout, observer=observer)
+        return ServedModel(adapter, new_engine(adapter).start(), new_engine)
     return load
 
 

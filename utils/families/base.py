@@ -162,6 +162,26 @@ class Family:
         self.model = None
         self.processor = None
 
+    def park(self, *, pin_memory: bool) -> None:
+        """Weights to CPU RAM, kept for a fast `unpark` (the RAM tier; only the manager calls this,
+        on a model no request holds and whose engine is stopped)."""
+        from utils.families.moves import park_module, release_device_caches
+        for module in self.weight_modules():
+            park_module(module, pin_memory=pin_memory)
+        release_device_caches()
+
+    def unpark(self, device: str) -> None:
+        """Weights back on `device` from RAM; requests then run there."""
+        from utils.families.moves import release_device_caches, unpark_module
+        for module in self.weight_modules():
+            unpark_module(module, device)
+        self.device = device
+        release_device_caches()
+
+    def weight_modules(self) -> list[Any]:
+        """The torch modules holding this model's weights (a diffusers pipeline has several)."""
+        return [self.model] if self.model is not None else []
+
     def memory_bytes(self) -> int:
         return int(self.model.get_memory_footprint()) if self.model is not None else 0
 

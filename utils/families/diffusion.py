@@ -94,6 +94,9 @@ class DiffusionFamily(Family):
             self.model.remove_all_hooks()  # accelerate's hooks hold the offloaded weights
         super().release()
 
+    def weight_modules(self) -> list[Any]:
+        return [module for _, module in _modules(self.model)] if self.model is not None else []
+
     def memory_bytes(self) -> int:
         return sum(_module_bytes(module) for _, module in _modules(self.model)) if self.model is not None else 0
 

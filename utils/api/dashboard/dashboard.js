@@ -131,6 +131,16 @@
     });
   }
 
+  // RAM tier: "device" (serving), "ram" (parked in CPU RAM; its next request moves it back to its GPU).
+  function tierCell(m) {
+    const text = m.tier === "ram" ? `RAM (${fmtBytes(m.parked_bytes)})` : (m.tier || "–");
+    return el("td", text, {
+      className: "tier", dataset: { tier: m.tier || "" },
+      title: `parked ${m.demote_count} time(s), promoted ${m.promote_count}` +
+             (m.last_promote_seconds === null ? "" : `, last promotion ${fmtSeconds(m.last_promote_seconds)}`),
+    });
+  }
+
   function renderModels(body) {
     const rows = [];
     state.models = body.models;
@@ -146,6 +156,7 @@
         el("td", m.family, { className: "family" }),
         stateCell,
         el("td", m.device || "–", { className: "device" }),
+        tierCell(m),
         el("td", m.quantization, { className: "quantization" }),
         el("td", m.loaded ? fmtBytes(m.bytes_in_memory) : "–",
            { className: "num bytes", title: `${m.bytes_in_memory} bytes`, dataset: { bytes: m.bytes_in_memory } }),
@@ -161,7 +172,8 @@
       actions.append(
         el("button", "Load", { type: "button", disabled: busy || m.loaded || m.state === "loading" || m.state === "waiting_to_load",
                                dataset: { action: "load", model: key } }),
-        el("button", "Unload", { type: "button", disabled: busy || !m.loaded, dataset: { action: "unload", model: key } }),
+        el("button", "Unload", { type: "button", disabled: busy || !(m.loaded || m.state === "parked"),
+                                 dataset: { action: "unload", model: key } }),
       );
       row.append(actions);
       rows.push(row);
@@ -192,6 +204,11 @@
     return parts.length ? parts.join("; ") : "none";
   }
 
+  function ramTierText(tier) {
+    if (!tier || !tier.enabled) return "off";
+    return `${fmtBytes(tier.used)} of ${fmtBytes(tier.budget)}` + (tier.models.length ? `: ${tier.models.join(", ")}` : "");
+  }
+
   function renderMemory(body) {
     const ram = body.ram;
     const modelsBytes = (ram.models_bytes || 0) + body.gpus.reduce((sum, g) => sum + (g.models_bytes || 0), 0);
@@ -204,6 +221,7 @@
       ["Models in RAM", fmtBytes(ram.models_bytes), "ram_models"],
       ["GPU", body.gpu_available ? `${body.gpus.length} device(s)` : "none", "gpu_available"],
       ["Memory pressure", pressureText(body.pressure || {}), "pressure"],
+      ["RAM tier", ramTierText(body.ram_tier), "ram_tier"],
     ]);
     const gpuTable = $("#gpus");
     gpuTable.hidden = !body.gpus.length;
