@@ -27,6 +27,7 @@ def models_dir(tmp_path_factory) -> Path:
 
 def test_env(models_dir: Path, tmp: Path, **extra: str) -> dict:
     env = {"MODELS_DIR": str(models_dir), "TMP_DIR": str(tmp / "tmp"), "LOG_DIR": str(tmp / "logs"),
+           "JOBS_DIR": str(tmp / "jobs"),
            "DEMO_MODE": "1", "RAM_HEADROOM_GB": "0"}
     env.update({k: str(v) for k, v in extra.items()})
     return env

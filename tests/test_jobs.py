@@ -330,7 +330,7 @@ def test_kill_9_with_a_running_and_a_queued_job_then_a_restart_loses_nothing(mod
         answer = requests.get(f"{second.url}/jobs/{queued}/result", timeout=30).json()
         assert answer == requests.post(f"{second.url}/generate/deepseek", timeout=60,
                                        json={"prompt": "wait for me", "max_new_tokens": 6, "temperature": 0}).json()
-        results = tmp_path / "tmp" / "jobs" / "results"
+        results = tmp_path / "jobs" / "results"
         assert sorted(p.name for p in results.iterdir()) == sorted([queued] + ([running] if running_ends ==
                                                                                "succeeded" else []))
     finally:

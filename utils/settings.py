@@ -134,7 +134,7 @@ class RemoteMediaSettings:
 @dataclass(frozen=True)
 class JobSettings:
     """Asynchronous jobs (utils/jobs.py): records in SQLite and results as files under `dir`."""
-    dir: Path | None = None        # JOBS_DIR; None: <tmp_dir>/jobs (a volume in the container)
+    dir: Path | None = None        # JOBS_DIR; None: <models_dir>/.jobs (kept across restarts, unlike tmp/)
     workers: int = 4               # JOB_WORKERS: jobs run at once (an engine batches those of one model)
     result_ttl: float = 86400.0    # JOB_RESULT_TTL: seconds a finished job and its result are kept
     max_queued: int = 1000         # JOB_MAX_QUEUED: more submissions get 503 + Retry-After
@@ -204,7 +204,7 @@ class ServerSettings:
 
     @property
     def jobs_path(self) -> Path:
-        return self.jobs.dir or self.tmp_dir / "jobs"
+        return self.jobs.dir or self.models_dir / ".jobs"
 
     @property
     def quant_cache_path(self) -> Path:
