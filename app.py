@@ -35,6 +35,7 @@ class Services:
     lifecycle: Any = None   # utils/lifecycle.Lifecycle: readiness, requests in flight, drain, shutdown
     runtime: Any = None     # utils/runtime_settings.RuntimeSettings
     quant_cache: Any = None  # utils/checkpoints.QuantizedCache: 4-bit / 8-bit models saved once quantized
+    cluster: Any = None     # backend ray: utils/cluster/front.Cluster (replicas, their status); None: local
 
 
 class Sweeper:
@@ -75,6 +76,8 @@ def build_services(settings: ServerSettings) -> Services:
     from utils.remote_media import RemoteFetcher
     from utils.tmp_manage import TempManager
 
+    if settings.backend == "ray":
+        return build_cluster_services(settings)
     set_torch_threads(settings.torch_threads)
     probe = MemoryProbe()
     metrics = Metrics()  # per app: several apps may share one process (tests)
@@ -89,6 +92,30 @@ def build_services(settings: ServerSettings) -> Services:
                                  fetch=RemoteFetcher(settings.remote_media).fetch)
     return Services(settings=settings, manager=manager, inference=inference, temp=temp, probe=probe,
                     metrics=metrics, quant_cache=quant_cache)
+
+
+def build_cluster_services(settings: ServerSettings) -> Services:
+    """backend ray: the front validates, decodes media and keeps temp files; the models, their
+    manager and engines live in Ray Serve replicas (utils/cluster/). Started here, in the gunicorn
+    worker (after the fork), never in the arbiter."""
+    from utils.cluster.front import Cluster, ClusterManager, RayInference
+    from utils.cluster.metrics import ReplicaCollector
+    from utils.media import MediaLimits
+    from utils.memory import MemoryProbe
+    from utils.metrics import Metrics
+    from utils.remote_media import RemoteFetcher
+    from utils.tmp_manage import TempManager
+
+    cluster = Cluster(settings).start()
+    probe, metrics = MemoryProbe(), Metrics()
+    manager = ClusterManager(cluster)
+    temp = TempManager(settings.tmp_dir, ttl_seconds=settings.tmp_ttl, max_total_bytes=settings.tmp_max_bytes)
+    metrics.watch(manager=manager, probe=probe, temp=temp)
+    metrics.registry.register(ReplicaCollector(cluster))
+    inference = RayInference(cluster, manager, MediaLimits(**asdict(settings.media)), on_result=metrics.on_result,
+                             fetch=RemoteFetcher(settings.remote_media).fetch)
+    return Services(settings=settings, manager=manager, inference=inference, temp=temp, probe=probe,
+                    metrics=metrics, cluster=cluster)
 
 
 def set_torch_threads(threads: int | None) -> None:
