@@ -38,6 +38,7 @@ class Services:
     quant_cache: Any = None  # utils/checkpoints.QuantizedCache: 4-bit / 8-bit models saved once quantized
     jobs: Any = None         # utils/jobs.JobRunner: asynchronous jobs (records and results on disk)
     job_executor: Any = None  # utils/job_executor.JobExecutor: checks a job's body, runs a job
+    cluster: Any = None     # backend ray: utils/cluster/front.Cluster (replicas, their status); None: local
 
 
 class Sweeper:
@@ -69,15 +70,14 @@ def build_services(settings: ServerSettings) -> Services:
     from utils.engine import make_loader
     from utils.families import WEIGHT_LOADS, load_family
     from utils.inference import InferenceService
-    from utils.job_executor import JobExecutor
-    from utils.jobs import JobRunner, JobStore
     from utils.media import MediaLimits
     from utils.memory import MemoryProbe, estimate_model_bytes
     from utils.metrics import Metrics
     from utils.model_manager import ModelManager
     from utils.remote_media import RemoteFetcher
-    from utils.tmp_manage import TempManager
 
+    if settings.backend == "ray":
+        return build_cluster_services(settings)
     set_torch_threads(settings.torch_threads)
     probe = MemoryProbe()
     metrics = Metrics()  # per app: several apps may share one process (tests)
@@ -86,19 +86,55 @@ def build_services(settings: ServerSettings) -> Services:
                            estimator=estimate_model_bytes, probe=probe, events=metrics,
                            loads_waiting=WEIGHT_LOADS.waiting)
     media_limits = MediaLimits(**asdict(settings.media))
-    jobs_dir = settings.jobs_path
-    temp = TempManager(settings.tmp_dir, ttl_seconds=settings.tmp_ttl, max_total_bytes=settings.tmp_max_bytes,
-                       others=frozenset({jobs_dir.name} if jobs_dir.parent == settings.tmp_dir else ()))
+    temp = temp_manager(settings)
     metrics.watch(manager=manager, probe=probe, temp=temp)
     inference = InferenceService(manager, media_limits, on_result=metrics.on_result,
                                  fetch=RemoteFetcher(settings.remote_media).fetch)
-    job_executor = JobExecutor(inference, settings.jobs.timeout)
-    jobs = JobRunner(JobStore(jobs_dir), job_executor, workers=settings.jobs.workers,
-                     max_queued=settings.jobs.max_queued, max_attempts=settings.jobs.max_attempts,
-                     result_ttl=settings.jobs.result_ttl, events=metrics)
-    metrics.watch_jobs(jobs)
     return Services(settings=settings, manager=manager, inference=inference, temp=temp, probe=probe,
-                    metrics=metrics, quant_cache=quant_cache, jobs=jobs, job_executor=job_executor)
+                    metrics=metrics, quant_cache=quant_cache)
+
+
+def temp_manager(settings: ServerSettings):
+    from utils.tmp_manage import TempManager
+    jobs_dir = settings.jobs_path  # an operator may put it under tmp/: the temp sweeper must not touch it
+    return TempManager(settings.tmp_dir, ttl_seconds=settings.tmp_ttl, max_total_bytes=settings.tmp_max_bytes,
+                       others=frozenset({jobs_dir.name} if jobs_dir.parent == settings.tmp_dir else ()))
+
+
+def add_jobs(services: Services) -> None:
+    """Asynchronous jobs belong to the front (the HTTP server), whichever backend runs the models:
+    a Ray replica builds services without them."""
+    from utils.job_executor import JobExecutor
+    from utils.jobs import JobRunner, JobStore
+    settings = services.settings
+    services.job_executor = JobExecutor(services.inference, settings.jobs.timeout)
+    services.jobs = JobRunner(JobStore(settings.jobs_path), services.job_executor, workers=settings.jobs.workers,
+                              max_queued=settings.jobs.max_queued, max_attempts=settings.jobs.max_attempts,
+                              result_ttl=settings.jobs.result_ttl, events=services.metrics)
+    services.metrics.watch_jobs(services.jobs)
+
+
+def build_cluster_services(settings: ServerSettings) -> Services:
+    """backend ray: the front validates, decodes media and keeps temp files; the models, their
+    manager and engines live in Ray Serve replicas (utils/cluster/). Started here, in the gunicorn
+    worker (after the fork), never in the arbiter."""
+    from utils.cluster.front import Cluster, ClusterManager, RayInference
+    from utils.cluster.metrics import ReplicaCollector
+    from utils.media import MediaLimits
+    from utils.memory import MemoryProbe
+    from utils.metrics import Metrics
+    from utils.remote_media import RemoteFetcher
+
+    cluster = Cluster(settings).start()
+    probe, metrics = MemoryProbe(), Metrics()
+    manager = ClusterManager(cluster)
+    temp = temp_manager(settings)
+    metrics.watch(manager=manager, probe=probe, temp=temp)
+    metrics.registry.register(ReplicaCollector(cluster))
+    inference = RayInference(cluster, manager, MediaLimits(**asdict(settings.media)), on_result=metrics.on_result,
+                             fetch=RemoteFetcher(settings.remote_media).fetch)
+    return Services(settings=settings, manager=manager, inference=inference, temp=temp, probe=probe,
+                    metrics=metrics, cluster=cluster)
 
 
 def set_torch_threads(threads: int | None) -> None:
@@ -158,6 +194,7 @@ def create_app(settings: ServerSettings | None = None, *, background: bool = Tru
     app.config["MAX_CONTENT_LENGTH"] = settings.max_content_length
     app.json.sort_keys = False
     services = build_services(settings)
+    add_jobs(services)
     services.runtime, services.lifecycle = runtime, Lifecycle(grace=runtime.shutdown_grace)
     app.extensions["model_server"] = services
     services.temp.startup_sweep()

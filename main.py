@@ -36,6 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", default=None, help="models.yaml to use (default: MODELS_CONFIG or ./models.yaml)")
     parser.add_argument("--demo", action="store_true",
                         help="serve tiny random-weight checkpoints of every family (built offline in seconds)")
+    parser.add_argument("--backend", choices=("local", "ray"), default=None,
+                        help="local: this one process holds the models (default); ray: Ray Serve replicas hold them "
+                             "(models.yaml server.backend / MODEL_SERVER_BACKEND; RAY_ADDRESS joins a cluster)")
     parser.add_argument("--insecure", action="store_true",
                         help="listen beyond loopback even while /admin or the inference routes have no token")
     parser.add_argument("--debug", action="store_true",
@@ -135,6 +138,8 @@ def main(argv=None) -> int:
     setup_console_logging(logging.DEBUG if args.debug else logging.INFO)
     try:
         settings = load_settings(args.config, demo=args.demo)
+        if args.backend:
+            settings = settings.replace(backend=args.backend)
         runtime = RuntimeSettings.from_env()
     except ConfigError as exc:
         print(f"invalid configuration: {exc}", file=sys.stderr)

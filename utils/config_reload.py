@@ -13,7 +13,7 @@ log = logging.getLogger("model_server.config")
 # Server settings a running process cannot take on: folders it opened, torch's thread pool, the tokens
 # its auth checks were built with, demo mode.
 RESTART_ONLY = ("models_dir", "tmp_dir", "log_dir", "torch_threads", "admin_token", "api_token", "demo",
-                "quant_cache_dir")
+                "quant_cache_dir", "backend", "ray")
 JOBS_RESTART_ONLY = ("dir", "workers")  # the open job store, the worker threads
 
 

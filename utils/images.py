@@ -153,21 +153,15 @@ def run_images(inference: Any, key: str, job: ImageJob, is_gone: Callable[[], bo
     if synchronous:
         check_sync_limit(key, spec, params)
     deadline = job.timeout or spec.timeout or inference.manager.settings.request_timeout
-    with inference.manager.lease(key, keep_alive=job.keep_alive) as served:
-        leased = time.monotonic()
-        prepared = served.adapter.prepare(request)
-        engine_job = served.engine.submit(prepared, params, timeout=deadline)
-        if track:
-            track(engine_job)
-        result = served.engine.run(engine_job, is_gone)
-    done = time.monotonic()
+    checked = time.monotonic()
+    run = inference.execute_images(key, request, params, deadline, job.keep_alive, is_gone, track)
+    result = run["result"]
     if result.finish_reason == "timeout":
-        steps_done = engine_job.step[0] if engine_job.step else 0
-        raise RequestTimeout(f"the request's deadline ({deadline:g}s) passed after {steps_done} of "
+        raise RequestTimeout(f"the request's deadline ({deadline:g}s) passed after {run['steps_done']} of "
                              f"{params.num_inference_steps} steps; no image was finished")
-    started = engine_job.started_at or done
-    timings = {"load_seconds": round(leased - began, 4), "queue_seconds": round(started - engine_job.submitted_at, 4),
-               "generate_seconds": round(done - started, 4), "total_seconds": round(done - began, 4)}
+    timings = {"load_seconds": round(checked - began + run["load_seconds"], 4), "queue_seconds": round(run["queue_seconds"], 4),
+               "generate_seconds": round(run["generate_seconds"], 4),
+               "total_seconds": round(time.monotonic() - began, 4)}
     return ImageOutcome(images=list(result.images or []), params=params, timings=timings,
                         finish_reason=result.finish_reason)
 

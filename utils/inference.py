@@ -250,6 +250,20 @@ class InferenceService:
         then leaves the queue or stops); `track` gets the engine job (its progress: tokens so far)."""
         request = self.decode_media(job, self.spec(key))  # bad media fails before any model loads
         deadline = self._deadline(key, job)
+        result = self.execute(key, request, job, deadline, is_gone, track)
+        if self._on_result and result.finish_reason != "cancelled":
+            self._on_result(key, result)
+        if result.finish_reason == "timeout":
+            raise RequestTimeout(f"the request's deadline ({deadline:g}s) passed after "
+                                 f"{result.completion_tokens} tokens; generated so far: {result.text!r}",
+                                 partial=result)
+        return result
+
+    def execute(self, key: str, request: GenerationRequest, job: GenerateJob, deadline: float,
+                is_gone: Callable[[], bool] | None = None, track: Callable[[Any], None] | None = None
+                ) -> GenerationResult:
+        """The part that needs the model: lease, prepare, the engine's run. A Ray replica runs this
+        with the request decoded by the front (utils/cluster/). `track` gets the engine job."""
         with self.manager.lease(key, keep_alive=job.keep_alive) as served:
             prepared = self._prepare(served, request, job)
             engine_job = served.engine.submit(prepared, job.params, timeout=deadline)
@@ -257,12 +271,6 @@ class InferenceService:
                 track(engine_job)
             result = served.engine.run(engine_job, is_gone)
             result.device = served.adapter.device
-        if self._on_result and result.finish_reason != "cancelled":
-            self._on_result(key, result)
-        if result.finish_reason == "timeout":
-            raise RequestTimeout(f"the request's deadline ({deadline:g}s) passed after "
-                                 f"{result.completion_tokens} tokens; generated so far: {result.text!r}",
-                                 partial=result)
         return result
 
     def _deadline(self, key: str, job: GenerateJob) -> float:
@@ -273,20 +281,44 @@ class InferenceService:
         """Text pieces as generated; the lease is held until the stream ends or is closed. The
         request has started (left the queue) when this returns, so queue errors are still a status."""
         request = self.decode_media(job, self.spec(key))
+        on_result = (lambda result: self._on_result(key, result)) if self._on_result else None
+        return self.open_stream(key, request, job, self._deadline(key, job), on_result)
+
+    def open_stream(self, key: str, request: GenerationRequest, job: GenerateJob, deadline: float,
+                    on_result: Callable[[GenerationResult], None] | None = None) -> "LeasedStream":
+        """The part of `stream` that needs the model (a Ray replica runs this one)."""
         lease = self.manager.lease(key, keep_alive=job.keep_alive)
         served = lease.__enter__()
         try:
             prepared = self._prepare(served, request, job)
-            engine_job = served.engine.submit(prepared, job.params, streaming=True,
-                                              timeout=self._deadline(key, job))
+            engine_job = served.engine.submit(prepared, job.params, streaming=True, timeout=deadline)
             served.engine.await_start(engine_job)
         except BaseException:
             lease.__exit__(None, None, None)
             raise
-        on_result = (lambda result: self._on_result(key, result)) if self._on_result else None
         stream = LeasedStream(engine_job, lambda: lease.__exit__(None, None, None), on_result)
         stream.device = served.adapter.device
         return stream
+
+    def execute_images(self, key: str, request: GenerationRequest, params: Any, deadline: float,
+                       keep_alive: float | None, is_gone: Callable[[], bool] | None = None,
+                       track: Callable[[Any], None] | None = None) -> dict:
+        """An image job on the model's engine: the result, steps done and the durations of its parts
+        (utils/images.run_images; a Ray replica runs this one)."""
+        import time
+        began = time.monotonic()
+        with self.manager.lease(key, keep_alive=keep_alive) as served:
+            leased = time.monotonic()
+            prepared = served.adapter.prepare(request)
+            engine_job = served.engine.submit(prepared, params, timeout=deadline)
+            if track:
+                track(engine_job)
+            result = served.engine.run(engine_job, is_gone)
+        done = time.monotonic()
+        started = engine_job.started_at or done
+        return {"result": result, "steps_done": engine_job.step[0] if engine_job.step else 0,
+                "load_seconds": leased - began, "queue_seconds": started - engine_job.submitted_at,
+                "generate_seconds": done - started}
 
     @staticmethod
     def _prepare(served: Any, request: GenerationRequest, job: GenerateJob) -> Any:

@@ -131,6 +131,42 @@ class RemoteMediaSettings:
     max_redirects: int = 3
 
 
+BACKENDS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class RayGroup:
+    """One Ray Serve deployment: the models it serves and how its replicas are placed."""
+    name: str
+    models: tuple[str, ...] = ()     # empty: every model no other group names
+    replicas: int | None = None      # None: one per GPU of the cluster (num_gpus each), else 1
+    min_replicas: int | None = None  # both set: autoscaling between them (replicas is the start)
+    max_replicas: int | None = None
+    num_cpus: float = 1.0            # per replica
+    num_gpus: float | None = None    # per replica; None: 1 where the cluster has GPUs, else 0
+    max_models_per_replica: int = 1  # serve.multiplexed's cap, and each replica's max_loaded_models
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    """`backend: ray` (utils/cluster/): the same server over Ray Serve replicas."""
+    address: str | None = None       # RAY_ADDRESS: an existing cluster; None: a local instance
+    num_cpus: float | None = None    # a local instance's CPUs (None: Ray's count)
+    max_ongoing_requests: int = 64   # per replica, before Serve queues on the front
+    health_check_period: float = 2.0  # seconds; a dead replica is replaced about this fast
+    call_timeout: float = 30.0       # seconds an admin / status call to a replica may take
+    groups: tuple[RayGroup, ...] = (RayGroup("default"),)
+
+    def group_of(self, key: str) -> RayGroup:
+        catch_all = None
+        for group in self.groups:
+            if key in group.models:
+                return group
+            if not group.models:
+                catch_all = group
+        return catch_all or self.groups[0]
+
+
 @dataclass(frozen=True)
 class JobSettings:
     """Asynchronous jobs (utils/jobs.py): records in SQLite and results as files under `dir`."""
@@ -198,6 +234,8 @@ class ServerSettings:
     admin_token: str | None = None
     api_token: str | None = None
     demo: bool = False
+    backend: str = "local"           # MODEL_SERVER_BACKEND / --backend: local (one process) | ray
+    ray: RaySettings = field(default_factory=RaySettings)
     config_path: Path | None = None
     # The environment these settings were read with (a config reload reads the same one again).
     env: Mapping[str, str] | None = field(default=None, repr=False, compare=False)
@@ -271,6 +309,8 @@ class ServerSettings:
             "admin_auth": self.admin_token is not None,
             "api_auth": self.api_token is not None,
             "demo": self.demo,
+            "backend": self.backend,
+            "ray": dataclasses.asdict(self.ray) if self.backend == "ray" else None,
         }
 
 
@@ -386,8 +426,12 @@ _SERVER_FIELDS = {"max_loaded_models", "idle_timeout", "models_dir", "tmp_dir", 
                   "sweep_interval", "tmp_ttl", "tmp_max_mb", "media", "remote_media", "engine", "torch_threads",
                   "group_window", "max_pass_over", "memory_pressure_release", "pressure_margin_gb",
                   "request_timeout", "quant_cache", "quant_cache_dir", "quant_cache_max_gb", "jobs",
-                  "ram_tier"}
+                  "ram_tier", "backend", "ray"}
 _JOB_FIELDS = {f.name for f in dataclasses.fields(JobSettings)}
+_RAY_FIELDS = {"address", "num_cpus", "max_ongoing_requests", "health_check_period", "call_timeout", "groups",
+               "replicas", "min_replicas", "max_replicas", "replica_num_cpus", "num_gpus", "max_models_per_replica"}
+_RAY_GROUP_FIELDS = {"models", "replicas", "min_replicas", "max_replicas", "num_cpus", "num_gpus",
+                     "max_models_per_replica"}
 _MEDIA_FIELDS = {"max_media_mb", "max_image_pixels", "max_audio_seconds", "max_video_seconds", "max_video_frames"}
 _REMOTE_MEDIA_FIELDS = {"enabled", "allow_hosts", "max_mb", "timeout", "max_redirects"}
 _RAM_TIER_FIELDS = {"enabled", "max_gb", "pin_memory", "keep_alive"}
@@ -417,7 +461,12 @@ SERVER_ENV = {
     "QUANT_CACHE": "quant_cache",
     "QUANT_CACHE_DIR": "quant_cache_dir",
     "QUANT_CACHE_MAX_GB": "quant_cache_max_gb",
+    "MODEL_SERVER_BACKEND": "backend",
 }
+# Environment variable -> key of the server `ray` section.
+RAY_ENV = {"RAY_ADDRESS": "address", "RAY_REPLICAS": "replicas", "RAY_NUM_CPUS": "num_cpus",
+           "RAY_REPLICA_NUM_CPUS": "replica_num_cpus", "RAY_NUM_GPUS": "num_gpus",
+           "RAY_MAX_MODELS_PER_REPLICA": "max_models_per_replica"}
 # Environment variable -> key of the server `engine` section (the defaults of every model's engine).
 ENGINE_ENV = {"BATCHING": "batching", "MAX_BATCH_SIZE": "max_batch_size", "MAX_QUEUE": "max_queue",
               "QUEUE_TIMEOUT": "queue_timeout"}
@@ -732,6 +781,74 @@ def _ram_tier(raw: Any, env: Mapping[str, str]) -> RamTierSettings:
     )
 
 
+def _optional(value: Any) -> Any:
+    return None if value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto", "null")) \
+        else value
+
+
+def _ray_group(name: str, raw: Any, defaults: Mapping, models: Mapping) -> RayGroup:
+    """One group; `defaults`: the `ray` section's replicas / num_cpus / num_gpus / max_models_per_replica."""
+    where = f"server.ray.groups.{name}"
+    raw = dict(_mapping(raw, where))
+    _only_known(raw, where, _RAY_GROUP_FIELDS)
+    get = lambda key: _optional(raw.get(key, defaults.get(key)))  # noqa: E731
+    keys = tuple(str(k) for k in _list(raw.get("models"), f"{where}.models"))
+    for key in keys:
+        if key not in models:
+            _fail(f"{where}.models", f"no model named '{key}'")
+    d = RayGroup(name)
+    group = RayGroup(
+        name=name, models=keys,
+        replicas=None if get("replicas") is None else _int(get("replicas"), f"{where}.replicas", minimum=1),
+        min_replicas=None if get("min_replicas") is None else _int(get("min_replicas"), f"{where}.min_replicas",
+                                                                   minimum=0),
+        max_replicas=None if get("max_replicas") is None else _int(get("max_replicas"), f"{where}.max_replicas",
+                                                                   minimum=1),
+        num_cpus=d.num_cpus if get("num_cpus") is None else _float(get("num_cpus"), f"{where}.num_cpus", minimum=0),
+        num_gpus=None if get("num_gpus") is None else _float(get("num_gpus"), f"{where}.num_gpus", minimum=0),
+        max_models_per_replica=_int(get("max_models_per_replica") or d.max_models_per_replica,
+                                    f"{where}.max_models_per_replica", minimum=1),
+    )
+    if (group.min_replicas is None) != (group.max_replicas is None):
+        _fail(where, "autoscaling needs both min_replicas and max_replicas")
+    if group.max_replicas is not None and group.min_replicas > group.max_replicas:
+        _fail(where, f"min_replicas {group.min_replicas} exceeds max_replicas {group.max_replicas}")
+    return group
+
+
+def _ray(raw: Any, env: Mapping[str, str], models: Mapping) -> RaySettings:
+    """The `ray` section: cluster-wide keys, defaults for every group, and the groups."""
+    where = "server.ray"
+    raw = dict(_mapping(raw, where))
+    _only_known(raw, where, _RAY_FIELDS)
+    for env_name, name in RAY_ENV.items():
+        if env.get(env_name) not in (None, ""):
+            raw[name] = env[env_name]
+    d = RaySettings()
+    defaults = {"replicas": raw.get("replicas"), "min_replicas": raw.get("min_replicas"),
+                "max_replicas": raw.get("max_replicas"), "num_cpus": raw.get("replica_num_cpus"),
+                "num_gpus": raw.get("num_gpus"), "max_models_per_replica": raw.get("max_models_per_replica")}
+    raw_groups = _mapping(raw.get("groups"), f"{where}.groups") or {"default": {}}
+    groups = tuple(_ray_group(str(name), value, defaults, models) for name, value in raw_groups.items())
+    named = [key for group in groups for key in group.models]
+    if len(named) != len(set(named)):
+        _fail(f"{where}.groups", "a model belongs to one group at most")
+    if not any(not group.models for group in groups) and set(models) - set(named):
+        _fail(f"{where}.groups", f"models in no group: {', '.join(sorted(set(models) - set(named)))} "
+                                 f"(give one group no 'models' to take the rest)")
+    return RaySettings(
+        address=_optional(raw.get("address")) and str(raw["address"]),
+        num_cpus=None if _optional(raw.get("num_cpus")) is None else _float(raw["num_cpus"], f"{where}.num_cpus",
+                                                                             minimum=0.1),
+        max_ongoing_requests=_int(raw.get("max_ongoing_requests", d.max_ongoing_requests),
+                                  f"{where}.max_ongoing_requests", minimum=1),
+        health_check_period=_float(raw.get("health_check_period", d.health_check_period),
+                                   f"{where}.health_check_period", minimum=0.1, maximum=600),
+        call_timeout=_float(raw.get("call_timeout", d.call_timeout), f"{where}.call_timeout", minimum=0.1),
+        groups=groups,
+    )
+
+
 def load_settings(config_path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
                   *, demo: bool = False) -> ServerSettings:
     """Reads models.yaml (or MODELS_CONFIG / config_path) and applies environment overrides."""
@@ -808,6 +925,8 @@ def load_settings(config_path: str | os.PathLike | None = None, env: Mapping[str
                                if "quant_cache_max_gb" in server else ServerSettings.quant_cache_max_bytes),
         admin_token=env.get("ADMIN_TOKEN") or None,
         api_token=env.get("API_TOKEN") or None,
+        backend=_choice(server.get("backend", ServerSettings.backend), "server.backend", BACKENDS),
+        ray=_ray(server.get("ray"), env, models),
         config_path=path,
         env=env,
     )
