@@ -110,7 +110,8 @@ def add_jobs(services: Services) -> None:
     services.job_executor = JobExecutor(services.inference, settings.jobs.timeout)
     services.jobs = JobRunner(JobStore(settings.jobs_path), services.job_executor, workers=settings.jobs.workers,
                               max_queued=settings.jobs.max_queued, max_attempts=settings.jobs.max_attempts,
-                              result_ttl=settings.jobs.result_ttl, events=services.metrics)
+                              result_ttl=settings.jobs.result_ttl, max_finished=settings.jobs.max_finished,
+                              events=services.metrics)
     services.metrics.watch_jobs(services.jobs)
 
 

@@ -53,9 +53,9 @@ def text_outcome(text: str) -> JobOutcome:
 
 def test_jobs_left_running_by_a_dead_process_run_again_once_then_fail_with_the_reason(tmp_path):
     store = JobStore(tmp_path / "jobs")
-    first = store.add("m", "text", {"body": {"prompt": "a"}, "uploads": {}}, None, 1.0)
-    second = store.add("m", "text", {"body": {"prompt": "b"}, "uploads": {}}, None, 2.0)
-    queued = store.add("m", "text", {"body": {"prompt": "c"}, "uploads": {}}, None, 3.0)
+    first = store.add("m", "text", {"body": {"prompt": "a"}, "uploads": {}}, None, 1.0, max_queued=10)
+    second = store.add("m", "text", {"body": {"prompt": "b"}, "uploads": {}}, None, 2.0, max_queued=10)
+    queued = store.add("m", "text", {"body": {"prompt": "c"}, "uploads": {}}, None, 3.0, max_queued=10)
     assert store.claim_next(4.0).id == first
     assert store.claim_next(4.0).id == second
     (store.results / f"{first}.partial").mkdir()  # the dead process was writing a result
@@ -73,7 +73,7 @@ def test_jobs_left_running_by_a_dead_process_run_again_once_then_fail_with_the_r
     failed = store.get(first)
     assert failed.status == "failed" and failed.error == "interrupted"
     assert "stopped while this job ran, 2 time(s)" in failed.details
-    assert store.remove_strays(set()) == 1 and not list(store.results.iterdir())
+    assert store.remove_strays() == 1 and not list(store.results.iterdir())
 
 
 def test_a_model_that_cannot_take_a_job_now_gets_it_again_later_then_it_fails(tmp_path):
@@ -117,7 +117,7 @@ def test_finished_jobs_expire_with_their_results_and_paging_walks_every_job(tmp_
 
     clock.now += 100
     late = jobs.submit("m", "text", {"prompt": "late"}, {})["job_id"]
-    jobs.configure(max_queued=10, max_attempts=2, result_ttl=50)  # what a config reload does
+    jobs.configure(max_queued=10, max_attempts=2, result_ttl=50, max_finished=100)  # what a config reload does
     jobs.sweep()
     for job_id in ids:
         with pytest.raises(UnknownJob):
@@ -139,6 +139,85 @@ def test_queue_cap_cancel_and_results_that_do_not_exist(tmp_path):
         jobs.result_file(first["job_id"], 0)
     with pytest.raises(JobNotFinished, match="queued"):
         jobs.result_file(second["job_id"], 0)
+
+
+def test_a_cancel_while_the_job_waits_for_its_model_ends_it_instead_of_queueing_it_again(tmp_path):
+    waiting = threading.Event()
+
+    def execute(record, control):  # what the engine does with a cancelled job before it starts
+        waiting.set()
+        while not control.cancelled():
+            time.sleep(0.01)
+        raise ModelUnavailable("the client left before its turn", error="client gone")
+
+    jobs = runner(tmp_path, execute).start()
+    job_id = jobs.submit("m", "text", {"prompt": "x"}, {})["job_id"]
+    assert waiting.wait(10)
+    assert jobs.cancel(job_id)["status"] == "running"  # it stops at its next step
+    assert wait_for(lambda: jobs.describe(job_id)["status"] != "running", timeout=10)
+    view = jobs.describe(job_id)
+    assert view["status"] == "cancelled" and view["details"] == "cancelled by the client", view
+    jobs.stop(wait=5)
+
+
+def test_a_result_that_cannot_be_stored_fails_its_job_and_the_worker_goes_on(tmp_path):
+    def execute(record, control):
+        name = record.request["body"]["name"]
+        return JobOutcome(files={name: b"data"}, media_type="application/json")
+
+    jobs = runner(tmp_path, execute).start()
+    broken = jobs.submit("m", "text", {"name": "no/such/folder.json"}, {})["job_id"]
+    fine = jobs.submit("m", "text", {"name": "result.json"}, {})["job_id"]
+    assert wait_for(lambda: jobs.describe(fine)["status"] == "succeeded", timeout=10)
+    view = jobs.describe(broken)
+    assert view["status"] == "failed" and view["error"] == "result not stored", view
+    assert sorted(p.name for p in jobs.store.results.iterdir()) == [fine]  # no partial folder left
+    jobs.stop(wait=5)
+
+
+def test_finished_records_drop_their_uploads_and_the_oldest_go_beyond_the_cap(tmp_path):
+    clock = Clock()
+    jobs = runner(tmp_path, lambda record, control: text_outcome("x"), clock=clock, max_finished=2)
+    ids = [jobs.submit("m", "text", {"prompt": str(i)}, {"image": [b"\x00" * 1000]})["job_id"] for i in range(4)]
+    for _ in ids:
+        jobs._run(jobs.store.claim_next(clock.now), JobControl())
+    with jobs.store._lock:
+        sizes = [row[0] for row in jobs.store._db.execute("SELECT length(request) FROM jobs")]
+    assert sizes == [2, 2, 2, 2]  # '{}'
+    jobs.sweep()
+    assert [view["job_id"] for view, _ in jobs.page(limit=10)] == ids[:1:-1]
+
+
+def test_a_stop_keeps_what_clients_cancelled_and_what_finished_and_hands_back_what_hangs(tmp_path):
+    release = threading.Event()
+
+    def execute(record, control):
+        kind = record.request["body"]["prompt"]
+        if kind == "hangs":  # a load that outlives the stop's wait
+            release.wait(20)
+            return text_outcome("late")
+        while not control.cancelled():
+            time.sleep(0.01)
+        if kind == "finishes":  # its last step was done when the stop came
+            return text_outcome("done")
+        return JobOutcome(files={}, media_type="application/json", cancelled=True)
+
+    jobs = runner(tmp_path, execute, workers=4).start()
+    ids = {kind: jobs.submit("m", "text", {"prompt": kind}, {})["job_id"]
+           for kind in ("client", "finishes", "stopped", "hangs")}
+    assert wait_for(lambda: all(jobs.describe(i)["status"] == "running" for i in ids.values()), timeout=10)
+    jobs.cancel(ids["client"])
+    assert wait_for(lambda: jobs.describe(ids["client"])["status"] == "cancelled", timeout=10)
+    jobs.stop(wait=1)
+    release.set()
+    assert jobs.describe(ids["finishes"])["status"] == "succeeded"
+    assert jobs.describe(ids["client"])["status"] == "cancelled"
+    for kind in ("stopped", "hangs"):
+        record = jobs.store.get(ids[kind])
+        assert (record.status, record.attempts) == ("queued", 0), kind
+    time.sleep(0.3)  # the hanging worker ends now: its late result must not overwrite the handed-back record
+    assert jobs.store.get(ids["hangs"]).status == "queued"
+    assert not (jobs.store.results / ids["hangs"]).exists()
 
 
 def test_a_stop_gives_running_jobs_back_to_the_queue_without_spending_a_start(tmp_path):
@@ -235,6 +314,25 @@ def test_bad_bodies_are_refused_when_submitted_and_no_job_is_kept(job_app, model
     assert client.get("/admin/jobs").get_json()["counts"] == before
 
 
+def test_a_media_url_is_fetched_once_when_the_job_is_submitted(make_settings):
+    import sqlite3
+
+    from tests import media_samples as ms
+    app = make_app(make_settings())  # no background: the job stays queued, its record as submitted
+    fetched = []
+    app.extensions["model_server"].inference.set_fetcher(lambda url, field: fetched.append(url) or ms.png())
+    response = app.test_client().post("/jobs/qwen_vl", json={"prompt": "what is it?", "max_new_tokens": 2,
+                                                             "images": [ms.b64(ms.png()), "https://x.test/a.png"]})
+    assert response.status_code == 202, response.get_json()
+    assert fetched == ["https://x.test/a.png"]
+    store = app.extensions["model_server"].jobs.store
+    with store._lock:
+        request = json.loads(store._db.execute("SELECT request FROM jobs").fetchone()[0])
+    assert "images" not in request["body"] and len(request["uploads"]["images"]) == 2
+    assert base64.b64decode(request["uploads"]["images"][1]) == ms.png()
+    store.close()
+
+
 def test_job_routes_answer_4xx_for_what_is_not_there(job_app):
     client = job_app.test_client()
     assert client.post("/jobs/nope", json={"prompt": "x"}).status_code == 404
@@ -280,13 +378,16 @@ def test_a_job_runs_with_rising_progress_and_a_cancel_stops_it_between_steps(sta
 
     cancelled = submit(server, "flux", SLOW_IMAGE | {"seed": 6})
     assert wait_for(lambda: job(server, cancelled).get("progress", {}).get("step", 0) >= 1, timeout=120)
-    assert requests.delete(f"{server.url}/jobs/{cancelled}", timeout=30).status_code == 200
+    assert requests.delete(f"{server.url}/jobs/{cancelled}", timeout=30).status_code == 202  # stops at a step
     assert wait_for(lambda: job(server, cancelled)["status"] != "running", timeout=60)
     view = job(server, cancelled)
     assert view["status"] == "cancelled" and view["details"] == "cancelled by the client", view
     assert requests.get(f"{server.url}/jobs/{cancelled}/result", timeout=30).status_code == 409
+    assert requests.delete(f"{server.url}/jobs/{cancelled}", timeout=30).status_code == 200  # already cancelled
 
     assert wait_for(lambda: job(server, watched)["status"] == "succeeded", timeout=180), job(server, watched)
+    finished_one = requests.delete(f"{server.url}/jobs/{watched}", timeout=30)
+    assert finished_one.status_code == 409 and finished_one.json()["error"] == "job finished"
     metrics = requests.get(server.url + "/metrics", timeout=30).text
     assert 'model_server_jobs_finished_total{model="flux",state="cancelled"} 1.0' in metrics
     assert 'model_server_jobs{state="succeeded"} 1.0' in metrics

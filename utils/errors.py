@@ -135,5 +135,12 @@ class JobNotFinished(ServerError):
     error = "job not finished"
 
 
+class JobFinished(ServerError):
+    """A cancel for a job that has succeeded or failed already."""
+
+    status = 409
+    error = "job finished"
+
+
 class JobsFull(ModelUnavailable):
     error = "job queue full"

@@ -211,8 +211,8 @@ class InferenceService:
         family = family_class(spec.family) if spec is not None else None
         request = GenerationRequest(prompt=job.prompt, system=job.system, messages=job.messages, raw=job.raw,
                                     texts=job.texts)
-        payloads = [[self._bytes(frame, f"{item.field}[{i}]") for i, frame in enumerate(item.payload)]
-                    if isinstance(item.payload, list) else self._bytes(item.payload, item.field)
+        payloads = [[self.media_bytes(frame, f"{item.field}[{i}]") for i, frame in enumerate(item.payload)]
+                    if isinstance(item.payload, list) else self.media_bytes(item.payload, item.field)
                     for item in job.media]  # a list: a video given as its frames
         probes = [media.probe(item.kind, data, item.field, limits) for item, data in zip(job.media, payloads)]
         media.check_request_budget(probes, limits)
@@ -233,7 +233,7 @@ class InferenceService:
             request.media_fields.setdefault(item.kind, []).append(item.field)
         return request
 
-    def _bytes(self, payload: Any, field: str) -> bytes:
+    def media_bytes(self, payload: Any, field: str) -> bytes:
         """Uploads arrive as bytes, JSON media as base64 or data URLs, OpenAI parts may be URLs;
         each loader then checks emptiness and size."""
         from utils import media

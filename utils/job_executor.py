@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 from utils.errors import InvalidInput
 from utils.images import is_image_model, parse_image_job, plan_images, run_images
-from utils.inference import parse_job, result_body
+from utils.inference import MEDIA_FIELDS, URL_SCHEME, parse_job, result_body
 from utils.jobs import JobControl, JobOutcome, JobRecord
 
 
@@ -18,22 +18,43 @@ class JobExecutor:
         self.inference = inference
         self.job_timeout = job_timeout  # jobs.timeout: a job's deadline unless its body sets one
 
-    def check(self, key: str, body: Mapping, uploads: Mapping[str, list[bytes]]) -> tuple[str, Mapping]:
+    def check(self, key: str, body: Mapping, uploads: Mapping[str, list[bytes]]
+              ) -> tuple[str, Mapping, Mapping[str, list[bytes]]]:
         """Everything a job can be refused for without weights, before it is accepted (types, ranges,
-        media decoded, sizes). Returns what the job makes ("image" or "text") and the body to keep:
-        an image job's random seed is drawn now, so a job run again after a restart makes the same
-        images."""
+        media decoded, sizes). Returns what the job makes ("image" or "text") and the body and
+        uploads to keep: media URLs fetched now, once, into uploads (a job that runs later, or again
+        after a restart, must not depend on a URL that may have expired or changed), and an image
+        job's random seed drawn now, so a job run again makes the same images."""
+        body, uploads = self._fetch_urls(body, uploads)
         spec = self.inference.spec(key)
         if is_image_model(spec):
             job = parse_image_job(body, uploads, spec)
             plan_images(self.inference, key, job)
-            return "image", {**body, "seed": job.params.seed}
+            return "image", {**body, "seed": job.params.seed}, uploads
         job = parse_job(body, uploads, spec)
         if job.stream:
             raise InvalidInput("a job's result is fetched whole from GET /jobs/<id>/result; send 'stream' only "
                                "to POST /generate", field="stream", error="unsupported parameter")
         self.inference.decode_media(job, spec)
-        return "text", body
+        return "text", body, uploads
+
+    def _fetch_urls(self, body: Mapping, uploads: Mapping[str, list[bytes]]
+                    ) -> tuple[dict, dict[str, list[bytes]]]:
+        """A media field that names a URL moves, whole and in order, from the body to the uploads
+        (its other items decoded from base64 on the way). Fields of video frames stay as they are."""
+        body, uploads = dict(body), {name: list(files) for name, files in uploads.items()}
+        for name in MEDIA_FIELDS:
+            value = body.get(name)
+            items = [value] if isinstance(value, str) else value
+            if not isinstance(items, list) or not all(isinstance(item, str) for item in items) \
+                    or not any(URL_SCHEME.match(item) for item in items):
+                continue
+            single = isinstance(value, str) and not name.endswith("s")
+            fetched = [self.inference.media_bytes(item, name if single else f"{name}[{i}]")
+                       for i, item in enumerate(items)]
+            uploads[name] = fetched + uploads.get(name, [])
+            del body[name]
+        return body, uploads
 
     def __call__(self, record: JobRecord, control: JobControl) -> JobOutcome:
         key = record.model

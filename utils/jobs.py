@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from utils.errors import InvalidInput, JobNotFinished, JobsFull, ModelUnavailable, ServerError, UnknownJob
+from utils.errors import (InvalidInput, JobFinished, JobNotFinished, JobsFull, ModelUnavailable, ServerError,
+                          UnknownJob)
 from utils.observer import notify
 
 log = logging.getLogger("model_server.jobs")
@@ -100,6 +101,7 @@ class JobStore:
         self._lock = threading.Lock()  # one connection, used by request threads and workers in turn
         self._db = sqlite3.connect(self.root / "jobs.sqlite3", check_same_thread=False, isolation_level=None,
                                    timeout=10)
+        self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes effect on a new file: sweep() shrinks it
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # in WAL mode: durable across a process crash
         self._db.executescript(_SCHEMA)
@@ -110,13 +112,23 @@ class JobStore:
 
     # ------------------------------------------------------------ writes
 
-    def add(self, model: str, kind: str, request: dict, request_id: str | None, now: float) -> str:
+    def add(self, model: str, kind: str, request: dict, request_id: str | None, now: float, *,
+            max_queued: int) -> str | None:
+        """A new queued job; None when `max_queued` jobs wait already (counted in the same transaction)."""
         job_id = uuid.uuid4().hex
         with self._lock:
-            self._db.execute("INSERT INTO jobs (id, model, kind, status, created_at, request_id, request) "
-                             "VALUES (?, ?, ?, 'queued', ?, ?, ?)",
-                             (job_id, model, kind, now, request_id, json.dumps(request)))
-        return job_id
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                queued = self._db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0]
+                if queued < max_queued:
+                    self._db.execute("INSERT INTO jobs (id, model, kind, status, created_at, request_id, request) "
+                                     "VALUES (?, ?, ?, 'queued', ?, ?, ?)",
+                                     (job_id, model, kind, now, request_id, json.dumps(request)))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return job_id if queued < max_queued else None
 
     def claim_next(self, now: float) -> JobRecord | None:
         """The oldest queued job that may start now, marked running (one transaction: two workers
@@ -141,24 +153,33 @@ class JobStore:
         record.status, record.started_at, record.attempts = "running", now, record.attempts + 1
         return record
 
-    def finish(self, job_id: str, status: str, now: float, *, error: str | None = None, details: str | None = None,
-               result: dict | None = None) -> None:
-        with self._lock:
-            self._db.execute("UPDATE jobs SET status = ?, finished_at = ?, error = ?, details = ?, result = ? "
-                             "WHERE id = ?", (status, now, error, details,
-                                              None if result is None else json.dumps(result), job_id))
+    # A running job's record changes only while it is still the start that `attempts` names: a worker
+    # that outlived a stop (its job handed back to the queue meanwhile) cannot overwrite it. A finished
+    # job's request (its uploads) is no longer needed and is dropped.
 
-    def requeue(self, job_id: str, *, not_before: float | None, note: str, started: bool, retried: bool) -> None:
+    def finish(self, job_id: str, attempts: int, status: str, now: float, *, error: str | None = None,
+               details: str | None = None, result: dict | None = None) -> bool:
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE jobs SET status = ?, finished_at = ?, error = ?, details = ?, result = ?, request = '{}' "
+                "WHERE id = ? AND status = 'running' AND attempts = ?",
+                (status, now, error, details, None if result is None else json.dumps(result), job_id, attempts))
+        return cursor.rowcount == 1
+
+    def requeue(self, job_id: str, attempts: int, *, not_before: float | None, note: str, started: bool,
+                retried: bool) -> bool:
         """Back in the queue: `started` False gives the start back (the server stopped it on purpose);
         `retried` counts one more time a model could not take it."""
         with self._lock:
-            self._db.execute("UPDATE jobs SET status = 'queued', started_at = NULL, not_before = ?, note = ?, "
-                             "attempts = attempts - ?, retries = retries + ? WHERE id = ?",
-                             (not_before, note, 0 if started else 1, 1 if retried else 0, job_id))
+            cursor = self._db.execute(
+                "UPDATE jobs SET status = 'queued', started_at = NULL, not_before = ?, note = ?, "
+                "attempts = attempts - ?, retries = retries + ? WHERE id = ? AND status = 'running' AND attempts = ?",
+                (not_before, note, 0 if started else 1, 1 if retried else 0, job_id, attempts))
+        return cursor.rowcount == 1
 
     def cancel_queued(self, job_id: str, now: float) -> bool:
         with self._lock:
-            cursor = self._db.execute("UPDATE jobs SET status = 'cancelled', finished_at = ?, "
+            cursor = self._db.execute("UPDATE jobs SET status = 'cancelled', finished_at = ?, request = '{}', "
                                       "details = 'cancelled before it started' WHERE id = ? AND status = 'queued'",
                                       (now, job_id))
         return cursor.rowcount == 1
@@ -183,26 +204,34 @@ class JobStore:
                 raise
         return requeued, failed
 
-    def expire(self, older_than: float) -> list[str]:
-        """Finished jobs whose end is older than `older_than` (epoch seconds): records and results go."""
+    def expire(self, older_than: float, keep_finished: int) -> list[str]:
+        """Finished jobs whose end is older than `older_than` (epoch seconds), and the oldest beyond
+        the newest `keep_finished`: records and results go; the file gives the pages back."""
         with self._lock:
             ids = [row[0] for row in self._db.execute(
-                "SELECT id FROM jobs WHERE status IN ('succeeded', 'failed', 'cancelled') AND finished_at < ?",
-                (older_than,))]
+                "SELECT id FROM jobs WHERE status IN ('succeeded', 'failed', 'cancelled') AND (finished_at < ? OR "
+                "seq <= (SELECT seq FROM jobs WHERE status IN ('succeeded', 'failed', 'cancelled') "
+                "ORDER BY seq DESC LIMIT 1 OFFSET ?))", (older_than, keep_finished))]
             self._db.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in ids])
+            if ids:
+                self._db.execute("PRAGMA incremental_vacuum")
         for job_id in ids:
             shutil.rmtree(self.results / job_id, ignore_errors=True)
         return ids
 
-    def remove_strays(self, running: set[str]) -> int:
-        """Result folders no succeeded job owns: a crash between writing and recording, or a partial
-        write. Folders of jobs running now are left alone."""
+    def remove_strays(self) -> int:
+        """Result folders no running or succeeded job owns: a crash between writing and recording, or
+        a partial write. The folder is listed before the records are read, so a job claimed later
+        (whose folder is not listed) and one that finished meanwhile (read as succeeded) both keep
+        theirs."""
+        entries = list(self.results.iterdir())
         with self._lock:
-            kept = {row[0] for row in self._db.execute("SELECT id FROM jobs WHERE status = 'succeeded'")}
+            owned = {row[0]: row[1] for row in self._db.execute(
+                "SELECT id, status FROM jobs WHERE status IN ('running', 'succeeded')")}
         removed = 0
-        for entry in self.results.iterdir():
+        for entry in entries:
             job_id = entry.name.split(".")[0]
-            if job_id in running or (entry.name == job_id and job_id in kept):
+            if owned.get(job_id) == "running" or (entry.name == job_id and owned.get(job_id) == "succeeded"):
                 continue
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
             removed += 1
@@ -214,13 +243,20 @@ class JobStore:
         final, partial = self.results / job_id, self.results / f"{job_id}.partial"
         shutil.rmtree(partial, ignore_errors=True)
         shutil.rmtree(final, ignore_errors=True)  # an earlier start that wrote but was not recorded
-        partial.mkdir()
-        for name, data in files.items():
-            with open(partial / name, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-        os.replace(partial, final)
+        try:
+            partial.mkdir()
+            for name, data in files.items():
+                with open(partial / name, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            os.replace(partial, final)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+
+    def remove_result(self, job_id: str) -> None:
+        shutil.rmtree(self.results / job_id, ignore_errors=True)
 
     def result_path(self, job_id: str, name: str) -> Path:
         return self.results / job_id / name
@@ -277,18 +313,22 @@ class JobOutcome:
 
 
 class JobControl:
-    """A running job's live side: the executor reports its engine job; the runner cancels it."""
+    """A running job's live side: the executor reports its engine job; the runner cancels it, for
+    its client (the job ends cancelled) or for a stop (the job goes back to the queue)."""
 
-    def __init__(self) -> None:
+    def __init__(self, record: JobRecord | None = None) -> None:
+        self.record = record
         self._cancel = threading.Event()
         self.engine_job: Any = None
         self.reason: str | None = None
+        self.by_client = False
 
     def track(self, engine_job: Any) -> None:
         self.engine_job = engine_job
 
-    def cancel(self, reason: str) -> None:
+    def cancel(self, reason: str, *, by_client: bool = False) -> None:
         self.reason = self.reason or reason
+        self.by_client = self.by_client or by_client
         self._cancel.set()
 
     def cancelled(self) -> bool:
@@ -301,12 +341,13 @@ class JobControl:
 
 class JobRunner:
     def __init__(self, store: JobStore, execute: Callable[[JobRecord, JobControl], JobOutcome], *, workers: int,
-                 max_queued: int, max_attempts: int, result_ttl: float = 86400.0, events: Any = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 max_queued: int, max_attempts: int, result_ttl: float = 86400.0, max_finished: int = 10_000,
+                 events: Any = None, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self._execute = execute
         self._workers = workers
-        self.configure(max_queued=max_queued, max_attempts=max_attempts, result_ttl=result_ttl)
+        self.configure(max_queued=max_queued, max_attempts=max_attempts, result_ttl=result_ttl,
+                       max_finished=max_finished)
         self._events = events  # optional observer: on_job_finished(model, state, queue_seconds, run_seconds)
         self._clock = clock
         self._lock = threading.Lock()
@@ -315,22 +356,23 @@ class JobRunner:
         self._stopping = False
         self._threads: list[threading.Thread] = []
 
-    def configure(self, *, max_queued: int, max_attempts: int, result_ttl: float) -> None:
+    def configure(self, *, max_queued: int, max_attempts: int, result_ttl: float, max_finished: int) -> None:
         """The limits a config reload may change; the folder and the worker count need a restart."""
-        self._max_queued, self._max_attempts, self.result_ttl = max_queued, max_attempts, result_ttl
+        self._max_queued, self._max_attempts = max_queued, max_attempts
+        self.result_ttl, self.max_finished = result_ttl, max_finished
 
     # ------------------------------------------------------------ the API's side
 
     def submit(self, model: str, kind: str, body: Mapping, uploads: Mapping[str, list[bytes]],
                request_id: str | None = None) -> dict:
         """Records an already validated request; it runs when a worker is free."""
-        if self.store.counts()["queued"] >= self._max_queued:
-            raise JobsFull(f"{self._max_queued} jobs are queued already (jobs.max_queued); try again later",
-                           retry_after=30)
         request = {"body": dict(body),
                    "uploads": {name: [base64.b64encode(data).decode("ascii") for data in files]
                                for name, files in uploads.items()}}
-        job_id = self.store.add(model, kind, request, request_id, self._clock())
+        job_id = self.store.add(model, kind, request, request_id, self._clock(), max_queued=self._max_queued)
+        if job_id is None:
+            raise JobsFull(f"{self._max_queued} jobs are queued already (jobs.max_queued); try again later",
+                           retry_after=30)
         with self._wake:
             self._wake.notify()
         return self.describe(job_id)
@@ -390,7 +432,8 @@ class JobRunner:
 
     def cancel(self, job_id: str) -> dict:
         """A queued job ends at once; a running one at its engine's next step (a diffusion step, a
-        token). Cancelling a finished job changes nothing."""
+        token): its view still says running. Cancelling a cancelled job changes nothing; a job that
+        succeeded or failed cannot be cancelled (409)."""
         now = self._clock()
         if self.store.cancel_queued(job_id, now):
             record = self.store.get(job_id)
@@ -400,8 +443,11 @@ class JobRunner:
             with self._lock:
                 control = self._running.get(job_id)
             if control is not None:
-                control.cancel("cancelled by the client")
-        return self.describe(job_id)
+                control.cancel("cancelled by the client", by_client=True)
+        view = self.describe(job_id)
+        if view["status"] in ("succeeded", "failed"):
+            raise JobFinished(f"job '{job_id}' has {view['status']} already; there is nothing to cancel")
+        return view
 
     def page(self, **query: Any) -> list[tuple[dict, int]]:
         """(view, seq) newest first; the last seq is the `before` of the next page."""
@@ -416,7 +462,7 @@ class JobRunner:
         requeued, failed = self.store.recover(self._max_attempts, self._clock())
         if requeued or failed:
             log.warning("jobs interrupted by the last stop: %d queued again, %d failed", requeued, failed)
-        self.store.remove_strays(set())
+        self.store.remove_strays()
         for number in range(self._workers):
             thread = threading.Thread(target=self._work, name=f"job-worker-{number}", daemon=True)
             thread.start()
@@ -425,7 +471,8 @@ class JobRunner:
 
     def stop(self, wait: float = STOP_WAIT_SECONDS) -> None:
         """Takes no more jobs; running ones stop at their next step and go back to the queue
-        without losing a start, to run again after the restart."""
+        without losing a start, to run again after the restart. Those still running when `wait`
+        ends (a load, a wait for room) go back too: a stop is not a crash."""
         with self._wake:
             self._stopping = True
             for control in self._running.values():
@@ -434,15 +481,19 @@ class JobRunner:
         deadline = time.monotonic() + wait
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            late = list(self._running.values())
+        for control in late:
+            self.store.requeue(control.record.id, control.record.attempts, not_before=None, started=False,
+                               retried=False, note="the server stopped while it ran; queued again")
 
     def sweep(self) -> None:
-        """The sweeper's chore: finished jobs older than the TTL go, with their results."""
-        expired = self.store.expire(self._clock() - self.result_ttl)
+        """The sweeper's chore: finished jobs older than the TTL (or beyond max_finished) go, with
+        their results; result folders no job owns go too."""
+        expired = self.store.expire(self._clock() - self.result_ttl, self.max_finished)
         if expired:
             log.info("expired %d finished job(s)", len(expired))
-        with self._lock:
-            running = set(self._running)
-        self.store.remove_strays(running)
+        self.store.remove_strays()
 
     # ------------------------------------------------------------ the workers
 
@@ -451,30 +502,35 @@ class JobRunner:
             with self._wake:  # claimed and registered under one lock: a cancel finds it either way
                 if self._stopping:
                     return
-                record = self.store.claim_next(self._clock())
+                try:
+                    record = self.store.claim_next(self._clock())
+                except sqlite3.Error:
+                    log.exception("claiming a job failed")
+                    record = None
                 if record is None:
                     self._wake.wait(IDLE_POLL_SECONDS)
                     continue
-                control = self._running[record.id] = JobControl()
+                control = self._running[record.id] = JobControl(record)
             try:
                 self._run(record, control)
+            except Exception:  # the store failed (disk, database): this worker carries on with the next job
+                log.exception("recording the end of job %s failed", record.id)
             finally:
                 with self._lock:
-                    self._running.pop(record.id, None)
+                    if self._running.get(record.id) is control:
+                        del self._running[record.id]
 
     def _run(self, record: JobRecord, control: JobControl) -> None:
-        store, now = self.store, self._clock
         try:
             outcome = self._execute(record, control)
-        except ModelUnavailable as exc:
-            if self._stopping:
-                store.requeue(record.id, not_before=None, note="the server stopped while it waited", started=False,
-                              retried=False)
+        except ModelUnavailable as exc:  # includes a cancel while it waited for its model or its queue
+            if control.cancelled():
+                self._stopped(record, control)
             elif record.retries < MODEL_UNAVAILABLE_RETRIES:
                 delay = max(MIN_RETRY_DELAY, exc.retry_after or 0)
-                store.requeue(record.id, not_before=now() + delay, started=False, retried=True,
-                              note=f"'{record.model}' could not take it ({exc.error}: {exc.details}); "
-                                   f"queued again, next try in {delay:g}s")
+                self.store.requeue(record.id, record.attempts, not_before=self._clock() + delay, started=False,
+                                   retried=True, note=f"'{record.model}' could not take it ({exc.error}: "
+                                                      f"{exc.details}); queued again, next try in {delay:g}s")
             else:
                 self._finish(record, "failed", error=exc.error, details=exc.details)
             return
@@ -485,23 +541,37 @@ class JobRunner:
             log.exception("job %s (%s) failed", record.id, record.model)
             self._finish(record, "failed", error="internal error", details=f"see the server log for job {record.id}")
             return
-        if outcome.cancelled or control.cancelled():
-            if self._stopping:
-                store.requeue(record.id, not_before=None, started=False, retried=False,
-                              note="the server stopped while it ran; queued again")
-            else:
-                self._finish(record, "cancelled", details=control.reason or "cancelled")
+        if outcome.cancelled:  # a complete outcome is kept, even if a cancel came after its last step
+            self._stopped(record, control)
             return
-        store.write_result(record.id, outcome.files)
-        self._finish(record, "succeeded", result={"files": list(outcome.files), "media_type": outcome.media_type,
-                                                  "summary": outcome.summary})
+        try:
+            self.store.write_result(record.id, outcome.files)
+        except OSError as exc:
+            log.exception("storing the result of job %s failed", record.id)
+            self._finish(record, "failed", error="result not stored",
+                         details=f"the result could not be written to the jobs folder: {exc.strerror or exc}")
+            return
+        if not self._finish(record, "succeeded", result={"files": list(outcome.files),
+                                                         "media_type": outcome.media_type,
+                                                         "summary": outcome.summary}):
+            self.store.remove_result(record.id)  # handed back to the queue by a stop meanwhile
 
-    def _finish(self, record: JobRecord, status: str, **fields: Any) -> None:
+    def _stopped(self, record: JobRecord, control: JobControl) -> None:
+        """The job stopped before its end: cancelled for its client, or back to the queue for a stop."""
+        if control.by_client or not self._stopping:
+            self._finish(record, "cancelled", details=control.reason or "cancelled")
+        else:
+            self.store.requeue(record.id, record.attempts, not_before=None, started=False, retried=False,
+                               note="the server stopped while it ran; queued again")
+
+    def _finish(self, record: JobRecord, status: str, **fields: Any) -> bool:
         finished = self._clock()
-        self.store.finish(record.id, status, finished, **fields)
+        if not self.store.finish(record.id, record.attempts, status, finished, **fields):
+            return False
         started = record.started_at or finished
         notify(self._events, "on_job_finished", record.model, status, max(0.0, started - record.created_at),
                max(0.0, finished - started))
+        return True
 
 
 def _iso(epoch: float) -> str:

@@ -174,6 +174,7 @@ class JobSettings:
     workers: int = 4               # JOB_WORKERS: jobs run at once (an engine batches those of one model)
     result_ttl: float = 86400.0    # JOB_RESULT_TTL: seconds a finished job and its result are kept
     max_queued: int = 1000         # JOB_MAX_QUEUED: more submissions get 503 + Retry-After
+    max_finished: int = 10000      # finished jobs kept at most (the oldest go first, before their TTL)
     max_attempts: int = 2          # JOB_MAX_ATTEMPTS: starts a job gets when the server dies while it runs
     timeout: float = 3600.0        # JOB_TIMEOUT: a job's deadline once started, unless its body sets `timeout`
 
@@ -712,6 +713,7 @@ def _jobs(raw: Any, env: Mapping[str, str], base: Path) -> JobSettings:
         workers=_int(raw.get("workers", d.workers), f"{where}.workers", minimum=1),
         result_ttl=_float(raw.get("result_ttl", d.result_ttl), f"{where}.result_ttl", minimum=1),
         max_queued=_int(raw.get("max_queued", d.max_queued), f"{where}.max_queued", minimum=1),
+        max_finished=_int(raw.get("max_finished", d.max_finished), f"{where}.max_finished", minimum=1),
         max_attempts=_int(raw.get("max_attempts", d.max_attempts), f"{where}.max_attempts", minimum=1),
         timeout=_float(raw.get("timeout", d.timeout), f"{where}.timeout", minimum=0.01),
     )

@@ -34,7 +34,7 @@ def submit(model: str):
     svc.inference.spec(model)  # unknown model -> 404 before the body is read
     g.model = model
     body, uploads = request_body()
-    kind, body = svc.job_executor.check(model, body, uploads)  # 400 now, not when it runs
+    kind, body, uploads = svc.job_executor.check(model, body, uploads)  # 400 now, not when it runs
     view = svc.jobs.submit(model, kind, body, uploads, request_id=g.get("request_id"))
     response = jsonify(view)
     response.status_code = 202
@@ -57,7 +57,11 @@ def result(job_id: str):
 
 @bp.delete("/jobs/<job_id>")
 def cancel(job_id: str):
-    return jsonify(services().jobs.cancel(_job_id(job_id)))
+    """200 once cancelled (a queued job at once); 202 while a running job stops at its next step."""
+    view = services().jobs.cancel(_job_id(job_id))
+    response = jsonify(view)
+    response.status_code = 202 if view["status"] == "running" else 200
+    return response
 
 
 @bp.get("/jobs")
