@@ -7,6 +7,9 @@ tiny model runs on the CPU at the end (GPU -> pinned RAM -> GPU is measured by
 """
 from __future__ import annotations
 
+import random
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ import pytest
 from utils.errors import InsufficientMemory
 from utils.memory import GpuReading, MemoryReading
 from utils.model_manager import ModelManager
-from utils.settings import ModelSpec, RamTierSettings, ServerSettings
+from utils.settings import EngineSettings, ModelSpec, RamTierSettings, ServerSettings
 
 GIB = 2**30
 SIZE = 4 * GIB  # every stand-in model
@@ -78,22 +81,37 @@ class PlainHandle(Handle):
     unpark = None  # type: ignore[assignment]
 
 
+class Gate:
+    """Holds a move or a load half-way: `started` is set when it begins, it goes on once `open` is set."""
+
+    def __init__(self) -> None:
+        self.started, self.open = threading.Event(), threading.Event()
+
+    def pass_through(self) -> None:
+        self.started.set()
+        assert self.open.wait(10), "a gate was never opened"
+
+
 class Loader:
-    def __init__(self, events: list, handle_class=Handle, fail: dict | None = None, probe=None) -> None:
+    def __init__(self, events: list, handle_class=Handle, fail: dict | None = None, probe=None,
+                 gates: dict | None = None) -> None:
         self.events, self.handle_class, self.fail, self.probe = events, handle_class, fail or {}, probe
+        self.gates = gates or {}  # key -> Gate: that model's load waits half-way (its reservation held)
         self.calls: list[tuple[str, str]] = []
         self.handles: dict[str, list[Handle]] = {}
 
     def __call__(self, spec: ModelSpec, device: str) -> Handle:
         self.calls.append((spec.key, device))
         self.events.append(("load", spec.key, device))
+        if spec.key in self.gates:
+            self.gates[spec.key].pass_through()
         handle = self.handle_class(spec.key, device, self.events, self.fail.get(spec.key), self.probe)
         self.handles.setdefault(spec.key, []).append(handle)
         return handle
 
 
 def make(keys=("a", "b", "c"), tier: RamTierSettings | None = None, handle_class=Handle, fail=None, probe=None,
-         models: dict | None = None, releasing: bool = False, **server):
+         models: dict | None = None, releasing: bool = False, gates: dict | None = None, **server):
     settings_kw = dict(max_loaded_models=1, idle_timeout=60.0, ram_headroom_bytes=2 * GIB,
                        gpu_headroom_bytes=1 * GIB, group_window=0.0, failed_load_backoff=10.0,
                        ram_tier=tier or RamTierSettings(max_bytes=10 * GIB))
@@ -106,7 +124,7 @@ def make(keys=("a", "b", "c"), tier: RamTierSettings | None = None, handle_class
         settings = settings.with_model(key, **changes)
     events: list = []
     probe = probe or Probe()
-    loader = Loader(events, handle_class, fail, probe if releasing else None)
+    loader = Loader(events, handle_class, fail, probe if releasing else None, gates)
     clock = FakeClock()
 
     def resolve(spec):
@@ -223,24 +241,72 @@ def test_lru_spans_both_tiers_a_model_used_after_the_victim_stays_parked():
     assert tier(manager, "a") == "ram" and moves(events, "park") == ["a"]
     # Conversely a parked model used before the victim makes way for it.
     clock.now += 1
-    use(manager, "a")                        # promoted; evicts c into RAM (a left it: room for one)
-    assert tier(manager, "c") == "ram"
+    use(manager, "c")                        # d is now the least recently used on the GPU
     clock.now += 1
-    use(manager, "b")                        # evicts d (LRU on the GPU), used after c: c is dropped
-    assert tier(manager, "d") == "ram" and tier(manager, "c") is None
-    assert manager.snapshot_one("c")["last_unload_reason"] == "ram_tier_full"
+    use(manager, "b")                        # evicts d, used after parked a: a is dropped, d parked
+    assert tier(manager, "d") == "ram" and tier(manager, "a") is None
+    assert manager.snapshot_one("a")["last_unload_reason"] == "ram_tier_full"
+    assert manager.ram_tier_status(Probe().read())["used"] == SIZE
+
+
+def test_a_promotion_counts_against_the_tier_until_it_succeeds():
+    # b is promoted while c is leased and something else holds most of the GPU: the count cap evicts
+    # a for it, then the GPU is still short and the promotion fails (no CPU fallback), so b stays
+    # parked. Had a parked against b's bytes (b "leaving" the tier), the tier would now hold a and b:
+    # 8 GiB in a 5 GiB budget. Counted until the promotion succeeds, a is dropped instead.
+    manager, loader, events, clock, probe = make(max_loaded_models=2, tier=RamTierSettings(max_bytes=5 * GIB))
+    use(manager, "b")
+    clock.now += 1
+    use(manager, "a")
+    clock.now += 1
+    use(manager, "c")                        # evicts b (LRU) into RAM
+    assert tier(manager, "b") == "ram"
+    clock.now += 1
+    with manager.lease("c"):
+        probe.gpu_free = 4 * GIB             # 3 GiB after headroom: not enough for b even once a is gone
+        with pytest.raises(InsufficientMemory):
+            use(manager, "b")
+    assert tier(manager, "b") == "ram" and manager.snapshot_one("b")["state"] == "parked"
+    assert loader.handles["a"][0].released and tier(manager, "a") is None
+    assert manager.snapshot_one("a")["last_unload_reason"] == "count" and moves(events, "park") == ["b"]
+    status = manager.ram_tier_status(probe.read())
+    assert status["used"] == SIZE <= status["budget"] and status["models"] == ["b"]
+
+
+def test_a_cpu_load_in_flight_holds_ram_a_park_cannot_take():
+    # c loads on the CPU with 4 GiB reserved that the readings do not show yet (8 GiB free, 2 GiB
+    # headroom: 6 GiB, of which c takes 4). a expiring now must not park 4 GiB of pinned RAM on top.
+    gate = Gate()
+    manager, loader, events, clock, probe = make(max_loaded_models=3, models={"c": {"device": "cpu"}},
+                                                 gates={"c": gate})
+    probe.available = 8 * GIB
+    a = use(manager, "a")
+    clock.now += 61                          # idle_timeout 60
+    loading = threading.Thread(target=use, args=(manager, "c"))
+    loading.start()
+    try:
+        assert gate.started.wait(10)
+        assert manager.snapshot_one("c")["state"] == "loading"
+        assert manager.expire_idle() == ["a"]
+        assert a.released and moves(events, "park") == [] and tier(manager, "a") is None
+    finally:
+        gate.open.set()
+        loading.join(10)
+    assert manager.snapshot_one("c")["state"] == "loaded" and manager.snapshot_one("c")["device"] == "cpu"
 
 
 # ------------------------------------------------------------------ what is never moved
 
 def test_a_leased_model_is_never_moved():
-    manager, loader, events, clock, _ = make()
+    manager, loader, events, clock, probe = make()
     with manager.lease("a"):
         with pytest.raises(InsufficientMemory):
             use(manager, "b")               # the only slot is held: b waits, then 503
         clock.now += 3600
         assert manager.expire_idle() == []  # past its keep-alive, but in use
+        probe.gpu_free = 0                  # under pressure on its GPU: still not moved
         assert manager.relieve_pressure() == []
+        assert manager.pressure_status()["cuda:0"]["held_by"] == ["a"]
     assert moves(events, "park") == [] and tier(manager, "a") == "device"
 
 
@@ -253,8 +319,9 @@ def test_a_pinned_model_is_never_parked():
 
 @pytest.mark.parametrize("changes", [{"quantization": "4bit"}, {"quantization": "8bit"},
                                      {"max_memory": {"cuda:0": 2 * GIB, "cpu": 8 * GIB}},
-                                     {"device": "cpu"}])
-def test_quantized_split_and_cpu_models_are_dropped_not_parked(changes):
+                                     {"device": "cpu"},
+                                     {"engine": EngineSettings(static_cache=True, compile=True)}])
+def test_quantized_split_compiled_and_cpu_models_are_dropped_not_parked(changes):
     manager, loader, events, clock, _ = make(models={"a": changes}, ram_budget_bytes=40 * GIB)
     a = use(manager, "a")
     clock.now += 1
@@ -396,6 +463,152 @@ def test_metrics_count_demotions_and_promotions():
     assert value("model_server_model_tier", {"model": "a", "tier": "device"}) == 1
     assert value("model_server_model_state", {"model": "b", "state": "parked"}) == 1
     assert value("model_server_ram_tier_bytes") == SIZE and value("model_server_ram_tier_budget_bytes") == 10 * GIB
+
+
+# ------------------------------------------------------------------ races
+
+def test_a_promotion_racing_the_sweeper_and_a_load_that_wants_room():
+    """a is promoted by a lease while the sweeper expires idle and parked models, a pressure check
+    runs and a load of c wants a's slot: first while b is being parked to make room for a (before a's
+    reservation), then with a's move back half done. Nothing moves a twice, nothing moves it while it
+    is promoting or leased, and the accounting adds up at the end."""
+    gate, parking = Gate(), Gate()
+
+    class GatedHandle(Handle):
+        def park(self, *, pin_memory: bool) -> None:
+            if self.key == "b":
+                parking.pass_through()
+            super().park(pin_memory=pin_memory)
+
+        def unpark(self, device: str) -> None:
+            gate.pass_through()
+            super().unpark(device)
+
+    manager, loader, events, clock, probe = make(handle_class=GatedHandle)  # one GPU slot
+    use(manager, "a")
+    clock.now += 1
+    use(manager, "b")                        # a parked
+    leased, done, results = threading.Event(), threading.Event(), {}
+
+    def promote():
+        with manager.lease("a") as handle:
+            results["a"] = handle
+            leased.set()
+            done.wait(10)
+
+    def load_c():
+        try:
+            use(manager, "c")
+            results["c"] = "loaded"
+        except InsufficientMemory:
+            results["c"] = "busy"
+
+    promoting, loading = threading.Thread(target=promote), threading.Thread(target=load_c)
+    promoting.start()
+    try:
+        assert parking.started.wait(10)      # b leaving the GPU for a; a not reserved there yet
+        assert manager.snapshot_one("a")["state"] == "loading"
+        clock.now += 3600                    # past every keep-alive, the RAM tier's too
+        assert manager.expire_idle() == []   # promoting a and parking b are both left alone
+        parking.open.set()
+        assert gate.started.wait(10)         # b parked for a, a's move back under way
+        assert manager.snapshot_one("a")["state"] == "loading" and tier(manager, "b") == "ram"
+        clock.now += 3600
+        loading.start()                      # wants a's slot: a is promoting, so it waits
+        assert manager.expire_idle() == ["b"]  # parked b expires; promoting a is not touched
+        probe.gpu_free = 0
+        assert manager.relieve_pressure() == []
+        time.sleep(0.05)
+        gate.open.set()
+        assert leased.wait(10)
+        clock.now += 3600
+        assert manager.expire_idle() == [] and manager.relieve_pressure() == []  # leased: stays
+        loading.join(10)
+        assert results["c"] == "busy"        # the only slot stayed leased
+    finally:
+        parking.open.set()
+        gate.open.set()
+        done.set()
+        promoting.join(10)
+        loading.join(10)
+    a = loader.handles["a"][0]
+    assert results["a"] is a and not a.released and a.device == "cuda:0"
+    assert moves(events, "park") == ["a", "b"] and moves(events, "unpark") == ["a"]
+    assert moves(events, "release") == ["b"] and ("c", "cuda:0") not in loader.calls
+    info = manager.snapshot_one("a")
+    assert info["state"] == "loaded" and info["in_flight"] == 0 and info["promote_count"] == 1
+    assert info["parked_bytes"] == 0 and info["placement"] == {"cuda:0": SIZE}
+    assert manager.snapshot_one("b")["last_unload_reason"] == "ram_tier_idle"
+    assert manager.loaded_bytes() == {"cuda:0": SIZE}
+    assert manager.ram_tier_status(probe.read())["used"] == 0
+
+
+def test_concurrent_leases_and_sweeps_keep_the_tier_consistent():
+    """Threads lease four models through two GPU slots and a two-model tier while a sweeper expires
+    them: a leased model is always on its GPU, no handle is moved twice the same way or after its
+    release, and at the end each model has one live handle exactly when it is loaded or parked."""
+    problems: list[str] = []
+
+    class CheckedHandle(Handle):
+        def park(self, *, pin_memory: bool) -> None:
+            if self.device == "cpu" or self.released:
+                problems.append(f"park of {self.key} on {self.device}, released={self.released}")
+            super().park(pin_memory=pin_memory)
+
+        def unpark(self, device: str) -> None:
+            if self.device != "cpu" or self.released:
+                problems.append(f"unpark of {self.key} on {self.device}, released={self.released}")
+            super().unpark(device)
+
+        def release(self) -> None:
+            if self.released:
+                problems.append(f"{self.key} released twice")
+            super().release()
+
+    manager, loader, events, clock, probe = make(keys=("a", "b", "c", "d"), handle_class=CheckedHandle,
+                                                 max_loaded_models=2, tier=RamTierSettings(max_bytes=8 * GIB))
+    stop = threading.Event()
+
+    def client(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(40):
+            try:
+                with manager.lease(rng.choice("abcd")) as handle:
+                    if handle.device != "cuda:0" or handle.released:
+                        problems.append(f"leased {handle.key} on {handle.device}, released={handle.released}")
+                    time.sleep(0.001)
+            except InsufficientMemory:
+                pass                         # both slots leased past room_wait: a 503, not a fault
+
+    def sweeper() -> None:
+        while not stop.is_set():
+            clock.now += 40                  # idle models expire (60 s), parked ones later (1800 s)
+            manager.expire_idle()
+            time.sleep(0.002)
+
+    threads = [threading.Thread(target=client, args=(seed,)) for seed in range(3)]
+    sweeping = threading.Thread(target=sweeper)
+    sweeping.start()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    stop.set()
+    sweeping.join(10)
+    assert problems == []
+    snapshot = manager.snapshot()
+    assert all(info["state"] in ("loaded", "parked", "unloaded") and info["in_flight"] == 0
+               for info in snapshot.values())
+    for key, info in snapshot.items():
+        live = [h for h in loader.handles.get(key, []) if not h.released]
+        assert len(live) == (1 if info["state"] in ("loaded", "parked") else 0), key
+        if live:
+            assert live[0].device == ("cpu" if info["state"] == "parked" else "cuda:0"), key
+    loaded = [k for k, v in snapshot.items() if v["state"] == "loaded"]
+    parked = [k for k, v in snapshot.items() if v["state"] == "parked"]
+    assert len(loaded) <= 2 and manager.loaded_bytes() == ({"cuda:0": SIZE * len(loaded)} if loaded else {})
+    status = manager.ram_tier_status(probe.read())
+    assert status["models"] == sorted(parked) and status["used"] == SIZE * len(parked) <= status["budget"]
 
 
 # ------------------------------------------------------------------ a real model on the CPU

@@ -767,13 +767,19 @@ class ModelManager:
             return None
         size = victim.bytes_measured
         parked = [e for e in self._entries.values() if e.parked_bytes]
-        # A model being promoted is leaving the tier (the victim leaves the GPU to make room for it):
-        # not counted against the budget; its RAM is in the readings until its move ends, though.
-        used = sum(e.parked_bytes for e in parked if e.state != "loading")
+        # A model being promoted (state "loading" with parked_bytes) counts against the budget until
+        # _promote succeeds: its pinned copy stays in RAM until its move ends, and a promotion that
+        # fails (no room on the GPU, no CPU fallback) puts it back in the tier. Leaving it out let the
+        # victim evicted for it park against its bytes, and a failed promotion then left the tier over
+        # max_bytes. (Its RAM is in the readings already: nothing to subtract from `room` for it.)
+        used = sum(e.parked_bytes for e in parked)
         budget = ram_tier_budget(self.settings, reading)
-        # RAM the readings do not show yet: models being parked right now.
+        # RAM the readings do not show yet: models being parked right now, and CPU loads in flight
+        # (their reservation, as _shortage counts it). Pinned memory cannot be swapped out, so
+        # overcommitting it against a CPU load starves the whole machine, not just that load.
         room = physical_room(self.settings, reading, "cpu") - sum(e.parked_bytes for e in parked
-                                                                   if e.state == "parking")
+                                                                   if e.state == "parking") - sum(
+            e.placement.get("cpu", 0) for e in self._entries.values() if e.state == "loading")
         displaced: list[ModelEntry] = []
         for key in self._lru:  # least recently used first
             if used + size <= budget and size <= room:
@@ -800,6 +806,11 @@ class ModelManager:
         if not device.startswith("cuda") or set(entry.placement) != {device}:
             return False
         if spec.quantization != "none" or spec.offload != "none" or spec.max_memory:
+            return False
+        # Not compiled models (engine.compile: torch.compile, CUDA graphs): the compiled graphs and
+        # their static buffers keep GPU memory that moving the parameters does not free, and CUDA
+        # graphs replay against the parameters' device addresses, which a move to RAM and back changes.
+        if spec.engine.compile:
             return False
         return callable(getattr(entry.handle, "park", None))
 
