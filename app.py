@@ -4,101 +4,22 @@ from __future__ import annotations
 
 import hmac
 import json
-from functools import partial
 import logging
 import re
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
-from typing import Any
 
 from flask import Flask, Request, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from utils.errors import ServerError, ShuttingDown, Unauthorized
+from utils.services import (Services, Sweeper, build_cluster_services, build_services,  # noqa: F401 (re-exported)
+                            set_torch_threads, temp_manager)
 from utils.settings import ServerSettings, load_settings
 
 log = logging.getLogger("model_server.app")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-
-
-@dataclass
-class Services:
-    """Shared services, one instance per app, kept in app.extensions['model_server']."""
-    settings: ServerSettings
-    manager: Any
-    inference: Any
-    temp: Any
-    probe: Any
-    metrics: Any = None
-    sweeper: Any = None
-    lifecycle: Any = None   # utils/lifecycle.Lifecycle: readiness, requests in flight, drain, shutdown
-    runtime: Any = None     # utils/runtime_settings.RuntimeSettings
-    quant_cache: Any = None  # utils/checkpoints.QuantizedCache: 4-bit / 8-bit models saved once quantized
-    jobs: Any = None         # utils/jobs.JobRunner: asynchronous jobs (records and results on disk)
-    job_executor: Any = None  # utils/job_executor.JobExecutor: checks a job's body, runs a job
-    cluster: Any = None     # backend ray: utils/cluster/front.Cluster (replicas, their status); None: local
-
-
-class Sweeper:
-    """One background thread for every periodic chore (idle models, old temp files)."""
-
-    def __init__(self, interval: float, chores: list) -> None:
-        self.interval, self.chores = interval, chores
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sweeper", daemon=True)
-
-    def start(self) -> "Sweeper":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            for chore in self.chores:
-                try:
-                    chore()
-                except Exception:
-                    log.exception("sweeper chore %s failed", getattr(chore, "__name__", chore))
-
-
-def build_services(settings: ServerSettings) -> Services:
-    from utils.checkpoints import QuantizedCache
-    from utils.engine import make_loader
-    from utils.families import WEIGHT_LOADS, load_family
-    from utils.inference import InferenceService
-    from utils.media import MediaLimits
-    from utils.memory import MemoryProbe, estimate_model_bytes
-    from utils.metrics import Metrics
-    from utils.model_manager import ModelManager
-    from utils.remote_media import RemoteFetcher
-
-    if settings.backend == "ray":
-        return build_cluster_services(settings)
-    set_torch_threads(settings.torch_threads)
-    probe = MemoryProbe()
-    metrics = Metrics()  # per app: several apps may share one process (tests)
-    quant_cache = QuantizedCache.from_settings(settings)
-    manager = ModelManager(settings, make_loader(partial(load_family, cache=quant_cache), observer=metrics),
-                           estimator=estimate_model_bytes, probe=probe, events=metrics,
-                           loads_waiting=WEIGHT_LOADS.waiting)
-    media_limits = MediaLimits(**asdict(settings.media))
-    temp = temp_manager(settings)
-    metrics.watch(manager=manager, probe=probe, temp=temp)
-    inference = InferenceService(manager, media_limits, on_result=metrics.on_result,
-                                 fetch=RemoteFetcher(settings.remote_media).fetch)
-    return Services(settings=settings, manager=manager, inference=inference, temp=temp, probe=probe,
-                    metrics=metrics, quant_cache=quant_cache)
-
-
-def temp_manager(settings: ServerSettings):
-    from utils.tmp_manage import TempManager
-    jobs_dir = settings.jobs_path  # an operator may put it under tmp/: the temp sweeper must not touch it
-    return TempManager(settings.tmp_dir, ttl_seconds=settings.tmp_ttl, max_total_bytes=settings.tmp_max_bytes,
-                       others=frozenset({jobs_dir.name} if jobs_dir.parent == settings.tmp_dir else ()))
 
 
 def add_jobs(services: Services) -> None:
@@ -113,40 +34,6 @@ def add_jobs(services: Services) -> None:
                               result_ttl=settings.jobs.result_ttl, max_finished=settings.jobs.max_finished,
                               events=services.metrics)
     services.metrics.watch_jobs(services.jobs)
-
-
-def build_cluster_services(settings: ServerSettings) -> Services:
-    """backend ray: the front validates, decodes media and keeps temp files; the models, their
-    manager and engines live in Ray Serve replicas (utils/cluster/). Started here, in the gunicorn
-    worker (after the fork), never in the arbiter."""
-    from utils.cluster.front import Cluster, ClusterManager, RayInference
-    from utils.cluster.metrics import ReplicaCollector
-    from utils.media import MediaLimits
-    from utils.memory import MemoryProbe
-    from utils.metrics import Metrics
-    from utils.remote_media import RemoteFetcher
-
-    cluster = Cluster(settings).start()
-    probe, metrics = MemoryProbe(), Metrics()
-    manager = ClusterManager(cluster)
-    temp = temp_manager(settings)
-    metrics.watch(manager=manager, probe=probe, temp=temp)
-    metrics.registry.register(ReplicaCollector(cluster))
-    inference = RayInference(cluster, manager, MediaLimits(**asdict(settings.media)), on_result=metrics.on_result,
-                             fetch=RemoteFetcher(settings.remote_media).fetch)
-    return Services(settings=settings, manager=manager, inference=inference, temp=temp, probe=probe,
-                    metrics=metrics, cluster=cluster)
-
-
-def set_torch_threads(threads: int | None) -> None:
-    """The one place torch's intra-op pool is sized: engines run every forward pass, so request
-    threads never multiply it. Default: the cores this process may use, less one kept for request
-    threads (HTTP, media decoding, processors): on 2 cores that took qwen_vl + image at c=8 from
-    96 to 137 req/s (bench/README.md)."""
-    import os
-
-    import torch
-    torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) - 1))
 
 
 class ScopedRequest(Request):

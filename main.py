@@ -22,7 +22,7 @@ from utils import healthcheck
 from utils.errors import ConfigError
 from utils.logging_setup import setup_console_logging
 from utils.runtime_settings import RuntimeSettings
-from utils.settings import ServerSettings, load_settings
+from utils.settings import BACKENDS, ServerSettings, load_settings
 
 log = logging.getLogger("model_server.main")
 
@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", default=None, help="models.yaml to use (default: MODELS_CONFIG or ./models.yaml)")
     parser.add_argument("--demo", action="store_true",
                         help="serve tiny random-weight checkpoints of every family (built offline in seconds)")
-    parser.add_argument("--backend", choices=("local", "ray"), default=None,
+    parser.add_argument("--backend", choices=BACKENDS, default=None,
                         help="local: this one process holds the models (default); ray: Ray Serve replicas hold them "
                              "(models.yaml server.backend / MODEL_SERVER_BACKEND; RAY_ADDRESS joins a cluster)")
     parser.add_argument("--insecure", action="store_true",
@@ -137,9 +137,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     setup_console_logging(logging.DEBUG if args.debug else logging.INFO)
     try:
-        settings = load_settings(args.config, demo=args.demo)
-        if args.backend:
-            settings = settings.replace(backend=args.backend)
+        # --backend as the environment variable it stands for, in the environment a config reload
+        # reads again: otherwise the reload sees the file's backend and reports a restart needed
+        env = dict(os.environ, MODEL_SERVER_BACKEND=args.backend) if args.backend else None
+        settings = load_settings(args.config, env=env, demo=args.demo)
         runtime = RuntimeSettings.from_env()
     except ConfigError as exc:
         print(f"invalid configuration: {exc}", file=sys.stderr)

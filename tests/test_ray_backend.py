@@ -88,6 +88,22 @@ def test_streaming_through_the_handle(server):
     assert '"completion_tokens": 4' in chat.text
 
 
+def in_flight(server, model) -> int:
+    return model_status(server)["models"][model]["in_flight"]
+
+
+def test_a_dropped_openai_stream_stops_generating_on_the_replica(server):
+    body = {"model": "deepseek", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4000,
+            "temperature": 0, "stream": True}
+    with requests.post(f"{server.url}/v1/chat/completions", json=body, stream=True, timeout=60) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines(decode_unicode=True)
+        assert any(line.startswith("data: ") for line in lines)  # the first chunk; then the client leaves
+    # 4000 tokens take far longer than this: only a cancelled row frees the model this fast
+    assert wait_for(lambda: in_flight(server, "deepseek") == 0, timeout=8, interval=0.2), \
+        model_status(server)["replicas"]
+
+
 def test_multiplexing_holds_and_admin_names_the_replicas(server):
     for _ in range(3):  # warm-up: each model lands on a replica of its own
         for model in ("deepseek", "qwen_vl"):
@@ -111,6 +127,14 @@ def test_multiplexing_holds_and_admin_names_the_replicas(server):
     metrics = requests.get(f"{server.url}/metrics", timeout=30).text
     assert 'model_server_replica_model_loaded{model="deepseek"' in metrics \
         or "model_server_replica_model_loaded{replica=" in metrics
+    # the front's own collector ran through (it stops at the first error): the RAM tier, summed,
+    # and each replica's own
+    assert "\nmodel_server_ram_tier_bytes " in metrics and "model_server_requests_in_flight{" in metrics
+    assert "model_server_replica_ram_tier_budget_bytes{replica=" in metrics
+    assert "metrics collector" not in server.log_path.read_text()
+    assert set(memory["pressure"]) <= {f"{rid}/{d}" for rid in replicas["by_replica"] for d in ("cpu", "cuda:0")}
+    assert {"used", "budget", "models"} <= set(memory["ram_tier"])
+    assert requests.get(f"{server.url}/health", timeout=5).status_code == 200
 
 
 def test_admin_load_and_unload_act_on_every_replica(server):
@@ -152,5 +176,46 @@ def test_a_killed_replica_gives_503_then_200_never_500(server):
     assert in_flight and in_flight[0].status_code == 503, in_flight
     assert in_flight[0].headers.get("Retry-After") and in_flight[0].json()["error"] == "replica unavailable"
     assert seen[-1] == 200, seen
-    assert wait_for(lambda: model_status(server)["replicas"]["count"] == 2, timeout=90, interval=1)
-    assert victim not in [info["pid"] for info in model_status(server)["replicas"]["by_replica"].values()]
+    def replaced():  # statuses are cached for a second: ask until the replacement shows
+        replicas = model_status(server)["replicas"]
+        return replicas["count"] == 2 and victim not in [info["pid"] for info in replicas["by_replica"].values()]
+    assert wait_for(replaced, timeout=90, interval=1), model_status(server)["replicas"]
+
+
+# ---------------------------------------------------------------------- the front's policy, without Ray
+
+class FakeCluster:
+    def __init__(self, settings, outcomes):
+        self.settings, self.outcomes, self.calls = settings, outcomes, []
+
+    def each_replica(self, method, *args, **kwargs):
+        self.calls.append((method, args, kwargs))
+        return self.outcomes
+
+    def forget_statuses(self):
+        pass
+
+
+def test_admin_load_goes_to_the_models_group_and_never_succeeds_silently(make_settings):
+    from utils.cluster.front import ClusterManager, ReplicaUnavailable, StillLoading
+    from utils.errors import ServerError
+    settings = make_settings()
+    key = next(iter(settings.models))
+    manager = ClusterManager(FakeCluster(settings, {}))
+    with pytest.raises(ReplicaUnavailable):  # nobody answered: 503, not 200
+        manager.unload(key)
+    method, _, kwargs = manager.cluster.calls[-1]
+    assert kwargs["group"] == settings.ray.group_of(key).name and kwargs["timeout"] > settings.ray.call_timeout
+    manager.cluster.outcomes = {"r1": ("timeout", "r1 did not answer")}
+    with pytest.raises(StillLoading) as caught:
+        manager.unload(key)
+    assert isinstance(caught.value, ServerError) and caught.value.status == 503 and caught.value.retry_after
+
+
+def test_a_models_view_shows_a_replicas_load_error_when_none_holds_it(make_settings):
+    from utils.cluster.front import _merge
+    spec = next(iter(make_settings().models.values()))
+    fine = {"loaded": False, "error": None, "state": "unloaded", "load_count": 0}
+    failed = {"loaded": False, "error": "boom", "state": "error", "load_count": 0, "failures": 1}
+    merged = _merge("m", spec, [("r1", fine), ("r2", failed)])
+    assert merged["error"] == "boom" and merged["state"] == "error" and merged["failures"] == 1

@@ -246,3 +246,21 @@ def test_a_seed_001_folder_serves_and_says_so(tmp_path, models_dir):
     assert answer.status_code == 200, answer.get_json()
     status = client.get("/admin/model_status").get_json()["models"]["blip"]
     assert "legacy-blip" in status["path_note"]
+
+
+def test_ray_replicas_lie_between_min_and_max_and_the_app_prefix_is_a_setting(tmp_path):
+    with pytest.raises(ConfigError, match="server.ray.groups.default.replicas"):
+        load_settings(write_config(tmp_path, "  ray: {min_replicas: 1, max_replicas: 2, replicas: 3}"), env={})
+    ray = load_settings(write_config(tmp_path, "  ray: {min_replicas: 1, max_replicas: 3, replicas: 2}"), env={}).ray
+    assert ray.groups[0].replicas == 2 and ray.app_prefix == "model_server_"
+    assert load_settings(write_config(tmp_path), env={"RAY_APP_PREFIX": "front_b_"}).ray.app_prefix == "front_b_"
+    with pytest.raises(ConfigError, match="server.ray.app_prefix"):
+        load_settings(write_config(tmp_path), env={"RAY_APP_PREFIX": "a b"})
+
+
+def test_a_replica_gets_only_the_environment_settings_read():
+    from utils.settings import settings_env
+    env = {"HF_TOKEN": "secret", "ADMIN_TOKEN": "a", "API_TOKEN": "b", "AWS_SECRET_ACCESS_KEY": "x",
+           "MAX_BATCH_SIZE": "4", "MODEL_DEEPSEEK_QUANTIZATION": "8bit", "RAY_REPLICAS": "2", "DEMO_MODE": "1",
+           "MODELS_CONFIG": "/c.yaml", "MODEL_SERVER_BACKEND": "ray", "RAM_TIER": "1"}
+    assert settings_env(env) == {k: v for k, v in env.items() if "TOKEN" not in k and "SECRET" not in k}

@@ -62,15 +62,18 @@ def cuda_available() -> bool:
 
 
 class MemoryProbe:
-    """Reads RAM through psutil and each GPU through torch.cuda."""
+    """Reads RAM through psutil and each GPU through torch.cuda. gpus=False reads RAM only: for a
+    process that holds no model (the Ray front), where torch.cuda would open a context on every GPU."""
 
-    def __init__(self) -> None:
+    def __init__(self, gpus: bool = True) -> None:
         self._process = psutil.Process(os.getpid())
+        self._read_gpus = gpus
 
     def read(self) -> MemoryReading:
         vm = psutil.virtual_memory()
         return MemoryReading(ram_total=vm.total, ram_available=vm.available, ram_percent=vm.percent,
-                             process_rss=self._process.memory_info().rss, gpus=tuple(self._gpus()))
+                             process_rss=self._process.memory_info().rss,
+                             gpus=tuple(self._gpus()) if self._read_gpus else ())
 
     @staticmethod
     def _gpus() -> list[GpuReading]:

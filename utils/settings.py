@@ -155,6 +155,7 @@ class RaySettings:
     max_ongoing_requests: int = 64   # per replica, before Serve queues on the front
     health_check_period: float = 2.0  # seconds; a dead replica is replaced about this fast
     call_timeout: float = 30.0       # seconds an admin / status call to a replica may take
+    app_prefix: str = "model_server_"  # RAY_APP_PREFIX: this server's Serve apps; one per front on a cluster
     groups: tuple[RayGroup, ...] = (RayGroup("default"),)
 
     def group_of(self, key: str) -> RayGroup:
@@ -430,6 +431,7 @@ _SERVER_FIELDS = {"max_loaded_models", "idle_timeout", "models_dir", "tmp_dir", 
                   "ram_tier", "backend", "ray"}
 _JOB_FIELDS = {f.name for f in dataclasses.fields(JobSettings)}
 _RAY_FIELDS = {"address", "num_cpus", "max_ongoing_requests", "health_check_period", "call_timeout", "groups",
+               "app_prefix",
                "replicas", "min_replicas", "max_replicas", "replica_num_cpus", "num_gpus", "max_models_per_replica"}
 _RAY_GROUP_FIELDS = {"models", "replicas", "min_replicas", "max_replicas", "num_cpus", "num_gpus",
                      "max_models_per_replica"}
@@ -467,7 +469,7 @@ SERVER_ENV = {
 # Environment variable -> key of the server `ray` section.
 RAY_ENV = {"RAY_ADDRESS": "address", "RAY_REPLICAS": "replicas", "RAY_NUM_CPUS": "num_cpus",
            "RAY_REPLICA_NUM_CPUS": "replica_num_cpus", "RAY_NUM_GPUS": "num_gpus",
-           "RAY_MAX_MODELS_PER_REPLICA": "max_models_per_replica"}
+           "RAY_MAX_MODELS_PER_REPLICA": "max_models_per_replica", "RAY_APP_PREFIX": "app_prefix"}
 # Environment variable -> key of the server `engine` section (the defaults of every model's engine).
 ENGINE_ENV = {"BATCHING": "batching", "MAX_BATCH_SIZE": "max_batch_size", "MAX_QUEUE": "max_queue",
               "QUEUE_TIMEOUT": "queue_timeout"}
@@ -815,6 +817,10 @@ def _ray_group(name: str, raw: Any, defaults: Mapping, models: Mapping) -> RayGr
         _fail(where, "autoscaling needs both min_replicas and max_replicas")
     if group.max_replicas is not None and group.min_replicas > group.max_replicas:
         _fail(where, f"min_replicas {group.min_replicas} exceeds max_replicas {group.max_replicas}")
+    if group.max_replicas is not None and group.replicas is not None \
+            and not group.min_replicas <= group.replicas <= group.max_replicas:
+        _fail(f"{where}.replicas", f"{group.replicas} (the start) must lie between min_replicas "
+                                   f"{group.min_replicas} and max_replicas {group.max_replicas}")
     return group
 
 
@@ -847,8 +853,29 @@ def _ray(raw: Any, env: Mapping[str, str], models: Mapping) -> RaySettings:
         health_check_period=_float(raw.get("health_check_period", d.health_check_period),
                                    f"{where}.health_check_period", minimum=0.1, maximum=600),
         call_timeout=_float(raw.get("call_timeout", d.call_timeout), f"{where}.call_timeout", minimum=0.1),
+        app_prefix=_app_prefix(raw.get("app_prefix", d.app_prefix), f"{where}.app_prefix"),
         groups=groups,
     )
+
+
+def _app_prefix(value: Any, where: str) -> str:
+    value = str(value)
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", value):
+        _fail(where, f"letters, digits, '_' and '-' only (1-40); got {value!r}")
+    return value
+
+
+_OTHER_ENV = {"MODELS_CONFIG", "DEMO_MODE"}
+
+
+def settings_env(env: Mapping[str, str]) -> dict[str, str]:
+    """Of `env`, only what load_settings reads (no tokens, no unrelated secrets): what a Ray replica
+    is given. Replicas download nothing (the front does), so HF_TOKEN stays behind."""
+    known = set().union(SERVER_ENV, ENGINE_ENV, MEDIA_ENV, REMOTE_MEDIA_ENV, JOB_ENV, RAM_TIER_ENV, RAY_ENV,
+                        _OTHER_ENV)
+    per_model = tuple("_" + name.upper() for name in MODEL_ENV_FIELDS)  # MODEL_<KEY>_<FIELD>
+    return {name: value for name, value in env.items()
+            if name in known or (name.startswith("MODEL_") and name.endswith(per_model))}
 
 
 def load_settings(config_path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,

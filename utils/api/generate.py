@@ -94,7 +94,8 @@ def generate(model: str):
 @bp.get("/health")
 def health():
     svc = services()
-    snapshot = svc.manager.snapshot()
+    # liveness: backend ray answers from the replicas' last known state, never waiting for them
+    snapshot = svc.manager.snapshot(stale_ok=True) if svc.cluster is not None else svc.manager.snapshot()
     return jsonify({"status": "ok", "models": {k: v["state"] for k, v in snapshot.items()},
                     "loaded": [k for k, v in snapshot.items() if v["loaded"]], "demo": svc.settings.demo})
 

@@ -4,6 +4,9 @@
   replica_model_loaded{replica,model}          gauge 0/1
   replica_model_loads{replica,model}           gauge: loads so far on that replica (since it started)
   replica_requests_in_flight{replica,model}    gauge
+  replica_ram_tier_bytes{replica}              gauge: bytes of GPU models that replica parked in RAM
+  replica_ram_tier_budget_bytes{replica}       gauge
+(the unlabelled ram_tier_* series of utils/metrics.py are their sums)
 """
 from __future__ import annotations
 
@@ -39,13 +42,20 @@ class ReplicaCollector:
                                   labels=["replica", "model"])
         in_flight = GaugeMetricFamily(PREFIX + "replica_requests_in_flight", "Requests holding the model there",
                                       labels=["replica", "model"])
+        tier_used = GaugeMetricFamily(PREFIX + "replica_ram_tier_bytes",
+                                      "Bytes of GPU models the replica parked in RAM", labels=["replica"])
+        tier_budget = GaugeMetricFamily(PREFIX + "replica_ram_tier_budget_bytes",
+                                        "Bytes the replica's RAM tier may hold", labels=["replica"])
         for rid, status in statuses.items():
             up.add_metric([rid, status.get("group") or ""], 0 if "unavailable" in status else 1)
             memory = status.get("memory") or {}
             if memory:
                 rss.add_metric([rid], memory["ram"]["process_rss"])
+                if memory.get("ram_tier"):
+                    tier_used.add_metric([rid], memory["ram_tier"]["used"])
+                    tier_budget.add_metric([rid], memory["ram_tier"]["budget"])
             for key, info in (status.get("models") or {}).items():
                 loaded.add_metric([rid, key], 1 if info["loaded"] else 0)
                 loads.add_metric([rid, key], info["load_count"])
                 in_flight.add_metric([rid, key], info["in_flight"])
-        yield from (up, rss, loaded, loads, in_flight)
+        yield from (up, rss, loaded, loads, in_flight, tier_used, tier_budget)

@@ -57,7 +57,7 @@ class ModelReplica:
     def __init__(self, settings, group_name: str) -> None:
         from ray import serve
 
-        from app import Sweeper, build_services
+        from utils.services import Sweeper, build_services
 
         group = next(g for g in settings.ray.groups if g.name == group_name)
         settings = replica_settings(settings, group)
@@ -108,7 +108,12 @@ class ModelReplica:
         """("start", device), then ("piece", text)..., then ("end", result); or one ("error", exc)."""
         try:
             await self._resident(key)
-            pieces = await self._call(self.inference.open_stream, key, request, job, deadline)
+            opening = self._submit(self.inference.open_stream, key, request, job, deadline)
+            try:
+                pieces = await asyncio.shield(opening)
+            except asyncio.CancelledError:  # the front gave up: the stream it will never read ends
+                opening.add_done_callback(self._close_opened)
+                raise
         except ServerError as exc:
             yield "error", exc
             return
@@ -168,10 +173,17 @@ class ModelReplica:
 
     # ------------------------------------------------------------------ helpers
 
+    def _submit(self, fn, *args) -> asyncio.Future:
+        return asyncio.get_running_loop().run_in_executor(self._pool, partial(fn, *args))
+
     async def _call(self, fn, *args):
         """Blocking work (loads, forward passes, locks) in the replica's threads; a cancelled caller
         does not cancel the work under way (its `is_gone` stops it)."""
-        return await asyncio.shield(asyncio.get_running_loop().run_in_executor(self._pool, partial(fn, *args)))
+        return await asyncio.shield(self._submit(fn, *args))
+
+    def _close_opened(self, opening: asyncio.Future) -> None:
+        if not opening.cancelled() and opening.exception() is None:
+            self._pool.submit(opening.result().close)  # ends the row and its lease
 
     def __del__(self) -> None:
         try:
