@@ -14,26 +14,11 @@ from flask import Flask, Request, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from utils.errors import ServerError, ShuttingDown, Unauthorized
-from utils.services import (Services, Sweeper, build_cluster_services, build_services,  # noqa: F401 (re-exported)
-                            set_torch_threads, temp_manager)
+from utils.services import Services, Sweeper, add_jobs, build_services
 from utils.settings import ServerSettings, load_settings
 
 log = logging.getLogger("model_server.app")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-
-
-def add_jobs(services: Services) -> None:
-    """Asynchronous jobs belong to the front (the HTTP server), whichever backend runs the models:
-    a Ray replica builds services without them."""
-    from utils.job_executor import JobExecutor
-    from utils.jobs import JobRunner, JobStore
-    settings = services.settings
-    services.job_executor = JobExecutor(services.inference, settings.jobs.timeout)
-    services.jobs = JobRunner(JobStore(settings.jobs_path), services.job_executor, workers=settings.jobs.workers,
-                              max_queued=settings.jobs.max_queued, max_attempts=settings.jobs.max_attempts,
-                              result_ttl=settings.jobs.result_ttl, max_finished=settings.jobs.max_finished,
-                              events=services.metrics)
-    services.metrics.watch_jobs(services.jobs)
 
 
 class ScopedRequest(Request):

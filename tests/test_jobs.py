@@ -315,8 +315,6 @@ def test_bad_bodies_are_refused_when_submitted_and_no_job_is_kept(job_app, model
 
 
 def test_a_media_url_is_fetched_once_when_the_job_is_submitted(make_settings):
-    import sqlite3
-
     from tests import media_samples as ms
     app = make_app(make_settings())  # no background: the job stays queued, its record as submitted
     fetched = []

@@ -125,6 +125,13 @@ def release_cached_memory() -> None:
             log.warning("%d unloaded model(s) still referenced after gc (%s): their memory is not freed",
                         len(alive), ", ".join(type(obj).__name__ for obj in alive))
         del alive
+    release_device_caches()
+    _trim_malloc()
+
+
+def release_device_caches() -> None:
+    """torch's allocators keep freed blocks cached: the GPU's go back to the driver, the pinned host
+    blocks to the OS (after an unload, or a move between GPU and RAM)."""
     try:
         import torch
         if torch.cuda.is_available():
@@ -132,7 +139,6 @@ def release_cached_memory() -> None:
     except Exception:
         pass
     release_host_cache()
-    _trim_malloc()
 
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter

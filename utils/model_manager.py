@@ -444,11 +444,7 @@ class ModelManager:
                 self._release_memory()
             finally:
                 self._record_failure(entry, failure, seconds)
-        try:
-            measured = int(handle.memory_bytes())
-        except Exception:
-            measured = sum(need.values())
-        placement = _measured_placement(handle, device, measured)
+        measured, placement = _measure(handle, device, need)
         with self._lock:
             entry.state, entry.handle, entry.bytes_measured, entry.bytes_reserved = "loaded", handle, measured, 0
             entry.placement = placement
@@ -501,11 +497,7 @@ class ModelManager:
             self._discard_parked(entry, "promotion_failed")
             return None
         seconds = time.perf_counter() - started
-        try:
-            measured = int(handle.memory_bytes())
-        except Exception:
-            measured = sum(need.values())
-        placement = _measured_placement(handle, device, measured)
+        measured, placement = _measure(handle, device, need)
         with self._lock:
             entry.state, entry.handle, entry.bytes_measured, entry.bytes_reserved = "loaded", handle, measured, 0
             entry.placement, entry.parked_bytes, entry.parked_at = placement, 0, None
@@ -931,6 +923,15 @@ def _mps_available() -> bool:
         return bool(torch.backends.mps.is_available())
     except Exception:
         return False
+
+
+def _measure(handle: Any, device: str, need: dict[str, int]) -> tuple[int, dict[str, int]]:
+    """A model now on `device`: its bytes (the estimate `need` when it cannot tell) and their placement."""
+    try:
+        measured = int(handle.memory_bytes())
+    except Exception:
+        measured = sum(need.values())
+    return measured, _measured_placement(handle, device, measured)
 
 
 def _measured_placement(handle: Any, device: str, measured: int) -> dict[str, int]:

@@ -85,6 +85,20 @@ def build_services(settings: ServerSettings) -> Services:
                     metrics=metrics, quant_cache=quant_cache)
 
 
+def add_jobs(services: Services) -> None:
+    """Asynchronous jobs belong to the front (the HTTP server), whichever backend runs the models:
+    a Ray replica builds services without them."""
+    from utils.job_executor import JobExecutor
+    from utils.jobs import JobRunner, JobStore
+    settings = services.settings
+    services.job_executor = JobExecutor(services.inference, settings.jobs.timeout)
+    services.jobs = JobRunner(JobStore(settings.jobs_path), services.job_executor, workers=settings.jobs.workers,
+                              max_queued=settings.jobs.max_queued, max_attempts=settings.jobs.max_attempts,
+                              result_ttl=settings.jobs.result_ttl, max_finished=settings.jobs.max_finished,
+                              events=services.metrics)
+    services.metrics.watch_jobs(services.jobs)
+
+
 def temp_manager(settings: ServerSettings):
     from utils.tmp_manage import TempManager
     jobs_dir = settings.jobs_path  # an operator may put it under tmp/: the temp sweeper must not touch it

@@ -681,12 +681,18 @@ def _max_memory(raw: Any, where: str) -> dict[str, int] | None:
     return dict(sorted(out.items(), key=lambda item: (item[0] == "cpu", item[0])))
 
 
-def _media(raw: Any, env: Mapping[str, str]) -> MediaSettings:
-    raw = dict(_mapping(raw, "server.media"))
-    _only_known(raw, "server.media", _MEDIA_FIELDS)
-    for env_name, name in MEDIA_ENV.items():
+def _section(raw: Any, where: str, known: set[str], env: Mapping[str, str], env_names: Mapping[str, str]) -> dict:
+    """A sub-section of `server` as a dict: only known keys, then its environment overrides."""
+    raw = dict(_mapping(raw, where))
+    _only_known(raw, where, known)
+    for env_name, name in env_names.items():
         if env.get(env_name) not in (None, ""):
             raw[name] = env[env_name]
+    return raw
+
+
+def _media(raw: Any, env: Mapping[str, str]) -> MediaSettings:
+    raw = _section(raw, "server.media", _MEDIA_FIELDS, env, MEDIA_ENV)
     d = MediaSettings()
     return MediaSettings(
         max_media_bytes=int(_float(raw.get("max_media_mb", d.max_media_bytes / MIB), "server.media.max_media_mb",
@@ -704,11 +710,7 @@ def _media(raw: Any, env: Mapping[str, str]) -> MediaSettings:
 
 def _jobs(raw: Any, env: Mapping[str, str], base: Path) -> JobSettings:
     where = "server.jobs"
-    raw = dict(_mapping(raw, where))
-    _only_known(raw, where, _JOB_FIELDS)
-    for env_name, name in JOB_ENV.items():
-        if env.get(env_name) not in (None, ""):
-            raw[name] = env[env_name]
+    raw = _section(raw, where, _JOB_FIELDS, env, JOB_ENV)
     d = JobSettings()
     return JobSettings(
         dir=None if raw.get("dir") in (None, "") else _resolve(raw["dir"], base, f"{where}.dir"),
@@ -743,11 +745,7 @@ def _allowed_host(entry: Any, where: str) -> str:
 
 def _remote_media(raw: Any, env: Mapping[str, str]) -> RemoteMediaSettings:
     where = "server.remote_media"
-    raw = dict(_mapping(raw, where))
-    _only_known(raw, where, _REMOTE_MEDIA_FIELDS)
-    for env_name, name in REMOTE_MEDIA_ENV.items():
-        if env.get(env_name) not in (None, ""):
-            raw[name] = env[env_name]
+    raw = _section(raw, where, _REMOTE_MEDIA_FIELDS, env, REMOTE_MEDIA_ENV)
     d = RemoteMediaSettings()
     hosts = raw.get("allow_hosts", list(d.allow_hosts))
     if hosts is None:
@@ -767,11 +765,7 @@ def _remote_media(raw: Any, env: Mapping[str, str]) -> RemoteMediaSettings:
 
 def _ram_tier(raw: Any, env: Mapping[str, str]) -> RamTierSettings:
     where = "server.ram_tier"
-    raw = dict(_mapping(raw, where))
-    _only_known(raw, where, _RAM_TIER_FIELDS)
-    for env_name, name in RAM_TIER_ENV.items():
-        if env.get(env_name) not in (None, ""):
-            raw[name] = env[env_name]
+    raw = _section(raw, where, _RAM_TIER_FIELDS, env, RAM_TIER_ENV)
     d = RamTierSettings()
     keep_alive = _float(raw.get("keep_alive", d.keep_alive), f"{where}.keep_alive")
     if keep_alive < 0 and keep_alive != -1:
@@ -827,11 +821,7 @@ def _ray_group(name: str, raw: Any, defaults: Mapping, models: Mapping) -> RayGr
 def _ray(raw: Any, env: Mapping[str, str], models: Mapping) -> RaySettings:
     """The `ray` section: cluster-wide keys, defaults for every group, and the groups."""
     where = "server.ray"
-    raw = dict(_mapping(raw, where))
-    _only_known(raw, where, _RAY_FIELDS)
-    for env_name, name in RAY_ENV.items():
-        if env.get(env_name) not in (None, ""):
-            raw[name] = env[env_name]
+    raw = _section(raw, where, _RAY_FIELDS, env, RAY_ENV)
     d = RaySettings()
     defaults = {"replicas": raw.get("replicas"), "min_replicas": raw.get("min_replicas"),
                 "max_replicas": raw.get("max_replicas"), "num_cpus": raw.get("replica_num_cpus"),

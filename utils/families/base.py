@@ -165,14 +165,16 @@ class Family:
     def park(self, *, pin_memory: bool) -> None:
         """Weights to CPU RAM, kept for a fast `unpark` (the RAM tier; only the manager calls this,
         on a model no request holds and whose engine is stopped)."""
-        from utils.families.moves import park_module, release_device_caches
+        from utils.families.moves import park_module
+        from utils.memory import release_device_caches
         for module in self.weight_modules():
             park_module(module, pin_memory=pin_memory)
         release_device_caches()
 
     def unpark(self, device: str) -> None:
         """Weights back on `device` from RAM; requests then run there."""
-        from utils.families.moves import release_device_caches, unpark_module
+        from utils.families.moves import unpark_module
+        from utils.memory import release_device_caches
         for module in self.weight_modules():
             unpark_module(module, device)
         self.device = device

@@ -71,16 +71,3 @@ def unpark_module(module: Any, device: str) -> None:
     module.to(device, non_blocking=on_cuda)
     if on_cuda:
         torch.cuda.synchronize(device)
-
-
-def release_device_caches() -> None:
-    """After a move: the GPU blocks the weights left go back to the driver (parking), and the pinned
-    host blocks they left go back to the OS (promotion); torch's allocators would keep both cached."""
-    from utils.memory import release_host_cache
-    try:
-        import torch
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:
-        pass
-    release_host_cache()
