@@ -146,11 +146,13 @@ def test_clients_dropping_mid_upload_and_mid_stream_leak_nothing(start_server):
     server = start_server(MAX_LOADED_MODELS=3, BODY_TIMEOUT=2)
     assert requests.post(server.url + "/generate/deepseek", json={"prompt": "warm", "max_new_tokens": 2},
                          timeout=60).status_code == 200
-    drop_clients(server)
-    time.sleep(2.5)  # the cut uploads' BODY_TIMEOUT has passed: their threads are back in the pool
-    after_one = threads(server)
-    drop_clients(server)  # the same again: pooled threads are reused, nothing accumulates
-    time.sleep(2.5)
-    assert threads(server) <= after_one, (after_one, threads(server))
+    counts = []
+    for _ in range(3):  # each round: 5 cut uploads and 5 dropped streams
+        drop_clients(server)
+        time.sleep(2.5)  # the cut uploads' BODY_TIMEOUT has passed: their threads are back in the pool
+        counts.append(threads(server))
+    # Pooled threads are reused: a thread kept per dropped client would add ~10 a round. gunicorn's
+    # pool may still start a thread or two more in a later round, when requests overlap differently.
+    assert counts[-1] <= counts[0] + 2, counts
     assert requests.post(server.url + "/generate/deepseek", json={"prompt": "fine", "max_new_tokens": 2},
                          timeout=60).status_code == 200
