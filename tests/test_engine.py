@@ -290,20 +290,27 @@ class OutOfMemoryAbove:
         self.handle.remove()
 
 
-def test_dynamic_out_of_memory_retries_in_halves_and_every_row_is_answered(adapters):
-    adapter = adapters["qwen_vl"]
-    prepared = [adapter.prepare(request_for("qwen_vl", i)) for i in range(8)]
-    solo = [adapter.generate(p, greedy(5)) for p in prepared]
-    oom = OutOfMemoryAbove(adapter.model, rows=2)
+def run_queued_under_oom(adapter, prepared, params, *, rows):
+    """Every request queued before the engine starts, forward passes over `rows` rows failing with
+    out-of-memory: (the results, how many passes failed)."""
+    oom = OutOfMemoryAbove(adapter.model, rows=rows)
     try:
         engine = make_engine(adapter)
-        jobs = [engine.submit(p, greedy(5)) for p in prepared]
+        jobs = [engine.submit(p, params) for p in prepared]
         engine.start()
         results = [job.wait() for job in jobs]
         engine.stop()
     finally:
         oom.remove()
-    assert oom.raised >= 2 and all(same(a, b) for a, b in zip(solo, results))
+    return results, oom.raised
+
+
+def test_dynamic_out_of_memory_retries_in_halves_and_every_row_is_answered(adapters):
+    adapter = adapters["qwen_vl"]
+    prepared = [adapter.prepare(request_for("qwen_vl", i)) for i in range(8)]
+    solo = [adapter.generate(p, greedy(5)) for p in prepared]
+    results, raised = run_queued_under_oom(adapter, prepared, greedy(5), rows=2)
+    assert raised >= 2 and all(same(a, b) for a, b in zip(solo, results))
 
 
 def test_out_of_memory_even_alone_is_a_503_and_the_model_serves_on(adapters):
@@ -326,13 +333,5 @@ def test_continuous_out_of_memory_requeues_newcomers_and_lowers_the_row_limit(ad
     adapter = adapters["deepseek"]
     prepared = [adapter.prepare(request_for("deepseek", i)) for i in range(6)]
     solo = [adapter.generate(p, greedy(6)) for p in prepared]
-    oom = OutOfMemoryAbove(adapter.model, rows=2)  # prefills of 3 or more rows fail
-    try:
-        engine = make_engine(adapter)
-        jobs = [engine.submit(p, greedy(6)) for p in prepared]
-        engine.start()
-        results = [job.wait() for job in jobs]
-        engine.stop()
-    finally:
-        oom.remove()
-    assert oom.raised >= 1 and all(same(a, b) for a, b in zip(solo, results))
+    results, raised = run_queued_under_oom(adapter, prepared, greedy(6), rows=2)  # prefills of 3+ rows fail
+    assert raised >= 1 and all(same(a, b) for a, b in zip(solo, results))

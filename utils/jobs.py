@@ -378,10 +378,13 @@ class JobRunner:
         return self.describe(job_id)
 
     def describe(self, job_id: str) -> dict:
+        return self.view(self._record(job_id))
+
+    def _record(self, job_id: str) -> JobRecord:
         record = self.store.get(job_id)
         if record is None:
             raise UnknownJob(f"no job '{job_id}' (finished jobs are kept for jobs.result_ttl seconds)")
-        return self.view(record)
+        return record
 
     def view(self, record: JobRecord) -> dict:
         """A record as clients see it: its state, where it is in the queue or how far it ran, timings."""
@@ -414,9 +417,7 @@ class JobRunner:
         return view
 
     def result_file(self, job_id: str, index: int) -> tuple[Path, str]:
-        record = self.store.get(job_id)
-        if record is None:
-            raise UnknownJob(f"no job '{job_id}' (finished jobs are kept for jobs.result_ttl seconds)")
+        record = self._record(job_id)
         if record.status != "succeeded":
             reason = {"queued": "it is queued", "running": "it is running",
                       "failed": f"it failed: {record.details}", "cancelled": "it was cancelled"}[record.status]
@@ -435,19 +436,19 @@ class JobRunner:
         token): its view still says running. Cancelling a cancelled job changes nothing; a job that
         succeeded or failed cannot be cancelled (409)."""
         now = self._clock()
-        if self.store.cancel_queued(job_id, now):
-            record = self.store.get(job_id)
-            notify(self._events, "on_job_finished", record.model, "cancelled", max(0.0, now - record.created_at),
-                   None)
-        else:
+        cancelled_queued = self.store.cancel_queued(job_id, now)
+        if not cancelled_queued:
             with self._lock:
                 control = self._running.get(job_id)
             if control is not None:
                 control.cancel("cancelled by the client", by_client=True)
-        view = self.describe(job_id)
-        if view["status"] in ("succeeded", "failed"):
-            raise JobFinished(f"job '{job_id}' has {view['status']} already; there is nothing to cancel")
-        return view
+        record = self._record(job_id)
+        if cancelled_queued:
+            notify(self._events, "on_job_finished", record.model, "cancelled", max(0.0, now - record.created_at),
+                   None)
+        if record.status in ("succeeded", "failed"):
+            raise JobFinished(f"job '{job_id}' has {record.status} already; there is nothing to cancel")
+        return self.view(record)
 
     def page(self, **query: Any) -> list[tuple[dict, int]]:
         """(view, seq) newest first; the last seq is the `before` of the next page."""
