@@ -57,6 +57,8 @@ class Sweeper:
 
 
 def build_services(settings: ServerSettings) -> Services:
+    if settings.backend == "ray":
+        return build_cluster_services(settings)
     from utils.checkpoints import QuantizedCache
     from utils.engine import make_loader
     from utils.families import WEIGHT_LOADS, load_family
@@ -67,8 +69,6 @@ def build_services(settings: ServerSettings) -> Services:
     from utils.model_manager import ModelManager
     from utils.remote_media import RemoteFetcher
 
-    if settings.backend == "ray":
-        return build_cluster_services(settings)
     set_torch_threads(settings.torch_threads)
     probe = MemoryProbe()
     metrics = Metrics()  # per app: several apps may share one process (tests)
