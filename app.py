@@ -13,6 +13,7 @@ import uuid
 from flask import Flask, Request, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from utils.api.forms import StrictFormParser
 from utils.errors import ServerError, ShuttingDown, Unauthorized
 from utils.services import Services, Sweeper, add_jobs, build_services
 from utils.settings import ServerSettings, load_settings
@@ -23,9 +24,11 @@ _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 class ScopedRequest(Request):
     """Spools large multipart uploads into the request's temp scope (tmp/), not the system temp dir,
-    so they count against TMP_MAX_MB, show in /admin/temp_status and vanish when the request ends."""
+    so they count against TMP_MAX_MB, show in /admin/temp_status and vanish when the request ends.
+    Multipart bodies are parsed strictly (utils/api/forms.py)."""
 
     SPOOL_THRESHOLD = 512 * 1024
+    form_data_parser_class = StrictFormParser
 
     def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
         scope = g.get("temp_scope")

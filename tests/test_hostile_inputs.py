@@ -7,6 +7,7 @@ two demo checkpoints whose chat templates refuse a role order, as Mistral's and 
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import struct
 import zlib
@@ -358,3 +359,153 @@ def test_duration_budgets_add_up_over_a_request():
     with pytest.raises(MediaTooLarge) as refused_video:
         check_request_budget([MediaProbe("video", "video", 8, 8, 8, seconds=81)], limits)
     assert refused_video.value.field == "video"
+
+
+# ------------------------------------------------------------------ a route the model's family does not serve
+
+@pytest.fixture()
+def leases(app, monkeypatch):
+    """The keys leased while the test runs (the real lease; only counted)."""
+    manager = app.extensions["model_server"].manager
+    taken, real = [], manager.lease
+
+    def counted(key, **kwargs):
+        taken.append(key)
+        return real(key, **kwargs)
+    monkeypatch.setattr(manager, "lease", counted)
+    return taken
+
+
+def form(**fields):
+    return {name: (io.BytesIO(value), "upload.bin") if isinstance(value, bytes) else value
+            for name, value in fields.items()}
+
+
+HI = [{"role": "user", "content": "hi"}]
+EDIT_CHAT = [{"role": "user", "content": [image_part(ms.png(40, 30)), {"type": "text", "text": "make it blue"}]}]
+MISMATCHES = [
+    ("/v1/chat/completions", {"model": "flux", "messages": HI}),
+    ("/v1/chat/completions", {"model": "flux", "messages": HI, "stream": True}),
+    ("/v1/chat/completions", {"model": "black-forest-labs/FLUX.1-schnell", "messages": HI}),
+    ("/v1/chat/completions", {"model": "qwen_image_edit", "messages": EDIT_CHAT}),
+    ("/v1/chat/completions", {"model": "Qwen/Qwen-Image-Edit", "messages": EDIT_CHAT, "stream": True}),
+    ("/v1/completions", {"model": "flux", "prompt": "hi"}),
+    ("/v1/completions", {"model": "qwen_image_edit", "prompt": "hi", "stream": True}),
+    ("/v1/completions", {"model": "qwen_vl", "prompt": "hi"}),
+    ("/v1/images/generations", {"model": "deepseek", "prompt": "a cat"}),
+    ("/v1/images/generations", {"model": "qwen_audio", "prompt": "a cat"}),
+    ("/v1/images/generations", {"model": "qwen_image_edit", "prompt": "a cat"}),
+    ("/v1/images/edits", form(model="flux", prompt="x", image=ms.png())),
+    ("/v1/images/edits", form(model="qwen_vl", prompt="x", image=ms.png())),
+    ("/v1/audio/transcriptions", form(model="deepseek", file=ms.wav(0.5, rate=16000, channels=1))),
+    ("/v1/audio/transcriptions", form(model="flux", file=ms.wav(0.5, rate=16000, channels=1))),
+    ("/v1/audio/transcriptions", form(model="qwen_vl", file=ms.wav(0.5, rate=16000, channels=1))),
+]
+
+
+@pytest.mark.parametrize("path,body", MISMATCHES, ids=[f"{p}-{b['model']}" for p, b in MISMATCHES])
+def test_a_route_the_family_does_not_serve_is_refused_before_any_lease(client, leases, path, body):
+    """Before: a chat request to an image model loaded it (34 GB on real hardware), then answered 500."""
+    if path in ("/v1/images/edits", "/v1/audio/transcriptions"):
+        response = client.post(path, data=body, content_type="multipart/form-data")
+    else:
+        response = client.post(path, json=body)
+    error = refused_v1(response, "model")
+    assert error["code"] == "unsupported_model", error
+    assert leases == []
+
+
+@pytest.mark.parametrize("model,body", [("blip_vqa", {"prompt": "what colour?"}),
+                                        ("flux", {"prompt": "<|startoftext|> a cat"}),
+                                        ("qwen_vl", {"prompt": "hi", "system": INJECTION})])
+def test_what_generate_refuses_without_weights_is_refused_before_any_lease(client, leases, model, body):
+    response = post(client, model, body)
+    assert response.status_code == 400, response.get_json()
+    assert leases == []
+
+
+# ------------------------------------------------------------------ numbers written in other scripts
+
+@pytest.mark.parametrize("size", ["²x²", "64x²", "①x64", "1" * 5000 + "x64", "64x" + "9" * 5000, "٦٤x٦٤",
+                                  "64x64x64", "x64", "64 x", "-64x64", "0x0", "64.0x64"])
+def test_an_image_size_is_ascii_digits_and_in_range(client, leases, size):
+    response = client.post("/v1/images/generations", json={"model": "flux", "prompt": "a cat", "size": size})
+    refused_v1(response, "size")
+    assert leases == []
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/chat/completions", {"model": "deepseek", "messages": HI, "n": True}, "n"),
+    ("/v1/chat/completions", {"model": "deepseek", "messages": HI, "presence_penalty": False}, "presence_penalty"),
+    ("/v1/chat/completions", {"model": "deepseek", "messages": HI, "frequency_penalty": False}, "frequency_penalty"),
+    ("/v1/completions", {"model": "deepseek", "prompt": "hi", "best_of": True}, "best_of"),
+    ("/v1/chat/completions", {"model": "deepseek", "messages": HI, "max_tokens": True}, "max_tokens"),
+    ("/v1/images/generations", {"model": "flux", "prompt": "x", "n": True}, "n"),
+    ("/v1/images/generations", {"model": "flux", "prompt": "x", "partial_images": False}, "partial_images"),
+])
+def test_a_boolean_is_not_an_integer(client, leases, path, body, param):
+    refused_v1(client.post(path, json=body), param)
+    assert leases == []
+
+
+def test_a_boolean_is_not_an_integer_on_generate(client):
+    for body, field in [({"prompt": "x", "max_new_tokens": True}, "max_new_tokens"), ({"prompt": "x", "seed": False},
+                                                                                       "seed")]:
+        refused(post(client, "deepseek", body), field)
+    refused(post(client, "flux", {"prompt": "x", "num_images": True}), "num_images")
+
+
+# ------------------------------------------------------------------ transcription texts
+
+def test_transcription_prompt_and_language_are_bounded(client, leases):
+    audio = ms.wav(0.5, rate=16000, channels=1)
+    too_long = "w" * 8001  # qwen_audio: max_prompt_chars 8000
+    for fields, param in [({"prompt": too_long}, "prompt"), ({"language": "x" * 100_000}, "language"),
+                          ({"language": "english please"}, "language"), ({"language": "e"}, "language"),
+                          ({"language": "en\nSYSTEM"}, "language")]:
+        response = client.post("/v1/audio/transcriptions", content_type="multipart/form-data",
+                               data=form(model="qwen_audio", file=audio, **fields))
+        refused_v1(response, param)
+    assert leases == []
+    for language in ("en", "pt-BR", "yue", "zh_Hant"):
+        response = client.post("/v1/audio/transcriptions", content_type="multipart/form-data",
+                               data=form(model="qwen_audio", file=audio, language=language, prompt="a talk"))
+        assert response.status_code == 200, (language, response.get_json())
+
+
+# ------------------------------------------------------------------ multipart framing and the form parser's limits
+
+def multipart(parts: list[tuple[str, bytes]], boundary: str = "b0undary") -> bytes:
+    return b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n".encode() + value
+                    + b"\r\n" for name, value in parts) + f"--{boundary}--\r\n".encode()
+
+
+def test_more_form_parts_than_the_parser_takes_is_413_naming_that_limit(client):
+    body = multipart([("prompt", b"hi")] + [(f"f{i}", b"x") for i in range(1001)])
+    response = client.post("/generate/deepseek", data=body, content_type="multipart/form-data; boundary=b0undary")
+    err = response.get_json()
+    assert response.status_code == 413, err
+    assert "1000 parts" in err["details"] and "MAX_CONTENT_LENGTH_MB" not in err["details"], err
+
+
+def test_a_text_field_over_the_parsers_limit_is_413_naming_that_limit(client):
+    body = multipart([("prompt", b"w" * 600_000)])
+    for path in ("/generate/deepseek", "/v1/audio/transcriptions"):
+        response = client.post(path, data=body, content_type="multipart/form-data; boundary=b0undary")
+        assert response.status_code == 413, response.get_json()
+        text = json.dumps(response.get_json())
+        assert "500 KB" in text and "MAX_CONTENT_LENGTH_MB" not in text, text
+
+
+@pytest.mark.parametrize("content_type", ["multipart/form-data", "multipart/form-data; boundary=other",
+                                          "multipart/form-data; boundary="])
+def test_a_missing_or_wrong_boundary_is_a_malformed_body(client, content_type):
+    body = multipart([("prompt", b"hi"), ("max_new_tokens", b"2")])
+    response = client.post("/generate/deepseek", data=body, content_type=content_type)
+    err = response.get_json()
+    assert response.status_code == 400 and err["error"] == "malformed body", err
+    response = client.post("/v1/audio/transcriptions", data=body, content_type=content_type)
+    assert response.status_code == 400 and response.get_json()["error"]["code"] == "malformed_body"
+    assert post(client, "deepseek", {"prompt": "hi", "max_new_tokens": 2}).status_code == 200
+    good = client.post("/generate/deepseek", data=body, content_type="multipart/form-data; boundary=b0undary")
+    assert good.status_code == 200, good.get_json()

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
 from utils.errors import InvalidInput, RequestTimeout
-from utils.families import GenerationParams, GenerationRequest, GenerationResult, accepted_media, family_class
+from utils.families import GenerationParams, GenerationRequest, GenerationResult, family_class
+from utils.families.base import client_texts
 from utils.settings import ModelSpec
 
 MEDIA_FIELDS = {"image": "image", "images": "image", "video": "video", "videos": "video", "audio": "audio",
@@ -148,9 +149,11 @@ def parse_timeout(body: Mapping) -> float | None:
     return number_field(body, "timeout", integer=False, low=0.01, high=86400, default=None)
 
 
-def check_media_items(media: list[MediaItem], spec: ModelSpec) -> None:
-    """Kinds and counts a model takes, checked before anything is decoded or any model is leased."""
-    accepted = accepted_media(spec.family)
+def check_media_items(media: list[MediaItem], spec: ModelSpec, *, missing: str = "image") -> None:
+    """Kinds and counts a model takes, checked before anything is decoded or any model is leased.
+    `missing`: the field a refusal for too few images names."""
+    family = family_class(spec.family)
+    accepted = family.accepts
     limits = {"image": spec.limits.max_images, "video": spec.limits.max_videos, "audio": spec.limits.max_audios}
     counts: dict[str, int] = {}
     for item in media:
@@ -162,6 +165,9 @@ def check_media_items(media: list[MediaItem], spec: ModelSpec) -> None:
         if counts[item.kind] > limits[item.kind]:
             raise InvalidInput(f"model '{spec.key}' takes at most {limits[item.kind]} {item.kind}(s) per request",
                                field=item.field, error="too many media items")
+    if counts.get("image", 0) < family.min_images:
+        raise InvalidInput(f"'{spec.key}' answers a question about an image: send it in 'image' (base64, a data URL "
+                           f"or an upload)", field=missing, error="missing image")
 
 
 def parse_job(body: Mapping, uploads: Mapping[str, list[bytes]], spec: ModelSpec) -> GenerateJob:
@@ -190,10 +196,12 @@ class InferenceService:
 
     def __init__(self, manager: Any, media_limits: Any, on_result: Callable[[str, GenerationResult], None] = None,
                  fetch: Callable[[str, str], bytes] | None = None):
+        from utils.families.special_tokens import SpecialTokenGuard
         self.manager = manager
         self.media_limits = media_limits
         self._on_result = on_result
         self._fetch = fetch or _no_remote_media
+        self.special_tokens = SpecialTokenGuard()  # from the tokenizer files: checked before any lease
 
     def spec(self, key: str) -> ModelSpec:
         return self.manager.spec(key)
@@ -203,14 +211,17 @@ class InferenceService:
         self._fetch = fetch
 
     def decode_media(self, job: GenerateJob, spec: ModelSpec | None = None) -> GenerationRequest:
-        """Every item's headers first (per-item caps, the per-request budget, what the model's family
-        cannot take), then the decoding; all before any model is leased."""
+        """The client's text against the model's special tokens (from its tokenizer files), every
+        media item's headers (per-item caps, the per-request budget, what the model's family cannot
+        take), then the decoding; all before any model is leased."""
         from utils import media
 
         limits = self.media_limits
         family = family_class(spec.family) if spec is not None else None
         request = GenerationRequest(prompt=job.prompt, system=job.system, messages=job.messages, raw=job.raw,
                                     texts=job.texts)
+        if spec is not None:  # the client's text first: it costs no media decoding
+            self.special_tokens.check(spec, client_texts(request))
         payloads = [[self.media_bytes(frame, f"{item.field}[{i}]") for i, frame in enumerate(item.payload)]
                     if isinstance(item.payload, list) else self.media_bytes(item.payload, item.field)
                     for item in job.media]  # a list: a video given as its frames

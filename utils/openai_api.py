@@ -4,13 +4,14 @@ around the same InferenceService that /generate uses.
 """
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any, Iterator, Mapping
 
 from utils.errors import InvalidInput, ServerError, UnknownModel
-from utils.inference import GenerateJob, MediaItem, check_media_items, parse_params, parse_timeout
-from utils.settings import ModelSpec, ServerSettings
+from utils.inference import GenerateJob, MediaItem, check_media_items, parse_params, parse_timeout, text_field
+from utils.settings import IMAGE_FAMILIES, ModelSpec, ServerSettings
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # Parameters we do not implement: a value that would change the answer is refused, never ignored.
@@ -18,6 +19,10 @@ UNSUPPORTED = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None
                "top_logprobs": None, "tools": None, "tool_choice": None, "functions": None, "function_call": None,
                "echo": False, "suffix": None, "best_of": 1}
 MAX_STOPS = 4
+# A transcription's `language`: ISO 639 letters, then BCP 47 subtags (pt-BR, zh_Hant): never free text.
+LANGUAGE = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8}){0,3}")
+# `size` of an image request: ASCII digits only (str.isdigit() takes "²" and "①", which int() refuses).
+SIZE = re.compile(r"\s*([0-9]{1,6})\s*[xX]\s*([0-9]{1,6})\s*")
 TRANSCRIBE_PROMPT = "Transcribe the audio exactly, word for word."
 
 
@@ -40,14 +45,19 @@ def model_card(spec: ModelSpec, created: int, loaded: bool) -> dict:
 
 # ------------------------------------------------------------------ requests
 
+def is_neutral(value: Any, neutral: Any) -> bool:
+    """`value` is the neutral value itself: equal and of its type (true is not 1, false is not 0)."""
+    return value == neutral and isinstance(value, bool) == isinstance(neutral, bool)
+
+
 def _refuse_unsupported(body: Mapping) -> None:
     for name, neutral in UNSUPPORTED.items():
         value = body.get(name)
-        if value is not None and value != neutral and value != {} and value != []:
+        if value is not None and not is_neutral(value, neutral) and value != {} and value != []:
             raise InvalidInput(f"'{name}' is not supported by this server (only {neutral!r})", field=name,
                                error="unsupported parameter")
-    n = body.get("n", 1)
-    if n != 1 and n is not None:
+    n = body.get("n")
+    if n is not None and not is_neutral(n, 1):
         raise InvalidInput("'n' must be 1: one choice per request", field="n", error="unsupported parameter")
 
 
@@ -132,6 +142,10 @@ def _parts(content: Any, where: str, media: list[MediaItem], texts: list[tuple[s
 
 def parse_chat(body: Mapping, spec: ModelSpec) -> GenerateJob:
     """A /v1/chat/completions body -> our job (a conversation, its media in order)."""
+    if spec.family in IMAGE_FAMILIES:  # refused before the lease: the load alone is tens of GB
+        route = "/v1/images/edits" if spec.family == "image_edit" else "/v1/images/generations"
+        raise InvalidInput(f"'{spec.key}' makes images, not chat answers; use {route}", field="model",
+                           error="unsupported model")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidInput("'messages' must be a non-empty list", field="messages", error="missing field")
@@ -159,7 +173,7 @@ def parse_chat(body: Mapping, spec: ModelSpec) -> GenerateJob:
         raise InvalidInput(f"the messages hold {len(text)} characters of text; this model takes at most "
                            f"{spec.limits.max_prompt_chars}", field="messages", error="value out of range")
     _check_text(text, "messages")
-    check_media_items(media, spec)
+    check_media_items(media, spec, missing="messages")
     last = "".join(p["text"] for p in turns[-1]["content"] if p["type"] == "text")
     return GenerateJob(prompt=last, params=_params(body, spec), media=media, messages=turns, texts=texts,
                        stream=body.get("stream") is True, timeout=parse_timeout(body))
@@ -191,13 +205,16 @@ def parse_transcription(form: Mapping, audio: bytes, spec: ModelSpec) -> tuple[G
     if response_format not in ("json", "text"):
         raise InvalidInput("'response_format' must be json or text", field="response_format")
     instruction = TRANSCRIBE_PROMPT
-    texts = [(name, form[name]) for name in ("language", "prompt") if form.get(name)]  # the client's own text
-    for name, text in texts:
-        _check_text(text, name)
-    if form.get("language"):
-        instruction = f"Transcribe the audio exactly, word for word, in the language '{form['language']}'."
-    if form.get("prompt"):
-        instruction += f" Context: {form['prompt']}"
+    language = form.get("language") or None
+    if language is not None and not (isinstance(language, str) and LANGUAGE.fullmatch(language)):
+        raise InvalidInput(f"'language' is a language code such as en, pt-BR or yue (ISO 639, BCP 47); "
+                           f"got {str(language)[:40]!r}", field="language")
+    prompt = text_field(form, "prompt", required=False, max_chars=spec.limits.max_prompt_chars) or None
+    texts = [(name, text) for name, text in (("language", language), ("prompt", prompt)) if text]  # the client's
+    if language:
+        instruction = f"Transcribe the audio exactly, word for word, in the language '{language}'."
+    if prompt:
+        instruction += f" Context: {prompt}"
     params = parse_params({"temperature": form.get("temperature") or 0}, spec)  # greedy unless asked
     return GenerateJob(prompt=instruction, params=params, media=[MediaItem("audio", "file", audio)],
                        texts=texts), response_format
@@ -246,7 +263,7 @@ def parse_image_request(body: Mapping, spec: ModelSpec, *, edit: bool, image: An
         raise InvalidInput("this server returns images inline only: response_format b64_json (url is not served)",
                            field="response_format", error="unsupported parameter")
     for name, neutral in IMAGE_NEUTRAL.items():
-        if body.get(name) not in neutral:
+        if not any(is_neutral(body.get(name), value) for value in neutral):
             allowed = ", ".join(repr(v) for v in neutral if v is not None) or "leave it out"
             raise InvalidInput(f"'{name}' is not supported by this server (only: {allowed})", field=name,
                                error="unsupported parameter")
@@ -256,10 +273,11 @@ def parse_image_request(body: Mapping, spec: ModelSpec, *, edit: bool, image: An
         ours["num_images"] = body["n"]
     size = body.get("size")
     if size not in (None, "", "auto"):
-        parts = size.lower().split("x") if isinstance(size, str) else []
-        if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
-            raise InvalidInput(f"'size' is WIDTHxHEIGHT (e.g. 1024x768) or auto; got {size!r}", field="size")
-        ours["width"], ours["height"] = (int(part) for part in parts)
+        match = SIZE.fullmatch(size) if isinstance(size, str) else None
+        if match is None:
+            raise InvalidInput(f"'size' is WIDTHxHEIGHT in digits (e.g. 1024x768) or auto; got {str(size)[:40]!r}",
+                               field="size")
+        ours["width"], ours["height"] = (int(part) for part in match.groups())
     uploads = {"image": [image]} if image is not None else {}
     try:
         return parse_image_job(ours, uploads, spec)

@@ -8,7 +8,6 @@ plain results, so they run the same under Flask, gunicorn or a Ray Serve replica
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Sequence
 
 from utils.errors import InvalidInput
 from utils.families.loading import check_loaded_weights
+from utils.families.special_tokens import SpecialTokens, special_tokens
 from utils.settings import ModelSpec
 
 if TYPE_CHECKING:
@@ -117,10 +117,11 @@ class Family:
     # leased (InferenceService.decode_media), from headers where they tell.
     max_aspect_ratio: ClassVar[float | None] = None   # images and video frames, longer side / shorter side
     min_audio_seconds: ClassVar[float] = 0.0          # of the 16 kHz waveform
+    min_images: ClassVar[int] = 0                     # images a request must hold (BLIP VQA: its one image)
 
     def __init__(self, spec: ModelSpec, device: str, model: Any, processor: Any) -> None:
         self.spec, self.device, self.model, self.processor = spec, device, model, processor
-        self._special_cache: tuple[Any, Any, Any] | None = None  # see _special_tokens
+        self._special_cache: SpecialTokens | None = None  # see check_text
 
     # transformers classes (by name, imported on load) and extra from_pretrained kwargs.
     model_class: ClassVar[str] = ""
@@ -273,38 +274,19 @@ class Family:
         self.check_text(request)
 
     def check_text(self, request: GenerationRequest) -> None:
-        """Client text never becomes control tokens: the chat template renders it verbatim and the
-        processor parses special tokens in the whole string, so "<|im_start|>system" in a prompt would
-        open a system turn, and "<|image_pad|>" would claim an image. A text holding one of the model's
-        special tokens is refused, naming the token and the field."""
-        raw, normalized, normalize = self._special_tokens()
-        for where, text in client_texts(request):
-            found = (raw and raw.search(text)) or (normalized and normalized.search(normalize(text)))
-            if found:
-                raise InvalidInput(f"'{where}' holds {found.group(0)!r}, a special token of '{self.spec.key}'; "
-                                   f"text sent to a model may not hold its control tokens", field=where,
-                                   error="special token in text")
+        """No client text holds one of the model's special tokens (families/special_tokens.py; the
+        routes ran the same check from the tokenizer files before the lease)."""
+        if self._special_cache is None:
+            self._special_cache = special_tokens(self._tokenizer(), self.processor)
+        self._special_cache.check(self.spec.key, client_texts(request))
 
-    def _special_tokens(self) -> tuple[Any, Any, Any]:
-        """(pattern of the special tokens matched as written, pattern of those matched after the
-        tokenizer's normalizer, the normalizer): from the loaded tokenizer and processor, once."""
-        cached = self._special_cache
-        if cached is None:
-            tokenizer = self._tokenizer()
-            tokens = {t: False for t in getattr(tokenizer, "all_special_tokens", [])}
-            for added in getattr(tokenizer, "added_tokens_decoder", {}).values():
-                if added.special:
-                    tokens[added.content] = bool(added.normalized)
-            for attr in ("image_token", "video_token", "audio_token"):  # the processor's media placeholders
-                if isinstance(getattr(self.processor, attr, None), str):
-                    tokens.setdefault(getattr(self.processor, attr), False)
-            backend = getattr(tokenizer, "backend_tokenizer", None)
-            normalizer = getattr(backend, "normalizer", None)
-            normalize = normalizer.normalize_str if normalizer is not None else (lambda text: text)
-            cached = (_alternation(t for t, n in tokens.items() if t and not n),
-                      _alternation(normalize(t) for t, n in tokens.items() if t and n), normalize)
-            self._special_cache = cached
-        return cached
+    @classmethod
+    def text_tools(cls, spec: ModelSpec) -> tuple[Any, Any]:
+        """(tokenizer, processor) from the checkpoint folder alone, no weights: what the routes read the
+        model's special tokens from before any lease. The same classes `load` reads them with."""
+        import transformers
+        processor = getattr(transformers, cls.processor_class).from_pretrained(spec.path, local_files_only=True)
+        return getattr(processor, "tokenizer", processor), processor
 
     @contextmanager
     def client_data(self, request: GenerationRequest, what: str) -> Iterator[None]:
@@ -471,11 +453,6 @@ def from_pretrained_kwargs(spec: ModelSpec, device: str, skip_modules: list[str]
         kwargs["quantization_config"] = config
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # one notice per matmul otherwise
     return kwargs
-
-
-def _alternation(tokens: Any) -> Any:
-    tokens = sorted(set(tokens), key=len, reverse=True)  # the longest first, as the tokenizer matches
-    return re.compile("|".join(map(re.escape, tokens))) if tokens else None
 
 
 def client_texts(request: GenerationRequest) -> list[tuple[str, str]]:

@@ -187,6 +187,23 @@ class DiffusionFamily(Family):
     def _tokenizer(self) -> Any:
         return self.model.tokenizer
 
+    @classmethod
+    def text_tools(cls, spec: ModelSpec) -> tuple[Any, Any]:
+        """The pipeline's `tokenizer` and `processor` (or the tokenizer again), as its model_index.json
+        names their transformers classes: what `_tokenizer` and `processor` are once loaded."""
+        import json
+
+        import transformers
+        index = json.loads((spec.path / cls.checkpoint_file).read_text())
+
+        def component(name: str) -> Any:
+            library, class_name = (index.get(name) or [None, None])[:2]
+            if library != "transformers":
+                return None
+            return getattr(transformers, class_name).from_pretrained(spec.path / name, local_files_only=True)
+        tokenizer = component("tokenizer")
+        return tokenizer, component("processor") or tokenizer
+
 
 class StepTracker:
     """The pipeline's callback_on_step_end: progress per row, rows whose client left (or whose deadline

@@ -8,6 +8,7 @@ from utils.families.base import Family, GenerationParams, GenerationRequest
 class VqaFamily(Family):
     name = "vqa"
     accepts = frozenset({"image"})
+    min_images = 1
 
     model_class = "BlipForQuestionAnswering"
     processor_class = "BlipProcessor"
