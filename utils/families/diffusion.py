@@ -168,8 +168,12 @@ class DiffusionFamily(Family):
         kwargs["true_cfg_scale"] = params.true_cfg_scale if params.cfg else 1.0  # 1: off, and no warning
         if params.cfg:
             kwargs["negative_prompt"] = [row.prepared["negative_prompt"] for row in owners]
-        with torch.inference_mode():
-            images = self.model(**kwargs).images
+        try:
+            with torch.inference_mode():
+                images = self.model(**kwargs).images
+        except EveryRowEnded:  # no image to decode: the VAE would take as long as a few steps
+            self.model.maybe_free_model_hooks()  # what the pipeline does at its end (offload)
+            return
         for row in rows:
             if not tracker.done(row):
                 pngs = [png_bytes(image) for image, owner in zip(images, owners) if owner is row]
@@ -205,9 +209,14 @@ class DiffusionFamily(Family):
         return tokenizer, component("processor") or tokenizer
 
 
+class EveryRowEnded(Exception):
+    """Raised from the step callback once no row of the call is left: the call ends there."""
+
+
 class StepTracker:
     """The pipeline's callback_on_step_end: progress per row, rows whose client left (or whose deadline
-    passed) end at once, and the call stops when none is left."""
+    passed) end at once (every image of the row with it), and the call stops when none is left,
+    skipping the remaining steps and the VAE decode of latents nobody waits for."""
 
     def __init__(self, rows: Sequence[Any], total: int) -> None:
         self.rows, self.total = list(rows), total
@@ -229,7 +238,7 @@ class StepTracker:
                 if progress is not None:
                     progress(step + 1, self.total)
         if len(self._ended) == len(self.rows):
-            pipe._interrupt = True  # the remaining steps are skipped (diffusers still decodes once)
+            raise EveryRowEnded  # diffusers' own interrupt skips the steps but still decodes every image
         return {}
 
 
