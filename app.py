@@ -122,7 +122,7 @@ def _install_serving_layer(app: Flask, services: Services) -> None:
         return f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n".encode()
 
     app.wsgi_app = ServingMiddleware(app.wsgi_app, lifecycle=services.lifecycle,
-                                     max_bytes=services.settings.max_content_length,
+                                     max_bytes=lambda: services.settings.max_content_length,  # reloads too
                                      body_timeout=services.runtime.body_timeout, stream_end=stream_end)
     lifecycle = services.lifecycle
     lifecycle.on_shutdown("stop the sweeper", lambda: services.sweeper and services.sweeper.stop())

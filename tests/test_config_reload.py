@@ -154,3 +154,60 @@ def test_job_limits_apply_on_reload_and_the_job_folder_and_workers_wait_for_a_re
     assert client.post("/jobs/deepseek", json={"prompt": "one"}).status_code == 202  # background off: stays queued
     full = client.post("/jobs/deepseek", json={"prompt": "two"})
     assert full.status_code == 503 and full.get_json()["error"] == "job queue full"
+
+
+def test_files_that_cannot_be_read_are_400s_naming_the_problem_not_the_path(reloadable, tmp_path):
+    from tests.test_settings import BAD_FILES
+    config, app, client = reloadable
+    for content, needle in BAD_FILES:
+        config.unlink() if config.is_file() else config.rmdir()
+        if content is None:
+            config.mkdir()
+        else:
+            config.write_bytes(content)
+        status, body = reload(client)
+        assert status == 400 and needle in body["details"] and "nothing changed" in body["details"], body
+        assert str(tmp_path) not in body["details"], body
+    config.rmdir() if config.is_dir() else config.unlink()
+    status, body = reload(client)  # gone
+    assert status == 400 and "not found" in body["details"] and str(tmp_path) not in body["details"], body
+    assert ask(client, "blip_vqa").status_code == 200  # nothing changed
+
+
+def test_a_raised_body_cap_applies(tmp_path, models_dir):
+    config = tmp_path / "models.yaml"
+    write(config, DEEPSEEK, server="  max_content_length_mb: 1\n")
+    app = make_app(load_settings(config, env=server_env(models_dir, tmp_path)))
+    client = app.test_client()
+    body = {"prompt": "hi", "max_new_tokens": 2, "ignored": "x" * (2 * 2**20)}
+    refused = client.post("/generate/deepseek", json=body)
+    assert refused.status_code == 413 and "(1 MB)" in refused.get_json()["details"]
+    write(config, DEEPSEEK, server="  max_content_length_mb: 4\n")
+    status, diff = reload(client)
+    assert status == 200 and "max_content_length" in diff["server"]
+    assert client.post("/generate/deepseek", json=body).status_code == 200  # before: 413 at the start value
+    write(config, DEEPSEEK, server="  max_content_length_mb: 0.5\n")
+    assert reload(client)[0] == 200
+    assert client.post("/generate/deepseek", json=dict(body, ignored="x" * 2**20)).status_code == 413
+    app.extensions["model_server"].manager.shutdown()
+
+
+def test_jobs_of_a_model_gone_from_the_config_are_listed_and_wait_for_it(reloadable):
+    config, app, client = reloadable
+    services = app.extensions["model_server"]
+    job_id = client.post("/jobs/blip_vqa", json={"prompt": "colour?", "image": ms.b64(ms.png())}).get_json()["job_id"]
+    write(config, DEEPSEEK)                         # blip_vqa is gone for a moment
+    assert reload(client)[0] == 200
+    assert client.post("/jobs/blip_vqa", json={"prompt": "x"}).status_code == 404  # no new jobs for it
+    services.jobs.sweep()
+    listed = client.get("/jobs?model=blip_vqa")
+    assert listed.status_code == 200, listed.get_json()
+    [view] = listed.get_json()["jobs"]
+    assert view["job_id"] == job_id and view["status"] == "queued" and "jobs.orphan_grace" in view["note"], view
+    assert client.get("/jobs?model=never_configured").status_code == 404
+    write(config, DEEPSEEK, BLIP)                   # back: the job is a job again
+    assert reload(client)[0] == 200
+    services.jobs.sweep()
+    view = client.get(f"/jobs/{job_id}").get_json()
+    assert view["status"] == "queued" and "note" not in view, view
+    services.jobs.store.close()

@@ -73,6 +73,9 @@ def test_jobs_left_running_by_a_dead_process_run_again_once_then_fail_with_the_r
     failed = store.get(first)
     assert failed.status == "failed" and failed.error == "interrupted"
     assert "stopped while this job ran, 2 time(s)" in failed.details
+    with store._lock:  # a finished record keeps no request (its uploads), interrupted ones included
+        kept = dict(store._db.execute("SELECT id, request FROM jobs").fetchall())
+    assert kept[first] == "{}" and json.loads(kept[second])["body"] == {"prompt": "b"}
     assert store.remove_strays() == 1 and not list(store.results.iterdir())
 
 
@@ -186,6 +189,60 @@ def test_finished_records_drop_their_uploads_and_the_oldest_go_beyond_the_cap(tm
     assert sizes == [2, 2, 2, 2]  # '{}'
     jobs.sweep()
     assert [view["job_id"] for view, _ in jobs.page(limit=10)] == ids[:1:-1]
+
+
+def test_the_store_gives_the_space_of_dropped_requests_back(tmp_path):
+    """Finished records drop their uploads; the sweep then shrinks the file and the WAL (before, a day
+    of big uploads stayed on disk twice, in the database and in its WAL, until the jobs expired)."""
+    clock = Clock()
+    jobs = runner(tmp_path, lambda record, control: text_outcome("x"), clock=clock)
+    upload = np.random.default_rng(0).bytes(3 * 2**20)
+    for i in range(3):
+        jobs.submit("m", "text", {"prompt": str(i)}, {"image": [upload]})
+    db = tmp_path / "jobs" / "jobs.sqlite3"
+    on_disk = lambda: db.stat().st_size + (db.with_name(db.name + "-wal").stat().st_size  # noqa: E731
+                                           if db.with_name(db.name + "-wal").exists() else 0)
+    assert on_disk() > 12 * 2**20  # base64: 4 MB a job
+    for _ in range(3):
+        jobs._run(jobs.store.claim_next(clock.now), JobControl())
+    jobs.sweep()
+    assert on_disk() < 2**20, on_disk()
+    assert [view["status"] for view, _ in jobs.page(limit=5)] == ["succeeded"] * 3
+
+
+def test_jobs_of_a_model_that_left_the_config_wait_for_it_then_fail_after_the_grace(tmp_path):
+    clock = Clock()
+    configured = {"m", "other"}
+    ran = []
+    jobs = runner(tmp_path, lambda record, control: ran.append(record.model) or text_outcome("x"), clock=clock,
+                  orphan_grace=600, is_configured=lambda key: key in configured)
+    first = jobs.submit("m", "text", {"prompt": "a"}, {})["job_id"]
+    configured.discard("m")                     # an operator's typo: 'm' is gone for a moment
+    jobs.submit("other", "text", {"prompt": "b"}, {})
+    jobs.sweep()
+    record = jobs._claim()   # the other model's job goes first; 'm' waits
+    assert record.model == "other"
+    jobs._run(record, JobControl())
+    assert jobs._claim() is None
+    view = jobs.describe(first)
+    assert view["status"] == "queued" and "'m' is not in the configuration" in view["note"], view
+    clock.now += 599
+    jobs.sweep()
+    assert jobs.describe(first)["status"] == "queued"
+    configured.add("m")                         # fixed: the job runs
+    jobs.sweep()
+    jobs._run(jobs._claim(), JobControl())
+    assert jobs.describe(first)["status"] == "succeeded" and ran == ["other", "m"]
+
+    late = jobs.submit("m", "text", {"prompt": "c"}, {})["job_id"]
+    configured.discard("m")                     # gone for good
+    jobs.sweep()
+    clock.now += 601
+    jobs.sweep()
+    view = jobs.describe(late)
+    assert view["status"] == "failed" and view["error"] == "unknown model", view
+    assert "600 s (jobs.orphan_grace)" in view["details"], view
+    assert jobs._claim() is None
 
 
 def test_a_stop_keeps_what_clients_cancelled_and_what_finished_and_hands_back_what_hangs(tmp_path):
@@ -305,6 +362,14 @@ def test_image_jobs_make_the_image_generate_makes_and_edits_take_uploads(job_app
     ("deepseek", {"prompt": ""}, "prompt"),
     ("deepseek", {"prompt": "x", "stream": True}, "stream"),
     ("deepseek", {"prompt": "x", "max_new_tokens": -1}, "max_new_tokens"),
+    ("deepseek", {"prompt": "x", "max_new_tokens": True}, "max_new_tokens"),
+    ("qwen_vl", {"prompt": "read <|im_start|>system aloud"}, "prompt"),
+    ("qwen_vl", {"prompt": "hi", "system": "see <|image_pad|>"}, "system"),
+    ("qwen_omni", {"prompt": "hear <|AUDIO|>"}, "prompt"),
+    ("qwen_omni", {"prompt": "hi", "system": "<|im_start|>"}, "system"),
+    ("flux", {"prompt": "a <|endoftext|> cat"}, "prompt"),
+    ("flux", {"prompt": "a cat", "negative_prompt": "<|startoftext|>", "true_cfg_scale": 2}, "negative_prompt"),
+    ("blip_vqa", {"prompt": "what colour is it?"}, "image"),
 ])
 def test_bad_bodies_are_refused_when_submitted_and_no_job_is_kept(job_app, model, body, field):
     client = job_app.test_client()
@@ -329,6 +394,78 @@ def test_a_media_url_is_fetched_once_when_the_job_is_submitted(make_settings):
     assert "images" not in request["body"] and len(request["uploads"]["images"]) == 2
     assert base64.b64decode(request["uploads"]["images"][1]) == ms.png()
     store.close()
+
+
+@pytest.fixture(scope="module")
+def queued_app(make_settings):
+    """No background: submitted jobs stay queued, their records as submitted. Jobs bodies up to 1 MB."""
+    app = make_app(make_settings(JOB_MAX_BODY_MB="1"))
+    yield app
+    app.extensions["model_server"].jobs.store.close()
+    app.extensions["model_server"].manager.shutdown()
+
+
+def stored_request(app, job_id: str) -> dict:
+    store = app.extensions["model_server"].jobs.store
+    with store._lock:
+        return json.loads(store._db.execute("SELECT request FROM jobs WHERE id = ?", (job_id,)).fetchone()[0])
+
+
+def test_a_job_keeps_only_the_fields_its_model_reads(queued_app):
+    """What /generate ignores (fields no parser reads, uploads in fields no model reads) is dropped when
+    the job is submitted: 40 MB of `junk` took three jobs' store from 0.16 MB to 224 MB."""
+    from tests import media_samples as ms
+    client = queued_app.test_client()
+    image = ms.png()
+    body = {"prompt": "what is it?", "system": "be brief", "max_new_tokens": "2", "temperature": "0",
+            "junk": "x" * 1000, "comment": "not read", "image": (io.BytesIO(image), "a.png"),
+            "attachment": (io.BytesIO(b"\x00" * 100_000), "junk.bin")}
+    response = client.post("/jobs/qwen_vl", data=body, content_type="multipart/form-data")
+    assert response.status_code == 202, response.get_json()
+    request = stored_request(queued_app, response.get_json()["job_id"])
+    assert request["body"] == {"prompt": "what is it?", "system": "be brief", "max_new_tokens": "2",
+                               "temperature": "0"}
+    assert list(request["uploads"]) == ["image"] and base64.b64decode(request["uploads"]["image"][0]) == image
+    response = client.post("/jobs/flux", json={"prompt": "a cat", "width": 64, "height": 64, "junk": [1] * 1000,
+                                               "messages": "not read by an image model"})
+    assert response.status_code == 202, response.get_json()
+    kept = stored_request(queued_app, response.get_json()["job_id"])["body"]
+    assert set(kept) == {"prompt", "width", "height", "seed"}, kept
+
+
+def test_a_job_body_over_its_own_cap_is_413_and_logged(queued_app, caplog):
+    from tests import media_samples as ms
+    client = queued_app.test_client()
+    before = client.get("/admin/jobs").get_json()["counts"]
+    big = {"prompt": "what is it?", "image": ms.b64(ms.png()) + "A" * (2 * 2**20)}
+    with caplog.at_level("WARNING", logger="model_server.jobs"):
+        response = client.post("/jobs/qwen_vl", json=big)
+    err = response.get_json()
+    assert response.status_code == 413 and "jobs.max_body_mb" in err["details"] and "1 MB" in err["details"], err
+    assert any("jobs.max_body_mb" in r.getMessage() for r in caplog.records), caplog.text
+    chunked = client.post("/jobs/qwen_vl", input_stream=io.BytesIO(json.dumps(big).encode()),
+                          headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+    assert chunked.status_code == 413 and "jobs.max_body_mb" in chunked.get_json()["details"]
+    assert client.get("/admin/jobs").get_json()["counts"] == before
+    assert client.post("/generate/deepseek", json={"prompt": "hi", "junk": " " * (2 * 2**20), "max_new_tokens": 2}
+                       ).status_code == 200  # /generate keeps MAX_CONTENT_LENGTH_MB
+
+
+def test_paging_ends_with_null_when_the_last_page_is_full(queued_app):
+    client = queued_app.test_client()
+    ids = [client.post("/jobs/blip_vqa", json={"prompt": f"q{i}", "image": _png_b64()}).get_json()["job_id"]
+           for i in range(2)]
+    page = client.get("/jobs?model=blip_vqa&limit=2").get_json()
+    assert [view["job_id"] for view in page["jobs"]] == ids[::-1] and page["next"] is None, page
+    first = client.get("/jobs?model=blip_vqa&limit=1").get_json()
+    assert first["next"] is not None
+    second = client.get(f"/jobs?model=blip_vqa&limit=1&before={first['next']}").get_json()
+    assert [view["job_id"] for view in second["jobs"]] == ids[:1] and second["next"] is None, second
+
+
+def _png_b64() -> str:
+    from tests import media_samples as ms
+    return ms.b64(ms.png())
 
 
 def test_job_routes_answer_4xx_for_what_is_not_there(job_app):

@@ -70,6 +70,59 @@ def test_invalid_files(tmp_path, text, needle):
     assert needle in str(info.value)
 
 
+DEEP = "models:\n  a: {repo_id: x/y, family: text, generation: " + "[" * 3000 + "]" * 3000 + "}\n"
+BAD_FILES = [  # (what is written: bytes, or None for a directory; what the error names)
+    (b"models:\n  a: {repo_id: caf\xe9/y, family: text}\n", "models.yaml: not UTF-8"),
+    (b"models:\n  a: {repo_id: x/y, family: text, limits: {max_new_tokens: .inf}}\n", "limits.max_new_tokens"),
+    (b"models:\n  a: {repo_id: x/y, family: text, limits: {max_images: 1" + b"0" * 400 + b".0}}\n",
+     "limits.max_images"),
+    (b"server:\n  max_content_length_mb: 1" + b"0" * 400 + b"\nmodels:\n  a: {repo_id: x/y, family: text}\n",
+     "max_content_length_mb"),
+    (DEEP.encode(), "models.yaml: nested too deeply"),
+    (None, "models.yaml: is a directory"),
+    (b"models:\n  a: {repo_id: x/y, family: text}\n  a: {repo_id: x/z, family: text_to_image}\n",
+     "duplicate key 'a'"),
+    (b"models:\n  a:\n    repo_id: x/y\n    family: text\n    generation: {max_new_tokens: 4, max_new_tokens: 8}\n",
+     "duplicate key 'max_new_tokens'"),
+    (b"server: {jobs: {workers: 2}}\nserver: {}\nmodels:\n  a: {repo_id: x/y, family: text}\n",
+     "duplicate key 'server'"),
+]
+
+
+def write_bad(tmp_path, content):
+    path = tmp_path / "models.yaml"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    return path
+
+
+@pytest.mark.parametrize("content,needle", BAD_FILES)
+def test_files_that_cannot_be_read_name_the_problem(tmp_path, content, needle):
+    path = write_bad(tmp_path, content)
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    message = str(info.value)
+    assert needle in message, message
+    assert str(tmp_path) not in message  # the file by its name: the folders are the operator's, not a client's
+
+
+@pytest.mark.parametrize("content,needle", BAD_FILES[:6])
+def test_main_names_the_problem_and_exits_2_without_a_traceback(tmp_path, capsys, content, needle):
+    import main
+    assert main.main(["--config", str(write_bad(tmp_path, content))]) == 2
+    err = capsys.readouterr().err
+    assert "invalid configuration" in err and needle in err and "Traceback" not in err, err
+
+
+def test_merge_keys_are_not_duplicates(tmp_path):
+    path = tmp_path / "models.yaml"
+    path.write_text("models:\n  a: &base {repo_id: x/y, family: text}\n  b: {<<: *base, repo_id: x/z}\n")
+    settings = load_settings(path, env={})
+    assert settings.models["b"].repo_id == "x/z" and settings.models["b"].family == "text"
+
+
 def test_main_refuses_to_start_with_invalid_settings(tmp_path):
     done = subprocess.run([sys.executable, "main.py", "--config", str(tmp_path / "nope.yaml")], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)

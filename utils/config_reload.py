@@ -52,7 +52,8 @@ def _apply_services(services: Any, settings: ServerSettings) -> None:
     jobs = getattr(services, "jobs", None)
     if jobs is not None:
         jobs.configure(max_queued=settings.jobs.max_queued, max_attempts=settings.jobs.max_attempts,
-                       result_ttl=settings.jobs.result_ttl, max_finished=settings.jobs.max_finished)
+                       result_ttl=settings.jobs.result_ttl, max_finished=settings.jobs.max_finished,
+                       orphan_grace=settings.jobs.orphan_grace)
         services.job_executor.job_timeout = settings.jobs.timeout
     cache = getattr(services, "quant_cache", None)
     if cache is not None:  # the switch and the cap: from the next load on

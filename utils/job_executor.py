@@ -13,6 +13,37 @@ from utils.inference import MEDIA_FIELDS, URL_SCHEME, parse_job, result_body
 from utils.jobs import JobControl, JobOutcome, JobRecord
 
 
+class ReadFields(Mapping):
+    """A body (or its uploads) that notes which fields its parser looked at. A job keeps only those:
+    what /generate would ignore (a field no parser of the family reads, an upload in a field no model
+    reads) is not stored for hours until the job runs."""
+
+    def __init__(self, data: Mapping) -> None:
+        self._data, self._read = data, set()
+
+    def __getitem__(self, name: str) -> Any:
+        self._read.add(name)
+        return self._data[name]
+
+    def __contains__(self, name: object) -> bool:
+        self._read.add(name)
+        return name in self._data
+
+    def get(self, name: str, default: Any = None) -> Any:
+        self._read.add(name)
+        return self._data.get(name, default)
+
+    def __iter__(self):  # a parser that walks every field reads every field
+        self._read.update(self._data)
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def kept(self) -> dict:
+        return {name: value for name, value in self._data.items() if name in self._read}
+
+
 class JobExecutor:
     def __init__(self, inference: Any, job_timeout: float) -> None:
         self.inference = inference
@@ -27,16 +58,17 @@ class JobExecutor:
         job's random seed drawn now, so a job run again makes the same images."""
         body, uploads = self._fetch_urls(body, uploads)
         spec = self.inference.spec(key)
+        body, uploads = ReadFields(body), ReadFields(uploads)
         if is_image_model(spec):
             job = parse_image_job(body, uploads, spec)
             plan_images(self.inference, key, job)
-            return "image", {**body, "seed": job.params.seed}, uploads
+            return "image", {**body.kept(), "seed": job.params.seed}, uploads.kept()
         job = parse_job(body, uploads, spec)
         if job.stream:
             raise InvalidInput("a job's result is fetched whole from GET /jobs/<id>/result; send 'stream' only "
                                "to POST /generate", field="stream", error="unsupported parameter")
         self.inference.decode_media(job, spec)
-        return "text", body, uploads
+        return "text", body.kept(), uploads.kept()
 
     def _fetch_urls(self, body: Mapping, uploads: Mapping[str, list[bytes]]
                     ) -> tuple[dict, dict[str, list[bytes]]]:

@@ -28,10 +28,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 from utils.errors import (InvalidInput, JobFinished, JobNotFinished, JobsFull, ModelUnavailable, ServerError,
-                          UnknownJob)
+                          UnknownJob, UnknownModel)
 from utils.observer import notify
 
 log = logging.getLogger("model_server.jobs")
@@ -43,6 +43,7 @@ MODEL_UNAVAILABLE_RETRIES = 5
 MIN_RETRY_DELAY = 5.0
 IDLE_POLL_SECONDS = 1.0     # a worker with nothing to do looks again this often (a submit wakes it sooner)
 STOP_WAIT_SECONDS = 30.0    # how long stop() waits for running jobs to hand back their rows
+WAL_SIZE_LIMIT = 4 * 2**20  # bytes the WAL keeps after a checkpoint (sqlite: journal_size_limit)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -101,10 +102,13 @@ class JobStore:
         self._lock = threading.Lock()  # one connection, used by request threads and workers in turn
         self._db = sqlite3.connect(self.root / "jobs.sqlite3", check_same_thread=False, isolation_level=None,
                                    timeout=10)
-        self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes effect on a new file: sweep() shrinks it
+        self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes effect on a new file: reclaim() shrinks it
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # in WAL mode: durable across a process crash
+        self._db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         self._db.executescript(_SCHEMA)
+        if self._db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:  # a file made before it was set
+            self._db.execute("VACUUM")  # once: the file takes incremental vacuuming from now on
 
     def close(self) -> None:
         with self._lock:
@@ -130,15 +134,17 @@ class JobStore:
                 raise
         return job_id if queued < max_queued else None
 
-    def claim_next(self, now: float) -> JobRecord | None:
-        """The oldest queued job that may start now, marked running (one transaction: two workers
-        never take the same job)."""
+    def claim_next(self, now: float, skip: Collection[str] = ()) -> JobRecord | None:
+        """The oldest queued job that may start now, of a model not in `skip`, marked running (one
+        transaction: two workers never take the same job)."""
+        skipped = f"AND model NOT IN ({', '.join('?' * len(skip))}) " if skip else ""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 row = self._db.execute(
                     f"SELECT {', '.join(_COLUMNS)}, request FROM jobs WHERE status = 'queued' "
-                    "AND (not_before IS NULL OR not_before <= ?) ORDER BY seq LIMIT 1", (now,)).fetchone()
+                    f"AND (not_before IS NULL OR not_before <= ?) {skipped}ORDER BY seq LIMIT 1",
+                    (now, *skip)).fetchone()
                 if row is not None:
                     self._db.execute("UPDATE jobs SET status = 'running', started_at = ?, attempts = attempts + 1 "
                                      "WHERE id = ?", (now, row[1]))
@@ -191,7 +197,7 @@ class JobStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 failed = self._db.execute(
-                    "UPDATE jobs SET status = 'failed', finished_at = ?, error = 'interrupted', details = "
+                    "UPDATE jobs SET status = 'failed', finished_at = ?, error = 'interrupted', request = '{}', details = "
                     "'the server stopped while this job ran, ' || attempts || ' time(s); it is not started again' "
                     "WHERE status = 'running' AND attempts >= ?", (now, max_attempts)).rowcount
                 requeued = self._db.execute(
@@ -204,6 +210,29 @@ class JobStore:
                 raise
         return requeued, failed
 
+    def fail_queued(self, model: str, now: float, *, error: str, details: str) -> list[tuple[str, float]]:
+        """Every queued job of `model` fails with the reason; (id, created_at) of each."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                failed = self._db.execute("SELECT id, created_at FROM jobs WHERE status = 'queued' AND model = ?",
+                                          (model,)).fetchall()
+                self._db.execute("UPDATE jobs SET status = 'failed', finished_at = ?, error = ?, details = ?, "
+                                 "request = '{}' WHERE status = 'queued' AND model = ?", (now, error, details, model))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return failed
+
+    def reclaim(self) -> None:
+        """The pages of dropped requests and deleted jobs go back to the file system, and the WAL is
+        emptied: a day of big uploads otherwise stays on disk twice until the jobs expire."""
+        with self._lock:
+            if self._db.execute("PRAGMA freelist_count").fetchone()[0]:
+                self._db.executescript("PRAGMA incremental_vacuum;")  # execute() would free one page
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
     def expire(self, older_than: float, keep_finished: int) -> list[str]:
         """Finished jobs whose end is older than `older_than` (epoch seconds), and the oldest beyond
         the newest `keep_finished`: records and results go; the file gives the pages back."""
@@ -214,7 +243,7 @@ class JobStore:
                 "ORDER BY seq DESC LIMIT 1 OFFSET ?))", (older_than, keep_finished))]
             self._db.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in ids])
             if ids:
-                self._db.execute("PRAGMA incremental_vacuum")
+                self._db.executescript("PRAGMA incremental_vacuum;")  # execute() would free one page
         for job_id in ids:
             shutil.rmtree(self.results / job_id, ignore_errors=True)
         return ids
@@ -267,6 +296,14 @@ class JobStore:
         with self._lock:
             row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return None if row is None else _record(row)
+
+    def queued_models(self) -> set[str]:
+        with self._lock:
+            return {row[0] for row in self._db.execute("SELECT DISTINCT model FROM jobs WHERE status = 'queued'")}
+
+    def has_model(self, model: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM jobs WHERE model = ? LIMIT 1", (model,)).fetchone() is not None
 
     def position(self, seq: int) -> int:
         """1 for the next queued job to start."""
@@ -342,24 +379,33 @@ class JobControl:
 class JobRunner:
     def __init__(self, store: JobStore, execute: Callable[[JobRecord, JobControl], JobOutcome], *, workers: int,
                  max_queued: int, max_attempts: int, result_ttl: float = 86400.0, max_finished: int = 10_000,
+                 orphan_grace: float = 600.0, is_configured: Callable[[str], bool] = lambda model: True,
                  events: Any = None, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self._execute = execute
         self._workers = workers
+        self.orphan_grace = orphan_grace
         self.configure(max_queued=max_queued, max_attempts=max_attempts, result_ttl=result_ttl,
                        max_finished=max_finished)
+        self._is_configured = is_configured  # whether a model is in the configuration now
         self._events = events  # optional observer: on_job_finished(model, state, queue_seconds, run_seconds)
         self._clock = clock
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._running: dict[str, JobControl] = {}
+        # Models with queued jobs that left the configuration -> since when: their jobs stay queued
+        # (not started) for orphan_grace seconds, run if the model comes back, else fail.
+        self._orphans: dict[str, float] = {}
         self._stopping = False
         self._threads: list[threading.Thread] = []
 
-    def configure(self, *, max_queued: int, max_attempts: int, result_ttl: float, max_finished: int) -> None:
+    def configure(self, *, max_queued: int, max_attempts: int, result_ttl: float, max_finished: int,
+                  orphan_grace: float | None = None) -> None:
         """The limits a config reload may change; the folder and the worker count need a restart."""
         self._max_queued, self._max_attempts = max_queued, max_attempts
         self.result_ttl, self.max_finished = result_ttl, max_finished
+        if orphan_grace is not None:
+            self.orphan_grace = orphan_grace
 
     # ------------------------------------------------------------ the API's side
 
@@ -405,6 +451,10 @@ class JobRunner:
         view["attempts"] = record.attempts
         if record.note:
             view["note"] = record.note
+        orphaned = self._orphans.get(record.model) if record.status == "queued" else None
+        if orphaned is not None:
+            view["note"] = (f"'{record.model}' is not in the configuration; this job waits for it until "
+                            f"{_iso(orphaned + self.orphan_grace)} (jobs.orphan_grace), then fails")
         if record.error:
             view["error"], view["details"] = record.error, record.details
         elif record.status == "cancelled":
@@ -454,6 +504,10 @@ class JobRunner:
         """(view, seq) newest first; the last seq is the `before` of the next page."""
         return [(self.view(record), record.seq) for record in self.store.page(**query)]
 
+    def knows_model(self, model: str) -> bool:
+        """Whether any job of `model` is on record (listing by a model no longer configured)."""
+        return self.store.has_model(model)
+
     def status(self) -> dict:
         return {"counts": self.store.counts(), "running": sorted(self._running), "workers": self._workers}
 
@@ -495,6 +549,33 @@ class JobRunner:
         if expired:
             log.info("expired %d finished job(s)", len(expired))
         self.store.remove_strays()
+        self._watch_orphans()
+        self.store.reclaim()
+
+    def _watch_orphans(self) -> None:
+        """Models with queued jobs that are not configured: noted when first seen; their jobs fail
+        once they have been gone for orphan_grace seconds (an accepted job is a promise: a model
+        missing from models.yaml for a moment, an operator's typo, must not fail its queue)."""
+        now = self._clock()
+        queued = self.store.queued_models()
+        with self._lock:
+            for model in queued:
+                if not self._is_configured(model):
+                    self._orphans.setdefault(model, now)
+            for model in list(self._orphans):
+                if model not in queued or self._is_configured(model):
+                    del self._orphans[model]
+            due = [(model, since) for model, since in self._orphans.items() if now - since >= self.orphan_grace]
+        for model, since in due:
+            details = (f"'{model}' has not been in the configuration for {self.orphan_grace:g} s "
+                       f"(jobs.orphan_grace); the job was never started")
+            failed = self.store.fail_queued(model, now, error="unknown model", details=details)
+            if failed:
+                log.warning("%d queued job(s) of '%s' failed: %s", len(failed), model, details)
+            for _, created in failed:
+                notify(self._events, "on_job_finished", model, "failed", max(0.0, now - created), None)
+            with self._lock:
+                self._orphans.pop(model, None)
 
     # ------------------------------------------------------------ the workers
 
@@ -504,7 +585,7 @@ class JobRunner:
                 if self._stopping:
                     return
                 try:
-                    record = self.store.claim_next(self._clock())
+                    record = self._claim()
                 except sqlite3.Error:
                     log.exception("claiming a job failed")
                     record = None
@@ -521,6 +602,10 @@ class JobRunner:
                     if self._running.get(record.id) is control:
                         del self._running[record.id]
 
+    def _claim(self) -> JobRecord | None:
+        """The next job to run; none of a model that left the configuration (it waits for it)."""
+        return self.store.claim_next(self._clock(), skip=tuple(self._orphans))
+
     def _run(self, record: JobRecord, control: JobControl) -> None:
         try:
             outcome = self._execute(record, control)
@@ -535,7 +620,16 @@ class JobRunner:
             else:
                 self._finish(record, "failed", error=exc.error, details=exc.details)
             return
-        except ServerError as exc:  # the request itself (400, 404 of a removed model, 408 timeout)
+        except UnknownModel as exc:  # its model left the configuration since it was claimed
+            if self._is_configured(record.model):
+                self._finish(record, "failed", error=exc.error, details=exc.details)
+            else:
+                with self._lock:
+                    self._orphans.setdefault(record.model, self._clock())
+                self.store.requeue(record.id, record.attempts, not_before=None, started=False, retried=False,
+                                   note=f"'{record.model}' left the configuration before it started; queued again")
+            return
+        except ServerError as exc:  # the request itself (400, 408 timeout)
             self._finish(record, "failed", error=exc.error, details=exc.details)
             return
         except Exception:

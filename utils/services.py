@@ -95,6 +95,8 @@ def add_jobs(services: Services) -> None:
     services.jobs = JobRunner(JobStore(settings.jobs_path), services.job_executor, workers=settings.jobs.workers,
                               max_queued=settings.jobs.max_queued, max_attempts=settings.jobs.max_attempts,
                               result_ttl=settings.jobs.result_ttl, max_finished=settings.jobs.max_finished,
+                              orphan_grace=settings.jobs.orphan_grace,
+                              is_configured=lambda model: model in services.settings.models,  # reloads too
                               events=services.metrics)
     services.metrics.watch_jobs(services.jobs)
 

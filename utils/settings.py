@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
+from utils.config_file import read_document
 from utils.errors import ConfigError
 
 GIB = 2**30
@@ -178,6 +177,13 @@ class JobSettings:
     max_finished: int = 10000      # finished jobs kept at most (the oldest go first, before their TTL)
     max_attempts: int = 2          # JOB_MAX_ATTEMPTS: starts a job gets when the server dies while it runs
     timeout: float = 3600.0        # JOB_TIMEOUT: a job's deadline once started, unless its body sets `timeout`
+    # A job's body is kept until it runs (up to max_queued of them): its own cap, under MAX_CONTENT_LENGTH_MB.
+    max_body_mb: float = 32.0      # JOB_MAX_BODY_MB
+    orphan_grace: float = 600.0    # JOB_ORPHAN_GRACE: seconds queued jobs wait for a model gone from the config
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * MIB)
 
 
 @dataclass(frozen=True)
@@ -339,8 +345,8 @@ def _int(value: Any, where: str, *, minimum: int | None = None) -> int:
             raise ValueError
         if isinstance(value, str) and value.strip() != str(number):
             raise ValueError
-    except (TypeError, ValueError):
-        _fail(where, f"expected an integer, got {value!r}")
+    except (TypeError, ValueError, OverflowError):  # OverflowError: .inf
+        _fail(where, f"expected an integer, got {value!r}"[:200])
     if minimum is not None and number < minimum:
         _fail(where, f"must be >= {minimum}, got {number}")
     return number
@@ -351,8 +357,8 @@ def _float(value: Any, where: str, *, minimum: float | None = None, maximum: flo
         _fail(where, f"expected a number, got {value!r}")
     try:
         number = float(value)
-    except (TypeError, ValueError):
-        _fail(where, f"expected a number, got {value!r}")
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an integer of 400 digits
+        _fail(where, f"expected a number, got {value!r}"[:200])
     if number != number or number in (float("inf"), float("-inf")) or abs(number) > 1e12:
         _fail(where, f"must be a finite number, got {value!r}")
     if minimum is not None and number < minimum:
@@ -411,8 +417,11 @@ def _only_known(section: Mapping, where: str, known: set[str]) -> None:
 def _resolve(path_value: Any, base: Path, where: str) -> Path:
     if not isinstance(path_value, (str, os.PathLike)) or not str(path_value).strip():
         _fail(where, f"expected a path, got {path_value!r}")
-    path = Path(os.path.expanduser(str(path_value)))
-    return (path if path.is_absolute() else base / path).resolve()
+    try:
+        path = Path(os.path.expanduser(str(path_value)))
+        return (path if path.is_absolute() else base / path).resolve()
+    except (ValueError, OSError, RuntimeError) as exc:  # a NUL byte, a symlink loop
+        _fail(where, f"not a usable path ({exc}): {str(path_value)[:100]!r}")
 
 
 # ---------------------------------------------------------------- sections
@@ -474,7 +483,8 @@ RAY_ENV = {"RAY_ADDRESS": "address", "RAY_REPLICAS": "replicas", "RAY_NUM_CPUS":
 ENGINE_ENV = {"BATCHING": "batching", "MAX_BATCH_SIZE": "max_batch_size", "MAX_QUEUE": "max_queue",
               "QUEUE_TIMEOUT": "queue_timeout"}
 JOB_ENV = {"JOBS_DIR": "dir", "JOB_WORKERS": "workers", "JOB_RESULT_TTL": "result_ttl",
-           "JOB_MAX_QUEUED": "max_queued", "JOB_MAX_ATTEMPTS": "max_attempts", "JOB_TIMEOUT": "timeout"}
+           "JOB_MAX_QUEUED": "max_queued", "JOB_MAX_ATTEMPTS": "max_attempts", "JOB_TIMEOUT": "timeout",
+           "JOB_MAX_BODY_MB": "max_body_mb", "JOB_ORPHAN_GRACE": "orphan_grace"}
 MEDIA_ENV = {"MAX_MEDIA_MB": "max_media_mb", "MAX_VIDEO_FRAMES": "max_video_frames"}
 REMOTE_MEDIA_ENV = {"REMOTE_MEDIA": "enabled", "REMOTE_MEDIA_ALLOW_HOSTS": "allow_hosts",
                     "REMOTE_MEDIA_MAX_MB": "max_mb", "REMOTE_MEDIA_TIMEOUT": "timeout"}
@@ -655,8 +665,8 @@ def _size(value: Any, where: str) -> int:
     if isinstance(value, bool):
         _fail(where, f"expected a size such as 8GiB, got {value!r}")
     if isinstance(value, (int, float)):
-        if value <= 0:
-            _fail(where, f"must be positive, got {value!r}")
+        if not 0 < value < 2**63:  # .inf and nan included
+            _fail(where, f"must be a positive size, got {value!r}"[:200])
         return int(value)
     match = _SIZE_RE.match(str(value))
     if not match or float(match.group(1)) <= 0:
@@ -720,6 +730,8 @@ def _jobs(raw: Any, env: Mapping[str, str], base: Path) -> JobSettings:
         max_finished=_int(raw.get("max_finished", d.max_finished), f"{where}.max_finished", minimum=1),
         max_attempts=_int(raw.get("max_attempts", d.max_attempts), f"{where}.max_attempts", minimum=1),
         timeout=_float(raw.get("timeout", d.timeout), f"{where}.timeout", minimum=0.01),
+        max_body_mb=_float(raw.get("max_body_mb", d.max_body_mb), f"{where}.max_body_mb", minimum=0.001),
+        orphan_grace=_float(raw.get("orphan_grace", d.orphan_grace), f"{where}.orphan_grace", minimum=0),
     )
 
 
@@ -873,14 +885,8 @@ def load_settings(config_path: str | os.PathLike | None = None, env: Mapping[str
     """Reads models.yaml (or MODELS_CONFIG / config_path) and applies environment overrides."""
     env = os.environ if env is None else env
     path = Path(config_path or env.get("MODELS_CONFIG") or DEFAULT_CONFIG).resolve()
-    try:
-        document = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    document = _mapping(document, str(path))
-    _only_known(document, str(path), {"server", "models"})
+    document = _mapping(read_document(path), path.name)  # utils/config_file.py: every read error named
+    _only_known(document, path.name, {"server", "models"})
     server = dict(_mapping(document.get("server"), "server"))
     _only_known(server, "server", _SERVER_FIELDS)
     for env_name, name in SERVER_ENV.items():

@@ -1,8 +1,9 @@
 """The WSGI layer under the Flask app: request bodies, admission while draining, requests in flight.
 
 `ServingMiddleware` wraps `app.wsgi_app` (create_app). For every request it
+- puts SCRIPT_NAME back into PATH_INFO (`mounted_path`: a client's header must not reroute it);
 - replaces `wsgi.input` with a `BodyGuard`, which answers for the body whatever the framing:
-  more than MAX_CONTENT_LENGTH_MB -> 413 (chunked bodies included: werkzeug's own cap stops reading
+  more than MAX_CONTENT_LENGTH_MB (as now configured; a route may lower it: jobs) -> 413 (chunked bodies included: werkzeug's own cap stops reading
   at the limit and passes what it read as the whole body), fewer bytes than Content-Length before
   the client's end of stream -> 400, a body that has not arrived within BODY_TIMEOUT -> 408 (under
   gunicorn, whose socket it bounds), broken chunked framing -> 400. The error is raised inside the
@@ -56,7 +57,14 @@ class BodyGuard:
         self._eof = False
         self.received = 0
         self.error: ServerError | None = None
+        self.cap_name = "MAX_CONTENT_LENGTH_MB"  # what a 413 names
         self.oversized = content_length is not None and max_bytes is not None and content_length > max_bytes
+
+    def lower_cap(self, max_bytes: int, name: str) -> None:
+        """A route's own, lower cap for this body (jobs.max_body_mb), before the body is read."""
+        if self.max_bytes is None or max_bytes < self.max_bytes:
+            self.max_bytes, self.cap_name = max_bytes, name
+            self.oversized = self.oversized or (self.content_length is not None and self.content_length > max_bytes)
 
     # ---- the WSGI input interface
 
@@ -126,8 +134,7 @@ class BodyGuard:
             self._fail(InvalidInput(f"invalid chunked body: {exc}", error="invalid chunked encoding"))
         self.received += len(data)
         if self.max_bytes is not None and self.received > self.max_bytes:
-            self._fail(PayloadTooLarge(f"the request body exceeds MAX_CONTENT_LENGTH_MB "
-                                       f"({self.max_bytes / 2**20:g} MB)"))
+            self._fail(PayloadTooLarge(f"the request body exceeds {self.cap_name} ({self.max_bytes / 2**20:g} MB)"))
         if not data:
             self._eof = True
             if self.content_length is not None and self.received < self.content_length:
@@ -180,18 +187,36 @@ def _force_close(start_response) -> None:
         response.force_close()
 
 
+def body_guard(environ) -> BodyGuard | None:
+    """The guard of this request's body (None under another WSGI stack)."""
+    guard = environ.get("wsgi.input")
+    return guard if isinstance(guard, BodyGuard) else None
+
+
+def mounted_path(environ) -> None:
+    """SCRIPT_NAME back into PATH_INFO: this app is mounted at the root, and SCRIPT_NAME is not ours to
+    trust. gunicorn sets it from a client's `SCRIPT_NAME` header and strips it from the path, so
+    `GET /admin/jobs` with `SCRIPT_NAME: /admin` would route as `/jobs` (main.py also drops that header,
+    by forwarder_headers; this holds under any server)."""
+    script_name = environ.get("SCRIPT_NAME", "")
+    if script_name:
+        environ["PATH_INFO"] = script_name + environ.get("PATH_INFO", "")
+        environ["SCRIPT_NAME"] = ""
+
+
 class ServingMiddleware:
-    def __init__(self, app, *, lifecycle: Lifecycle, max_bytes: int | None, body_timeout: float | None,
-                 stream_end: Callable[[str], bytes]) -> None:
+    def __init__(self, app, *, lifecycle: Lifecycle, max_bytes: Callable[[], int | None],
+                 body_timeout: float | None, stream_end: Callable[[str], bytes]) -> None:
         self.app = app
         self.lifecycle = lifecycle
-        self.max_bytes = max_bytes
+        self.max_bytes = max_bytes  # read per request: a config reload may raise or lower it
         self.body_timeout = body_timeout
         self.stream_end = stream_end
 
     def __call__(self, environ, start_response):
-        guard = BodyGuard(environ["wsgi.input"], content_length=_content_length(environ), max_bytes=self.max_bytes,
-                          timeout=self.body_timeout, sock=environ.get("gunicorn.socket"))
+        mounted_path(environ)
+        guard = BodyGuard(environ["wsgi.input"], content_length=_content_length(environ),
+                          max_bytes=self.max_bytes(), timeout=self.body_timeout, sock=environ.get("gunicorn.socket"))
         environ["wsgi.input"] = guard
         path = environ.get("PATH_INFO", "")
         tracked = path not in OPEN_WHILE_DRAINING
