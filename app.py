@@ -158,9 +158,9 @@ def _install_request_ids(app: Flask) -> None:
 
 
 def _install_auth(app: Flask, settings: ServerSettings, runtime) -> None:
-    """ADMIN_TOKEN guards /admin, API_TOKEN guards inference, METRICS_TOKEN (when set) /metrics;
-    /health and /ready stay open, and so do views marked `public` (the dashboard's page and assets,
-    which hold no data)."""
+    """ADMIN_TOKEN guards /admin, API_TOKEN guards inference and the list of models, METRICS_TOKEN
+    (when set) /metrics; /health and /ready stay open, and so do views marked `public` (the
+    dashboard's page and assets, which hold no data)."""
 
     @app.before_request
     def check_token() -> None:
@@ -169,7 +169,7 @@ def _install_auth(app: Flask, settings: ServerSettings, runtime) -> None:
             return
         if path.startswith("/admin"):
             expected = settings.admin_token
-        elif path.startswith(("/generate", "/v1", "/jobs")):
+        elif path.startswith(("/generate", "/v1", "/jobs")) or path == "/models":
             expected = settings.api_token
         elif path == "/metrics":
             expected = runtime.metrics_token

@@ -104,20 +104,27 @@ def check_bind(host: str, settings: ServerSettings, runtime: RuntimeSettings, in
 
 
 def run_gunicorn(app_factory, host: str, port: int, threads: int, timeout: int, record=None,
-                 grace: float = 30.0) -> None:
+                 grace: float = 30.0, log_dir=None) -> None:
     """record: where the master writes {host, port, pid} once bound, removed on exit (the health check).
-    grace: SHUTDOWN_GRACE; the master kills a worker still draining SHUTDOWN_MARGIN seconds after it."""
+    grace: SHUTDOWN_GRACE; the master kills a worker still draining SHUTDOWN_MARGIN seconds after it.
+    log_dir: this instance's folder, where gunicorn's control socket goes (one per port)."""
     from gunicorn.app.base import BaseApplication
 
-    from utils.gunicorn_worker import SHUTDOWN_MARGIN, ConfigReloadArbiter, EscapingLogger, ModelServerWorker
+    from utils.gunicorn_worker import (SHUTDOWN_MARGIN, ConfigReloadArbiter, EscapingLogger, ModelServerWorker,
+                                       control_socket_path)
 
     class ModelServerApplication(BaseApplication):
         def load_config(self):
             for key, value in {"bind": f"{host}:{port}", "workers": 1, "worker_class": ModelServerWorker,
                                "threads": threads, "timeout": timeout,
                                "graceful_timeout": math.ceil(grace) + SHUTDOWN_MARGIN,
-                               "logger_class": EscapingLogger, "accesslog": None, "loglevel": "info"}.items():
+                               "logger_class": EscapingLogger, "accesslog": None, "loglevel": "info",
+                               # No header may set SCRIPT_NAME or PATH_INFO (gunicorn trusts them from
+                               # forwarded_allow_ips, loopback by default): headers with "_" are dropped.
+                               "forwarder_headers": ""}.items():
                 self.cfg.set(key, value)
+            if "control_socket" in self.cfg.settings:  # gunicorn >= 25.1
+                self.cfg.set("control_socket", str(control_socket_path(log_dir, port)))
             if record is not None:
                 self.cfg.set("when_ready", lambda server: healthcheck.record_gunicorn(record, host, server))
                 self.cfg.set("on_exit", lambda server: healthcheck.remove_record(record, server.pid))
@@ -171,7 +178,7 @@ def main(argv=None) -> int:
     if args.debug:
         return run_debug(create_app(settings, runtime=runtime), args.host, args.port, record)
     run_gunicorn(lambda: create_app(settings, runtime=runtime), args.host, args.port, args.threads, args.timeout,
-                 record, grace=runtime.shutdown_grace)
+                 record, grace=runtime.shutdown_grace, log_dir=settings.log_dir)
     return 0
 
 

@@ -388,6 +388,23 @@ def test_admin_routes_with_the_token(guarded):
     assert "admin-secret-1" not in body.get_data(as_text=True) and "api-secret-2" not in body.get_data(as_text=True)
 
 
+def test_the_list_of_models_asks_for_the_api_token(guarded):
+    """README: with API_TOKEN set only /health, /ready and the dashboard's page stay open."""
+    for headers in ({}, {"Authorization": "Bearer admin-secret-1"}):
+        assert guarded.get("/models", headers=headers).status_code == 401
+    listed = guarded.get("/models", headers={"Authorization": "Bearer api-secret-2"})
+    assert listed.status_code == 200 and "deepseek" in [m["key"] for m in listed.get_json()["models"]]
+    assert guarded.get("/ready").status_code in (200, 503) and guarded.get("/health").status_code == 200
+
+
+def test_a_script_name_in_the_environ_does_not_reroute(ac):
+    """gunicorn sets SCRIPT_NAME from a client's header and strips it from the path: /admin/jobs would
+    be served as /jobs. The WSGI layer puts it back (main.py also drops the header)."""
+    response = ac.get("/jobs", environ_overrides={"SCRIPT_NAME": "/admin"})
+    assert response.status_code == 200 and "counts" in response.get_json(), response.get_json()
+    assert ac.get("/health", environ_overrides={"SCRIPT_NAME": "/admin"}).status_code == 404  # /admin/health
+
+
 def test_api_token_guards_inference_and_open_routes_stay_open(guarded):
     request = {"prompt": "hi", "max_new_tokens": 2}
     assert guarded.post("/generate/deepseek", json=request).status_code == 401

@@ -217,7 +217,8 @@ class TestLoadImage:
     def test_wrong_kind_and_garbage(self):
         expect_invalid(lambda: load_image(ms.wav(0.1), "images[0]", LIMITS), "images[0]", "audio", "wav")
         expect_invalid(lambda: load_image(ms.video("mp4", 2), "images[0]", LIMITS), "images[0]", "video")
-        expect_invalid(lambda: load_image(ms.garbage(), "images[0]", LIMITS), "images[0]", "not a recognised")
+        expect_invalid(lambda: load_image(ms.garbage(), "images[0]", LIMITS), "images[0]",
+                       "not a recognised image format")
         expect_invalid(lambda: load_image(b"", "images[0]", LIMITS), "images[0]", "empty")
 
     def test_formats_outside_the_allow_list(self):

@@ -84,6 +84,23 @@ def test_errors_gunicorn_answers_itself_are_json(server, request_bytes, expected
                                501: "not implemented"}[expected]
 
 
+@pytest.mark.parametrize("path,shape", [("/health", "status"), ("/admin/jobs", "counts"), ("/jobs", "next")])
+def test_a_script_name_header_neither_fails_nor_reroutes(server, path, shape):
+    """gunicorn honours a SCRIPT_NAME header from loopback (forwarder_headers): /health answered 500
+    (the path does not start with it), /admin/jobs was served as /jobs. A proxy's path rules (block
+    /admin, /metrics) could be sidestepped that way."""
+    request = f"GET {path} HTTP/1.1\r\nHost: x\r\nSCRIPT_NAME: /admin\r\nConnection: close\r\n\r\n".encode()
+    status, _, body = exchange(server, request)
+    assert status == 200 and shape in json.loads(body), body[:300]
+
+
+def test_the_control_socket_belongs_to_this_instance(server, start_server):
+    """gunicorn's control socket defaulted to one path per user ($XDG_RUNTIME_DIR or ~/.gunicorn): a
+    second instance took it over, and removed it when it stopped."""
+    path = server.tmp / "logs" / f"gunicorn-{server.port}.ctl"
+    assert wait_for(path.is_socket, timeout=10), sorted(p.name for p in (server.tmp / "logs").iterdir())
+
+
 # ---- request bodies -------------------------------------------------------------------------------------------
 
 def test_a_chunked_body_over_the_cap_is_413_not_cut(server):

@@ -25,9 +25,11 @@ import json
 import logging
 import os
 import signal
+import tempfile
 import threading
 import uuid
 from http import HTTPStatus
+from pathlib import Path
 
 from gunicorn import glogging, util
 from gunicorn.arbiter import Arbiter
@@ -156,6 +158,17 @@ class ModelServerWorker(ThreadWorker):
                     log.warning("exiting with %d request(s) still running past SHUTDOWN_GRACE", lifecycle.in_flight)
                     logging.shutdown()
                     os._exit(0)
+
+
+def control_socket_path(log_dir, port: int) -> Path:
+    """gunicorn's control socket (gunicornc), one per instance: `<log_dir>/gunicorn-<port>.ctl`.
+    gunicorn's default is one path per user, which a second instance takes over (it unlinks the
+    socket it finds) and removes when it stops. A unix socket path holds at most 107 bytes: a longer
+    one goes to the system's temp folder, still named by the port."""
+    path = Path(log_dir or ".").resolve() / f"gunicorn-{port}.ctl"
+    if len(os.fsencode(path)) > 100:
+        path = Path(tempfile.gettempdir()) / f"model-server-{os.getuid()}-{port}.ctl"
+    return path
 
 
 class ConfigReloadArbiter(Arbiter):

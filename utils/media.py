@@ -146,10 +146,11 @@ def sniff_kind(data: bytes) -> str | None:
 
 
 def _wrong_kind(expected: str, data: bytes) -> str:
+    """`expected`: image, audio or video."""
     label = sniff_format(data)
     if label is None:
         return f"not a recognised {expected} format"
-    return f"expected {expected} but got {sniff_kind(data)} data ({label})"
+    return f"expected {expected} data but got {sniff_kind(data)} data ({label})"
 
 
 # ---------------------------------------------------------------- base64
@@ -239,7 +240,7 @@ def _open_image(data: bytes, field: str, limits: MediaLimits) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise MediaTooLarge(f"image too large (decompression bomb): {exc}", field=field) from None
     except Exception:   # PIL raises UnidentifiedImageError, OSError, SyntaxError, struct.error...
-        raise InvalidInput(_wrong_kind("an image", data) if sniff_kind(data) != "image"
+        raise InvalidInput(_wrong_kind("image", data) if sniff_kind(data) != "image"
                            else f"could not read the {sniff_format(data)} image: corrupt or truncated",
                            field=field) from None
     width, height = image.size
