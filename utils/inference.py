@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator, Mapping
 from utils.errors import InvalidInput, RequestTimeout
 from utils.families import GenerationParams, GenerationRequest, GenerationResult, family_class
 from utils.families.base import client_texts
+from utils.families.special_tokens import SpecialTokenGuard
 from utils.settings import ModelSpec
 
 MEDIA_FIELDS = {"image": "image", "images": "image", "video": "video", "videos": "video", "audio": "audio",
@@ -196,7 +197,6 @@ class InferenceService:
 
     def __init__(self, manager: Any, media_limits: Any, on_result: Callable[[str, GenerationResult], None] = None,
                  fetch: Callable[[str, str], bytes] | None = None):
-        from utils.families.special_tokens import SpecialTokenGuard
         self.manager = manager
         self.media_limits = media_limits
         self._on_result = on_result
@@ -220,8 +220,8 @@ class InferenceService:
         family = family_class(spec.family) if spec is not None else None
         request = GenerationRequest(prompt=job.prompt, system=job.system, messages=job.messages, raw=job.raw,
                                     texts=job.texts)
-        if spec is not None:  # the client's text first: it costs no media decoding
-            self.special_tokens.check(spec, client_texts(request))
+        if family is not None:  # the client's text first: it costs no media decoding
+            self.special_tokens.check(spec, family, client_texts(request))
         payloads = [[self.media_bytes(frame, f"{item.field}[{i}]") for i, frame in enumerate(item.payload)]
                     if isinstance(item.payload, list) else self.media_bytes(item.payload, item.field)
                     for item in job.media]  # a list: a video given as its frames

@@ -12,6 +12,7 @@ Request parameters arrive as ImageParams (utils/images.py parses and bounds them
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -195,9 +196,7 @@ class DiffusionFamily(Family):
     def text_tools(cls, spec: ModelSpec) -> tuple[Any, Any]:
         """The pipeline's `tokenizer` and `processor` (or the tokenizer again), as its model_index.json
         names their transformers classes: what `_tokenizer` and `processor` are once loaded."""
-        import json
-
-        import transformers
+        import transformers  # deferred, as every family defers it
         index = json.loads((spec.path / cls.checkpoint_file).read_text())
 
         def component(name: str) -> Any:

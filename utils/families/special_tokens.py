@@ -71,15 +71,13 @@ class SpecialTokenGuard:
         self._known: dict[tuple, SpecialTokens] = {}
         self._loading: dict[tuple, threading.Lock] = {}
 
-    def check(self, spec: Any, texts: Iterable[tuple[str, str]]) -> None:
-        tokens = self.tokens(spec)
+    def check(self, spec: Any, family: type, texts: Iterable[tuple[str, str]]) -> None:
+        """`family`: the model's Family class (its `text_tools` read the files)."""
+        tokens = self.tokens(spec, family)
         if tokens is not None:
             tokens.check(spec.key, texts)
 
-    def tokens(self, spec: Any) -> SpecialTokens | None:
-        from utils.families import family_class
-
-        family = family_class(spec.family)
+    def tokens(self, spec: Any, family: type) -> SpecialTokens | None:
         marker = spec.path / family.checkpoint_file
         try:
             key = (str(spec.path), spec.family, marker.stat().st_mtime_ns)  # a new download reads again
