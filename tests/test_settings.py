@@ -109,8 +109,9 @@ def test_files_that_cannot_be_read_name_the_problem(tmp_path, content, needle):
 
 
 @pytest.mark.parametrize("content,needle", BAD_FILES[:6])
-def test_main_names_the_problem_and_exits_2_without_a_traceback(tmp_path, capsys, content, needle):
+def test_main_names_the_problem_and_exits_2_without_a_traceback(tmp_path, capsys, monkeypatch, content, needle):
     import main
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "8")  # main() would tune this test process's allocator otherwise
     assert main.main(["--config", str(write_bad(tmp_path, content))]) == 2
     err = capsys.readouterr().err
     assert "invalid configuration" in err and needle in err and "Traceback" not in err, err
