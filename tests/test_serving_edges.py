@@ -94,7 +94,7 @@ def test_a_script_name_header_neither_fails_nor_reroutes(server, path, shape):
     assert status == 200 and shape in json.loads(body), body[:300]
 
 
-def test_the_control_socket_belongs_to_this_instance(server, start_server):
+def test_the_control_socket_belongs_to_this_instance(server):
     """gunicorn's control socket defaulted to one path per user ($XDG_RUNTIME_DIR or ~/.gunicorn): a
     second instance took it over, and removed it when it stopped."""
     path = server.tmp / "logs" / f"gunicorn-{server.port}.ctl"
