@@ -110,6 +110,17 @@ def test_openai_images_generations(client):
     assert edit.status_code == 400 and edit.get_json()["error"]["param"] == "model"
 
 
+def test_the_official_openai_client_draws(app, client):
+    import httpx2
+    import openai
+
+    api = openai.OpenAI(base_url="http://server/v1", api_key="x",
+                        http_client=httpx2.Client(transport=httpx2.WSGITransport(app=app)))
+    drawn = api.images.generate(model="janus", prompt="a red cat on a chair", n=2, extra_body={"seed": 5})
+    assert [base64.b64decode(d.b64_json) for d in drawn.data] == \
+        [base64.b64decode(b) for b in draw(client, seed=5, num_images=2).get_json()["images"]]
+
+
 def test_a_drawing_job_makes_the_images_generate_makes(client):
     submitted = client.post("/jobs/janus", json={"prompt": "a red cat on a chair", "generation_mode": "image",
                                                  "seed": 5, "num_images": 2})

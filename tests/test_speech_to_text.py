@@ -81,6 +81,27 @@ def test_srt_and_vtt_carry_the_same_segments(client, verbose):
         "1\n01:01:01,500 --> 01:01:02,250\nhi\n"
 
 
+def test_the_official_openai_client_reads_every_format(app, client, verbose):
+    import httpx2
+    import openai
+
+    api = openai.OpenAI(base_url="http://server/v1", api_key="x",
+                        http_client=httpx2.Client(transport=httpx2.WSGITransport(app=app)))
+    audio = ("clip.wav", clip())
+    detailed = api.audio.transcriptions.create(model="whisper", file=audio, response_format="verbose_json",
+                                                  timestamp_granularities=["segment", "word"])
+    assert detailed.text == verbose["text"] and detailed.language == "english"
+    assert [s.end for s in detailed.segments] == [s["end"] for s in verbose["segments"]]
+    assert [w.word for w in detailed.words] == [w["word"] for w in verbose["words"]]
+    plain = transcribe(client, clip()).get_json()["text"]  # no timestamps: decoded with <|notimestamps|>
+    assert api.audio.transcriptions.create(model="whisper", file=audio).text == plain
+    assert api.audio.transcriptions.create(model="whisper", file=audio, response_format="srt").startswith("1\n")
+    with pytest.raises(openai.BadRequestError) as refused:
+        api.audio.transcriptions.create(model="whisper", file=audio, response_format="json",
+                                           timestamp_granularities=["word"])
+    assert refused.value.body["param"] == "timestamp_granularities"
+
+
 def test_language_prompt_and_temperature(client):
     audio = clip(1.0, 500.0)
     french = transcribe(client, audio, response_format="verbose_json", language="fr").get_json()

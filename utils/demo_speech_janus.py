@@ -125,9 +125,9 @@ def build_whisper(out: Path) -> None:
     ids = tok.convert_tokens_to_ids
     eot, sot = ids("<|endoftext|>"), ids("<|startoftranscript|>")
     # 30 s windows as the real model (3000 mel frames -> 1500 encoder positions); 128 mel bins as large-v3.
-    config = WhisperConfig(vocab_size=_vocab_size(tok), num_mel_bins=128, d_model=64, encoder_layers=2,
-                           decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-                           encoder_ffn_dim=128, decoder_ffn_dim=128, max_source_positions=1500,
+    config = WhisperConfig(vocab_size=_vocab_size(tok), num_mel_bins=128, d_model=32, encoder_layers=2,
+                           decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+                           encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=1500,
                            max_target_positions=448, pad_token_id=eot, bos_token_id=eot, eos_token_id=eot,
                            decoder_start_token_id=sot, tie_word_embeddings=False)
     model = WhisperForConditionalGeneration(config)
@@ -140,7 +140,7 @@ def build_whisper(out: Path) -> None:
     keep[[i for token, i in vocab.items() if token.startswith("Ġ") and token[1:].isalpha()]] = True
     with torch.no_grad():
         model.proj_out.weight[~keep] = 0.0
-        model.proj_out.weight[keep] *= 30.0
+        model.proj_out.weight[keep] *= 100.0
     model.generation_config = GenerationConfig(
         bos_token_id=eot, eos_token_id=eot, pad_token_id=eot, decoder_start_token_id=sot, max_length=448,
         is_multilingual=True, lang_to_id={f"<|{code}|>": ids(f"<|{code}|>") for code in languages},

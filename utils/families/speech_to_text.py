@@ -46,6 +46,17 @@ class SpeechToTextFamily(Family):
     processor_class = "WhisperProcessor"
     quant_skip_modules = ["model.encoder", "proj_out"]
 
+    @classmethod
+    def load(cls, spec: Any, device: str, cache: Any = None) -> "SpeechToTextFamily":
+        import logging
+        # Whisper's generate hands the inner generate a config with max_length set, so every call that
+        # passes max_new_tokens (ours: per window, always) logs "Both max_new_tokens and max_length seem to
+        # have been set": noise on every request. Only that message is dropped.
+        generation_log = logging.getLogger("transformers.generation.utils")
+        if not any(isinstance(f, _BothLengthsNotice) for f in generation_log.filters):
+            generation_log.addFilter(_BothLengthsNotice())
+        return super().load(spec, device, cache)
+
     def prepare(self, request: GenerationRequest) -> dict:
         self.check_request(request)
         if len(request.audios) != 1:
@@ -168,11 +179,14 @@ class SpeechToTextFamily(Family):
         return GenerationResult(text=text, prompt_tokens=prompt_tokens, completion_tokens=completion,
                                 segments=segments, language=language, duration=row.prepared["seconds"])
 
-    def _text_tokens(self, tokens: list[int]) -> list[int]:
-        """Without special and timestamp tokens (ids from <|endoftext|> on)."""
+    def _first_special(self) -> int:
+        """<|endoftext|>: in Whisper's vocabulary every special and timestamp token comes after it."""
         eot = self.model.generation_config.eos_token_id
-        eot = min(eot) if isinstance(eot, (list, tuple)) else eot
-        return [t for t in tokens if t < eot]
+        return min(eot) if isinstance(eot, (list, tuple)) else int(eot)
+
+    def _text_tokens(self, tokens: list[int]) -> list[int]:
+        limit = self._first_special()
+        return [t for t in tokens if t < limit]
 
     def _decode(self, tokens: list[int]) -> str:
         return self._tokenizer().decode(tokens, skip_special_tokens=True)
@@ -183,8 +197,7 @@ class SpeechToTextFamily(Family):
         tokenizer = self._tokenizer()
         stamps = [float(t) for t in times.tolist()] if times is not None else [start] * len(tokens)
         words: list[list[Any]] = []  # [text, first time, token ids]
-        limit = self.model.generation_config.eos_token_id
-        limit = min(limit) if isinstance(limit, (list, tuple)) else limit
+        limit = self._first_special()
         for token, stamp in zip(tokens, stamps):
             if token >= limit:
                 continue
@@ -200,6 +213,11 @@ class SpeechToTextFamily(Family):
             out.append({"word": tokenizer.decode(ids).strip(), "start": round(begin, 3),
                         "end": round(min(max(following, begin), end), 3)})
         return [w for w in out if w["word"]]
+
+
+class _BothLengthsNotice:
+    def filter(self, record: Any) -> bool:
+        return "will take precedence" not in record.getMessage()
 
 
 def compression_ratio(text: str) -> float:
