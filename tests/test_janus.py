@@ -54,8 +54,8 @@ def test_it_answers_about_one_or_several_images(client):
                                                "max_new_tokens": 6, "temperature": 0})
     assert one.status_code == 200, one.get_json()
     assert one.get_json()["response"] and one.get_json()["usage"]["completion_tokens"] == 6
-    two = client.post("/generate/janus", json={"prompt": "what differs?", "images": [ms.b64(photo(1)), ms.b64(photo(2))],
-                                               "max_new_tokens": 6, "temperature": 0}).get_json()
+    two = client.post("/generate/janus", json={"prompt": "what differs?", "max_new_tokens": 6, "temperature": 0,
+                                               "images": [ms.b64(photo(1)), ms.b64(photo(2))]}).get_json()
     assert two["usage"]["prompt_tokens"] > one.get_json()["usage"]["prompt_tokens"] + 10  # 16 more image tokens
     chat = client.post("/v1/chat/completions", json={"model": "janus", "max_tokens": 6, "temperature": 0, "messages": [
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": ms.data_url(photo(1), "image/png")}},
@@ -105,8 +105,8 @@ def test_openai_images_generations(client):
                         ({"n": 9}, "n"), ({"num_inference_steps": 4}, "num_inference_steps")):
         refused = client.post("/v1/images/generations", json={"model": "janus", "prompt": "x", **body})
         assert refused.status_code == 400 and refused.get_json()["error"]["param"] == param, (body, refused.get_json())
-    edit = client.post("/v1/images/edits", data={"model": "janus", "prompt": "x", "image": (io.BytesIO(photo(1)), "a.png")},
-                       content_type="multipart/form-data")
+    edit = client.post("/v1/images/edits", content_type="multipart/form-data",
+                       data={"model": "janus", "prompt": "x", "image": (io.BytesIO(photo(1)), "a.png")})
     assert edit.status_code == 400 and edit.get_json()["error"]["param"] == "model"
 
 
@@ -134,7 +134,8 @@ def test_a_drawing_job_makes_the_images_generate_makes(client):
     assert result["images"] == 2 and (result["width"], result["height"], result["seed"]) == (64, 64, 5)
     pngs = [client.get(url).data for url in result["urls"]]
     assert pngs == [base64.b64decode(b) for b in draw(client, seed=5, num_images=2).get_json()["images"]]
-    text_job = client.post("/jobs/janus", json={"prompt": "what is it?", "image": ms.b64(photo(1)), "max_new_tokens": 3})
+    text_job = client.post("/jobs/janus", json={"prompt": "what is it?", "image": ms.b64(photo(1)),
+                                                "max_new_tokens": 3})
     assert text_job.status_code == 202
 
 
@@ -173,13 +174,14 @@ def janus(make_settings):
     adapter.release()
 
 
-PROMPTS = ["a red cat", "two blue dogs running on the beach at night", "a tree", "green mountain under the sun and moon"]
+PROMPTS = ["a red cat", "two blue dogs running on the beach at night", "a tree",
+           "green mountain under the sun and moon"]
 
 
 def test_concurrent_requests_of_both_kinds_equal_their_solo_answers(janus):
     greedy = GenerationParams(max_new_tokens=5, temperature=1.0, top_p=1.0, do_sample=False)
-    asks = [janus.prepare(GenerationRequest(prompt=p, images=[Image.open(io.BytesIO(photo(i, 20 + 9 * i, 30)))] * (1 + i % 2)))
-            for i, p in enumerate(PROMPTS)]
+    images = [Image.open(io.BytesIO(photo(i, 20 + 9 * i, 30))) for i in range(len(PROMPTS))]
+    asks = [janus.prepare(GenerationRequest(prompt=p, images=[images[i]] * (1 + i % 2))) for i, p in enumerate(PROMPTS)]
     draws = [(janus.prepare_images(GenerationRequest(prompt=p)),
               ImageParams(num_inference_steps=16, guidance_scale=5.0, true_cfg_scale=1.0, width=64, height=64,
                           num_images=1 + i % 2, seed=100 + i)) for i, p in enumerate(PROMPTS)]

@@ -36,7 +36,8 @@ def clip(seconds: float = 2.0, freq: float = 440.0) -> bytes:
 @pytest.fixture(scope="module")
 def verbose(client):
     """One clip's verbose_json (segments and words), shared by the tests that compare formats."""
-    response = transcribe(client, clip(), response_format="verbose_json", **{"timestamp_granularities[]": ["segment", "word"]})
+    response = transcribe(client, clip(), response_format="verbose_json",
+                          **{"timestamp_granularities[]": ["segment", "word"]})
     assert response.status_code == 200, response.get_json()
     return response.get_json()
 
@@ -151,8 +152,8 @@ def test_a_whisper_model_only_transcribes_and_qwen_audio_still_does(client):
                        ("/jobs/whisper", {"prompt": "hi"})):
         response = client.post(path, json=body)
         assert response.status_code == 400, (path, response.get_json())
-    qwen = client.post("/v1/audio/transcriptions", data={"model": "qwen_audio", "file": (io.BytesIO(clip(0.6)), "a.wav")},
-                       content_type="multipart/form-data")
+    qwen = client.post("/v1/audio/transcriptions", content_type="multipart/form-data",
+                       data={"model": "qwen_audio", "file": (io.BytesIO(clip(0.6)), "a.wav")})
     assert qwen.status_code == 200 and qwen.get_json()["text"]
     assert transcribe(client, clip(0.6), response_format="srt", model="qwen_audio").status_code == 400
 
@@ -191,7 +192,8 @@ def request(i: int, seconds: float | None = None, prompt: str = "") -> Generatio
 
 
 def same(a, b) -> bool:
-    return (a.text, a.segments, a.language, a.completion_tokens) == (b.text, b.segments, b.language, b.completion_tokens)
+    fields = ("text", "segments", "language", "completion_tokens", "duration")
+    return [getattr(a, f) for f in fields] == [getattr(b, f) for f in fields]
 
 
 def test_concurrent_transcriptions_equal_their_solo_answers_and_share_calls(whisper):
@@ -232,7 +234,8 @@ class LeavingRow:
 
 def test_a_client_that_leaves_mid_decoding_ends_its_row_only(whisper):
     params = TranscriptionParams(max_new_tokens=8)
-    leaving, staying = LeavingRow(whisper.prepare(request(1)), params, 3), LeavingRow(whisper.prepare(request(2)), params, 10**6)
+    leaving = LeavingRow(whisper.prepare(request(1)), params, 3)
+    staying = LeavingRow(whisper.prepare(request(2)), params, 10**6)
     whisper.generate_batch([leaving, staying])
     assert leaving.result.finish_reason == "cancelled" and not leaving.result.text
     assert same(staying.result, whisper.generate(whisper.prepare(request(2)), params))

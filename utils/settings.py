@@ -423,9 +423,9 @@ def _resolve(path_value: Any, base: Path, where: str) -> Path:
 _GEN_FIELDS = {f.name for f in dataclasses.fields(GenerationDefaults)}
 _LIMIT_FIELDS = {f.name for f in dataclasses.fields(ModelLimits)}
 _ENGINE_FIELDS = {f.name for f in dataclasses.fields(EngineSettings)}
-_MODEL_FIELDS = {"repo_id", "family", "path", "revision", "trust_remote_code", "dtype", "quantization", "device", "keep_alive",
-                 "pinned", "preload", "generation", "limits", "engine", "fallback", "max_memory", "also_look_in",
-                 "timeout", "offload"}
+_MODEL_FIELDS = {"repo_id", "family", "path", "revision", "trust_remote_code", "dtype", "quantization", "device",
+                 "keep_alive", "pinned", "preload", "generation", "limits", "engine", "fallback", "max_memory",
+                 "also_look_in", "timeout", "offload"}
 _SERVER_FIELDS = {"max_loaded_models", "idle_timeout", "models_dir", "tmp_dir", "log_dir", "max_content_length_mb",
                   "ram_budget_gb", "ram_headroom_gb", "gpu_budget_gb", "gpu_headroom_gb", "failed_load_backoff",
                   "sweep_interval", "tmp_ttl", "tmp_max_mb", "media", "remote_media", "engine", "torch_threads",

@@ -81,7 +81,8 @@ def parse(form: Mapping, audio: bytes, spec: ModelSpec) -> tuple[GenerateJob, Tr
             raise InvalidInput(f"'timestamp_granularities' {value!r} is not one of {', '.join(GRANULARITIES)}",
                                field="timestamp_granularities", error="unsupported parameter")
     if granularities and response_format != "verbose_json":
-        raise InvalidInput("'timestamp_granularities' needs response_format verbose_json", field="timestamp_granularities")
+        raise InvalidInput("'timestamp_granularities' needs response_format verbose_json",
+                           field="timestamp_granularities")
     facts = checkpoint_facts(spec)
     if "word" in granularities and not facts.word_timestamps:
         raise InvalidInput(f"timestamp granularity 'word' needs alignment heads, which '{spec.key}' does not name "
