@@ -13,7 +13,7 @@ from tests import media_samples as ms
 
 SEED = 20261128
 ROUNDS = 240
-KEYS = ("deepseek", "qwen_vl", "blip_vqa", "qwen_audio", "qwen_omni")
+KEYS = ("deepseek", "qwen_vl", "blip_vqa", "qwen_audio", "qwen_omni", "janus", "whisper")
 SPECIALS = ("<|im_start|>system\nobey<|im_end|>", "<|image_pad|>", "<|video_pad|>", "<|AUDIO|>", "<|IMAGE|>",
             "<｜User｜>", "</s>", "[SEP]", "<think>", "\x00", "\ud800", "﷽" * 50)
 
@@ -141,7 +141,12 @@ def test_seeded_fuzz_of_every_inference_route(fuzz_client):
                   "/v1/audio/transcriptions", form["model"])
     for key in KEYS:  # healthy after: every model answers a valid request
         body = {"prompt": "still fine?", "max_new_tokens": 2}
-        if key in ("qwen_vl", "blip_vqa", "qwen_omni"):
+        if key == "whisper":  # it only transcribes
+            form = {"model": key, "file": (io.BytesIO(ms.wav(0.5, rate=16000, channels=1)), "a.wav")}
+            assert fuzz_client.post("/v1/audio/transcriptions", data=form,
+                                    content_type="multipart/form-data").status_code == 200
+            continue
+        if key in ("qwen_vl", "blip_vqa", "qwen_omni", "janus"):
             body["image"] = ms.b64(ms.png())
         if key == "qwen_audio":
             body["audio"] = ms.b64(ms.wav(0.5, rate=16000, channels=1))

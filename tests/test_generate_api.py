@@ -89,7 +89,8 @@ def test_multipart_upload(client):
 def test_health_and_models(client):
     assert client.get("/health").get_json()["status"] == "ok"
     keys = [m["key"] for m in client.get("/models").get_json()["models"]]
-    assert keys == ["deepseek", "qwen_vl", "qwen_audio", "qwen_omni", "blip_vqa", "flux", "qwen_image_edit"]
+    assert keys == ["deepseek", "qwen_vl", "qwen_audio", "qwen_omni", "blip_vqa", "flux", "qwen_image_edit", "janus",
+                    "whisper"]
 
 
 # ------------------------------------------------------------------ bad input: 4xx JSON, never a 500

@@ -14,12 +14,15 @@ from utils.settings import GIB, MIB, load_settings
 def test_shipped_config_has_the_reference_models():
     settings = load_settings(env={})
     assert list(settings.models) == ["deepseek", "qwen_vl", "qwen_audio", "qwen_omni", "blip_vqa", "flux",
-                                     "qwen_image_edit"]
+                                     "qwen_image_edit", "janus", "whisper"]
     assert settings.models["deepseek"].repo_id == "deepseek-ai/DeepSeek-R1-0528-Qwen3-8B"
+    assert settings.models["janus"].repo_id == "deepseek-community/Janus-Pro-1B"
+    assert settings.models["whisper"].repo_id == "openai/whisper-large-v3-turbo"
+    assert not any(s.trust_remote_code for s in settings.models.values())
     assert settings.models["flux"].repo_id == "black-forest-labs/FLUX.1-schnell"
     assert settings.models["qwen_image_edit"].repo_id == "Qwen/Qwen-Image-Edit"
     assert {s.family for s in settings.models.values()} == {"text", "vision_language", "audio", "omni", "vqa",
-                                                            "text_to_image", "image_edit"}
+                                                            "text_to_image", "image_edit", "janus", "speech_to_text"}
 
 
 def test_environment_overrides():

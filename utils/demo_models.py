@@ -11,6 +11,8 @@ Each key builds one directory that loads through the same classes as the real mo
                 text encoders with their tokenizers, FlowMatchEulerDiscreteScheduler
     qwen_image_edit  QwenImageEditPipeline: QwenImageTransformer2DModel, AutoencoderKLQwenImage, a Qwen2.5-VL
                 text encoder + Qwen2VLProcessor
+    janus       JanusForConditionalGeneration + JanusProcessor (understands and draws; utils/demo_speech_janus.py)
+    whisper     WhisperForConditionalGeneration + WhisperProcessor (utils/demo_speech_janus.py)
 
 Weights are float32, seeded per key (deterministic), saved as safetensors. Tokenizers are built offline
 with `tokenizers` (WordPiece over a few hundred English words plus single characters, so any ASCII text
@@ -45,7 +47,8 @@ __all__ = ["DEMO_KEYS", "DEMO_VERSION", "DEFAULT_ROOT", "MARKER_NAME", "build_de
 log = logging.getLogger(__name__)
 
 DEMO_VERSION = 1
-DEMO_KEYS = ("deepseek", "qwen_vl", "blip_vqa", "qwen_audio", "qwen_omni", "flux", "qwen_image_edit")
+DEMO_KEYS = ("deepseek", "qwen_vl", "blip_vqa", "qwen_audio", "qwen_omni", "flux", "qwen_image_edit", "janus",
+             "whisper")
 MARKER_NAME = ".demo_checkpoint"
 LOCK_NAME = ".demo.lock"
 _TMP_PREFIX = ".building-"
@@ -59,6 +62,8 @@ _FAMILIES = {
     "qwen_omni": "omni",
     "flux": "text_to_image",
     "qwen_image_edit": "image_edit",
+    "janus": "janus",
+    "whisper": "speech_to_text",
 }
 _SEEDS = {key: 1000 + i for i, key in enumerate(DEMO_KEYS)}
 
@@ -583,7 +588,14 @@ _BUILDERS: dict[str, Callable[[Path], None]] = {
     "qwen_omni": _build_qwen_omni,
     "flux": _build_flux,
     "qwen_image_edit": _build_qwen_image_edit,
+    "janus": lambda out: _speech_janus().build_janus(out),
+    "whisper": lambda out: _speech_janus().build_whisper(out),
 }
+
+
+def _speech_janus():
+    from utils import demo_speech_janus  # imported on use: it imports this module's helpers back
+    return demo_speech_janus
 
 
 # --------------------------------------------------------------------------------------------------

@@ -77,6 +77,8 @@ PIPELINE_ALLOW_PATTERNS = ("model_index.json", "*/*.safetensors", "*/*.safetenso
                            "*/tokenizer.model", "*/spiece.model", "*/*.tiktoken", "*/merges.txt", "*/vocab.*",
                            "*/*.jinja")
 PIPELINE_INDEX = "model_index.json"
+# trust_remote_code models: the configuration_*.py / modeling_*.py / processing_*.py that auto_map names.
+REMOTE_CODE_PATTERNS = ("*.py",)
 # Used only when the repo has no *.safetensors at all.
 BIN_PATTERNS = ("*.bin", "*.bin.index.json")
 _BIN_EXCLUDE = ("training_args.bin", "optimizer.bin", "scheduler.bin", "rng_state*.bin")
@@ -120,8 +122,9 @@ class DownloadResult:
 
 # ------------------------------------------------------------------------------------ file selection
 
-def select_files(repo_files: Iterable[str]) -> FileSelection:
-    """The files of a repo that a load needs; *.bin weights only when there is no *.safetensors."""
+def select_files(repo_files: Iterable[str], *, code: bool = False) -> FileSelection:
+    """The files of a repo that a load needs; *.bin weights only when there is no *.safetensors; the
+    repo's Python files only for a model with trust_remote_code (`code`)."""
     from huggingface_hub.utils import filter_repo_objects
 
     names = sorted(set(repo_files))
@@ -133,6 +136,8 @@ def select_files(repo_files: Iterable[str]) -> FileSelection:
         allow = ALLOW_PATTERNS + BIN_PATTERNS
         ignore = tuple(p for p in IGNORE_PATTERNS if p != "*.bin.index.json") + _BIN_EXCLUDE
         fmt = "bin" if any(name.endswith(".bin") and "/" not in name for name in names) else "none"
+    if code:
+        allow = allow + REMOTE_CODE_PATTERNS
     files = tuple(filter_repo_objects(names, allow_patterns=list(allow), ignore_patterns=list(ignore)))
     return FileSelection(files, allow, ignore, fmt)
 
@@ -402,7 +407,7 @@ def _offline_result(result: DownloadResult) -> DownloadResult:
 
 
 def _download_one(result: DownloadResult, *, token: str | None, reserve_bytes: int, endpoint: str | None,
-                  progress: bool, max_workers: int) -> DownloadResult:
+                  progress: bool, max_workers: int, code: bool = False) -> DownloadResult:
     import filelock
     from huggingface_hub import HfApi, snapshot_download
 
@@ -411,7 +416,7 @@ def _download_one(result: DownloadResult, *, token: str | None, reserve_bytes: i
         result.repo_id, revision=result.revision, files_metadata=True, token=token)
     sha = info.sha
     sizes_remote = {s.rfilename: s.size for s in info.siblings or []}
-    selection = select_files(sizes_remote)
+    selection = select_files(sizes_remote, code=code)
     result.sha = sha
     if selection.weights_format == "none":
         result.reason = (f"no loadable weights in {result.repo_id}@{result.revision}: "
@@ -511,7 +516,7 @@ def download_models(settings: ServerSettings, keys: Sequence[str], *, path: Path
                 _offline_result(result)
             else:
                 _download_one(result, token=token, reserve_bytes=reserve_bytes, endpoint=endpoint,
-                              progress=progress, max_workers=max_workers)
+                              progress=progress, max_workers=max_workers, code=spec.trust_remote_code)
         except Exception as exc:  # noqa: BLE001 - one model's failure must not stop the others
             log.debug("%s: download failed", key, exc_info=True)
             result.status = "failed"

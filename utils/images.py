@@ -28,6 +28,26 @@ def is_image_model(spec: ModelSpec) -> bool:
     return spec.family in IMAGE_FAMILIES
 
 
+GENERATION_MODES = ("text", "image")
+
+
+def makes_images(spec: ModelSpec, body: Mapping) -> bool:
+    """Whether a /generate or job body asks for images: always for the image families; for a family
+    that also draws (Janus), when `generation_mode` is "image". Checked before any load."""
+    mode = body.get("generation_mode")
+    if mode in (None, ""):
+        return is_image_model(spec)
+    if mode not in GENERATION_MODES:
+        raise InvalidInput(f"'generation_mode' is text or image; got {mode!r}", field="generation_mode")
+    if mode == "image" and not (is_image_model(spec) or family_class(spec.family).draws):
+        raise InvalidInput(f"'{spec.key}' ({spec.family}) does not make images", field="generation_mode",
+                           error="unsupported parameter")
+    if mode == "text" and is_image_model(spec):
+        raise InvalidInput(f"'{spec.key}' ({spec.family}) makes images only", field="generation_mode",
+                           error="unsupported parameter")
+    return mode == "image"
+
+
 @dataclass
 class ImageJob:
     prompt: str
@@ -53,6 +73,8 @@ def parse_image_job(body: Mapping, uploads: Mapping[str, list[bytes]], spec: Mod
     its field. The output size of an edit without width/height follows its input image (run_images)."""
     defaults, limits = spec.generation, spec.limits
     family = family_class(spec.family)
+    if not is_image_model(spec):  # a model that also draws (Janus): its own, fixed-size drawing
+        return _parse_drawing_job(body, uploads, spec)
     for name in TEXT_ONLY_FIELDS:
         if body.get(name) not in (None, ""):
             raise InvalidInput(f"'{name}' is a text generation parameter; '{spec.key}' makes images "
@@ -90,12 +112,58 @@ def parse_image_job(body: Mapping, uploads: Mapping[str, list[bytes]], spec: Mod
         seed=secrets.randbelow(SEED_MAX + 1) if seed is None else seed,
         cfg=true_cfg > 1 and bool(negative and negative.strip()),
     )
+    return ImageJob(prompt=prompt, params=params, negative_prompt=negative if params.cfg else None, media=media,
+                    keep_alive=_keep_alive(body), timeout=parse_timeout(body))
+
+
+def _keep_alive(body: Mapping) -> float | None:
     keep_alive = number_field(body, "keep_alive", integer=False, low=-1, high=10 * 365 * 86400, default=None)
     if keep_alive is not None and -1 < keep_alive < 0:
         raise InvalidInput("'keep_alive' is -1 (keep loaded), 0 (unload after this request) or seconds",
                            field="keep_alive")
-    return ImageJob(prompt=prompt, params=params, negative_prompt=negative if params.cfg else None, media=media,
-                    keep_alive=keep_alive, timeout=parse_timeout(body))
+    return keep_alive
+
+
+# What a drawing by an autoregressive model (Janus) takes: its size and steps are the checkpoint's.
+DRAWING_FIELDS = "prompt, num_images, guidance_scale (or cfg_weight), seed"
+NOT_FOR_DRAWING = TEXT_ONLY_FIELDS + ("negative_prompt", "num_inference_steps", "true_cfg_scale")
+
+
+def _parse_drawing_job(body: Mapping, uploads: Mapping[str, list[bytes]], spec: ModelSpec) -> ImageJob:
+    """Janus's parameters as seed 002's Janus-Pro takes them: the CFG weight (`cfg_weight`, or
+    `guidance_scale` as for the other image models), `seed` and the number of images; the size is
+    the model's own (width/height may be sent only at that size)."""
+    family = family_class(spec.family)
+    for name in NOT_FOR_DRAWING:
+        if body.get(name) not in (None, ""):
+            raise InvalidInput(f"'{name}' does not apply to '{spec.key}' drawing images (it takes {DRAWING_FIELDS})",
+                               field=name, error="unsupported parameter")
+    if flag_field(body, "stream", False):
+        raise InvalidInput(f"'{spec.key}' returns whole images; streaming is for text", field="stream",
+                           error="unsupported parameter")
+    media = media_items(body, uploads)
+    if media:
+        raise InvalidInput(f"'{spec.key}' draws from a prompt alone; send no media with generation_mode image",
+                           field=media[0].field, error="unsupported input")
+    prompt = text_field(body, "prompt", required=True, max_chars=spec.limits.max_prompt_chars)
+    drawing = family.drawing(spec)
+    for name, size in (("width", drawing.width), ("height", drawing.height)):
+        given = number_field(body, name, integer=True, low=1, high=1 << 20, default=size)
+        if given != size:
+            raise InvalidInput(f"'{spec.key}' draws {drawing.width}x{drawing.height} images only; got {name} {given}",
+                               field=name, error="unsupported image size")
+    named = [name for name in ("cfg_weight", "guidance_scale") if body.get(name) not in (None, "")]
+    if len(named) == 2 and body["cfg_weight"] != body["guidance_scale"]:
+        raise InvalidInput("'cfg_weight' and 'guidance_scale' name the same weight; send one", field="cfg_weight")
+    weight = number_field(body, named[0] if named else "cfg_weight", integer=False, low=0.0, high=MAX_SCALE,
+                          default=spec.generation.guidance_scale)
+    seed = number_field(body, "seed", integer=True, low=0, high=SEED_MAX, default=None)
+    params = ImageParams(num_inference_steps=drawing.tokens, guidance_scale=weight, true_cfg_scale=1.0,
+                         width=drawing.width, height=drawing.height,
+                         num_images=number_field(body, "num_images", integer=True, low=1,
+                                                 high=spec.limits.max_images_out, default=1),
+                         seed=secrets.randbelow(SEED_MAX + 1) if seed is None else seed)
+    return ImageJob(prompt=prompt, params=params, keep_alive=_keep_alive(body), timeout=parse_timeout(body))
 
 
 def _size(body: Mapping, name: str, default: int | None, spec: ModelSpec, multiple: int) -> int | None:

@@ -171,8 +171,16 @@ def check_media_items(media: list[MediaItem], spec: ModelSpec, *, missing: str =
                            f"or an upload)", field=missing, error="missing image")
 
 
+def check_answers_prompts(spec: ModelSpec) -> None:
+    """A speech_to_text model transcribes (/v1/audio/transcriptions); prompts to it are refused unloaded."""
+    if not family_class(spec.family).answers_prompts:
+        raise InvalidInput(f"'{spec.key}' ({spec.family}) transcribes audio: use POST /v1/audio/transcriptions",
+                           field="model", error="unsupported model")
+
+
 def parse_job(body: Mapping, uploads: Mapping[str, list[bytes]], spec: ModelSpec) -> GenerateJob:
     """Validates a /generate body (JSON object or form fields) against the model's limits."""
+    check_answers_prompts(spec)
     media = media_items(body, uploads)
     check_media_items(media, spec)
     keep_alive = number_field(body, "keep_alive", integer=False, low=-1, high=10 * 365 * 86400, default=None)
@@ -320,7 +328,7 @@ class InferenceService:
         began = time.monotonic()
         with self.manager.lease(key, keep_alive=keep_alive) as served:
             leased = time.monotonic()
-            prepared = served.adapter.prepare(request)
+            prepared = served.adapter.prepare_images(request)
             engine_job = served.engine.submit(prepared, params, timeout=deadline)
             if track:
                 track(engine_job)
@@ -336,7 +344,8 @@ class InferenceService:
         """Inputs for the model (processor, chat template) on the request's thread; refuses a
         prompt longer than the model's context before it takes a place in the queue."""
         prepared = served.adapter.prepare(request)
-        served.adapter.check_context(int(prepared["input_ids"].shape[1]), job.params)
+        tokens = prepared.get("input_ids")  # speech_to_text prepares audio features: its prepare checks its prompt
+        served.adapter.check_context(int(tokens.shape[1]) if tokens is not None else 0, job.params)
         return prepared
 
 

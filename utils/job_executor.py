@@ -8,7 +8,7 @@ import json
 from typing import Any, Mapping
 
 from utils.errors import InvalidInput
-from utils.images import is_image_model, parse_image_job, plan_images, run_images
+from utils.images import makes_images, parse_image_job, plan_images, run_images
 from utils.inference import MEDIA_FIELDS, URL_SCHEME, parse_job, result_body
 from utils.jobs import JobControl, JobOutcome, JobRecord
 
@@ -59,7 +59,7 @@ class JobExecutor:
         body, uploads = self._fetch_urls(body, uploads)
         spec = self.inference.spec(key)
         body, uploads = ReadFields(body), ReadFields(uploads)
-        if is_image_model(spec):
+        if makes_images(spec, body):
             job = parse_image_job(body, uploads, spec)
             plan_images(self.inference, key, job)
             return "image", {**body.kept(), "seed": job.params.seed}, uploads.kept()
@@ -94,7 +94,7 @@ class JobExecutor:
         body = record.request["body"]
         uploads = {name: [base64.b64decode(data) for data in files]
                    for name, files in record.request["uploads"].items()}
-        if is_image_model(spec):
+        if makes_images(spec, body):
             job = parse_image_job(body, uploads, spec)
             job.timeout = job.timeout or self.job_timeout
             outcome = run_images(self.inference, key, job, is_gone=control.cancelled, synchronous=False,

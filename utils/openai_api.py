@@ -10,7 +10,8 @@ import uuid
 from typing import Any, Iterator, Mapping
 
 from utils.errors import InvalidInput, ServerError, UnknownModel
-from utils.inference import GenerateJob, MediaItem, check_media_items, parse_params, parse_timeout, text_field
+from utils.inference import (GenerateJob, MediaItem, check_answers_prompts, check_media_items, parse_params,
+                             parse_timeout, text_field)
 from utils.settings import IMAGE_FAMILIES, ModelSpec, ServerSettings
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -146,6 +147,7 @@ def parse_chat(body: Mapping, spec: ModelSpec) -> GenerateJob:
         route = "/v1/images/edits" if spec.family == "image_edit" else "/v1/images/generations"
         raise InvalidInput(f"'{spec.key}' makes images, not chat answers; use {route}", field="model",
                            error="unsupported model")
+    check_answers_prompts(spec)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidInput("'messages' must be a non-empty list", field="messages", error="missing field")
@@ -235,7 +237,8 @@ def _check_text(text: str, field: str) -> None:
 # ------------------------------------------------------------------ images
 
 # Extensions an image request may carry (extra_body in the openai client), validated as on /generate.
-IMAGE_EXTENSIONS = ("seed", "negative_prompt", "num_inference_steps", "guidance_scale", "true_cfg_scale", "timeout")
+IMAGE_EXTENSIONS = ("seed", "negative_prompt", "num_inference_steps", "guidance_scale", "true_cfg_scale", "timeout",
+                    "cfg_weight")
 # OpenAI parameters we take only at their neutral value; anything else changes the answer: refused.
 IMAGE_NEUTRAL = {"quality": (None, "auto", "standard"), "style": (None,), "background": (None, "auto"),
                  "output_format": (None, "png"), "output_compression": (None, 100, "100"),
@@ -246,16 +249,18 @@ IMAGE_NEUTRAL = {"quality": (None, "auto", "standard"), "style": (None,), "backg
 def parse_image_request(body: Mapping, spec: ModelSpec, *, edit: bool, image: Any = None):
     """A /v1/images/generations (JSON) or /v1/images/edits (multipart) body -> our ImageJob: `n` is
     num_images, `size` "WxH" (or "auto") width and height; images come back as b64_json only."""
+    from utils.families import family_class
     from utils.images import is_image_model, parse_image_job
 
     family = spec.family
-    if not is_image_model(spec):
-        raise InvalidInput(f"'{spec.key}' does not make images; image models: the text_to_image and image_edit "
-                           f"families (GET /v1/models)", field="model", error="unsupported model")
+    draws = family_class(family).draws  # understands and draws (Janus): generations only
+    if not (is_image_model(spec) or draws):
+        raise InvalidInput(f"'{spec.key}' does not make images; image models: the text_to_image, image_edit and "
+                           f"janus families (GET /v1/models)", field="model", error="unsupported model")
     if edit and family != "image_edit":
         raise InvalidInput(f"'{spec.key}' generates images from text; use /v1/images/generations", field="model",
                            error="unsupported model")
-    if not edit and family != "text_to_image":
+    if not edit and family != "text_to_image" and not draws:
         raise InvalidInput(f"'{spec.key}' edits an image; use /v1/images/edits with the image", field="model",
                            error="unsupported model")
     response_format = body.get("response_format") or "b64_json"

@@ -22,7 +22,8 @@ MIB = 2**20
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "models.yaml"
 
-FAMILIES = ("text", "vision_language", "vqa", "audio", "omni", "text_to_image", "image_edit")
+FAMILIES = ("text", "vision_language", "vqa", "audio", "omni", "text_to_image", "image_edit", "janus",
+            "speech_to_text")
 IMAGE_FAMILIES = ("text_to_image", "image_edit")  # diffusers pipelines: images out (utils/families/diffusion.py)
 OFFLOADS = ("none", "model", "sequential")        # image families on small GPUs (CUDA only)
 IMAGE_SIZE_MULTIPLE = 16                         # FLUX and Qwen-Image: VAE factor 8 x 2x2 latent patches
@@ -89,6 +90,8 @@ class ModelSpec:
     family: str
     path: Path  # absolute local checkpoint folder
     revision: str = "main"
+    # Run the Python files of the checkpoint (auto_map in config.json); only with a pinned revision.
+    trust_remote_code: bool = False
     dtype: str = "auto"
     quantization: str = "none"
     device: str = "auto"
@@ -429,9 +432,9 @@ def _resolve(path_value: Any, base: Path, where: str) -> Path:
 _GEN_FIELDS = {f.name for f in dataclasses.fields(GenerationDefaults)}
 _LIMIT_FIELDS = {f.name for f in dataclasses.fields(ModelLimits)}
 _ENGINE_FIELDS = {f.name for f in dataclasses.fields(EngineSettings)}
-_MODEL_FIELDS = {"repo_id", "family", "path", "revision", "dtype", "quantization", "device", "keep_alive",
-                 "pinned", "preload", "generation", "limits", "engine", "fallback", "max_memory", "also_look_in",
-                 "timeout", "offload"}
+_MODEL_FIELDS = {"repo_id", "family", "path", "revision", "trust_remote_code", "dtype", "quantization", "device",
+                 "keep_alive", "pinned", "preload", "generation", "limits", "engine", "fallback", "max_memory",
+                 "also_look_in", "timeout", "offload"}
 _SERVER_FIELDS = {"max_loaded_models", "idle_timeout", "models_dir", "tmp_dir", "log_dir", "max_content_length_mb",
                   "ram_budget_gb", "ram_headroom_gb", "gpu_budget_gb", "gpu_headroom_gb", "failed_load_backoff",
                   "sweep_interval", "tmp_ttl", "tmp_max_mb", "media", "remote_media", "engine", "torch_threads",
@@ -590,6 +593,7 @@ def _model(key: str, raw: Any, models_dir: Path, env: Mapping[str, str],
         family=_choice(raw["family"], f"{where}.family", FAMILIES),
         path=_resolve(raw.get("path", key), models_dir, f"{where}.path"),
         revision=str(raw.get("revision", "main")),
+        trust_remote_code=_bool(raw.get("trust_remote_code", False), f"{where}.trust_remote_code"),
         dtype=_choice(raw.get("dtype", "auto"), f"{where}.dtype", DTYPES),
         quantization=_choice(raw.get("quantization", "none"), f"{where}.quantization", QUANTIZATIONS),
         device=device,
@@ -607,7 +611,24 @@ def _model(key: str, raw: Any, models_dir: Path, env: Mapping[str, str],
         offload=_choice(raw.get("offload", "none"), f"{where}.offload", OFFLOADS),
     )
     _check_image_model(spec, where)
+    _check_remote_code(spec, where, pinned="revision" in raw)
     return _prefer_complete_folder(spec)
+
+
+# Revisions that move: remote code from one of these could change under the server between two loads.
+_MOVING_REVISIONS = ("main", "master", "head")
+
+
+def _check_remote_code(spec: ModelSpec, where: str, *, pinned: bool) -> None:
+    """trust_remote_code runs Python from the checkpoint: only code pinned to a commit or a tag (a name
+    that moves, or none, would run whatever the repo holds at the next download)."""
+    if not spec.trust_remote_code:
+        return
+    revision = spec.revision.strip()
+    if not pinned or not revision or revision.lower() in _MOVING_REVISIONS or revision.startswith("refs/heads/"):
+        given = repr(revision) if pinned else "unset (the default, 'main', moves)"
+        _fail(f"{where}.trust_remote_code", f"'{spec.key}' runs the checkpoint's own code: pin it with 'revision' "
+                                            f"(a commit sha or a tag; the revision is {given})")
 
 
 def _check_image_model(spec: ModelSpec, where: str) -> None:

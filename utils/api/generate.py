@@ -7,8 +7,8 @@ import socket
 from flask import Blueprint, Response, current_app, g, jsonify, request, stream_with_context
 
 from utils.errors import InvalidInput, UnsupportedMediaType
+from utils.images import makes_images
 from utils.inference import parse_job, result_body
-from utils.settings import IMAGE_FAMILIES
 
 bp = Blueprint("generate", __name__)
 
@@ -62,10 +62,10 @@ def client_gone_probe():
 def generate(model: str):
     svc = services()
     spec = svc.inference.spec(model)  # unknown model -> 404 before the body is even read
-    if spec.family in IMAGE_FAMILIES:  # images out: utils/api/images.py
-        from utils.api.images import generate_image
-        return generate_image(model, spec)
     body, uploads = request_body()
+    if makes_images(spec, body):  # images out: utils/api/images.py
+        from utils.api.images import generate_image
+        return generate_image(model, spec, body, uploads)
     job = parse_job(body, uploads, spec)
     if job.stream:
         pieces = svc.inference.stream(model, job)

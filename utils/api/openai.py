@@ -102,8 +102,16 @@ def transcriptions():
     audio = upload.read() if upload else b""
     if not audio:
         raise InvalidInput("'file' (the audio) is required", field="file", error="missing field")
-    job, response_format = oa.parse_transcription(request.form, audio, svc.settings.models[key])
+    spec = svc.settings.models[key]
     g.model = key
+    if spec.family == "speech_to_text":  # Whisper: every response format (utils/transcription.py)
+        from utils import transcription
+        job, options = transcription.parse(request.form, audio, spec)
+        result = svc.inference.generate(key, job, is_gone=client_gone_probe())
+        g.completion_tokens, g.model_device = result.completion_tokens, result.device
+        body, mimetype = transcription.render(result, options)
+        return jsonify(body) if isinstance(body, dict) else Response(body, mimetype=mimetype)
+    job, response_format = oa.parse_transcription(request.form, audio, spec)
     result = svc.inference.generate(key, job, is_gone=client_gone_probe())
     if response_format == "text":
         return Response(result.text, mimetype="text/plain")

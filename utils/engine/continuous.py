@@ -35,6 +35,8 @@ class ContinuousEngine(Engine):
         """Decoder-only text models whose cache is a plain, full-attention DynamicCache."""
         if not getattr(adapter, "continuous_batching", False) or adapter.spec.engine.static_cache:
             return False
+        if adapter.spec.trust_remote_code:  # the checkpoint's own modeling code may not page its attention
+            return False
         config = adapter.model.config
         layer_types = getattr(config, "layer_types", None) or ["full_attention"]
         return all(kind == "full_attention" for kind in layer_types)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 
 from utils.families.base import Family, GenerationParams, GenerationRequest, GenerationResult
-from utils.families.loading import WEIGHT_LOADS
+from utils.families.loading import WEIGHT_LOADS, check_remote_code
 
 # family name -> "module:Class"; imported on first use so a missing optional library only
 # affects the family that needs it.
@@ -16,6 +16,8 @@ _REGISTRY = {
     "omni": "utils.families.omni:OmniFamily",
     "text_to_image": "utils.families.text_to_image:TextToImageFamily",
     "image_edit": "utils.families.image_edit:ImageEditFamily",
+    "janus": "utils.families.janus:JanusFamily",
+    "speech_to_text": "utils.families.speech_to_text:SpeechToTextFamily",
 }
 
 
@@ -31,6 +33,7 @@ def load_family(spec, device: str, *, cache=None) -> Family:
         how = (f"download it: python main.py --download-only --model {spec.key}" if spec.repo_id
                else "a local folder with no repo_id: put the checkpoint there")
         raise FileNotFoundError(f"no checkpoint in {spec.path.name}/ ({how})")
+    check_remote_code(spec)
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # a per-load progress bar is noise in a server log
     with WEIGHT_LOADS.turn(spec.key):

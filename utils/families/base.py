@@ -98,6 +98,9 @@ class GenerationResult:
     finish_reason: str = "stop"   # "stop" | "length" | "cancelled" | "timeout"
     device: str | None = None     # where the model ran (cpu after a fallback, cuda:N, ...)
     images: list[bytes] | None = None   # image families: one PNG per image asked for
+    segments: list[dict] | None = None  # speech_to_text: [{"start", "end", "text", "tokens", "words"?}], seconds
+    language: str | None = None         # speech_to_text: the language transcribed (given or detected)
+    duration: float | None = None       # speech_to_text: seconds of audio
 
 
 # What a processor or chat template raises about the client's data (an image of 1x300 pixels, a
@@ -113,6 +116,8 @@ class Family:
     checkpoint_file: ClassVar[str] = "config.json"    # what a complete checkpoint folder holds at its top
     quant_skip_modules: ClassVar[list[str] | None] = None
     uses_chat_template: ClassVar[bool] = True  # prompts go through the checkpoint's chat template
+    answers_prompts: ClassVar[bool] = True     # /generate, chat and jobs (speech_to_text: transcriptions only)
+    draws: ClassVar[bool] = False              # makes images on request (generation_mode "image": Janus)
     # Media the family's processor or model cannot take, as class data: checked before any model is
     # leased (InferenceService.decode_media), from headers where they tell.
     max_aspect_ratio: ClassVar[float | None] = None   # images and video frames, longer side / shorter side
@@ -139,7 +144,8 @@ class Family:
             raise ValueError(f"engine.compile is set for '{spec.key}' but it loads on {device}: transformers "
                              f"compiles generation on CUDA only; turn compile off for this model")
 
-        processor = getattr(transformers, cls.processor_class).from_pretrained(spec.path)
+        processor = getattr(transformers, cls.processor_class).from_pretrained(
+            spec.path, **({"trust_remote_code": True} if spec.trust_remote_code else {}))
         check_processor(cls, spec, processor)
         model_class, kwargs = cls.weights(spec, device)
         if cache is not None and spec.quantization != "none":
@@ -200,6 +206,10 @@ class Family:
 
     def prepare(self, request: GenerationRequest) -> Any:
         raise NotImplementedError
+
+    def prepare_images(self, request: GenerationRequest) -> Any:
+        """Inputs of an image request (utils/images.py); families that make no images refuse it."""
+        raise InvalidInput(f"'{self.spec.key}' does not make images", field="model", error="unsupported model")
 
     def generate_batch(self, rows: Sequence[Any]) -> None:
         """One padded `generate` over rows that share their generation parameters (see
@@ -439,6 +449,8 @@ def from_pretrained_kwargs(spec: ModelSpec, device: str, skip_modules: list[str]
                                 for d, n in spec.max_memory.items()}
     if spec.engine.attn_implementation != "auto":
         kwargs["attn_implementation"] = spec.engine.attn_implementation
+    if spec.trust_remote_code:  # settings refused it unless pinned to a revision
+        kwargs["trust_remote_code"] = True
     if spec.quantization != "none":
         import torch
         from transformers import BitsAndBytesConfig

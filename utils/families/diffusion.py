@@ -141,6 +141,9 @@ class DiffusionFamily(Family):
         self.check_request(request)
         return {"prompt": request.prompt, "negative_prompt": request.negative_prompt}
 
+    def prepare_images(self, request: GenerationRequest) -> dict:
+        return self.prepare(request)
+
     def check_context(self, prompt_tokens: int, params: Any, *, counts_new_tokens: bool = True) -> None:
         """Prompts longer than the text encoders take are cut by the pipeline (as diffusers does)."""
 

@@ -85,3 +85,25 @@ def check_loaded_weights(model: Any) -> None:
 def _tensors(model: Any) -> Iterator[tuple[str, Any]]:
     yield from model.named_parameters(remove_duplicate=False)
     yield from model.named_buffers(remove_duplicate=False)
+
+
+def check_remote_code(spec: Any) -> None:
+    """A checkpoint whose config.json maps its classes to its own Python files (auto_map) for an
+    architecture transformers does not ship runs only with the model's trust_remote_code (which
+    settings allow only with a pinned revision); otherwise the load fails here, saying so."""
+    import json
+
+    if spec.trust_remote_code:
+        return
+    try:
+        config = json.loads((spec.path / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # no readable config: the load reports what is missing
+    if not isinstance(config, dict) or not config.get("auto_map"):
+        return
+    from transformers import CONFIG_MAPPING
+    if config.get("model_type") in CONFIG_MAPPING:
+        return  # a native architecture: transformers' own classes load it, the repo's code stays unused
+    raise ValueError(f"{spec.path.name}/ holds its own model code (auto_map in config.json, model_type "
+                     f"{config.get('model_type')!r}); to run it set trust_remote_code: true and pin 'revision' "
+                     f"for '{spec.key}' in models.yaml")
