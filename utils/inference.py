@@ -12,11 +12,10 @@ from typing import Any, Callable, Iterator, Mapping
 
 from utils.errors import InvalidInput, RequestTimeout
 from utils.families import GenerationParams, GenerationRequest, GenerationResult, accepted_media, family_class
-from utils.settings import ModelSpec
+from utils.settings import SEED_MAX, ModelSpec
 
 MEDIA_FIELDS = {"image": "image", "images": "image", "video": "video", "videos": "video", "audio": "audio",
                 "audios": "audio"}
-SEED_MAX = 2**63 - 1
 URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]{0,15}://")
 MIN_TEMPERATURE = 0.01  # below this, logits / temperature overflow to inf
 
@@ -26,6 +25,7 @@ class MediaItem:
     kind: str          # image | video | audio
     field: str         # as the client named it, e.g. "images[1]"
     payload: Any       # base64/data-URL str, or bytes from an upload
+    options: dict | None = None  # fps / nframes / max_pixels / min_pixels (utils/media_options.py)
 
 
 @dataclass
@@ -118,7 +118,7 @@ def parse_params(body: Mapping, spec: ModelSpec) -> GenerationParams:
         do_sample=do_sample,
         repetition_penalty=number_field(body, "repetition_penalty", integer=False, low=0.01, high=10.0,
                                    default=defaults.repetition_penalty),
-        seed=number_field(body, "seed", integer=True, low=0, high=SEED_MAX, default=None),
+        seed=number_field(body, "seed", integer=True, low=0, high=SEED_MAX, default=defaults.seed),
     )
 
 
@@ -162,6 +162,12 @@ def check_media_items(media: list[MediaItem], spec: ModelSpec) -> None:
         if counts[item.kind] > limits[item.kind]:
             raise InvalidInput(f"model '{spec.key}' takes at most {limits[item.kind]} {item.kind}(s) per request",
                                field=item.field, error="too many media items")
+        honoured = family_class(spec.family).media_options
+        for name in item.options or {}:
+            if name not in honoured:
+                raise InvalidInput(f"model '{spec.key}' does not take '{name}' on its media (its processor "
+                                   f"{'sizes them itself' if 'pixels' in name else 'takes the frames as sampled'})",
+                                   field=f"{item.field.rsplit('.', 1)[0]}.{name}", error="unsupported parameter")
 
 
 def parse_job(body: Mapping, uploads: Mapping[str, list[bytes]], spec: ModelSpec) -> GenerateJob:
@@ -225,12 +231,15 @@ class InferenceService:
             load, into = loaders[item.kind]
             if isinstance(data, list):
                 frames = [media.load_image(frame, f"{item.field}[{i}]", limits) for i, frame in enumerate(data)]
-                into.append(media.video_from_frames(frames, item.field, limits))
+                into.append(media.video_from_frames(frames, item.field, limits, options=item.options))
+            elif item.kind == "video":
+                into.append(load(data, item.field, limits, options=item.options))
             else:
                 into.append(load(data, item.field, limits))
             if item.kind == "audio" and family is not None:
                 family.check_audio_length(len(into[-1]), limits.audio_sampling_rate, item.field)
             request.media_fields.setdefault(item.kind, []).append(item.field)
+            request.media_options.setdefault(item.kind, []).append(dict(item.options or {}))
         return request
 
     def media_bytes(self, payload: Any, field: str) -> bytes:

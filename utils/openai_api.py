@@ -10,6 +10,7 @@ from typing import Any, Iterator, Mapping
 
 from utils.errors import InvalidInput, ServerError, UnknownModel
 from utils.inference import GenerateJob, MediaItem, check_media_items, parse_params, parse_timeout
+from utils.media_options import parse_media_options
 from utils.settings import ModelSpec, ServerSettings
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -105,9 +106,11 @@ def _parts(content: Any, where: str, media: list[MediaItem], texts: list[tuple[s
             parts.append({"type": "text", "text": part["text"]})
             continue
         if kind == "image_url":
-            media.append(MediaItem("image", f"{field}.image_url", _url(part, "image_url", f"{field}.image_url")))
-        elif kind == "video_url":
-            media.append(MediaItem("video", f"{field}.video_url", _url(part, "video_url", f"{field}.video_url")))
+            media.append(MediaItem("image", f"{field}.image_url", _url(part, "image_url", f"{field}.image_url"),
+                                   parse_media_options(part, "image", field) or None))
+        elif kind == "video_url":  # seed 004's options (fps, max_pixels...) sit beside video_url
+            media.append(MediaItem("video", f"{field}.video_url", _url(part, "video_url", f"{field}.video_url"),
+                                   parse_media_options(part, "video", field) or None))
         elif kind == "video":  # seed 004's form: the frames of one video, as image URLs
             frames = part.get("video")
             if not isinstance(frames, list) or not frames or not all(isinstance(f, str) for f in frames):
@@ -115,7 +118,7 @@ def _parts(content: Any, where: str, media: list[MediaItem], texts: list[tuple[s
             from utils.media import MAX_GIVEN_FRAMES
             if len(frames) > MAX_GIVEN_FRAMES:
                 raise InvalidInput(f"a video takes at most {MAX_GIVEN_FRAMES} frames", field=f"{field}.video")
-            media.append(MediaItem("video", f"{field}.video", frames))
+            media.append(MediaItem("video", f"{field}.video", frames, parse_media_options(part, "video", field) or None))
         elif kind == "input_audio":
             audio = part.get("input_audio")
             if not isinstance(audio, Mapping) or not isinstance(audio.get("data"), str):

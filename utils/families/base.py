@@ -75,6 +75,8 @@ class GenerationRequest:
     # (field, text) of every text the client wrote; None: the prompt, system and messages as they are.
     texts: list[tuple[str, str]] | None = None
     negative_prompt: str | None = None  # image families: what the image should not show
+    # Per item, like media_fields: the client's options for it ({"max_pixels": ...}; utils/media_options.py).
+    media_options: dict[str, list[dict]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,8 @@ class Family:
     # leased (InferenceService.decode_media), from headers where they tell.
     max_aspect_ratio: ClassVar[float | None] = None   # images and video frames, longer side / shorter side
     min_audio_seconds: ClassVar[float] = 0.0          # of the 16 kHz waveform
+    # Per-item media options (utils/media_options.py) the family honours; others are refused (400).
+    media_options: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, spec: ModelSpec, device: str, model: Any, processor: Any) -> None:
         self.spec, self.device, self.model, self.processor = spec, device, model, processor
