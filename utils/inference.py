@@ -40,6 +40,7 @@ class GenerateJob:
     raw: bool = False
     timeout: float | None = None  # the request's own deadline, seconds; None = the model's / server's
     texts: list[tuple[str, str]] | None = None  # (field, text) the client wrote (see GenerationRequest.texts)
+    tools: list[dict] | None = None  # function tools the chat template renders (see GenerationRequest.tools)
 
 
 # ------------------------------------------------------------------ validation
@@ -216,7 +217,7 @@ class InferenceService:
         limits = self.media_limits
         family = family_class(spec.family) if spec is not None else None
         request = GenerationRequest(prompt=job.prompt, system=job.system, messages=job.messages, raw=job.raw,
-                                    texts=job.texts)
+                                    texts=job.texts, tools=job.tools)
         payloads = [[self.media_bytes(frame, f"{item.field}[{i}]") for i, frame in enumerate(item.payload)]
                     if isinstance(item.payload, list) else self.media_bytes(item.payload, item.field)
                     for item in job.media]  # a list: a video given as its frames

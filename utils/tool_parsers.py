@@ -29,6 +29,7 @@ files of a model folder (tokenizer_config.json, chat_template.jinja / .json, tok
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import secrets
@@ -45,7 +46,7 @@ _HEX = set("0123456789abcdefABCDEF")
 _NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?")
 _NUMBER_CHARS = set("+-.eE0123456789")
 _LITERALS = {"t": "true", "f": "false", "n": "null"}
-_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # OpenAI's function names (dots: some templates' namespaces)
+FUNCTION_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # OpenAI's function names (dots: some templates' namespaces)
 ARGUMENT_KEYS = ("arguments", "parameters")   # Llama 3 writes "parameters"
 
 
@@ -199,7 +200,7 @@ class CallScan:
 
     def committable(self, text: str) -> bool:
         """Enough is known to stream it: a name, and arguments begun (or the call over without them)."""
-        return (self.bad is None and bool(self.name) and bool(_NAME.fullmatch(self.name))
+        return (self.bad is None and bool(self.name) and bool(FUNCTION_NAME.fullmatch(self.name))
                 and (self.args_kind(text) in ("{", '"') or self.end is not None))
 
     def args_text(self, text: str, final: bool) -> str:
@@ -217,7 +218,7 @@ class CallScan:
 
     def valid(self, text: str) -> bool:
         """A whole, well-formed call (what `parse` keeps as a call)."""
-        if self.bad is not None or self.end is None or not self.name or not _NAME.fullmatch(self.name):
+        if self.bad is not None or self.end is None or not self.name or not FUNCTION_NAME.fullmatch(self.name):
             return False
         kind = self.args_kind(text)
         if kind is None:
@@ -465,7 +466,7 @@ class DeepSeekFormat(ToolFormat):
                     break
         else:  # V3.1: the name before the separator
             scan.name = head
-        if not scan.name or not _NAME.fullmatch(scan.name):
+        if not scan.name or not FUNCTION_NAME.fullmatch(scan.name):
             return self._broken(scan, text, j, final)
         scan.args_start = j if j < len(text) else None
         try:
@@ -608,7 +609,7 @@ class MistralFormat(_RegionFormat):
         got = _expect(text, k, self.ARGS, final)
         if got is None:
             return scan
-        if got is False or not _NAME.fullmatch(name):
+        if got is False or not FUNCTION_NAME.fullmatch(name):
             scan.bad, scan.end = k, len(text)
             return scan
         scan.name = name
@@ -803,29 +804,54 @@ def detect_format(chat_template: str | None, tokens: Iterable[str] = ()) -> Tool
     return ToolSupport(renders_tools=bool(_TOOLS_VARIABLE.search(template)), format=found)
 
 
-def checkpoint_tool_support(folder: str | Path) -> ToolSupport:
+def checkpoint_tool_support(folder: str | Path) -> ToolSupport | None:
     """detect_format over a model folder's files: the chat template from chat_template.jinja,
-    chat_template.json (processors) or tokenizer_config.json; tokens from the added tokens."""
+    chat_template.json (processors) or tokenizer_config.json; tokens (only when the template names
+    no format) from the added tokens of tokenizer_config.json, then tokenizer.json. None when the
+    folder holds no chat template (not downloaded yet). Cached per folder until its files change."""
     folder = Path(folder)
+    stamp = tuple(_mtime(folder / name) for name in _TEMPLATE_FILES)
+    return _cached_support(str(folder), stamp) if any(stamp) else None
+
+
+_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_support(folder_name: str, stamp: tuple) -> ToolSupport | None:
+    folder = Path(folder_name)
     templates: list[str] = []
-    tokens: list[str] = []
     jinja = folder / "chat_template.jinja"
     if jinja.is_file():
         templates.append(jinja.read_text(encoding="utf-8", errors="replace"))
+    config = {}
     for name in ("chat_template.json", "tokenizer_config.json"):
         data = _json_file(folder / name)
+        config = data if name == "tokenizer_config.json" else config
         template = data.get("chat_template")
         if isinstance(template, str):
             templates.append(template)
         elif isinstance(template, list):  # [{"name": "default" | "tool_use", "template": ...}]
-            templates += [t.get("template", "") for t in template if isinstance(t, dict)]
-        decoder = data.get("added_tokens_decoder")
-        if isinstance(decoder, dict):
-            tokens += [t.get("content", "") for t in decoder.values() if isinstance(t, dict)]
-    added = _json_file(folder / "tokenizer.json").get("added_tokens")
-    if isinstance(added, list):
-        tokens += [t.get("content", "") for t in added if isinstance(t, dict)]
-    return detect_format("\n".join(t for t in templates if isinstance(t, str)), tokens)
+            templates += [t["template"] for t in template if isinstance(t, dict) and isinstance(t.get("template"), str)]
+    if not templates:
+        return None
+    template = "\n".join(templates)
+    support = detect_format(template)
+    if support.format is not None:
+        return support
+    decoder = config.get("added_tokens_decoder")
+    tokens = [t.get("content", "") for t in decoder.values() if isinstance(t, dict)] if isinstance(decoder, dict) else []
+    if not tokens:
+        added = _json_file(folder / "tokenizer.json").get("added_tokens")
+        tokens = [t.get("content", "") for t in added if isinstance(t, dict)] if isinstance(added, list) else []
+    return detect_format(template, tokens)
 
 
 def _json_file(path: Path) -> dict:

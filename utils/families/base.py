@@ -77,6 +77,9 @@ class GenerationRequest:
     negative_prompt: str | None = None  # image families: what the image should not show
     # Per item, like media_fields: the client's options for it ({"max_pixels": ...}; utils/media_options.py).
     media_options: dict[str, list[dict]] = field(default_factory=dict)
+    # OpenAI function tools ({"type": "function", "function": {...}}) the chat template renders; messages
+    # may then also hold assistant "tool_calls" and "tool" turns (with "tool_call_id").
+    tools: list[dict] | None = None
 
 
 @dataclass(frozen=True)
@@ -365,7 +368,7 @@ class Family:
         """Chat template over media items + prompt, then the processor: tensors on the model's device."""
         with self.client_data(request, "chat template"):
             text = self.processor.apply_chat_template(chat_messages(request, items), tokenize=False,
-                                                      add_generation_prompt=True)
+                                                      add_generation_prompt=True, **tools_kwargs(request))
         with self.client_data(request, "processor"):
             inputs = self.processor(text=[text], return_tensors="pt", padding=True, **self.media_kwargs(request))
         return {k: (v.to(self.model.device) if hasattr(v, "to") else v) for k, v in inputs.items()}
@@ -507,6 +510,11 @@ def media_field(request: GenerationRequest) -> str:
     return fields[0] if len(fields) == 1 else ", ".join(fields)
 
 
+def tools_kwargs(request: GenerationRequest) -> dict:
+    """apply_chat_template's `tools` when the request has some (a template without tools never sees the key)."""
+    return {"tools": request.tools} if request.tools else {}
+
+
 def chat_messages(request: GenerationRequest, media_items: list[dict] | None = None) -> list[dict]:
     """Messages for a processor's chat template: media items first, then the prompt text; or the
     request's conversation, each media part replaced by the family's item for it, in order."""
@@ -515,9 +523,8 @@ def chat_messages(request: GenerationRequest, media_items: list[dict] | None = N
         for item in media_items or []:
             items.setdefault(item["type"], []).append(item)
         taken = {kind: iter(found) for kind, found in items.items()}
-        return [{"role": message["role"],
-                 "content": [part if part["type"] == "text" else next(taken[part["type"]])
-                             for part in message["content"]]}
+        return [{**message, "content": [part if part["type"] == "text" else next(taken[part["type"]])
+                                        for part in message["content"]]}
                 for message in request.messages]
     messages: list[dict] = []
     if request.system:
