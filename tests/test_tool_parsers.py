@@ -199,7 +199,8 @@ SNIPPETS = {
                "broken": ["<tool_call>{name: 1}</tool_call>", "<tool_call>[]</tool_call>"]},
     "deepseek": {"call": [f"{DS_BEGIN}{ds_v3('a', '{}')}{DS_END}", f"{DS_BEGIN}{ds_v3('b', TRICKY)}\n{ds_v3('c', '[]')}{DS_END}",
                           f'{DS_BEGIN}{DS_CALL}d{DS_SEP}{{"k": 1}}{DS_CALL_END}{DS_END}'],
-                 "text": ["I will look. ", "ok", " <｜tool", "\n"],
+                 "text": ["I will look. ", "ok", " <｜tool", "\n", f"{DS_BEGIN}stray words{DS_END}",
+                          f"{DS_BEGIN}a{ds_v3('e', '{}')}b{DS_END}"],
                  "broken": [f"{DS_BEGIN}{DS_CALL}function no separator{DS_CALL_END}{DS_END}"]},
 }
 

@@ -8,10 +8,10 @@ import time
 import uuid
 from typing import Any, Iterator, Mapping
 
+from utils import openai_tools
 from utils.errors import InvalidInput, ServerError, UnknownModel
 from utils.inference import GenerateJob, MediaItem, check_media_items, parse_params, parse_timeout
 from utils.media_options import parse_media_options
-from utils import openai_tools
 from utils.settings import ModelSpec, ServerSettings
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
@@ -155,9 +155,10 @@ def parse_chat(body: Mapping, spec: ModelSpec) -> tuple[GenerateJob, "openai_too
         content = message.get("content")
         calls = openai_tools.history_calls(message, where, texts) if role == "assistant" else None
         if content is None and role == "assistant":
-            content = "" if not calls else []
+            content = ""
         before = len(media)
-        parts = _parts(content, f"{where}.content", media, texts) if content != [] else []
+        empty = calls and content in ("", [])  # an assistant turn of calls only
+        parts = [] if empty else _parts(content, f"{where}.content", media, texts)
         if role != "user" and len(media) > before:
             raise InvalidInput(f"media go in user messages, not in {message['role']} ones", field=f"{where}.content")
         turn = {"role": role, "content": parts}
@@ -191,6 +192,10 @@ def parse_completion(body: Mapping, spec: ModelSpec) -> GenerateJob:
     if spec.family != "text":
         raise InvalidInput(f"'{spec.key}' is not a text model; use /v1/chat/completions", field="model",
                            error="unsupported model")
+    for name in ("tools", "tool_choice", "parallel_tool_calls"):
+        if body.get(name) not in (None, []):
+            raise InvalidInput(f"'{name}' is taken on /v1/chat/completions only", field=name,
+                               error="unsupported parameter")
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]

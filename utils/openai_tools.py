@@ -60,6 +60,9 @@ def parse_tools(body: Mapping, spec: ModelSpec) -> ToolRequest | None:
     if duplicate:
         raise InvalidInput(f"two tools are named '{duplicate}'", field="tools")
     choice = _choice(choice, names)
+    if choice != "none" and not _family_uses_template(spec):
+        raise InvalidInput(f"'{spec.key}' has no chat template to render tools with", field="tools",
+                           error="unsupported parameter")
     support = checkpoint_tool_support(spec.path)
     if choice != "none" and support is not None:
         if not support.renders_tools:
@@ -69,6 +72,11 @@ def parse_tools(body: Mapping, spec: ModelSpec) -> ToolRequest | None:
             raise InvalidInput(f"'{spec.key}' writes tool calls in a format this server does not parse",
                                field="tools", error="unsupported parameter")
     return ToolRequest(normalised, choice, parallel is not False, support.format if support else None)
+
+
+def _family_uses_template(spec: ModelSpec) -> bool:
+    from utils.families import family_class  # lazy: the registry, not a model
+    return family_class(spec.family).uses_chat_template
 
 
 def _tool(tool: Any, where: str) -> dict:
@@ -187,7 +195,7 @@ def check_history(turns: list[dict], spec: ModelSpec) -> None:
     if not any(turn["role"] == "tool" or turn.get("tool_calls") for turn in turns):
         return
     support = checkpoint_tool_support(spec.path)
-    if support is not None and not support.renders_tools:
+    if not _family_uses_template(spec) or support is not None and not support.renders_tools:
         where = next(i for i, turn in enumerate(turns) if turn["role"] == "tool" or turn.get("tool_calls"))
         raise InvalidInput(f"the chat template of '{spec.key}' does not render tool calls or tool results",
                            field=f"messages[{where}]", error="unsupported conversation")

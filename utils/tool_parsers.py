@@ -423,11 +423,9 @@ class DeepSeekFormat(ToolFormat):
                 if began is None:
                     return out
                 if began is False:  # text inside the block that is no call: content, up to the next token
-                    nxt = min([p for p in (text.find(self.CALL, j), text.find(self.END, j)) if p >= 0] or [len(text)])
-                    if nxt == len(text) and not final:
-                        nxt = _marker(text, self.CALL, j, final)[1]
+                    nxt = min(_marker(text, self.CALL, j, final)[1], _marker(text, self.END, j, final)[1])
                     _text(out, j, nxt)
-                    if nxt >= len(text) or nxt == j:
+                    if nxt >= len(text):
                         return out
                     i = nxt
                     continue
@@ -436,7 +434,6 @@ class DeepSeekFormat(ToolFormat):
                 if scan.end is None:
                     return out
                 i = scan.end
-
         return out
 
     def _call(self, text: str, start: int, i: int, final: bool) -> CallScan:
