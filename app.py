@@ -77,6 +77,7 @@ def create_app(settings: ServerSettings | None = None, *, background: bool = Tru
 
     from utils.api.admin import bp as admin_bp, metrics_bp
     from utils.api.dashboard import bp as dashboard_bp
+    from utils.api.devices import bp as devices_bp
     from utils.api.generate import bp as generate_bp
     from utils.api.jobs import bp as jobs_bp
     from utils.api.openai import bp as openai_bp
@@ -85,6 +86,7 @@ def create_app(settings: ServerSettings | None = None, *, background: bool = Tru
     app.register_blueprint(jobs_bp)
     app.register_blueprint(admin_bp)
     app.register_blueprint(dashboard_bp)
+    app.register_blueprint(devices_bp)
     app.register_blueprint(metrics_bp)
     _install_request_ids(app)
     _install_drain_refusal(app)
@@ -169,7 +171,7 @@ def _install_auth(app: Flask, settings: ServerSettings, runtime) -> None:
             return
         if path.startswith("/admin"):
             expected = settings.admin_token
-        elif path.startswith(("/generate", "/v1", "/jobs")) or path == "/models":
+        elif path.startswith(("/generate", "/v1", "/jobs")) or path in ("/models", "/device"):
             expected = settings.api_token
         elif path == "/metrics":
             expected = runtime.metrics_token

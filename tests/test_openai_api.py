@@ -221,7 +221,8 @@ def test_transcription_json_and_text(client, server):
     (dict(model="qwen_vl", messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/cat.png"}}]}]), 400,
      "messages[0].content[0].image_url"),
-    (dict(model="deepseek", messages=[{"role": "tool", "content": "x"}]), 400, "messages[0].role"),
+    (dict(model="deepseek", messages=[{"role": "function", "content": "x"}]), 400, "messages[0].role"),
+    (dict(model="deepseek", messages=[{"role": "tool", "content": "x"}]), 400, "messages[0].tool_call_id"),
 ])
 def test_errors_come_in_openais_shape(client, call, status, param):
     kwargs = dict(messages=[{"role": "user", "content": "hi"}], max_tokens=4)

@@ -46,7 +46,7 @@ __all__ = ["DEMO_KEYS", "DEMO_VERSION", "DEFAULT_ROOT", "MARKER_NAME", "build_de
 
 log = logging.getLogger(__name__)
 
-DEMO_VERSION = 1
+DEMO_VERSION = 3  # 2: the deepseek tokenizer's tools (template and tool-call tokens); 3: janus, whisper
 DEMO_KEYS = ("deepseek", "qwen_vl", "blip_vqa", "qwen_audio", "qwen_omni", "flux", "qwen_image_edit", "janus",
              "whisper")
 MARKER_NAME = ".demo_checkpoint"
@@ -183,22 +183,49 @@ def _keep_only_word_logits(lm_head, tok) -> None:
 
 # DeepSeek-R1-0528 in spirit: bos + system prompt, <｜User｜>/<｜Assistant｜> turns, reasoning before
 # </think> is dropped from past assistant turns; content may be a string or a list of text parts.
+# Tools as R1-0528 / V3 render them: the functions listed in the system prompt, an assistant's calls
+# as <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>name ```json args ```<｜tool▁call▁end｜>
+# ...<｜tool▁calls▁end｜>, tool results between <｜tool▁outputs▁begin｜> and <｜tool▁outputs▁end｜>, after
+# which the model answers without a new <｜Assistant｜>. Without tools it renders as before.
+_DEEPSEEK_TOOL_TOKENS = ["<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>",
+                         "<｜tool▁sep｜>", "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>", "<｜tool▁output▁begin｜>",
+                         "<｜tool▁output▁end｜>"]
 _DEEPSEEK_TEMPLATE = (
     "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
-    "{%- macro text(content) -%}{%- if content is string -%}{{ content }}{%- else -%}"
+    "{%- macro text(content) -%}{%- if content is none -%}{%- elif content is string -%}{{ content }}{%- else -%}"
     "{%- for part in content -%}{%- if part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}{%- endfor -%}"
     "{%- endif -%}{%- endmacro -%}"
-    "{%- set ns = namespace(system_prompt='') -%}"
+    "{%- set ns = namespace(system_prompt='', is_tool=false, after_tool=false) -%}"
     "{%- for message in messages -%}{%- if message['role'] == 'system' -%}"
     "{%- set ns.system_prompt = ns.system_prompt + text(message['content']) -%}{%- endif -%}{%- endfor -%}"
+    "{%- if tools is defined and tools -%}"
+    "{%- set ns.system_prompt = ns.system_prompt + ('\n\n' if ns.system_prompt else '') + '## Tools\n\n"
+    "You have the following functions available:\n' -%}"
+    "{%- for tool in tools -%}{%- set ns.system_prompt = ns.system_prompt + '\n```json\n' + (tool | tojson) + "
+    "'\n```\n' -%}{%- endfor -%}"
+    "{%- set ns.system_prompt = ns.system_prompt + '\nTo call functions, write: <｜tool▁calls▁begin｜>"
+    "<｜tool▁call▁begin｜>function<｜tool▁sep｜>FUNCTION_NAME\n```json\nARGUMENTS\n```<｜tool▁call▁end｜>"
+    "<｜tool▁calls▁end｜>' -%}"
+    "{%- endif -%}"
     "{{ bos_token }}{{ ns.system_prompt }}"
     "{%- for message in messages -%}"
+    "{%- if message['role'] != 'tool' and ns.is_tool -%}{{ '<｜tool▁outputs▁end｜>' }}"
+    "{%- set ns.is_tool = false -%}{%- set ns.after_tool = true -%}{%- endif -%}"
     "{%- if message['role'] == 'user' -%}{{ '<｜User｜>' + text(message['content']) }}"
     "{%- elif message['role'] == 'assistant' -%}{%- set content = text(message['content']) -%}"
     "{%- if '</think>' in content -%}{%- set content = content.split('</think>')[-1] -%}{%- endif -%}"
-    "{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}"
-    "{%- endif -%}{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<｜Assistant｜>' }}{%- endif -%}"
+    "{{ ('' if ns.after_tool else '<｜Assistant｜>') + content }}"
+    "{%- if message['tool_calls'] -%}{{ '<｜tool▁calls▁begin｜>' }}"
+    "{%- for call in message['tool_calls'] -%}{%- if not loop.first -%}{{ '\n' }}{%- endif -%}"
+    "{{ '<｜tool▁call▁begin｜>' + call['type'] + '<｜tool▁sep｜>' + call['function']['name'] + '\n```json\n' + "
+    "call['function']['arguments'] + '\n```<｜tool▁call▁end｜>' }}{%- endfor -%}{{ '<｜tool▁calls▁end｜>' }}"
+    "{%- endif -%}{{ '<｜end▁of▁sentence｜>' }}"
+    "{%- elif message['role'] == 'tool' -%}"
+    "{{ '\n' if ns.is_tool else '<｜tool▁outputs▁begin｜>' }}{%- set ns.is_tool = true -%}"
+    "{{ '<｜tool▁output▁begin｜>' + text(message['content']) + '<｜tool▁output▁end｜>' }}"
+    "{%- endif -%}{%- set ns.after_tool = false -%}{%- endfor -%}"
+    "{%- if ns.is_tool -%}{{ '<｜tool▁outputs▁end｜>' }}"
+    "{%- elif add_generation_prompt -%}{{ '<｜Assistant｜>' }}{%- endif -%}"
 )
 
 _QWEN_SYSTEM = (
@@ -303,7 +330,7 @@ def _build_deepseek(out: Path) -> None:
     bos, eos, pad = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
     tok = _fast_tokenizer(
         special=[bos, eos, pad, "<｜User｜>", "<｜Assistant｜>"],
-        added=["<think>", "</think>"],
+        added=["<think>", "</think>"] + _DEEPSEEK_TOOL_TOKENS,  # not special, as in the real tokenizer: decoded
         bos=bos, eos=eos, pad=pad, chat_template=_DEEPSEEK_TEMPLATE,
     )
     bos_id, eos_id, pad_id = _ids(tok, bos, eos, pad)

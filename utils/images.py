@@ -100,7 +100,7 @@ def parse_image_job(body: Mapping, uploads: Mapping[str, list[bytes]], spec: Mod
                            error="image too large")
     true_cfg = number_field(body, "true_cfg_scale", integer=False, low=0.0, high=MAX_SCALE,
                             default=defaults.true_cfg_scale)
-    seed = number_field(body, "seed", integer=True, low=0, high=SEED_MAX, default=None)
+    seed = number_field(body, "seed", integer=True, low=0, high=SEED_MAX, default=defaults.seed)
     params = ImageParams(
         num_inference_steps=number_field(body, "num_inference_steps", integer=True, low=1, high=limits.max_steps,
                                     default=defaults.num_inference_steps),

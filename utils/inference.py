@@ -11,14 +11,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
 from utils.errors import InvalidInput, RequestTimeout
-from utils.families import GenerationParams, GenerationRequest, GenerationResult, family_class
+from utils.families import GenerationParams, GenerationRequest, GenerationResult, accepted_media, family_class
 from utils.families.base import client_texts
 from utils.families.special_tokens import SpecialTokenGuard
-from utils.settings import ModelSpec
+from utils.settings import SEED_MAX, ModelSpec
 
 MEDIA_FIELDS = {"image": "image", "images": "image", "video": "video", "videos": "video", "audio": "audio",
                 "audios": "audio"}
-SEED_MAX = 2**63 - 1
 URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]{0,15}://")
 MIN_TEMPERATURE = 0.01  # below this, logits / temperature overflow to inf
 
@@ -28,6 +27,7 @@ class MediaItem:
     kind: str          # image | video | audio
     field: str         # as the client named it, e.g. "images[1]"
     payload: Any       # base64/data-URL str, or bytes from an upload
+    options: dict | None = None  # fps / nframes / max_pixels / min_pixels (utils/media_options.py)
 
 
 @dataclass
@@ -42,6 +42,7 @@ class GenerateJob:
     raw: bool = False
     timeout: float | None = None  # the request's own deadline, seconds; None = the model's / server's
     texts: list[tuple[str, str]] | None = None  # (field, text) the client wrote (see GenerationRequest.texts)
+    tools: list[dict] | None = None  # function tools the chat template renders (see GenerationRequest.tools)
 
 
 # ------------------------------------------------------------------ validation
@@ -120,7 +121,7 @@ def parse_params(body: Mapping, spec: ModelSpec) -> GenerationParams:
         do_sample=do_sample,
         repetition_penalty=number_field(body, "repetition_penalty", integer=False, low=0.01, high=10.0,
                                    default=defaults.repetition_penalty),
-        seed=number_field(body, "seed", integer=True, low=0, high=SEED_MAX, default=None),
+        seed=number_field(body, "seed", integer=True, low=0, high=SEED_MAX, default=defaults.seed),
     )
 
 
@@ -166,6 +167,12 @@ def check_media_items(media: list[MediaItem], spec: ModelSpec, *, missing: str =
         if counts[item.kind] > limits[item.kind]:
             raise InvalidInput(f"model '{spec.key}' takes at most {limits[item.kind]} {item.kind}(s) per request",
                                field=item.field, error="too many media items")
+        honoured = family_class(spec.family).media_options
+        for name in item.options or {}:
+            if name not in honoured:
+                raise InvalidInput(f"model '{spec.key}' does not take '{name}' on its media (its processor "
+                                   f"{'sizes them itself' if 'pixels' in name else 'takes the frames as sampled'})",
+                                   field=f"{item.field.rsplit('.', 1)[0]}.{name}", error="unsupported parameter")
     if counts.get("image", 0) < family.min_images:
         raise InvalidInput(f"'{spec.key}' answers a question about an image: send it in 'image' (base64, a data URL "
                            f"or an upload)", field=missing, error="missing image")
@@ -227,7 +234,7 @@ class InferenceService:
         limits = self.media_limits
         family = family_class(spec.family) if spec is not None else None
         request = GenerationRequest(prompt=job.prompt, system=job.system, messages=job.messages, raw=job.raw,
-                                    texts=job.texts)
+                                    texts=job.texts, tools=job.tools)
         if family is not None:  # the client's text first: it costs no media decoding
             self.special_tokens.check(spec, family, client_texts(request))
         payloads = [[self.media_bytes(frame, f"{item.field}[{i}]") for i, frame in enumerate(item.payload)]
@@ -244,12 +251,15 @@ class InferenceService:
             load, into = loaders[item.kind]
             if isinstance(data, list):
                 frames = [media.load_image(frame, f"{item.field}[{i}]", limits) for i, frame in enumerate(data)]
-                into.append(media.video_from_frames(frames, item.field, limits))
+                into.append(media.video_from_frames(frames, item.field, limits, options=item.options))
+            elif item.kind == "video":
+                into.append(load(data, item.field, limits, options=item.options))
             else:
                 into.append(load(data, item.field, limits))
             if item.kind == "audio" and family is not None:
                 family.check_audio_length(len(into[-1]), limits.audio_sampling_rate, item.field)
             request.media_fields.setdefault(item.kind, []).append(item.field)
+            request.media_options.setdefault(item.kind, []).append(dict(item.options or {}))
         return request
 
     def media_bytes(self, payload: Any, field: str) -> bytes:

@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from utils.errors import InvalidInput, PayloadTooLarge, ServerError
+from utils.media_options import frame_count
 
 log = logging.getLogger(__name__)
 
@@ -462,9 +463,10 @@ class VideoClip:
 MAX_GIVEN_FRAMES = 256  # frames a client may send as one video (they are sampled down to max_video_frames)
 
 
-def video_from_frames(images: list[Image.Image], field: str, limits: MediaLimits, fps: float = 2.0) -> VideoClip:
+def video_from_frames(images: list[Image.Image], field: str, limits: MediaLimits, fps: float = 2.0,
+                      options: dict | None = None) -> VideoClip:
     """A video sent as its frames (images of one size, in order, `fps` apart): sampled evenly like a
-    decoded clip."""
+    decoded clip (`options`: a request's fps / nframes, utils/media_options.py)."""
     if not images:
         raise InvalidInput("a video needs at least one frame", field=field)
     size = images[0].size
@@ -472,7 +474,7 @@ def video_from_frames(images: list[Image.Image], field: str, limits: MediaLimits
         if image.size != size:
             raise InvalidInput(f"frame {i} is {image.size[0]}x{image.size[1]}; every frame of one video must have "
                                f"the first frame's size {size[0]}x{size[1]}", field=f"{field}[{i}]")
-    keep = sample_indices(len(images), limits.max_video_frames)
+    keep = sample_indices(len(images), frame_count(options, len(images), len(images) / fps, limits.max_video_frames))
     return VideoClip(frames=np.stack([np.asarray(images[i]) for i in keep]), fps=fps, duration=len(images) / fps,
                      total_frames=len(images), frame_indices=keep)
 
@@ -485,20 +487,24 @@ def sample_indices(total: int, count: int) -> list[int]:
     return [int(math.floor(i * (total - 1) / (count - 1) + 0.5)) for i in range(count)]
 
 
-def load_video(data: bytes, field: str, limits: MediaLimits) -> VideoClip:
+def load_video(data: bytes, field: str, limits: MediaLimits, options: dict | None = None) -> VideoClip:
     """MP4/MOV (H.264, MPEG-4 and what FFmpeg decodes), AVI, WebM/MKV (VP8, VP9) -> ``VideoClip`` with up to
-    ``limits.max_video_frames`` frames sampled evenly over the whole clip."""
+    ``limits.max_video_frames`` frames sampled evenly over the whole clip (fewer where the request's
+    ``options`` ask for fewer: fps or nframes, utils/media_options.py)."""
     data, label = _accept(data, field, limits, "video", _VIDEO_CONTAINERS)
     with _decoding(field, "video", label):
         scan = _scan_video(data, label, field, limits)
         total = scan["packets"]
-        wanted = sample_indices(total, limits.max_video_frames)
+        fps = scan["fps"] or (total / scan["span"] if scan["span"] > 0 else 0.0)
+        seconds = scan["span"] if scan["span"] > 0 else (total / fps if fps else 0.0)
+        count = frame_count(options, total, seconds, limits.max_video_frames)
+        wanted = sample_indices(total, count)
         frames, decoded = _decode_frames(data, label, wanted, field, limits)
         if frames is None:   # fewer frames decoded than packets: sample again from what decodes
             if decoded == 0:
                 raise InvalidInput(f"no decodable video frames in the {label} data", field=field)
             total = decoded
-            wanted = sample_indices(total, limits.max_video_frames)
+            wanted = sample_indices(total, count)
             frames, _ = _decode_frames(data, label, wanted, field, limits)
             if frames is None:
                 raise InvalidInput(f"the {label} video decodes differently on each pass", field=field)

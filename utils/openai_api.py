@@ -9,15 +9,19 @@ import time
 import uuid
 from typing import Any, Iterator, Mapping
 
+from utils import openai_tools
 from utils.errors import InvalidInput, ServerError, UnknownModel
 from utils.inference import (GenerateJob, MediaItem, check_answers_prompts, check_media_items, parse_params,
                              parse_timeout, text_field)
+from utils.media_options import parse_media_options
 from utils.settings import IMAGE_FAMILIES, ModelSpec, ServerSettings
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 # Parameters we do not implement: a value that would change the answer is refused, never ignored.
+# (tools, tool_choice, parallel_tool_calls: utils/openai_tools.py; functions/function_call: OpenAI's
+# deprecated form of them.)
 UNSUPPORTED = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "logprobs": False,
-               "top_logprobs": None, "tools": None, "tool_choice": None, "functions": None, "function_call": None,
+               "top_logprobs": None, "functions": None, "function_call": None,
                "echo": False, "suffix": None, "best_of": 1}
 MAX_STOPS = 4
 # A transcription's `language`: ISO 639 letters, then BCP 47 subtags (pt-BR, zh_Hant): never free text.
@@ -116,9 +120,11 @@ def _parts(content: Any, where: str, media: list[MediaItem], texts: list[tuple[s
             parts.append({"type": "text", "text": part["text"]})
             continue
         if kind == "image_url":
-            media.append(MediaItem("image", f"{field}.image_url", _url(part, "image_url", f"{field}.image_url")))
-        elif kind == "video_url":
-            media.append(MediaItem("video", f"{field}.video_url", _url(part, "video_url", f"{field}.video_url")))
+            media.append(MediaItem("image", f"{field}.image_url", _url(part, "image_url", f"{field}.image_url"),
+                                   parse_media_options(part, "image", field) or None))
+        elif kind == "video_url":  # seed 004's options (fps, max_pixels...) sit beside video_url
+            media.append(MediaItem("video", f"{field}.video_url", _url(part, "video_url", f"{field}.video_url"),
+                                   parse_media_options(part, "video", field) or None))
         elif kind == "video":  # seed 004's form: the frames of one video, as image URLs
             frames = part.get("video")
             if not isinstance(frames, list) or not frames or not all(isinstance(f, str) for f in frames):
@@ -126,7 +132,7 @@ def _parts(content: Any, where: str, media: list[MediaItem], texts: list[tuple[s
             from utils.media import MAX_GIVEN_FRAMES
             if len(frames) > MAX_GIVEN_FRAMES:
                 raise InvalidInput(f"a video takes at most {MAX_GIVEN_FRAMES} frames", field=f"{field}.video")
-            media.append(MediaItem("video", f"{field}.video", frames))
+            media.append(MediaItem("video", f"{field}.video", frames, parse_media_options(part, "video", field) or None))
         elif kind == "input_audio":
             audio = part.get("input_audio")
             if not isinstance(audio, Mapping) or not isinstance(audio.get("data"), str):
@@ -141,8 +147,9 @@ def _parts(content: Any, where: str, media: list[MediaItem], texts: list[tuple[s
     return parts
 
 
-def parse_chat(body: Mapping, spec: ModelSpec) -> GenerateJob:
-    """A /v1/chat/completions body -> our job (a conversation, its media in order)."""
+def parse_chat(body: Mapping, spec: ModelSpec) -> tuple[GenerateJob, "openai_tools.ToolRequest | None"]:
+    """A /v1/chat/completions body -> our job (a conversation, its media in order) and what it asks of
+    tools (None without)."""
     if spec.family in IMAGE_FAMILIES:  # refused before the lease: the load alone is tens of GB
         route = "/v1/images/edits" if spec.family == "image_edit" else "/v1/images/generations"
         raise InvalidInput(f"'{spec.key}' makes images, not chat answers; use {route}", field="model",
@@ -154,6 +161,7 @@ def parse_chat(body: Mapping, spec: ModelSpec) -> GenerateJob:
     media: list[MediaItem] = []
     texts: list[tuple[str, str]] = []
     turns: list[dict] = []
+    tools = openai_tools.parse_tools(body, spec)
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, Mapping) or not isinstance(message.get("role"), str) \
@@ -161,24 +169,38 @@ def parse_chat(body: Mapping, spec: ModelSpec) -> GenerateJob:
             raise InvalidInput(f"each message needs a role: one of {', '.join(ROLES)}", field=f"{where}.role")
         role = ROLES[message["role"]]
         content = message.get("content")
+        calls = openai_tools.history_calls(message, where, texts) if role == "assistant" else None
         if content is None and role == "assistant":
             content = ""
         before = len(media)
-        parts = _parts(content, f"{where}.content", media, texts)
+        empty = calls and content in ("", [])  # an assistant turn of calls only
+        parts = [] if empty else _parts(content, f"{where}.content", media, texts)
         if role != "user" and len(media) > before:
             raise InvalidInput(f"media go in user messages, not in {message['role']} ones", field=f"{where}.content")
-        turns.append({"role": role, "content": parts})
-    if turns[-1]["role"] != "user":
-        raise InvalidInput("the last message must be the user's", field=f"messages[{len(turns) - 1}].role")
+        turn = {"role": role, "content": parts}
+        if calls:
+            turn["tool_calls"] = calls
+        if role == "tool":
+            turn["tool_call_id"] = openai_tools.tool_call_id(message, where)
+        turns.append(turn)
+    if turns[-1]["role"] not in ("user", "tool"):
+        raise InvalidInput("the last message must be the user's (or a tool's result)",
+                           field=f"messages[{len(turns) - 1}].role")
+    openai_tools.check_history(turns, spec)
+    rendered = openai_tools.tool_texts(tools) if tools is not None and tools.active else []
+    texts += rendered
     text = "".join(p["text"] for turn in turns for p in turn["content"] if p["type"] == "text")
+    text += "".join(t for _, t in rendered)
     if len(text) > spec.limits.max_prompt_chars:
         raise InvalidInput(f"the messages hold {len(text)} characters of text; this model takes at most "
                            f"{spec.limits.max_prompt_chars}", field="messages", error="value out of range")
     _check_text(text, "messages")
     check_media_items(media, spec, missing="messages")
     last = "".join(p["text"] for p in turns[-1]["content"] if p["type"] == "text")
-    return GenerateJob(prompt=last, params=_params(body, spec), media=media, messages=turns, texts=texts,
-                       stream=body.get("stream") is True, timeout=parse_timeout(body))
+    job = GenerateJob(prompt=last, params=_params(body, spec), media=media, messages=turns, texts=texts,
+                      stream=body.get("stream") is True, timeout=parse_timeout(body),
+                      tools=list(tools.tools) if tools is not None and tools.active else None)
+    return job, tools
 
 
 def parse_completion(body: Mapping, spec: ModelSpec) -> GenerateJob:
@@ -186,6 +208,10 @@ def parse_completion(body: Mapping, spec: ModelSpec) -> GenerateJob:
     if spec.family != "text":
         raise InvalidInput(f"'{spec.key}' is not a text model; use /v1/chat/completions", field="model",
                            error="unsupported model")
+    for name in ("tools", "tool_choice", "parallel_tool_calls"):
+        if body.get(name) not in (None, []):
+            raise InvalidInput(f"'{name}' is taken on /v1/chat/completions only", field=name,
+                               error="unsupported parameter")
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]
@@ -319,12 +345,16 @@ def finish_reason(result: Any) -> str:
     return result.finish_reason if result.finish_reason in ("length", "timeout") else "stop"
 
 
-def chat_response(key: str, result: Any) -> dict:
-    message = {"role": "assistant", "content": result.text}
+def chat_response(key: str, result: Any, tools: Any = None, spec: ModelSpec | None = None) -> dict:
+    content, calls = openai_tools.message_with_calls(result.text, tools, spec)
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = calls
     if result.reasoning is not None:
         message["reasoning_content"] = result.reasoning
+    finish = "tool_calls" if calls and finish_reason(result) == "stop" else finish_reason(result)
     return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": key,
-            "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(result), "logprobs": None}],
+            "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
             "usage": usage(result)}
 
 
@@ -336,9 +366,11 @@ def completion_response(key: str, result: Any) -> dict:
             "choices": [choice], "usage": usage(result)}
 
 
-def chat_chunks(key: str, stream: Any, include_usage: bool) -> Iterator[dict]:
+def chat_chunks(key: str, stream: Any, include_usage: bool, tools: Any = None,
+                spec: ModelSpec | None = None) -> Iterator[dict]:
     """OpenAI's chat.completion.chunk objects for a stream of text pieces: the role first, then
-    content (reasoning between <think> tags goes to reasoning_content), the finish, then usage."""
+    content (reasoning between <think> tags goes to reasoning_content; tool calls as tool_calls
+    deltas), the finish, then usage."""
     base = {"id": new_id("chatcmpl"), "object": "chat.completion.chunk", "created": int(time.time()), "model": key}
 
     def chunk(delta: dict, finish: str | None = None) -> dict:
@@ -346,11 +378,13 @@ def chat_chunks(key: str, stream: Any, include_usage: bool) -> Iterator[dict]:
 
     yield chunk({"role": "assistant", "content": ""})
     splitter = ReasoningSplitter()
-    for piece in stream:
-        for field, text in splitter.feed(piece):
-            yield chunk({field: text})
+    called = [False]
+    pieces = (item for piece in stream for item in splitter.feed(piece))
+    for delta in openai_tools.stream_with_calls(pieces, tools, spec, called):
+        yield chunk(delta)
     result = stream.result
-    yield chunk({}, finish_reason(result) if result else "stop")
+    finish = finish_reason(result) if result else "stop"
+    yield chunk({}, "tool_calls" if called[0] and finish == "stop" else finish)
     if include_usage and result is not None:
         yield dict(base, choices=[], usage=usage(result))
 

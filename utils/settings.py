@@ -37,6 +37,7 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(b|kb|kib|mb|mib|gb|gib|tb|tib)?\s
 _SIZE_UNITS = {"b": 1, "kb": 10**3, "kib": 2**10, "mb": 10**6, "mib": 2**20, "gb": 10**9, "gib": 2**30,
                "tb": 10**12, "tib": 2**40}
 _KEY_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+SEED_MAX = 2**63 - 1  # the largest seed a request or the config may give (torch takes 64-bit seeds)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ class GenerationDefaults:
     top_k: int | None = None
     do_sample: bool = False
     repetition_penalty: float | None = None
+    # Seed of a request that gives none (None: a fresh one each time); server `default_seed` fills it
+    # for every model whose own `generation:` sets none.
+    seed: int | None = None
     # Image families (text_to_image, image_edit); text models ignore these.
     num_inference_steps: int = 28
     guidance_scale: float = 3.5       # FLUX.1-dev's distilled guidance; schnell ignores it
@@ -235,6 +239,9 @@ class ServerSettings:
     # Each sweep: while free RAM / GPU memory is below its headroom, idle models on that device are
     # released (LRU first) until free memory is back above headroom + margin.
     request_timeout: float = 600.0   # REQUEST_TIMEOUT: default deadline of a request, seconds (per model: timeout)
+    # DEFAULT_SEED (seed 004's VLM_SEED): the seed of requests that give none, for every model whose own
+    # generation.seed is unset (applied to ModelSpec.generation.seed at load); None: a fresh seed each time.
+    default_seed: int | None = None
     memory_pressure_release: bool = True
     pressure_margin_bytes: int = 1 * GIB
     # Quantized cache (utils/checkpoints.py): the first 4-bit / 8-bit load of a model saves the quantized
@@ -312,6 +319,7 @@ class ServerSettings:
             "group_window": self.group_window,
             "max_pass_over": self.max_pass_over,
             "request_timeout": self.request_timeout,
+            "default_seed": self.default_seed,
             "memory_pressure_release": self.memory_pressure_release,
             "pressure_margin_bytes": self.pressure_margin_bytes,
             "quant_cache": self.quant_cache,
@@ -440,7 +448,7 @@ _SERVER_FIELDS = {"max_loaded_models", "idle_timeout", "models_dir", "tmp_dir", 
                   "sweep_interval", "tmp_ttl", "tmp_max_mb", "media", "remote_media", "engine", "torch_threads",
                   "group_window", "max_pass_over", "memory_pressure_release", "pressure_margin_gb",
                   "request_timeout", "quant_cache", "quant_cache_dir", "quant_cache_max_gb", "jobs",
-                  "ram_tier", "backend", "ray"}
+                  "ram_tier", "backend", "ray", "default_seed"}
 _JOB_FIELDS = {f.name for f in dataclasses.fields(JobSettings)}
 _RAY_FIELDS = {"address", "num_cpus", "max_ongoing_requests", "health_check_period", "call_timeout", "groups",
                "app_prefix",
@@ -477,6 +485,8 @@ SERVER_ENV = {
     "QUANT_CACHE_DIR": "quant_cache_dir",
     "QUANT_CACHE_MAX_GB": "quant_cache_max_gb",
     "MODEL_SERVER_BACKEND": "backend",
+    "DEFAULT_SEED": "default_seed",
+    "VLM_SEED": "default_seed",   # seed 004's name; DEFAULT_SEED wins when both are set
 }
 # Environment variable -> key of the server `ray` section.
 RAY_ENV = {"RAY_ADDRESS": "address", "RAY_REPLICAS": "replicas", "RAY_NUM_CPUS": "num_cpus",
@@ -511,6 +521,7 @@ def _generation(raw: Any, where: str) -> GenerationDefaults:
         do_sample=_bool(raw.get("do_sample", False), f"{where}.do_sample"),
         repetition_penalty=(None if raw.get("repetition_penalty") is None
                             else _float(raw["repetition_penalty"], f"{where}.repetition_penalty", minimum=0.01)),
+        seed=_seed(raw.get("seed"), f"{where}.seed"),
         num_inference_steps=_int(raw.get("num_inference_steps", d.num_inference_steps),
                                  f"{where}.num_inference_steps", minimum=1),
         guidance_scale=_float(raw.get("guidance_scale", d.guidance_scale), f"{where}.guidance_scale", minimum=0.0,
@@ -528,6 +539,24 @@ def _generation(raw: Any, where: str) -> GenerationDefaults:
         if getattr(out, name) is not None and getattr(out, name) % IMAGE_SIZE_MULTIPLE:
             _fail(f"{where}.{name}", f"must be a multiple of {IMAGE_SIZE_MULTIPLE}, got {getattr(out, name)}")
     return out
+
+
+def _seed(value: Any, where: str) -> int | None:
+    if value in (None, ""):
+        return None
+    seed = _int(value, where, minimum=0)
+    if seed > SEED_MAX:
+        _fail(where, f"must be at most {SEED_MAX}; got {seed}")
+    return seed
+
+
+def _with_default_seed(models: dict[str, ModelSpec], seed: int | None) -> dict[str, ModelSpec]:
+    """The server's default_seed as the generation seed of every model that sets none of its own."""
+    if seed is None:
+        return models
+    return {key: spec if spec.generation.seed is not None else
+            dataclasses.replace(spec, generation=dataclasses.replace(spec.generation, seed=seed))
+            for key, spec in models.items()}
 
 
 def _limits(raw: Any, where: str) -> ModelLimits:
@@ -910,7 +939,7 @@ def load_settings(config_path: str | os.PathLike | None = None, env: Mapping[str
     _only_known(document, path.name, {"server", "models"})
     server = dict(_mapping(document.get("server"), "server"))
     _only_known(server, "server", _SERVER_FIELDS)
-    for env_name, name in SERVER_ENV.items():
+    for env_name, name in reversed(SERVER_ENV.items()):  # reversed: of two names for one key, the first wins
         if env.get(env_name) not in (None, ""):
             server[name] = env[env_name]
     base = path.parent
@@ -923,7 +952,9 @@ def load_settings(config_path: str | os.PathLike | None = None, env: Mapping[str
         if env.get(env_name) not in (None, ""):
             raw_engine[name] = env[env_name]
     engine = _engine(raw_engine, "server.engine", EngineSettings())
-    models = {str(key): _model(str(key), raw, models_dir, env, engine) for key, raw in raw_models.items()}
+    default_seed = _seed(server.get("default_seed"), "server.default_seed")
+    models = _with_default_seed({str(key): _model(str(key), raw, models_dir, env, engine)
+                                 for key, raw in raw_models.items()}, default_seed)
     torch_threads = server.get("torch_threads")
 
     idle_timeout = _float(server.get("idle_timeout", 600), "server.idle_timeout")
@@ -960,6 +991,7 @@ def load_settings(config_path: str | os.PathLike | None = None, env: Mapping[str
                              minimum=0, maximum=3600),
         request_timeout=_float(server.get("request_timeout", ServerSettings.request_timeout), "server.request_timeout",
                                minimum=0.01),
+        default_seed=default_seed,
         memory_pressure_release=_bool(server.get("memory_pressure_release", ServerSettings.memory_pressure_release),
                                       "server.memory_pressure_release"),
         pressure_margin_bytes=_gib(server.get("pressure_margin_gb", ServerSettings.pressure_margin_bytes / GIB),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 
 from flask import Blueprint, Response, current_app, g, jsonify, request, stream_with_context
 
@@ -80,7 +81,10 @@ def chat_completions():
     svc = services()
     body = json_body()
     key = oa.resolve_model(svc.settings, body.get("model"))
-    return run(key, oa.parse_chat(body, svc.settings.models[key]), oa.chat_response, oa.chat_chunks, body)
+    spec = svc.settings.models[key]
+    job, tools = oa.parse_chat(body, spec)
+    return run(key, job, partial(oa.chat_response, tools=tools, spec=spec),
+               partial(oa.chat_chunks, tools=tools, spec=spec), body)
 
 
 @bp.post("/completions")

@@ -75,6 +75,11 @@ class GenerationRequest:
     # (field, text) of every text the client wrote; None: the prompt, system and messages as they are.
     texts: list[tuple[str, str]] | None = None
     negative_prompt: str | None = None  # image families: what the image should not show
+    # Per item, like media_fields: the client's options for it ({"max_pixels": ...}; utils/media_options.py).
+    media_options: dict[str, list[dict]] = field(default_factory=dict)
+    # OpenAI function tools ({"type": "function", "function": {...}}) the chat template renders; messages
+    # may then also hold assistant "tool_calls" and "tool" turns (with "tool_call_id").
+    tools: list[dict] | None = None
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,8 @@ class Family:
     max_aspect_ratio: ClassVar[float | None] = None   # images and video frames, longer side / shorter side
     min_audio_seconds: ClassVar[float] = 0.0          # of the 16 kHz waveform
     min_images: ClassVar[int] = 0                     # images a request must hold (BLIP VQA: its one image)
+    # Per-item media options (utils/media_options.py) the family honours; others are refused (400).
+    media_options: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, spec: ModelSpec, device: str, model: Any, processor: Any) -> None:
         self.spec, self.device, self.model, self.processor = spec, device, model, processor
@@ -353,7 +360,7 @@ class Family:
         """Chat template over media items + prompt, then the processor: tensors on the model's device."""
         with self.client_data(request, "chat template"):
             text = self.processor.apply_chat_template(chat_messages(request, items), tokenize=False,
-                                                      add_generation_prompt=True)
+                                                      add_generation_prompt=True, **tools_kwargs(request))
         with self.client_data(request, "processor"):
             inputs = self.processor(text=[text], return_tensors="pt", padding=True, **self.media_kwargs(request))
         return {k: (v.to(self.model.device) if hasattr(v, "to") else v) for k, v in inputs.items()}
@@ -492,6 +499,11 @@ def media_field(request: GenerationRequest) -> str:
     return fields[0] if len(fields) == 1 else ", ".join(fields)
 
 
+def tools_kwargs(request: GenerationRequest) -> dict:
+    """apply_chat_template's `tools` when the request has some (a template without tools never sees the key)."""
+    return {"tools": request.tools} if request.tools else {}
+
+
 def chat_messages(request: GenerationRequest, media_items: list[dict] | None = None) -> list[dict]:
     """Messages for a processor's chat template: media items first, then the prompt text; or the
     request's conversation, each media part replaced by the family's item for it, in order."""
@@ -500,9 +512,8 @@ def chat_messages(request: GenerationRequest, media_items: list[dict] | None = N
         for item in media_items or []:
             items.setdefault(item["type"], []).append(item)
         taken = {kind: iter(found) for kind, found in items.items()}
-        return [{"role": message["role"],
-                 "content": [part if part["type"] == "text" else next(taken[part["type"]])
-                             for part in message["content"]]}
+        return [{**message, "content": [part if part["type"] == "text" else next(taken[part["type"]])
+                                        for part in message["content"]]}
                 for message in request.messages]
     messages: list[dict] = []
     if request.system:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from utils.families.base import Family, GenerationRequest, GenerationResult
+from utils.families.base import Family, GenerationRequest, GenerationResult, tools_kwargs
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -23,7 +23,8 @@ class TextFamily(Family):
         else:
             with self.client_data(request, "chat template"):
                 inputs = self.processor.apply_chat_template(text_messages(request), add_generation_prompt=True,
-                                                            return_tensors="pt", return_dict=True)
+                                                            return_tensors="pt", return_dict=True,
+                                                            **tools_kwargs(request))
         return {k: v.to(self.model.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
 
     def result_from_tokens(self, tokens: list[int], prompt_tokens: int, finish_reason: str) -> GenerationResult:
@@ -33,9 +34,10 @@ class TextFamily(Family):
 
 
 def text_messages(request: GenerationRequest) -> list[dict]:
-    """Chat messages with plain-string contents, as text-only chat templates expect them."""
+    """Chat messages with plain-string contents, as text-only chat templates expect them (tool calls
+    and tool_call_id kept as they are)."""
     if request.messages is not None:
-        return [{"role": m["role"], "content": "".join(p["text"] for p in m["content"] if p["type"] == "text")}
+        return [{**m, "content": "".join(p["text"] for p in m["content"] if p["type"] == "text")}
                 for m in request.messages]
     messages = [{"role": "system", "content": request.system}] if request.system else []
     return messages + [{"role": "user", "content": request.prompt}]
