@@ -4,13 +4,14 @@ around the same InferenceService that /generate uses.
 """
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any, Iterator, Mapping
 
 from utils.errors import InvalidInput, ServerError, UnknownModel
 from utils.inference import GenerateJob, MediaItem, check_media_items, parse_params, parse_timeout
-from utils.settings import ModelSpec, ServerSettings
+from utils.settings import IMAGE_FAMILIES, ModelSpec, ServerSettings
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # Parameters we do not implement: a value that would change the answer is refused, never ignored.
@@ -18,6 +19,7 @@ UNSUPPORTED = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None
                "top_logprobs": None, "tools": None, "tool_choice": None, "functions": None, "function_call": None,
                "echo": False, "suffix": None, "best_of": 1}
 MAX_STOPS = 4
+SIZE = re.compile(r"^\s*([0-9]{1,6})\s*[xX]\s*([0-9]{1,6})\s*$")  # /v1/images `size`: WIDTHxHEIGHT
 TRANSCRIBE_PROMPT = "Transcribe the audio exactly, word for word."
 
 
@@ -132,6 +134,9 @@ def _parts(content: Any, where: str, media: list[MediaItem], texts: list[tuple[s
 
 def parse_chat(body: Mapping, spec: ModelSpec) -> GenerateJob:
     """A /v1/chat/completions body -> our job (a conversation, its media in order)."""
+    if spec.family in IMAGE_FAMILIES:  # refused before a lease: a 34 GB load to fail is no answer
+        route = "/v1/images/edits" if spec.family == "image_edit" else "/v1/images/generations"
+        raise InvalidInput(f"'{spec.key}' makes images; use {route}", field="model", error="unsupported model")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidInput("'messages' must be a non-empty list", field="messages", error="missing field")
@@ -256,10 +261,10 @@ def parse_image_request(body: Mapping, spec: ModelSpec, *, edit: bool, image: An
         ours["num_images"] = body["n"]
     size = body.get("size")
     if size not in (None, "", "auto"):
-        parts = size.lower().split("x") if isinstance(size, str) else []
-        if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
-            raise InvalidInput(f"'size' is WIDTHxHEIGHT (e.g. 1024x768) or auto; got {size!r}", field="size")
-        ours["width"], ours["height"] = (int(part) for part in parts)
+        match = SIZE.match(size) if isinstance(size, str) else None
+        if match is None:  # ASCII digits only: str.isdigit() takes "²" and "①", which int() refuses
+            raise InvalidInput(f"'size' is WIDTHxHEIGHT (e.g. 1024x768) or auto; got {str(size)[:40]!r}", field="size")
+        ours["width"], ours["height"] = (int(part) for part in match.groups())
     uploads = {"image": [image]} if image is not None else {}
     try:
         return parse_image_job(ours, uploads, spec)
