@@ -42,14 +42,20 @@ def model_card(spec: ModelSpec, created: int, loaded: bool) -> dict:
 
 # ------------------------------------------------------------------ requests
 
+def same(value: Any, neutral: Any) -> bool:
+    """value == neutral, where true is not 1 and false is not 0 (0.0 is 0)."""
+    return value == neutral and isinstance(value, bool) == isinstance(neutral, bool)
+
+
 def _refuse_unsupported(body: Mapping) -> None:
     for name, neutral in UNSUPPORTED.items():
         value = body.get(name)
-        if value is not None and value != neutral and value != {} and value != []:
+        empty = neutral is None and value in ({}, [])  # no tools, no logit_bias: as absent (not for best_of: {})
+        if value is not None and not same(value, neutral) and not empty:
             raise InvalidInput(f"'{name}' is not supported by this server (only {neutral!r})", field=name,
                                error="unsupported parameter")
     n = body.get("n", 1)
-    if n != 1 and n is not None:
+    if n is not None and not same(n, 1):
         raise InvalidInput("'n' must be 1: one choice per request", field="n", error="unsupported parameter")
 
 
@@ -251,7 +257,7 @@ def parse_image_request(body: Mapping, spec: ModelSpec, *, edit: bool, image: An
         raise InvalidInput("this server returns images inline only: response_format b64_json (url is not served)",
                            field="response_format", error="unsupported parameter")
     for name, neutral in IMAGE_NEUTRAL.items():
-        if body.get(name) not in neutral:
+        if not any(same(body.get(name), value) for value in neutral):
             allowed = ", ".join(repr(v) for v in neutral if v is not None) or "leave it out"
             raise InvalidInput(f"'{name}' is not supported by this server (only: {allowed})", field=name,
                                error="unsupported parameter")

@@ -16,6 +16,7 @@ from utils.openai_api import IMAGE_NEUTRAL, UNSUPPORTED
 from utils.settings import IMAGE_FAMILIES, ModelSpec, ServerSettings
 
 REF = "#/components/schemas/{model}"
+EMPTY_IS_ABSENT = {name for name, neutral in UNSUPPORTED.items() if neutral is None}  # tools: [] = no tools
 TEXT_BODIES = ("GenerateText", "GenerateTextForm")
 IMAGE_BODIES = ("GenerateImage", "GenerateImageForm")
 OPENAI_TEXT = ("ChatRequest", "CompletionRequest")
@@ -70,10 +71,11 @@ def _neutral_only(table: dict[str, Iterable], form: bool = False) -> dict[str, d
             values = [value for value in values if isinstance(value, str)]
             if values:
                 out[name] = {"enum": values, "description": f"not supported: only {', '.join(values)}"}
-        elif values:
-            out[name] = {"enum": values, "description": f"not supported: only {', '.join(map(repr, values))}"}
+        elif values:  # JSON: null is taken as absent
+            out[name] = {"enum": [*values, None], "description": f"not supported: only {', '.join(map(repr, values))}"}
         else:
-            out[name] = {"type": "null", "description": "not supported: leave it out"}
+            out[name] = {"enum": [None, {}, []] if name in EMPTY_IS_ABSENT else [None],
+                         "description": "not supported: leave it out"}
     return out
 
 

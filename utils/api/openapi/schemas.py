@@ -315,7 +315,7 @@ class OpenAISampling(Doc):
     stream_options: dict[str, bool] | None = Field(None, description="{\"include_usage\": true}: a last chunk "
                                                                      "with usage")
     timeout: float | None = Field(None, ge=TIMEOUT[0], le=TIMEOUT[1], description="extension: seconds")
-    user: str | None = Field(None, description="ignored")
+    user: Any = Field(None, description="ignored (any value)")
 
 
 class URL(Doc):

@@ -36,6 +36,9 @@ ERRORS = {
          "full or the wait timed out, out of memory; Retry-After says when to try again",
 }
 GUNICORN = {414}                       # answered before the app: utils/gunicorn_worker.py, always ErrorBody
+TAGS = {"generate": "Our inference routes: text or images from any model", "openai": "OpenAI's API (/v1)",
+        "jobs": "Asynchronous jobs: queue, poll, fetch", "service": "Liveness, readiness, models, metrics",
+        "admin": "Operators: memory, models, config, cleanup", "pages": "Pages: the dashboard and these docs"}
 HEADERS = {401: {"WWW-Authenticate": {"schema": {"type": "string"}}},
            503: {"Retry-After": {"schema": {"type": "string"}}}}
 DESCRIPTION = """\
@@ -55,6 +58,8 @@ def openapi_path(rule: str, names: dict[str, str]) -> str:
 def build(app, settings, runtime, *, show_models: bool) -> dict:
     spec = APISpec(title="Model server", version=API_VERSION, openapi_version="3.1.0",
                    info={"description": DESCRIPTION})
+    for tag, text in TAGS.items():  # the order /docs shows them in
+        spec.tag({"name": tag, "description": text})
     for name, schema in component_schemas(settings, show_models=show_models).items():
         spec.components.schema(name, component=schema)
     for guard, scheme in SCHEMES.items():
