@@ -81,6 +81,7 @@ def create_app(settings: ServerSettings | None = None, *, background: bool = Tru
     from utils.api.generate import bp as generate_bp
     from utils.api.jobs import bp as jobs_bp
     from utils.api.openai import bp as openai_bp
+    from utils.api.openapi import bp as openapi_bp, docs_bp
     app.register_blueprint(generate_bp)
     app.register_blueprint(openai_bp)
     app.register_blueprint(jobs_bp)
@@ -88,6 +89,8 @@ def create_app(settings: ServerSettings | None = None, *, background: bool = Tru
     app.register_blueprint(dashboard_bp)
     app.register_blueprint(devices_bp)
     app.register_blueprint(metrics_bp)
+    app.register_blueprint(openapi_bp)
+    app.register_blueprint(docs_bp)
     _install_request_ids(app)
     _install_drain_refusal(app)
     _install_observability(app, services)
@@ -160,23 +163,14 @@ def _install_request_ids(app: Flask) -> None:
 
 
 def _install_auth(app: Flask, settings: ServerSettings, runtime) -> None:
-    """ADMIN_TOKEN guards /admin, API_TOKEN guards inference and the list of models, METRICS_TOKEN
-    (when set) /metrics; /health and /ready stay open, and so do views marked `public` (the
-    dashboard's page and assets, which hold no data)."""
+    """ADMIN_TOKEN guards /admin, API_TOKEN guards inference and the lists of models and devices, METRICS_TOKEN (when set) /metrics;
+    /health and /ready stay open, and so do views marked `public` (the dashboard's page and assets,
+    which hold no data). The table is utils/api/auth.py."""
+    from utils.api.auth import guard_of, token_of  # the table the API description reads too
 
     @app.before_request
     def check_token() -> None:
-        path = request.path
-        if getattr(app.view_functions.get(request.endpoint), "public", False):
-            return
-        if path.startswith("/admin"):
-            expected = settings.admin_token
-        elif path.startswith(("/generate", "/v1", "/jobs")) or path in ("/models", "/device"):
-            expected = settings.api_token
-        elif path == "/metrics":
-            expected = runtime.metrics_token
-        else:
-            return
+        expected = token_of(guard_of(request.path, app.view_functions.get(request.endpoint)), settings, runtime)
         if expected is None:
             return
         header = request.headers.get("Authorization", "")

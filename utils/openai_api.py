@@ -58,7 +58,8 @@ def is_neutral(value: Any, neutral: Any) -> bool:
 def _refuse_unsupported(body: Mapping) -> None:
     for name, neutral in UNSUPPORTED.items():
         value = body.get(name)
-        if value is not None and not is_neutral(value, neutral) and value != {} and value != []:
+        empty = neutral is None and value in ({}, [])  # no tools, no logit_bias: as absent (not for best_of: {})
+        if value is not None and not is_neutral(value, neutral) and not empty:
             raise InvalidInput(f"'{name}' is not supported by this server (only {neutral!r})", field=name,
                                error="unsupported parameter")
     n = body.get("n")

@@ -13,7 +13,7 @@ from utils.inference import number_field
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 metrics_bp = Blueprint("metrics", __name__)
-DEVICE_RE = re.compile(r"^(cpu|mps|cuda:\d+)$")
+DEVICE_RE = re.compile(r"^(cpu|mps|cuda:[0-9]{1,3})$")  # ASCII digits: re's \d takes "cuda:٣" too
 
 
 def services():
@@ -53,12 +53,28 @@ def wait_seconds() -> float:
     return seconds
 
 
+def present_device(device: str) -> str:
+    """A device this machine has (cuda:01 read as cuda:1): asking for one it lacks is the client's
+    mistake (400), not a memory shortage or a failed load (503)."""
+    from utils.model_manager import _mps_available
+    if device.startswith("cuda:"):
+        device = f"cuda:{int(device[5:])}"
+    present = ["cpu", *(f"cuda:{gpu.index}" for gpu in services().probe.read().gpus),
+               *(["mps"] if device == "mps" and _mps_available() else [])]
+    if device not in present:
+        raise InvalidInput(f"there is no {device} here; devices: {', '.join(present)}", field="device",
+                           error="unknown device")
+    return device
+
+
 @bp.post("/models/<key>/load")
 def load_model(key: str):
     """?device=cpu|cuda:N|mps moves the model there (e.g. back to a GPU after a CPU fallback)."""
     device = request.args.get("device")
     if device is not None and not DEVICE_RE.match(device):
         raise InvalidInput(f"'device' must be cpu, cuda:N or mps; got {device!r}", field="device")
+    if device is not None and services().cluster is None:  # (Ray: the replicas' devices are theirs)
+        device = present_device(device)
     status = services().manager.load(key, force_retry=True, device=device, wait=wait_seconds())
     return jsonify({"loaded": True, "model": status})
 
