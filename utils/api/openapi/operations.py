@@ -73,6 +73,12 @@ JOB_LINKS = {"status": {"operationId": "jobs.status", "parameters": {"id": "$res
              "result": {"operationId": "jobs.result", "parameters": {"job_id": "$response.body#/job_id"}},
              "cancel": {"operationId": "jobs.cancel", "parameters": {"id": "$response.body#/job_id"}}}
 
+# GET /device: names, and one entry per device (name, memory, the models there); one device alone is an entry.
+DEVICE_REPORT = {"type": "object", "additionalProperties": True,
+                 "properties": {"devices": {"type": "array", "items": {"type": "string"}},
+                                "details": {"type": "array", "items": {"type": "object"}},
+                                "replicas": {"type": "object"}}}
+
 OPERATIONS: dict[str, Operation] = {
     # ------------------------------------------------------------ inference (utils/api/generate.py, images.py)
     "generate.generate": Operation(
@@ -90,6 +96,13 @@ OPERATIONS: dict[str, Operation] = {
          503: reply("not ready (preloading, draining, models folder unreadable): the reasons", "Ready",
                     headers={"Retry-After": {"schema": {"type": "string"}}})}),
     "generate.list_models": Operation("The configured models", "service", {200: reply("every model", "ModelList")}),
+    # ------------------------------------------------------------ devices (utils/api/devices.py, seed 004)
+    "devices.device": Operation(
+        "The devices this server sees (seed 004's /device): all, or one with ?device=", "service",
+        {200: reply("every device (`devices`, `details`, and `replicas` under the Ray backend), or the one named "
+                    "by ?device=", DEVICE_REPORT)}, (400,),
+        params=[query("device", {"type": "string", "maxLength": 64},
+                      "CPU, GPU, GPU.N, cpu, cuda or cuda:N; without it, every device")]),
     # ------------------------------------------------------------ jobs (utils/api/jobs.py)
     "jobs.submit": Operation(
         "Queue a job: the body /generate takes, run later", "jobs",
