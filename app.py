@@ -16,7 +16,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from utils.api.forms import StrictFormParser
 from utils.errors import ServerError, ShuttingDown, Unauthorized
 from utils.services import Services, Sweeper, add_jobs, build_services
-from utils.settings import ServerSettings, load_settings
+from utils.config.settings import ServerSettings, load_settings
 
 log = logging.getLogger("model_server.app")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -54,16 +54,16 @@ def _install_temp_scopes(app: Flask) -> None:
 
 def create_app(settings: ServerSettings | None = None, *, background: bool = True, runtime=None) -> Flask:
     """runtime: RuntimeSettings (BODY_TIMEOUT, SHUTDOWN_GRACE, METRICS_TOKEN); default from the environment."""
-    from utils.lifecycle import Lifecycle
-    from utils.runtime_settings import RuntimeSettings
+    from utils.ops.lifecycle import Lifecycle
+    from utils.config.runtime import RuntimeSettings
     settings = settings or load_settings()
     runtime = runtime or RuntimeSettings.from_env()
     for folder in (settings.models_dir, settings.tmp_dir, settings.log_dir):
         folder.mkdir(parents=True, exist_ok=True)
-    from utils.logging_setup import setup_logging
+    from utils.ops.logging_setup import setup_logging
     setup_logging(settings.log_dir)  # once per process
     if settings.demo:
-        from utils.demo_models import build_demo_models
+        from utils.hub.demo_models import build_demo_models
         build_demo_models(settings.models_dir / "demo")  # cached: only the first start builds
     app = Flask(__name__)
     app.request_class = ScopedRequest
@@ -120,7 +120,7 @@ def _install_serving_layer(app: Flask, services: Services) -> None:
     def stream_end(path: str) -> bytes:
         details = "the server is shutting down; the answer is incomplete"
         if path.startswith("/v1/"):
-            from utils.openai_api import error_body
+            from utils.api.openai_translation import error_body
             body = error_body(503, "shutting down", details)
         else:
             body = {"error": "shutting down", "details": details}
@@ -181,7 +181,7 @@ def _install_auth(app: Flask, settings: ServerSettings, runtime) -> None:
 
 def _install_observability(app: Flask, services: Services) -> None:
     """One after_request hook: the request's metrics and its access log line."""
-    from utils.logging_setup import log_access
+    from utils.ops.logging_setup import log_access
     models = services.settings.models
 
     @app.after_request
@@ -202,7 +202,7 @@ def _install_observability(app: Flask, services: Services) -> None:
 def _install_error_handlers(app: Flask) -> None:
     def error_response(status: int, error: str, details: str, headers: dict | None = None, extra=None):
         if request.path.startswith("/v1/") or request.path == "/v1":  # OpenAI's clients read OpenAI's shape
-            from utils.openai_api import error_body
+            from utils.api.openai_translation import error_body
             body = error_body(status, error, details, (extra or {}).get("field"))
         else:
             body = {"error": error, "details": details}

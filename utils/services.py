@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any
 
-from utils.settings import ServerSettings
+from utils.config.settings import ServerSettings
 
 log = logging.getLogger("model_server.app")
 
@@ -24,11 +24,11 @@ class Services:
     probe: Any
     metrics: Any = None
     sweeper: Any = None
-    lifecycle: Any = None   # utils/lifecycle.Lifecycle: readiness, requests in flight, drain, shutdown
-    runtime: Any = None     # utils/runtime_settings.RuntimeSettings
-    quant_cache: Any = None  # utils/checkpoints.QuantizedCache: 4-bit / 8-bit models saved once quantized
-    jobs: Any = None         # utils/jobs.JobRunner: asynchronous jobs (records and results on disk)
-    job_executor: Any = None  # utils/job_executor.JobExecutor: checks a job's body, runs a job
+    lifecycle: Any = None   # utils/ops/lifecycle.Lifecycle: readiness, requests in flight, drain, shutdown
+    runtime: Any = None     # utils/config/runtime.RuntimeSettings
+    quant_cache: Any = None  # utils/serving/quantized_cache.QuantizedCache: 4-bit / 8-bit models saved once quantized
+    jobs: Any = None         # utils/jobs/runner.JobRunner: asynchronous jobs (records and results on disk)
+    job_executor: Any = None  # utils/jobs/executor.JobExecutor: checks a job's body, runs a job
     cluster: Any = None     # backend ray: utils/cluster/front.Cluster (replicas, their status); None: local
 
 
@@ -59,15 +59,15 @@ class Sweeper:
 def build_services(settings: ServerSettings) -> Services:
     if settings.backend == "ray":
         return build_cluster_services(settings)
-    from utils.checkpoints import QuantizedCache
+    from utils.serving.quantized_cache import QuantizedCache
     from utils.engine import make_loader
     from utils.families import WEIGHT_LOADS, load_family
-    from utils.inference import InferenceService
-    from utils.media import MediaLimits
-    from utils.memory import MemoryProbe, estimate_model_bytes
-    from utils.metrics import Metrics
-    from utils.model_manager import ModelManager
-    from utils.remote_media import RemoteFetcher
+    from utils.serving.inference import InferenceService
+    from utils.media.decode import MediaLimits
+    from utils.serving.memory import MemoryProbe, estimate_model_bytes
+    from utils.ops.metrics import Metrics
+    from utils.serving.manager import ModelManager
+    from utils.media.remote import RemoteFetcher
 
     set_torch_threads(settings.torch_threads)
     probe = MemoryProbe()
@@ -88,8 +88,8 @@ def build_services(settings: ServerSettings) -> Services:
 def add_jobs(services: Services) -> None:
     """Asynchronous jobs belong to the front (the HTTP server), whichever backend runs the models:
     a Ray replica builds services without them."""
-    from utils.job_executor import JobExecutor
-    from utils.jobs import JobRunner, JobStore
+    from utils.jobs.executor import JobExecutor
+    from utils.jobs.runner import JobRunner, JobStore
     settings = services.settings
     services.job_executor = JobExecutor(services.inference, settings.jobs.timeout)
     services.jobs = JobRunner(JobStore(settings.jobs_path), services.job_executor, workers=settings.jobs.workers,
@@ -102,7 +102,7 @@ def add_jobs(services: Services) -> None:
 
 
 def temp_manager(settings: ServerSettings):
-    from utils.tmp_manage import TempManager
+    from utils.media.temp_files import TempManager
     jobs_dir = settings.jobs_path  # an operator may put it under tmp/: the temp sweeper must not touch it
     return TempManager(settings.tmp_dir, ttl_seconds=settings.tmp_ttl, max_total_bytes=settings.tmp_max_bytes,
                        others=frozenset({jobs_dir.name} if jobs_dir.parent == settings.tmp_dir else ()))
@@ -114,10 +114,10 @@ def build_cluster_services(settings: ServerSettings) -> Services:
     worker (after the fork), never in the arbiter."""
     from utils.cluster.front import Cluster, ClusterManager, RayInference
     from utils.cluster.metrics import ReplicaCollector
-    from utils.media import MediaLimits
-    from utils.memory import MemoryProbe
-    from utils.metrics import Metrics
-    from utils.remote_media import RemoteFetcher
+    from utils.media.decode import MediaLimits
+    from utils.serving.memory import MemoryProbe
+    from utils.ops.metrics import Metrics
+    from utils.media.remote import RemoteFetcher
 
     cluster = Cluster(settings).start()
     probe, metrics = MemoryProbe(gpus=False), Metrics()  # the front holds no model: no CUDA context here

@@ -7,8 +7,8 @@ import socket
 from flask import Blueprint, Response, current_app, g, jsonify, request, stream_with_context
 
 from utils.errors import InvalidInput, UnsupportedMediaType
-from utils.images import makes_images
-from utils.inference import parse_job, result_body
+from utils.serving.image_requests import makes_images
+from utils.serving.inference import parse_job, result_body
 
 bp = Blueprint("generate", __name__)
 

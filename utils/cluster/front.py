@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 
 from utils.errors import ModelUnavailable, RequestTimeout, ServerError, UnknownModel
 from utils.families import GenerationResult
-from utils.inference import InferenceService
+from utils.serving.inference import InferenceService
 
 log = logging.getLogger("model_server.cluster")
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -262,7 +262,7 @@ def _failed(rid: str, method: str, exc: BaseException) -> tuple:
 def for_replicas(settings: Any) -> Any:
     """What a replica gets: no tokens (it serves no HTTP), and of the environment only what
     load_settings reads, never the front's secrets."""
-    from utils.settings import settings_env
+    from utils.config.settings import settings_env
     return settings.replace(admin_token=None, api_token=None, env=settings_env(settings.env or {}))
 
 

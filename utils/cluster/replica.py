@@ -62,7 +62,7 @@ class ModelReplica:
         group = next(g for g in settings.ray.groups if g.name == group_name)
         settings = replica_settings(settings, group)
         if settings.demo:
-            from utils.demo_models import build_demo_models
+            from utils.hub.demo_models import build_demo_models
             build_demo_models(settings.models_dir / "demo")  # cached; a node of a cluster may lack them
         self.services = build_services(settings)
         self.manager = self.services.manager
@@ -138,7 +138,7 @@ class ModelReplica:
     def _status(self) -> dict:
         import ray
 
-        from utils import status
+        from utils.serving import status
         return {"replica": self.id, "group": self.group, "pid": os.getpid(),
                 "node": ray.get_runtime_context().get_node_id(), "gpu_ids": [str(i) for i in ray.get_gpu_ids()],
                 "models": self.manager.snapshot(), "loaded_bytes": self.manager.loaded_bytes(),
@@ -166,7 +166,7 @@ class ModelReplica:
         return "ok", value
 
     def _cleanup(self) -> list[str]:
-        from utils.model_manager import release_cached_memory
+        from utils.serving.manager import release_cached_memory
         unloaded = self.manager.unload_idle(reason="emergency_cleanup")
         release_cached_memory()
         return unloaded

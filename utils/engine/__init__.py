@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from utils.engine.engine import Engine, Job, QueueFull, QueueTimeout
-from utils.settings import ModelSpec
+from utils.config.settings import ModelSpec
 
 
 class ServedModel:

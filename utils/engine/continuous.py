@@ -21,7 +21,7 @@ from typing import Any
 from utils.engine.engine import Engine, Job
 from utils.engine.rows import RowState, collate
 from utils.errors import OutOfMemory
-from utils.memory import is_out_of_memory, release_cached_memory
+from utils.serving.memory import is_out_of_memory, release_cached_memory
 
 log = logging.getLogger("model_server.engine")
 GROW_BACK_STEPS = 64  # clean decode steps before a row limit lowered by an out-of-memory grows by one

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 
 from utils.engine.rows import batch_key
 from utils.errors import ModelUnavailable, OutOfMemory, RequestTimeout
-from utils.memory import is_out_of_memory, release_cached_memory
+from utils.serving.memory import is_out_of_memory, release_cached_memory
 from utils.families.base import GenerationParams, GenerationResult
 from utils.observer import notify
 

@@ -28,7 +28,7 @@ def family_class(name: str) -> type[Family]:
 
 def load_family(spec, device: str, *, cache=None) -> Family:
     """The model manager's loader. Weights load one model at a time (see families/loading.py).
-    `cache`: a utils.checkpoints.QuantizedCache for 4-bit / 8-bit models (None: quantize every load)."""
+    `cache`: a utils.serving.quantized_cache.QuantizedCache for 4-bit / 8-bit models (None: quantize every load)."""
     if not (spec.path / family_class(spec.family).checkpoint_file).is_file():
         how = (f"download it: python main.py --download-only --model {spec.key}" if spec.repo_id
                else "a local folder with no repo_id: put the checkpoint there")

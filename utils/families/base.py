@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Sequence
 from utils.errors import InvalidInput
 from utils.families.loading import check_loaded_weights
 from utils.families.special_tokens import SpecialTokens, special_tokens
-from utils.settings import ModelSpec
+from utils.config.settings import ModelSpec
 
 if TYPE_CHECKING:
-    from utils.checkpoints import QuantizedCache
+    from utils.serving.quantized_cache import QuantizedCache
 
 log = logging.getLogger("model_server.families")
 
@@ -63,7 +63,7 @@ class GenerationRequest:
     prompt: str
     system: str | None = None
     images: list[Any] = field(default_factory=list)   # PIL.Image.Image, RGB
-    videos: list[Any] = field(default_factory=list)   # utils.media.VideoClip
+    videos: list[Any] = field(default_factory=list)   # utils.media.decode.VideoClip
     audios: list[Any] = field(default_factory=list)   # float32 mono numpy arrays at the model's rate
     # A whole conversation instead of system + prompt: [{"role": system|user|assistant, "content":
     # [{"type": "text", "text": ...} | {"type": "image"|"video"|"audio"}]}]; media parts stand, in
@@ -75,7 +75,7 @@ class GenerationRequest:
     # (field, text) of every text the client wrote; None: the prompt, system and messages as they are.
     texts: list[tuple[str, str]] | None = None
     negative_prompt: str | None = None  # image families: what the image should not show
-    # Per item, like media_fields: the client's options for it ({"max_pixels": ...}; utils/media_options.py).
+    # Per item, like media_fields: the client's options for it ({"max_pixels": ...}; utils/media/options.py).
     media_options: dict[str, list[dict]] = field(default_factory=dict)
     # OpenAI function tools ({"type": "function", "function": {...}}) the chat template renders; messages
     # may then also hold assistant "tool_calls" and "tool" turns (with "tool_call_id").
@@ -128,7 +128,7 @@ class Family:
     max_aspect_ratio: ClassVar[float | None] = None   # images and video frames, longer side / shorter side
     min_audio_seconds: ClassVar[float] = 0.0          # of the 16 kHz waveform
     min_images: ClassVar[int] = 0                     # images a request must hold (BLIP VQA: its one image)
-    # Per-item media options (utils/media_options.py) the family honours; others are refused (400).
+    # Per-item media options (utils/media/options.py) the family honours; others are refused (400).
     media_options: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, spec: ModelSpec, device: str, model: Any, processor: Any) -> None:
@@ -171,7 +171,7 @@ class Family:
                 {**cls.model_kwargs, **from_pretrained_kwargs(spec, device, cls.quant_skip_modules)})
 
     def release(self) -> None:
-        from utils.memory import expect_freed
+        from utils.serving.memory import expect_freed
         expect_freed(self.model)
         self.model = None
         self.processor = None
@@ -180,7 +180,7 @@ class Family:
         """Weights to CPU RAM, kept for a fast `unpark` (the RAM tier; only the manager calls this,
         on a model no request holds and whose engine is stopped)."""
         from utils.families.moves import park_module
-        from utils.memory import release_device_caches
+        from utils.serving.memory import release_device_caches
         for module in self.weight_modules():
             park_module(module, pin_memory=pin_memory)
         release_device_caches()
@@ -188,7 +188,7 @@ class Family:
     def unpark(self, device: str) -> None:
         """Weights back on `device` from RAM; requests then run there."""
         from utils.families.moves import unpark_module
-        from utils.memory import release_device_caches
+        from utils.serving.memory import release_device_caches
         for module in self.weight_modules():
             unpark_module(module, device)
         self.device = device
@@ -203,7 +203,7 @@ class Family:
 
     def memory_placement(self) -> dict[str, int]:
         """Bytes on each device (a model split by max_memory has parts on several)."""
-        from utils.memory import tensor_placement
+        from utils.serving.memory import tensor_placement
         return tensor_placement(self.model) if self.model is not None else {}
 
     # -- serving
@@ -215,7 +215,7 @@ class Family:
         raise NotImplementedError
 
     def prepare_images(self, request: GenerationRequest) -> Any:
-        """Inputs of an image request (utils/images.py); families that make no images refuse it."""
+        """Inputs of an image request (utils/serving/image_requests.py); families that make no images refuse it."""
         raise InvalidInput(f"'{self.spec.key}' does not make images", field="model", error="unsupported model")
 
     def generate_batch(self, rows: Sequence[Any]) -> None:
@@ -269,7 +269,7 @@ class Family:
     # -- checks of client data
     @classmethod
     def check_media_header(cls, probe: Any) -> None:
-        """Refuses an image or video (a utils.media.MediaProbe: its header) the processor cannot take."""
+        """Refuses an image or video (a utils.media.decode.MediaProbe: its header) the processor cannot take."""
         width, height = probe.width, probe.height
         if not (cls.max_aspect_ratio and width and height):
             return

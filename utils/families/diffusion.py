@@ -7,7 +7,7 @@ torch.Generator, so a row's images depend on its seed only, never on its neighbo
 denoising steps the pipeline's `callback_on_step_end` reports progress to each row, ends rows whose
 client left or whose deadline passed, and interrupts the call once no row is left.
 
-Request parameters arrive as ImageParams (utils/images.py parses and bounds them before any load).
+Request parameters arrive as ImageParams (utils/serving/image_requests.py parses and bounds them before any load).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Sequence
 from utils.errors import InvalidInput
 from utils.families.base import Family, GenerationRequest, GenerationResult, SoloRow
 from utils.families.loading import check_loaded_weights
-from utils.settings import IMAGE_SIZE_MULTIPLE, ModelSpec
+from utils.config.settings import IMAGE_SIZE_MULTIPLE, ModelSpec
 
 log = logging.getLogger("model_server.families")
 
@@ -30,7 +30,7 @@ SEED_SPACE = 2**64  # torch.Generator.manual_seed takes any 64-bit value; image 
 
 @dataclass(frozen=True)
 class ImageParams:
-    """One request's generation parameters, bounded by the model's limits (utils/images.py)."""
+    """One request's generation parameters, bounded by the model's limits (utils/serving/image_requests.py)."""
     num_inference_steps: int
     guidance_scale: float
     true_cfg_scale: float
@@ -106,7 +106,7 @@ class DiffusionFamily(Family):
         on the GPU at a time, the rest in RAM; the manager counts both."""
         if self.model is None:
             return {}
-        from utils.memory import tensor_placement
+        from utils.serving.memory import tensor_placement
         if self.spec.offload == "none":
             placement: dict[str, int] = {}
             for _, module in _modules(self.model):

@@ -1,7 +1,7 @@
 """Janus-Pro (transformers' native `janus`): one model that understands images and draws them.
 
 Understanding is a vision-language chat like the others: the chat template, the processor, the
-base class's batched `generate`. Drawing (generation_mode "image", parsed in utils/images.py) runs
+base class's batched `generate`. Drawing (generation_mode "image", parsed in utils/serving/image_requests.py) runs
 transformers' own image generation: the prompt through the chat template plus <begin_of_image>,
 then one step of the generation head per image token, each with a conditional and an
 unconditional row (classifier-free guidance), and the VQ-VAE decodes the codes into pixels.

@@ -1,6 +1,6 @@
 """Moving a loaded model's weights between its GPU and CPU RAM: the RAM tier's mechanics.
 
-The model manager decides which model is parked and when (utils/ram_tier.py); this module only
+The model manager decides which model is parked and when (utils/serving/ram_tier.py); this module only
 moves tensors. Parking copies every parameter and buffer into page-locked (pinned) host memory when
 CUDA is there to pin it: the copy back is then one DMA transfer per tensor, which is what makes a
 promotion much faster than a cold load (no file read, no safetensors parse, no dtype conversion, no

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from utils.media_options import pixel_bounds
+from utils.media.options import pixel_bounds
 
 
 def fit_media(processor: Any, request: Any) -> Any:

@@ -1,5 +1,5 @@
 """Speech to text: Whisper (WhisperForConditionalGeneration + WhisperProcessor), served at
-/v1/audio/transcriptions (utils/transcription.py parses the form and writes every response format).
+/v1/audio/transcriptions (utils/api/transcription.py parses the form and writes every response format).
 
 `prepare` turns a request's audio into log-mel features: up to 30 s padded to one window, as
 Whisper was trained; longer audio whole, with its frame mask, for transformers' sequential
@@ -23,7 +23,7 @@ from utils.families.base import Family, GenerationRequest, GenerationResult
 
 @dataclass(frozen=True)
 class TranscriptionParams:
-    """One transcription's decoding (utils/transcription.py validates it before any load)."""
+    """One transcription's decoding (utils/api/transcription.py validates it before any load)."""
     max_new_tokens: int            # per 30 s window
     temperature: float = 0.0       # 0: greedy
     language: str | None = None    # an ISO code of the checkpoint's languages; None: detected

@@ -1,6 +1,6 @@
 """The manager's records and the small helpers around them: ModelEntry (one model's state, owned by
 ModelManager and guarded by its `_lock`), the loader's types, and measuring / describing a loaded model.
-Split out of utils/model_manager.py so that it and utils/ram_tier.py share them without importing
+Split out of utils/serving/manager.py so that it and utils/serving/ram_tier.py share them without importing
 each other.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from utils.settings import ModelSpec
+from utils.config.settings import ModelSpec
 
 log = logging.getLogger("model_server.manager")
 

@@ -6,7 +6,7 @@ failed loads behind a backoff. Its loader, memory probe, estimator and clock are
 policy is unit-tested with stand-ins while the serving tests run the real families.
 
 RAM tier: parking evicted GPU models in CPU RAM and promoting them back is the RamTier mixin's
-(utils/ram_tier.py), on this class's state and locks.
+(utils/serving/ram_tier.py), on this class's state and locks.
 
 Lock order: an entry's `load_lock` (held across the slow load) may be taken first and `_lock`
 (guards the dictionaries and counters, never held across a load, an unload or a wait on I/O)
@@ -23,12 +23,12 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 from utils.errors import InsufficientMemory, ModelBusy, ModelUnavailable, UnknownModel
-from utils.memory import (MemoryProbe, MemoryReading, device_budget, physical_room, release_cached_memory,
+from utils.serving.memory import (MemoryProbe, MemoryReading, device_budget, physical_room, release_cached_memory,
                           split_estimate)
-from utils.model_entries import LoadedModel, Loader, ModelEntry, _describe_exception, _handle_status, _mb, _measure
+from utils.serving.entries import LoadedModel, Loader, ModelEntry, _describe_exception, _handle_status, _mb, _measure
 from utils.observer import notify
-from utils.ram_tier import DEMOTE_REASONS, RamTier
-from utils.settings import ModelSpec, ServerSettings
+from utils.serving.ram_tier import DEMOTE_REASONS, RamTier
+from utils.config.settings import ModelSpec, ServerSettings
 
 log = logging.getLogger("model_server.manager")
 
@@ -672,7 +672,7 @@ def default_device_resolver(spec: ModelSpec) -> str:
         return "cuda:0"
     if spec.device != "auto":
         return spec.device
-    from utils.memory import cuda_available
+    from utils.serving.memory import cuda_available
     if not cuda_available():
         return "mps" if _mps_available() else "cpu"
     import torch  # the GPU with the most free memory

@@ -17,7 +17,7 @@ The master's `graceful_timeout` (main.py: SHUTDOWN_GRACE + SHUTDOWN_MARGIN) is t
 worker still alive then is killed.
 
 `EscapingLogger` writes gunicorn's own lines (stderr) with control characters escaped, as
-utils/logging_setup.py does for ours.
+utils/ops/logging_setup.py does for ours.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from gunicorn import glogging, util
 from gunicorn.arbiter import Arbiter
 from gunicorn.workers.gthread import ThreadWorker
 
-from utils.logging_setup import ConsoleFormatter
+from utils.ops.logging_setup import ConsoleFormatter
 
 log = logging.getLogger("model_server.worker")
 
@@ -115,7 +115,7 @@ class ModelServerWorker(ThreadWorker):
 
     @staticmethod
     def _reload(services, app_config) -> None:
-        from utils.config_reload import reload_config
+        from utils.config.reload import reload_config
         from utils.errors import ConfigError
         try:
             reload_config(services, app_config)

@@ -1,5 +1,5 @@
 """What a job is: the body /generate takes, checked when it is submitted and run later through the
-same code as a synchronous request (utils/inference.py for text, utils/images.py for images),
+same code as a synchronous request (utils/serving/inference.py for text, utils/serving/image_requests.py for images),
 without the synchronous size limit and under the job's own deadline. No Flask here."""
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import json
 from typing import Any, Mapping
 
 from utils.errors import InvalidInput
-from utils.images import makes_images, parse_image_job, plan_images, run_images
-from utils.inference import MEDIA_FIELDS, URL_SCHEME, parse_job, result_body
-from utils.jobs import JobControl, JobOutcome, JobRecord
+from utils.serving.image_requests import makes_images, parse_image_job, plan_images, run_images
+from utils.serving.inference import MEDIA_FIELDS, URL_SCHEME, parse_job, result_body
+from utils.jobs.runner import JobControl, JobOutcome, JobRecord
 
 
 class ReadFields(Mapping):

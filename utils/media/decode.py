@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from utils.errors import InvalidInput, PayloadTooLarge, ServerError
-from utils.media_options import frame_count
+from utils.media.options import frame_count
 
 log = logging.getLogger(__name__)
 
@@ -466,7 +466,7 @@ MAX_GIVEN_FRAMES = 256  # frames a client may send as one video (they are sample
 def video_from_frames(images: list[Image.Image], field: str, limits: MediaLimits, fps: float = 2.0,
                       options: dict | None = None) -> VideoClip:
     """A video sent as its frames (images of one size, in order, `fps` apart): sampled evenly like a
-    decoded clip (`options`: a request's fps / nframes, utils/media_options.py)."""
+    decoded clip (`options`: a request's fps / nframes, utils/media/options.py)."""
     if not images:
         raise InvalidInput("a video needs at least one frame", field=field)
     size = images[0].size
@@ -490,7 +490,7 @@ def sample_indices(total: int, count: int) -> list[int]:
 def load_video(data: bytes, field: str, limits: MediaLimits, options: dict | None = None) -> VideoClip:
     """MP4/MOV (H.264, MPEG-4 and what FFmpeg decodes), AVI, WebM/MKV (VP8, VP9) -> ``VideoClip`` with up to
     ``limits.max_video_frames`` frames sampled evenly over the whole clip (fewer where the request's
-    ``options`` ask for fewer: fps or nframes, utils/media_options.py)."""
+    ``options`` ask for fewer: fps or nframes, utils/media/options.py)."""
     data, label = _accept(data, field, limits, "video", _VIDEO_CONTAINERS)
     with _decoding(field, "video", label):
         scan = _scan_video(data, label, field, limits)

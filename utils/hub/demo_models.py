@@ -11,8 +11,8 @@ Each key builds one directory that loads through the same classes as the real mo
                 text encoders with their tokenizers, FlowMatchEulerDiscreteScheduler
     qwen_image_edit  QwenImageEditPipeline: QwenImageTransformer2DModel, AutoencoderKLQwenImage, a Qwen2.5-VL
                 text encoder + Qwen2VLProcessor
-    janus       JanusForConditionalGeneration + JanusProcessor (understands and draws; utils/demo_speech_janus.py)
-    whisper     WhisperForConditionalGeneration + WhisperProcessor (utils/demo_speech_janus.py)
+    janus       JanusForConditionalGeneration + JanusProcessor (understands and draws; utils/hub/demo_speech_janus.py)
+    whisper     WhisperForConditionalGeneration + WhisperProcessor (utils/hub/demo_speech_janus.py)
 
 Weights are float32, seeded per key (deterministic), saved as safetensors. Tokenizers are built offline
 with `tokenizers` (WordPiece over a few hundred English words plus single characters, so any ASCII text
@@ -24,7 +24,7 @@ Builds are cached: a directory with a `.demo_checkpoint` marker of the current D
 Concurrent builders serialise on an fcntl lock (root/.demo.lock); each key is written to a temp dir inside
 root and renamed into place after the marker is written, so a half-built dir never looks complete.
 
-    python -m utils.demo_models [--root DIR] [--force] [--keys k1,k2]
+    python -m utils.hub.demo_models [--root DIR] [--force] [--keys k1,k2]
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ _FAMILIES = {
 }
 _SEEDS = {key: 1000 + i for i, key in enumerate(DEMO_KEYS)}
 
-DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "models" / "demo"
+DEFAULT_ROOT = Path(__file__).resolve().parent.parent.parent / "models" / "demo"
 
 
 def demo_family(key: str) -> str:
@@ -621,7 +621,7 @@ _BUILDERS: dict[str, Callable[[Path], None]] = {
 
 
 def _speech_janus():
-    from utils import demo_speech_janus  # imported on use: it imports this module's helpers back
+    from utils.hub import demo_speech_janus  # imported on use: it imports this module's helpers back
     return demo_speech_janus
 
 
@@ -720,7 +720,7 @@ def build_demo_models(root: Path, keys: Iterable[str] | None = None, *, force: b
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m utils.demo_models", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m utils.hub.demo_models", description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help=f"target dir (default {DEFAULT_ROOT})")
     parser.add_argument("--force", action="store_true", help="rebuild even when a current checkpoint exists")
     parser.add_argument("--keys", default=None, help=f"comma-separated subset of {','.join(DEMO_KEYS)}")

@@ -1,5 +1,5 @@
 """Tiny random-weight checkpoints of Janus-Pro (understanding and drawing) and Whisper, for
-utils/demo_models.py (keys `janus` and `whisper`). Same rules as there: real configs, real processors
+utils/hub/demo_models.py (keys `janus` and `whisper`). Same rules as there: real configs, real processors
 and tokenizers built offline, float32 weights, seeded by the caller.
 
     janus    JanusForConditionalGeneration (Llama text model, SigLIP-style vision tower, VQ-VAE image
@@ -45,7 +45,7 @@ def build_janus(out: Path) -> None:
     import torch
     from transformers import JanusConfig, JanusForConditionalGeneration, JanusImageProcessor, JanusProcessor
 
-    from utils.demo_models import _fast_tokenizer, _ids, _keep_only_word_logits, _vocab_size, _write_generation_config
+    from utils.hub.demo_models import _fast_tokenizer, _ids, _keep_only_word_logits, _vocab_size, _write_generation_config
 
     bos, eos, pad = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
     image, boi, eoi = "<image_placeholder>", "<begin_of_image>", "<end_of_image>"
@@ -94,7 +94,7 @@ def _whisper_tokenizer():
     from transformers import WhisperTokenizer
     from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
-    from utils.demo_models import _WORDS
+    from utils.hub.demo_models import _WORDS
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -119,7 +119,7 @@ def build_whisper(out: Path) -> None:
     from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor,
                               WhisperForConditionalGeneration, WhisperProcessor)
 
-    from utils.demo_models import _vocab_size
+    from utils.hub.demo_models import _vocab_size
 
     tok, languages = _whisper_tokenizer()
     ids = tok.convert_tokens_to_ids

@@ -1,7 +1,7 @@
 """Lifecycle of one serving process: readiness, requests in flight, draining and shutdown.
 
 No Flask, no gunicorn: the WSGI layer (utils/api/wsgi.py) admits and releases requests, the
-gunicorn worker (utils/gunicorn_worker.py) starts the drain on SIGTERM and runs the shutdown, and
+gunicorn worker (utils/ops/gunicorn_worker.py) starts the drain on SIGTERM and runs the shutdown, and
 GET /ready reads `readiness()`.
 
 Shutdown, in order: `begin_drain()` (new requests are refused with 503, /ready answers 503) ->

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from utils.config_file import read_document
+from utils.config.yaml_file import read_document
 from utils.errors import ConfigError
 
 GIB = 2**30
 MIB = 2**20
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "models.yaml"
 
 FAMILIES = ("text", "vision_language", "vqa", "audio", "omni", "text_to_image", "image_edit", "janus",
@@ -129,7 +129,7 @@ class MediaSettings:
 
 @dataclass(frozen=True)
 class RemoteMediaSettings:
-    """Fetching client media from http(s) URLs (utils/remote_media.py). Off unless turned on."""
+    """Fetching client media from http(s) URLs (utils/media/remote.py). Off unless turned on."""
     enabled: bool = False
     allow_hosts: tuple[str, ...] = ()      # exact names and "*.example.com" patterns; empty = any public host
     max_bytes: int = 32 * MIB              # one fetched body
@@ -176,7 +176,7 @@ class RaySettings:
 
 @dataclass(frozen=True)
 class JobSettings:
-    """Asynchronous jobs (utils/jobs.py): records in SQLite and results as files under `dir`."""
+    """Asynchronous jobs (utils/jobs/runner.py): records in SQLite and results as files under `dir`."""
     dir: Path | None = None        # JOBS_DIR; None: <models_dir>/.jobs (kept across restarts, unlike tmp/)
     workers: int = 4               # JOB_WORKERS: jobs run at once (an engine batches those of one model)
     result_ttl: float = 86400.0    # JOB_RESULT_TTL: seconds a finished job and its result are kept
@@ -195,7 +195,7 @@ class JobSettings:
 
 @dataclass(frozen=True)
 class RamTierSettings:
-    """Parking GPU models in CPU RAM instead of dropping them (utils/ram_tier.py, README "RAM tier").
+    """Parking GPU models in CPU RAM instead of dropping them (utils/serving/ram_tier.py, README "RAM tier").
     Only models on a CUDA GPU are ever parked: on a CPU-only box this changes nothing."""
     enabled: bool = True                 # RAM_TIER
     # Bytes of parked models; None (auto): half the machine's RAM. Free RAM minus ram_headroom is
@@ -244,7 +244,7 @@ class ServerSettings:
     default_seed: int | None = None
     memory_pressure_release: bool = True
     pressure_margin_bytes: int = 1 * GIB
-    # Quantized cache (utils/checkpoints.py): the first 4-bit / 8-bit load of a model saves the quantized
+    # Quantized cache (utils/serving/quantized_cache.py): the first 4-bit / 8-bit load of a model saves the quantized
     # weights; later loads read them instead of quantizing again. LRU entries go beyond the cap.
     quant_cache: bool = True                        # QUANT_CACHE
     quant_cache_dir: Path | None = None             # QUANT_CACHE_DIR; None: <models_dir>/.quantized
@@ -275,13 +275,13 @@ class ServerSettings:
         return self.replace(models=models)
 
     def for_demo(self, demo_dir: Path | None = None) -> "ServerSettings":
-        """The five reference keys served from tiny random-weight checkpoints (utils/demo_models.py).
+        """The five reference keys served from tiny random-weight checkpoints (utils/hub/demo_models.py).
 
         Their quantization is dropped (the checkpoints are float32 and a few MB) and generation is
         capped short so the demo answers in milliseconds on a CPU. Other configured models keep
         their own settings.
         """
-        from utils.demo_models import DEMO_KEYS
+        from utils.hub.demo_models import DEMO_KEYS
 
         root = demo_dir or (self.models_dir / "demo")
         models = dict(self.models)
@@ -699,7 +699,7 @@ def _prefer_complete_folder(spec: ModelSpec) -> ModelSpec:
     (a seed-001 user's weights are found, not downloaded again)."""
     if not spec.also_look_in:
         return spec
-    from utils.download_model import checkpoint_state
+    from utils.hub.download import checkpoint_state
     if checkpoint_state(spec.path) == "downloaded":
         return spec
     for folder in spec.also_look_in:
@@ -935,7 +935,7 @@ def load_settings(config_path: str | os.PathLike | None = None, env: Mapping[str
     """Reads models.yaml (or MODELS_CONFIG / config_path) and applies environment overrides."""
     env = os.environ if env is None else env
     path = Path(config_path or env.get("MODELS_CONFIG") or DEFAULT_CONFIG).resolve()
-    document = _mapping(read_document(path), path.name)  # utils/config_file.py: every read error named
+    document = _mapping(read_document(path), path.name)  # utils/config/yaml_file.py: every read error named
     _only_known(document, path.name, {"server", "models"})
     server = dict(_mapping(document.get("server"), "server"))
     _only_known(server, "server", _SERVER_FIELDS)

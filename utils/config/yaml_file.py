@@ -1,6 +1,6 @@
 """models.yaml from disk to a YAML document: every way the file can be unreadable is a ConfigError
 naming the problem, and the file by its name only (reload errors go to HTTP clients: the folders
-are the operator's business). utils/settings.py validates what is in it.
+are the operator's business). utils/config/settings.py validates what is in it.
 
 A mapping that names a key twice is refused, at every level, naming the key and both lines: YAML
 itself keeps the last one silently (a second `flux:` turned flux into a text model).

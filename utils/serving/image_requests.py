@@ -16,9 +16,9 @@ from typing import Any, Callable, Mapping
 from utils.errors import InvalidInput, RequestTimeout
 from utils.families import family_class
 from utils.families.diffusion import ImageParams
-from utils.inference import (SEED_MAX, GenerateJob, MediaItem, check_media_items, flag_field, media_items,
+from utils.serving.inference import (SEED_MAX, GenerateJob, MediaItem, check_media_items, flag_field, media_items,
                              number_field, parse_timeout, text_field)
-from utils.settings import IMAGE_FAMILIES, ModelSpec
+from utils.config.settings import IMAGE_FAMILIES, ModelSpec
 
 MAX_SCALE = 100.0  # guidance and true CFG scales; real use is 0..10
 TEXT_ONLY_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "do_sample", "repetition_penalty", "system")

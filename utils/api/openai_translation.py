@@ -9,16 +9,16 @@ import time
 import uuid
 from typing import Any, Iterator, Mapping
 
-from utils import openai_tools
+from utils.api import openai_tools
 from utils.errors import InvalidInput, ServerError, UnknownModel
-from utils.inference import (GenerateJob, MediaItem, check_answers_prompts, check_media_items, parse_params,
+from utils.serving.inference import (GenerateJob, MediaItem, check_answers_prompts, check_media_items, parse_params,
                              parse_timeout, text_field)
-from utils.media_options import parse_media_options
-from utils.settings import IMAGE_FAMILIES, ModelSpec, ServerSettings
+from utils.media.options import parse_media_options
+from utils.config.settings import IMAGE_FAMILIES, ModelSpec, ServerSettings
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 # Parameters we do not implement: a value that would change the answer is refused, never ignored.
-# (tools, tool_choice, parallel_tool_calls: utils/openai_tools.py; functions/function_call: OpenAI's
+# (tools, tool_choice, parallel_tool_calls: utils/api/openai_tools.py; functions/function_call: OpenAI's
 # deprecated form of them.)
 UNSUPPORTED = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "logprobs": False,
                "top_logprobs": None, "functions": None, "function_call": None,
@@ -130,7 +130,7 @@ def _parts(content: Any, where: str, media: list[MediaItem], texts: list[tuple[s
             frames = part.get("video")
             if not isinstance(frames, list) or not frames or not all(isinstance(f, str) for f in frames):
                 raise InvalidInput("'video' must be a list of frame image URLs (data URLs)", field=f"{field}.video")
-            from utils.media import MAX_GIVEN_FRAMES
+            from utils.media.decode import MAX_GIVEN_FRAMES
             if len(frames) > MAX_GIVEN_FRAMES:
                 raise InvalidInput(f"a video takes at most {MAX_GIVEN_FRAMES} frames", field=f"{field}.video")
             media.append(MediaItem("video", f"{field}.video", frames, parse_media_options(part, "video", field) or None))
@@ -277,7 +277,7 @@ def parse_image_request(body: Mapping, spec: ModelSpec, *, edit: bool, image: An
     """A /v1/images/generations (JSON) or /v1/images/edits (multipart) body -> our ImageJob: `n` is
     num_images, `size` "WxH" (or "auto") width and height; images come back as b64_json only."""
     from utils.families import family_class
-    from utils.images import is_image_model, parse_image_job
+    from utils.serving.image_requests import is_image_model, parse_image_job
 
     family = spec.family
     draws = family_class(family).draws  # understands and draws (Janus): generations only

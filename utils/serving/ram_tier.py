@@ -16,8 +16,8 @@ import time
 from typing import Any
 
 from utils.errors import InsufficientMemory, ModelUnavailable
-from utils.memory import MemoryReading, physical_room, ram_tier_budget
-from utils.model_entries import ModelEntry, _describe_exception, _mb, _measure
+from utils.serving.memory import MemoryReading, physical_room, ram_tier_budget
+from utils.serving.entries import ModelEntry, _describe_exception, _mb, _measure
 
 log = logging.getLogger("model_server.manager")
 
@@ -28,7 +28,7 @@ DEMOTE_REASONS = frozenset({"count", "memory", "memory_pressure", "idle"})
 
 
 class RamTier:
-    """Part of ModelManager (utils/model_manager.py), not a component of its own: a mixin whose
+    """Part of ModelManager (utils/serving/manager.py), not a component of its own: a mixin whose
     methods run on the manager's state (`_entries`, `_lru`, settings, probe, clock) under the
     manager's `_lock` and entries' `load_lock`s, with the same lock order, and call back into it
     (`_take_out`, `_drop`, `_make_room`, `_forget_removed`, `_notify`). It is a separate module so

@@ -18,7 +18,7 @@ from utils.errors import InvalidInput
 def device_report(svc: Any) -> dict:
     """{"devices": [names], "details": [one dict per device]}; with the Ray backend, each replica's
     devices too (the front holds no model)."""
-    from utils.status import memory_report
+    from utils.serving.status import memory_report
 
     details = devices_from(memory_report(svc), svc.manager.snapshot() if svc.cluster is None else {})
     report: dict[str, Any] = {"devices": [d["device"] for d in details], "details": details}
@@ -29,7 +29,7 @@ def device_report(svc: Any) -> dict:
 
 
 def devices_from(memory: Mapping, models: Mapping[str, Mapping]) -> list[dict]:
-    """Device entries from one process's memory report (utils/status.memory_report) and model snapshot."""
+    """Device entries from one process's memory report (utils/serving/status.memory_report) and model snapshot."""
     ram = memory.get("ram", {})
     cpu = {"device": "CPU", "id": "cpu", "type": "cpu", "name": _cpu_name(), "cores": os.cpu_count(),
            "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),

@@ -42,8 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from utils import bnb_cpu_layout
-from utils.settings import ModelSpec, ServerSettings
+from utils.serving import bnb_cpu_layout
+from utils.config.settings import ModelSpec, ServerSettings
 
 log = logging.getLogger("model_server.quant_cache")
 
@@ -199,7 +199,7 @@ class QuantizedCache:
         """`model_class.from_pretrained` for a quantized load: from the cache when a valid entry
         exists, else from the source (and the result is written to the cache)."""
         from utils.families.loading import check_loaded_weights
-        from utils.memory import is_out_of_memory, release_cached_memory
+        from utils.serving.memory import is_out_of_memory, release_cached_memory
 
         if not self.enabled or kwargs.get("quantization_config") is None:
             return model_class.from_pretrained(spec.path, **kwargs)
@@ -472,10 +472,10 @@ def build_quantized_cache(settings: ServerSettings, keys: Sequence[str]) -> list
     --download / --download-only). One model at a time, each released before the next; a failure is
     reported and the others go on. Returns one row per key: key, status (built / present / skipped /
     failed), reason, bytes, seconds."""
-    from utils.download_model import checkpoint_state
+    from utils.hub.download import checkpoint_state
     from utils.families import family_class, load_family
-    from utils.memory import release_cached_memory
-    from utils.model_manager import default_device_resolver
+    from utils.serving.memory import release_cached_memory
+    from utils.serving.manager import default_device_resolver
 
     cache = QuantizedCache.from_settings(settings)
     report = []

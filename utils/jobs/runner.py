@@ -11,8 +11,8 @@ One owner each:
   were running when the process died are queued again, until `max_attempts` starts, then failed
   with the reason. A model that cannot take a job for now (503: its queue is full, it does not fit,
   its load backs off) puts the job back in the queue for later, a few times, instead of failing it.
-- JobExecutor runs one job through the same code as a synchronous request (utils/inference.py,
-  utils/images.py), without the synchronous size limit, under the job's own deadline.
+- JobExecutor runs one job through the same code as a synchronous request (utils/serving/inference.py,
+  utils/serving/image_requests.py), without the synchronous size limit, under the job's own deadline.
 No Flask here: utils/api/jobs.py translates HTTP to these calls.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """How the serving process itself behaves, read from the environment once at start.
 
-utils/settings.py owns the models and their limits; these few knobs belong to the HTTP layer
+utils/config/settings.py owns the models and their limits; these few knobs belong to the HTTP layer
 (main.py, app.py, the gunicorn worker) and are kept apart so they can be read without models.yaml.
 A bad value raises ConfigError naming the variable (main.py exits 2 with it).
 

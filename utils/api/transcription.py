@@ -1,7 +1,7 @@
 """/v1/audio/transcriptions on a speech_to_text model (Whisper): OpenAI's form -> a job checked
 before any load, and the result -> each of OpenAI's response formats (json, text, verbose_json with
 segments and words, srt, vtt). No Flask, no torch. Audio-family models (Qwen2-Audio, a chat model
-told to transcribe) keep their own translation in utils/openai_api.parse_transcription.
+told to transcribe) keep their own translation in utils/api/openai_translation.parse_transcription.
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import Any, Mapping
 
 from utils.errors import InvalidInput, ModelUnavailable
 from utils.families.speech_to_text import TranscriptionParams, compression_ratio
-from utils.inference import GenerateJob, MediaItem, number_field, parse_timeout, text_field
-from utils.settings import ModelSpec
+from utils.serving.inference import GenerateJob, MediaItem, number_field, parse_timeout, text_field
+from utils.config.settings import ModelSpec
 
 RESPONSE_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
 GRANULARITIES = ("segment", "word")

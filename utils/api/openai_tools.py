@@ -1,7 +1,7 @@
 """OpenAI's function tools on /v1/chat/completions, translated: `tools`, `tool_choice`,
 `parallel_tool_calls` validated (400 for anything malformed, before any lease), assistant `tool_calls`
 and `tool` messages of the history checked for the chat template, and the generated text parsed back
-into `tool_calls` (utils/tool_parsers.py), whole or as stream deltas. No Flask, no torch.
+into `tool_calls` (utils/api/tool_parsers.py), whole or as stream deltas. No Flask, no torch.
 
 tool_choice: "auto" (the default with tools: the template renders them, the answer is parsed) and
 "none" (tools not rendered, the answer not parsed). "required" and a named function need
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
 from utils.errors import InvalidInput
-from utils.settings import ModelSpec
-from utils.tool_parsers import FUNCTION_NAME, ToolCallStream, checkpoint_tool_support, parse
+from utils.config.settings import ModelSpec
+from utils.api.tool_parsers import FUNCTION_NAME, ToolCallStream, checkpoint_tool_support, parse
 
 MAX_TOOLS = 128          # OpenAI's own limit
 MAX_DESCRIPTION = 8192   # characters of one function's description

@@ -14,7 +14,7 @@ from utils.errors import InvalidInput, RequestTimeout
 from utils.families import GenerationParams, GenerationRequest, GenerationResult, accepted_media, family_class
 from utils.families.base import client_texts
 from utils.families.special_tokens import SpecialTokenGuard
-from utils.settings import SEED_MAX, ModelSpec
+from utils.config.settings import SEED_MAX, ModelSpec
 
 MEDIA_FIELDS = {"image": "image", "images": "image", "video": "video", "videos": "video", "audio": "audio",
                 "audios": "audio"}
@@ -27,7 +27,7 @@ class MediaItem:
     kind: str          # image | video | audio
     field: str         # as the client named it, e.g. "images[1]"
     payload: Any       # base64/data-URL str, or bytes from an upload
-    options: dict | None = None  # fps / nframes / max_pixels / min_pixels (utils/media_options.py)
+    options: dict | None = None  # fps / nframes / max_pixels / min_pixels (utils/media/options.py)
 
 
 @dataclass
@@ -229,7 +229,7 @@ class InferenceService:
         """The client's text against the model's special tokens (from its tokenizer files), every
         media item's headers (per-item caps, the per-request budget, what the model's family cannot
         take), then the decoding; all before any model is leased."""
-        from utils import media
+        from utils.media import decode as media
 
         limits = self.media_limits
         family = family_class(spec.family) if spec is not None else None
@@ -265,7 +265,7 @@ class InferenceService:
     def media_bytes(self, payload: Any, field: str) -> bytes:
         """Uploads arrive as bytes, JSON media as base64 or data URLs, OpenAI parts may be URLs;
         each loader then checks emptiness and size."""
-        from utils import media
+        from utils.media import decode as media
 
         if isinstance(payload, (bytes, bytearray)):
             return bytes(payload)
@@ -333,7 +333,7 @@ class InferenceService:
                        keep_alive: float | None, is_gone: Callable[[], bool] | None = None,
                        track: Callable[[Any], None] | None = None) -> dict:
         """An image job on the model's engine: the result, steps done and the durations of its parts
-        (utils/images.run_images; a Ray replica runs this one)."""
+        (utils/serving/image_requests.run_images; a Ray replica runs this one)."""
         import time
         began = time.monotonic()
         with self.manager.lease(key, keep_alive=keep_alive) as served:

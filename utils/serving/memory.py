@@ -18,7 +18,7 @@ from typing import Iterator
 
 import psutil
 
-from utils.settings import ModelSpec, ServerSettings
+from utils.config.settings import ModelSpec, ServerSettings
 
 log = logging.getLogger("model_server.memory")
 

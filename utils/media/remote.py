@@ -40,7 +40,7 @@ from typing import Callable, Iterable
 from urllib.parse import quote, urljoin, urlsplit
 
 from utils.errors import InvalidInput, PayloadTooLarge
-from utils.settings import RemoteMediaSettings
+from utils.config.settings import RemoteMediaSettings
 
 __all__ = ["DEFAULT_BLOCKED_NETWORKS", "RemoteFetcher", "RemoteMediaSettings", "classify_address", "host_allowed",
            "resolve_host"]
