@@ -159,7 +159,7 @@ def test_default_seed_makes_unseeded_sampling_reproducible(make_settings):
     settings = make_settings(DEFAULT_SEED="1234", VLM_SEED="99")
     assert settings.default_seed == 1234 and settings.models["deepseek"].generation.seed == 1234
     assert make_settings(VLM_SEED="99").default_seed == 99  # seed 004's name
-    from utils.config.settings import ConfigError
+    from utils.errors import ConfigError
     for bad in ("-1", "abc", str(2**63)):
         with pytest.raises(ConfigError, match="default_seed"):
             make_settings(DEFAULT_SEED=bad)

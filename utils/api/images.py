@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from flask import jsonify
 
-from utils.api.generate import client_gone_probe, services
+from utils.api.context import client_gone_probe, services
 from utils.serving.image_requests import image_body, parse_image_job, run_images
 
 

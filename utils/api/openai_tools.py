@@ -13,9 +13,10 @@ import json
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
-from utils.errors import InvalidInput
-from utils.config.settings import ModelSpec
 from utils.api.tool_parsers import FUNCTION_NAME, ToolCallStream, checkpoint_tool_support, parse
+from utils.config.settings import ModelSpec
+from utils.errors import InvalidInput
+from utils.families import family_class
 
 MAX_TOOLS = 128          # OpenAI's own limit
 MAX_DESCRIPTION = 8192   # characters of one function's description
@@ -75,7 +76,6 @@ def parse_tools(body: Mapping, spec: ModelSpec) -> ToolRequest | None:
 
 
 def _family_uses_template(spec: ModelSpec) -> bool:
-    from utils.families import family_class  # lazy: the registry, not a model
     return family_class(spec.family).uses_chat_template
 
 
@@ -115,7 +115,7 @@ def _tool(tool: Any, where: str) -> dict:
 
 def _parameters(schema: Any, where: str) -> dict:
     """A JSON Schema of an object (jsonschema checks it is a schema at all)."""
-    import jsonschema
+    import jsonschema  # deferred: jsonschema
 
     if not isinstance(schema, Mapping) or schema.get("type", "object") != "object":
         raise InvalidInput("'parameters' must be a JSON Schema of an object ({\"type\": \"object\", ...})", field=where)

@@ -4,17 +4,22 @@ around the same InferenceService that /generate uses.
 """
 from __future__ import annotations
 
+import base64
 import re
 import time
 import uuid
+from dataclasses import replace
 from typing import Any, Iterator, Mapping
 
 from utils.api import openai_tools
-from utils.errors import InvalidInput, ServerError, UnknownModel
-from utils.serving.inference import (GenerateJob, MediaItem, check_answers_prompts, check_media_items, parse_params,
-                             parse_timeout, text_field)
-from utils.media.options import parse_media_options
 from utils.config.settings import IMAGE_FAMILIES, ModelSpec, ServerSettings
+from utils.errors import InvalidInput, ServerError, UnknownModel
+from utils.families import accepted_media, family_class
+from utils.media.decode import MAX_GIVEN_FRAMES
+from utils.media.options import parse_media_options
+from utils.serving.image_requests import is_image_model, parse_image_job
+from utils.serving.inference import (GenerateJob, MediaItem, check_answers_prompts, check_media_items, parse_params,
+                                     parse_timeout, text_field)
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 # Parameters we do not implement: a value that would change the answer is refused, never ignored.
@@ -81,7 +86,6 @@ def _params(body: Mapping, spec: ModelSpec):
         if exc.field == "max_new_tokens":
             exc.field, exc.details = limit_name, exc.details.replace("max_new_tokens", limit_name)
         raise
-    from dataclasses import replace
     return replace(params, stop=_stops(body.get("stop")))
 
 
@@ -130,7 +134,6 @@ def _parts(content: Any, where: str, media: list[MediaItem], texts: list[tuple[s
             frames = part.get("video")
             if not isinstance(frames, list) or not frames or not all(isinstance(f, str) for f in frames):
                 raise InvalidInput("'video' must be a list of frame image URLs (data URLs)", field=f"{field}.video")
-            from utils.media.decode import MAX_GIVEN_FRAMES
             if len(frames) > MAX_GIVEN_FRAMES:
                 raise InvalidInput(f"a video takes at most {MAX_GIVEN_FRAMES} frames", field=f"{field}.video")
             media.append(MediaItem("video", f"{field}.video", frames, parse_media_options(part, "video", field) or None))
@@ -250,7 +253,6 @@ def parse_transcription(form: Mapping, audio: bytes, spec: ModelSpec) -> tuple[G
 
 
 def _accepted(spec: ModelSpec) -> frozenset[str]:
-    from utils.families import accepted_media
     return accepted_media(spec.family)
 
 
@@ -276,9 +278,6 @@ IMAGE_NEUTRAL = {"quality": (None, "auto", "standard"), "style": (None,), "backg
 def parse_image_request(body: Mapping, spec: ModelSpec, *, edit: bool, image: Any = None):
     """A /v1/images/generations (JSON) or /v1/images/edits (multipart) body -> our ImageJob: `n` is
     num_images, `size` "WxH" (or "auto") width and height; images come back as b64_json only."""
-    from utils.families import family_class
-    from utils.serving.image_requests import is_image_model, parse_image_job
-
     family = spec.family
     draws = family_class(family).draws  # understands and draws (Janus): generations only
     if not (is_image_model(spec) or draws):
@@ -323,7 +322,6 @@ def parse_image_request(body: Mapping, spec: ModelSpec, *, edit: bool, image: An
 
 def images_response(outcome: Any) -> dict:
     """OpenAI's ImagesResponse; `seed` (an extension) reproduces the images."""
-    import base64
     params = outcome.params
     return {"created": int(time.time()), "data": [{"b64_json": base64.b64encode(png).decode("ascii")}
                                                   for png in outcome.images],

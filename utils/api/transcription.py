@@ -12,10 +12,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
+from utils.config.settings import ModelSpec
 from utils.errors import InvalidInput, ModelUnavailable
 from utils.families.speech_to_text import TranscriptionParams, compression_ratio
 from utils.serving.inference import GenerateJob, MediaItem, number_field, parse_timeout, text_field
-from utils.config.settings import ModelSpec
 
 RESPONSE_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
 GRANULARITIES = ("segment", "word")
@@ -143,7 +143,7 @@ def language_name(code: str | None) -> str | None:
     """OpenAI names the language in full ("english")."""
     if code is None:
         return None
-    from transformers.models.whisper.tokenization_whisper import LANGUAGES  # no torch; deferred: large table
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES  # deferred: transformers (a large table)
     return LANGUAGES.get(code, code)
 
 

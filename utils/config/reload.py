@@ -6,7 +6,9 @@ import dataclasses
 import logging
 from typing import Any
 
-from utils.config.settings import ServerSettings
+from utils.config.settings import ServerSettings, load_settings
+from utils.media.decode import MediaLimits
+from utils.media.remote import RemoteFetcher
 
 log = logging.getLogger("model_server.config")
 
@@ -41,9 +43,6 @@ def apply(services: Any, new: ServerSettings) -> dict:
 
 
 def _apply_services(services: Any, settings: ServerSettings) -> None:
-    from utils.media.decode import MediaLimits
-    from utils.media.remote import RemoteFetcher
-
     services.inference.media_limits = MediaLimits(**dataclasses.asdict(settings.media))
     services.inference.set_fetcher(RemoteFetcher(settings.remote_media).fetch)
     services.temp.ttl_seconds, services.temp.max_total_bytes = settings.tmp_ttl, settings.tmp_max_bytes
@@ -64,8 +63,6 @@ def reload_config(services: Any, app_config: Any = None) -> dict:
     """Re-reads the config file and environment the server started with and applies them; raises
     ConfigError (nothing changed) when the file is invalid. `app_config`: the web app's config dict,
     for the body size limit. Called by POST /admin/reload_config and on SIGHUP."""
-    from utils.config.settings import load_settings
-
     old = services.settings
     diff = apply(services, load_settings(old.config_path, env=old.env, demo=old.demo))
     if app_config is not None:

@@ -34,7 +34,7 @@ def load_family(spec, device: str, *, cache=None) -> Family:
                else "a local folder with no repo_id: put the checkpoint there")
         raise FileNotFoundError(f"no checkpoint in {spec.path.name}/ ({how})")
     check_remote_code(spec)
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # deferred: transformers
     hf_logging.disable_progress_bar()  # a per-load progress bar is noise in a server log
     with WEIGHT_LOADS.turn(spec.key):
         family = family_class(spec.family)

@@ -40,15 +40,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
+
+from utils.config.schema import DEMO_KEYS
+from utils.hub import demo_speech_janus
+from utils.hub.demo_parts import (_fast_tokenizer, _ids, _keep_only_word_logits, _vocab_size, _wordpiece_tokenizer,
+                                  _wordpiece_vocab, _write_generation_config)
 
 __all__ = ["DEMO_KEYS", "DEMO_VERSION", "DEFAULT_ROOT", "MARKER_NAME", "build_demo_models", "demo_family"]
 
 log = logging.getLogger(__name__)
 
 DEMO_VERSION = 3  # 2: the deepseek tokenizer's tools (template and tool-call tokens); 3: janus, whisper
-DEMO_KEYS = ("deepseek", "qwen_vl", "blip_vqa", "qwen_audio", "qwen_omni", "flux", "qwen_image_edit", "janus",
-             "whisper")
 MARKER_NAME = ".demo_checkpoint"
 LOCK_NAME = ".demo.lock"
 _TMP_PREFIX = ".building-"
@@ -81,105 +84,6 @@ def demo_family(key: str) -> str:
 # --------------------------------------------------------------------------------------------------
 # Tokenizers
 # --------------------------------------------------------------------------------------------------
-
-_WORDS = """
-the a an of to and in is it you that he she was for on are with as i his her they be at one have this
-from or had by hot word but what some we can out other were all there when up use your how said each
-which do their time if will way about many then them write would like so these long make thing see him
-two has look more day could go come did number sound no most people my over know water than call first
-who may down side been now find any new work part take get place made live where after back little only
-round man woman year came show every good me give our under name very through just form sentence great
-think say help low line differ turn cause much mean before move right boy girl old too same tell does set
-three four five six seven eight nine ten want air well also play small end put home read hand port large
-spell add even land here must big high such follow act why ask men change went light kind off need house
-picture image photo video audio sound music voice speech frame clip scene color colour cat dog bird fish
-horse cow red blue green yellow black white orange purple brown gray pink yes sky tree car bus train
-road street city park river sea beach mountain snow rain sun moon star night morning table chair door
-window room bed book phone computer screen ball game food apple banana pizza cake coffee tea cup glass
-plate person child children baby face eye ear mouth smile sit stand walk run jump hold open close left
-top bottom front behind between inside outside near far happy sad loud quiet fast slow hello thanks
-please answer question because maybe think reason step first second last next final result
-user assistant system helpful
-""".split()
-_CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789")
-_PUNCT = list(".,!?;:'\"()-[]{}<>/\\@#$%^&*_+=|~`")
-
-
-def _wordpiece_vocab(head: list[str]) -> dict[str, int]:
-    tokens = list(head) + _WORDS + _CHARS + ["##" + c for c in _CHARS] + _PUNCT
-    return {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
-
-
-def _wordpiece_tokenizer(vocab: dict[str, int], unk: str):
-    """A `tokenizers.Tokenizer`: lowercase, split on whitespace/punctuation, WordPiece with char fallback."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-
-    tk = Tokenizer(models.WordPiece(vocab, unk_token=unk, continuing_subword_prefix="##", max_input_chars_per_word=100))
-    tk.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tk.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    return tk
-
-
-def _fast_tokenizer(
-    *,
-    special: list[str],
-    added: list[str] = (),
-    bos: str | None,
-    eos: str,
-    pad: str,
-    chat_template: str,
-    extra_special_tokens: dict[str, str] | None = None,
-    model_max_length: int = 32768,
-):
-    """PreTrainedTokenizerFast over the WordPiece vocab; `special` tokens come after the vocab, like Qwen's."""
-    from tokenizers import AddedToken
-    from transformers import PreTrainedTokenizerFast
-
-    unk = "<unk>"
-    tk = _wordpiece_tokenizer(_wordpiece_vocab([unk]), unk)
-    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
-    if added:
-        tk.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
-    kwargs: dict[str, Any] = {}
-    if extra_special_tokens:
-        kwargs["extra_special_tokens"] = extra_special_tokens
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk,
-        bos_token=bos,
-        eos_token=eos,
-        pad_token=pad,
-        unk_token=unk,
-        model_max_length=model_max_length,
-        clean_up_tokenization_spaces=False,
-        **kwargs,
-    )
-    tok.chat_template = chat_template
-    return tok
-
-
-def _vocab_size(tok) -> int:
-    """Model vocab size: the tokenizer's, rounded up to a multiple of 64 (like the real checkpoints' padding)."""
-    return (len(tok) + 63) // 64 * 64
-
-
-def _keep_only_word_logits(lm_head, tok) -> None:
-    """Zero the lm_head rows of every token that is not a whole English word (special/added tokens, single
-    characters, ## pieces, punctuation, vocab padding). Their logits are then exactly 0 while word logits are
-    random, and the max of hundreds of random logits is > 0: greedy decoding of the random model emits
-    readable space-separated words, never EOS at step one and never a media placeholder."""
-    import torch
-
-    vocab = tok.get_vocab()
-    keep = torch.zeros(lm_head.weight.shape[0], dtype=torch.bool)
-    keep[[vocab[w] for w in _WORDS if w in vocab]] = True
-    with torch.no_grad():
-        lm_head.weight[~keep] = 0.0
-        if getattr(lm_head, "bias", None) is not None:
-            lm_head.bias[~keep] = 0.0
-
-
-# --- chat templates --------------------------------------------------------------------------------
 
 # DeepSeek-R1-0528 in spirit: bos + system prompt, <｜User｜>/<｜Assistant｜> turns, reasoning before
 # </think> is dropped from past assistant turns; content may be a string or a list of text parts.
@@ -299,21 +203,6 @@ _QWEN_SPECIAL = [
 ]
 
 
-def _ids(tok, *tokens: str) -> list[int]:
-    ids = tok.convert_tokens_to_ids(list(tokens))
-    for t, i in zip(tokens, ids):
-        if i is None or i == tok.unk_token_id:
-            raise RuntimeError(f"token {t!r} missing from the demo tokenizer")
-    return ids
-
-
-def _write_generation_config(path: Path, **kwargs) -> None:
-    from transformers import GenerationConfig
-
-    gen = GenerationConfig(**kwargs)
-    gen.save_pretrained(path)
-
-
 # --------------------------------------------------------------------------------------------------
 # Builders: each writes one complete checkpoint into `out` (an empty dir).
 # --------------------------------------------------------------------------------------------------
@@ -325,7 +214,7 @@ _MROPE = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1000
 
 
 def _build_deepseek(out: Path) -> None:
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3Config, Qwen3ForCausalLM  # deferred: transformers
 
     bos, eos, pad = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
     tok = _fast_tokenizer(
@@ -368,8 +257,8 @@ _VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch
 
 
 def _build_qwen_vl(out: Path) -> None:
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,  # deferred: transformers
+                              Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
 
     tok = _qwen_tokenizer([], _QWEN_VL_TEMPLATE)
     pad_id, eos_id, image_id, video_id, vs_id, ve_id = _ids(
@@ -392,9 +281,9 @@ def _build_qwen_vl(out: Path) -> None:
 
 
 def _build_blip_vqa(out: Path) -> None:
-    from transformers import (BertTokenizerFast, BlipConfig, BlipForQuestionAnswering, BlipImageProcessor,
-                              BlipProcessor)
-    from tokenizers import processors
+    from tokenizers import processors  # deferred: tokenizers
+    from transformers import (BertTokenizerFast, BlipConfig, BlipForQuestionAnswering,  # deferred: transformers
+                              BlipImageProcessor, BlipProcessor)
 
     head = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     vocab = _wordpiece_vocab(head)
@@ -405,7 +294,7 @@ def _build_blip_vqa(out: Path) -> None:
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
     )
-    from tokenizers import AddedToken
+    from tokenizers import AddedToken  # deferred: tokenizers
 
     tk.add_special_tokens([AddedToken(t, special=True, normalized=False)
                            for t in head + ["[DEC]", "[ENC]"]])
@@ -435,8 +324,8 @@ _AUDIO_TOKENS = ["<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]
 
 
 def _build_qwen_audio(out: Path) -> None:
-    from transformers import (Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor,
-                              WhisperFeatureExtractor)
+    from transformers import (Qwen2AudioConfig, Qwen2AudioForConditionalGeneration,  # deferred: transformers
+                              Qwen2AudioProcessor, WhisperFeatureExtractor)
 
     tok = _qwen_tokenizer(_AUDIO_TOKENS, _QWEN_AUDIO_TEMPLATE)
     pad_id, eos_id, audio_id = _ids(tok, "<|endoftext|>", "<|im_end|>", "<|AUDIO|>")
@@ -462,9 +351,10 @@ _OMNI_TOKENS = ["<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>", "<|vision_bos|>",
 
 
 def _build_qwen_omni(out: Path) -> None:
-    import torch
-    from transformers import (Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniProcessor,
-                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor, WhisperFeatureExtractor)
+    import torch  # deferred: torch
+    from transformers import (Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration,  # deferred: transformers
+                              Qwen2_5OmniProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor,
+                              WhisperFeatureExtractor)
 
     # The real Omni tokenizer names vision tokens <|vision_bos|>/<|vision_eos|>/<|IMAGE|>/<|VIDEO|>; the
     # processor reads these attributes from the tokenizer.
@@ -530,8 +420,8 @@ def _build_qwen_omni(out: Path) -> None:
 
 def _special_tokenizer(head: list[str], *, bos: str | None, eos: str, pad: str, max_length: int):
     """A WordPiece PreTrainedTokenizerFast that wraps every text as [bos] text eos, like CLIP's and T5's."""
-    from tokenizers import AddedToken, processors
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import AddedToken, processors  # deferred: tokenizers
+    from transformers import PreTrainedTokenizerFast  # deferred: transformers
 
     vocab = _wordpiece_vocab(head)
     tk = _wordpiece_tokenizer(vocab, "<unk>")
@@ -544,8 +434,9 @@ def _special_tokenizer(head: list[str], *, bos: str | None, eos: str, pad: str, 
 
 
 def _build_flux(out: Path) -> None:
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline,  # deferred: diffusers
+                           FluxTransformer2DModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel  # deferred: transformers
 
     clip_tok = _special_tokenizer(["<|startoftext|>", "<|endoftext|>", "<unk>"], bos="<|startoftext|>",
                                   eos="<|endoftext|>", pad="<|endoftext|>", max_length=77)
@@ -572,10 +463,10 @@ def _build_flux(out: Path) -> None:
 
 
 def _build_qwen_image_edit(out: Path) -> None:
-    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline,
-                           QwenImageTransformer2DModel)
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor,
-                              Qwen2VLProcessor, Qwen2VLVideoProcessor)
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler,  # deferred: diffusers
+                           QwenImageEditPipeline, QwenImageTransformer2DModel)
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,  # deferred: transformers
+                              Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor)
 
     tok = _qwen_tokenizer([], _QWEN_VL_TEMPLATE)
     pad_id, eos_id, image_id, video_id, vs_id, ve_id = _ids(
@@ -615,14 +506,9 @@ _BUILDERS: dict[str, Callable[[Path], None]] = {
     "qwen_omni": _build_qwen_omni,
     "flux": _build_flux,
     "qwen_image_edit": _build_qwen_image_edit,
-    "janus": lambda out: _speech_janus().build_janus(out),
-    "whisper": lambda out: _speech_janus().build_whisper(out),
+    "janus": demo_speech_janus.build_janus,
+    "whisper": demo_speech_janus.build_whisper,
 }
-
-
-def _speech_janus():
-    from utils.hub import demo_speech_janus  # imported on use: it imports this module's helpers back
-    return demo_speech_janus
 
 
 # --------------------------------------------------------------------------------------------------
@@ -648,8 +534,8 @@ def _locked(root: Path) -> Iterator[None]:
 
 
 def _build_one(root: Path, key: str) -> Path:
-    import torch
-    from transformers.utils import logging as hf_logging
+    import torch  # deferred: torch
+    from transformers.utils import logging as hf_logging  # deferred: transformers
 
     final = root / key
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{key}-", dir=root))
@@ -668,7 +554,7 @@ def _build_one(root: Path, key: str) -> Path:
             hf_logging.set_verbosity(verbosity)
             if bars:
                 hf_logging.enable_progress_bar()
-        import transformers
+        import transformers  # deferred: transformers
 
         marker = {"version": DEMO_VERSION, "key": key, "family": demo_family(key),
                   "transformers": transformers.__version__, "built_at": time.time()}

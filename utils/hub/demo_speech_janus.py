@@ -11,7 +11,11 @@ and tokenizers built offline, float32 weights, seeded by the caller.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+from utils.hub.demo_parts import (_WORDS, _fast_tokenizer, _ids, _keep_only_word_logits, _vocab_size,
+                                  _write_generation_config)
 
 # Janus-Pro's own chat template (transformers' convert_janus_weights_to_hf.py writes this one).
 JANUS_TEMPLATE = (
@@ -42,10 +46,10 @@ JANUS_TEMPLATE = (
 
 
 def build_janus(out: Path) -> None:
-    import torch
-    from transformers import JanusConfig, JanusForConditionalGeneration, JanusImageProcessor, JanusProcessor
+    import torch  # deferred: torch
+    from transformers import (JanusConfig, JanusForConditionalGeneration, JanusImageProcessor,  # deferred: transformers
+                              JanusProcessor)
 
-    from utils.hub.demo_models import _fast_tokenizer, _ids, _keep_only_word_logits, _vocab_size, _write_generation_config
 
     bos, eos, pad = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
     image, boi, eoi = "<image_placeholder>", "<begin_of_image>", "<end_of_image>"
@@ -88,13 +92,10 @@ def _whisper_tokenizer():
     Whisper's special tokens in the real order: <|endoftext|> right after the BPE vocab, the task and
     language tokens, <|notimestamps|> last among the specials, and the timestamps after it (ordinary
     added tokens, as in the real tokenizer: timestamp ids start after the last special id)."""
-    import json
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers  # deferred: tokenizers
+    from transformers import WhisperTokenizer  # deferred: transformers
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES  # deferred: transformers
 
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
-    from transformers import WhisperTokenizer
-    from transformers.models.whisper.tokenization_whisper import LANGUAGES
-
-    from utils.hub.demo_models import _WORDS
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -115,11 +116,10 @@ def _whisper_tokenizer():
 
 
 def build_whisper(out: Path) -> None:
-    import torch
-    from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor,
+    import torch  # deferred: torch
+    from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor,  # deferred: transformers
                               WhisperForConditionalGeneration, WhisperProcessor)
 
-    from utils.hub.demo_models import _vocab_size
 
     tok, languages = _whisper_tokenizer()
     ids = tok.convert_tokens_to_ids

@@ -4,7 +4,7 @@ CLI:     python -m utils.download_model --model KEY [KEY ...] | --all
                 [--path DIR] [--revision REV] [--config models.yaml] [--token TOKEN]
                 [--reserve-bytes N] [--max-workers N] [--no-progress] [--json]
 Library: download_models(settings, keys) -> list[DownloadResult]   (main.py --download)
-         checkpoint_state(path) / checkpoint_bytes(path) / read_manifest(path)  (model manager, /admin)
+         what a folder holds (checkpoint_state, checkpoint_bytes, read_manifest): utils/hub/model_folder.py
 
 Per model: ask the Hub for the file list with sizes (one `model_info` call, resolving the revision to a
 commit sha), keep only the files a load needs (safetensors weights, JSON configs, tokenizer and
@@ -46,49 +46,23 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
-from utils.errors import ConfigError, UnknownModel  # noqa: E402
-from utils.config.settings import ServerSettings, load_settings  # noqa: E402
+import filelock
+
+from utils.config.settings import ServerSettings, load_settings
+from utils.errors import ConfigError, UnknownModel
+# (checkpoint_state, select_files, ... are imported from here by older code: kept importable)
+from utils.hub.model_folder import (HF_DIR as _HF_DIR, MANIFEST_NAME, STATES, FileSelection,  # noqa: F401
+                                    checkpoint_bytes, checkpoint_state, download_leftovers as _leftovers, read_manifest,
+                                    select_files, size_or_none as _size_or_none)
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = ".download.json"
 LOCAL_REPO = "(local)"  # the repo shown for a model configured with a local path and no repo_id
-_HF_DIR = Path(".cache") / "huggingface"  # huggingface_hub's per-folder metadata (local_dir downloads)
 _LOCK_NAME = ".download.lock"
 DEFAULT_RESERVE_BYTES = 1 << 30  # keep 1 GiB free after a download (logs, temp files)
 RESERVE_ENV = "DOWNLOAD_RESERVE_BYTES"
-
-# What a load reads. `*.json` covers config, generation_config, tokenizer(_config), special_tokens_map,
-# added_tokens, preprocessor/processor config, chat_template.json and the safetensors index.
-ALLOW_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer.model", "*.tiktoken",
-                  "merges.txt", "vocab.*", "*.jinja", "spk_dict.pt")
-# Copies of the weights in other formats, and their indexes: never needed next to safetensors.
-IGNORE_PATTERNS = ("*.bin.index.json", "*.pt.index.json", "*.msgpack.index.json", "*.h5.index.json",
-                   "onnx/*", "openvino/*", "coreml/*", "tflite/*", "mlx/*", "gguf/*", "original/*")
-# A diffusers pipeline (model_index.json at the top): each component in its subfolder (transformer/,
-# vae/, text_encoder/, tokenizer/, scheduler/, processor/). Files at the top other than model_index.json
-# are single-file copies of the same weights (FLUX.1's flux1-schnell.safetensors, 24 GB): never needed.
-PIPELINE_ALLOW_PATTERNS = ("model_index.json", "*/*.safetensors", "*/*.safetensors.index.json", "*/*.json",
-                           "*/tokenizer.model", "*/spiece.model", "*/*.tiktoken", "*/merges.txt", "*/vocab.*",
-                           "*/*.jinja")
-PIPELINE_INDEX = "model_index.json"
-# trust_remote_code models: the configuration_*.py / modeling_*.py / processing_*.py that auto_map names.
-REMOTE_CODE_PATTERNS = ("*.py",)
-# Used only when the repo has no *.safetensors at all.
-BIN_PATTERNS = ("*.bin", "*.bin.index.json")
-_BIN_EXCLUDE = ("training_args.bin", "optimizer.bin", "scheduler.bin", "rng_state*.bin")
-
-STATES = ("not_downloaded", "partial", "downloaded")
-
-
-@dataclass(frozen=True)
-class FileSelection:
-    files: tuple[str, ...]
-    allow_patterns: tuple[str, ...]
-    ignore_patterns: tuple[str, ...]
-    weights_format: str  # "safetensors" | "bin" | "none"
 
 
 @dataclass
@@ -115,132 +89,6 @@ class DownloadResult:
         out["path"] = str(self.path)
         out["seconds"] = round(self.seconds, 3)
         return out
-
-
-# ------------------------------------------------------------------------------------ file selection
-
-def select_files(repo_files: Iterable[str], *, code: bool = False) -> FileSelection:
-    """The files of a repo that a load needs; *.bin weights only when there is no *.safetensors; the
-    repo's Python files only for a model with trust_remote_code (`code`)."""
-    from huggingface_hub.utils import filter_repo_objects
-
-    names = sorted(set(repo_files))
-    if PIPELINE_INDEX in names:
-        allow, ignore, fmt = PIPELINE_ALLOW_PATTERNS, IGNORE_PATTERNS, "safetensors"
-    elif any(name.endswith(".safetensors") for name in names):
-        allow, ignore, fmt = ALLOW_PATTERNS, IGNORE_PATTERNS, "safetensors"
-    else:
-        allow = ALLOW_PATTERNS + BIN_PATTERNS
-        ignore = tuple(p for p in IGNORE_PATTERNS if p != "*.bin.index.json") + _BIN_EXCLUDE
-        fmt = "bin" if any(name.endswith(".bin") and "/" not in name for name in names) else "none"
-    if code:
-        allow = allow + REMOTE_CODE_PATTERNS
-    files = tuple(filter_repo_objects(names, allow_patterns=list(allow), ignore_patterns=list(ignore)))
-    return FileSelection(files, allow, ignore, fmt)
-
-
-# ------------------------------------------------------------------------------------ state on disk
-
-def read_manifest(path: Path) -> dict | None:
-    """The `.download.json` a finished download wrote, or None (absent or unreadable)."""
-    try:
-        data = json.loads((Path(path) / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
-        return None
-    return data
-
-
-def _leftovers(path: Path) -> list[Path]:
-    """`*.incomplete` temp files of interrupted downloads under <path>/.cache/huggingface."""
-    hf_dir = Path(path) / _HF_DIR
-    return sorted(hf_dir.rglob("*.incomplete")) if hf_dir.is_dir() else []
-
-
-def _weight_files(path: Path) -> list[Path]:
-    """The weight files a load of `path` reads: the shards an index names, else the single files.
-
-    Safetensors first; *.bin only when the folder has no safetensors weights. A diffusers pipeline:
-    those of every component its model_index.json lists that has a config (a model, not a tokenizer).
-    """
-    if (path / PIPELINE_INDEX).is_file():
-        return _pipeline_weight_files(path)
-    for suffix in (".safetensors", ".bin"):
-        indexes = sorted(path.glob(f"*{suffix}.index.json"))
-        if indexes:
-            shards: set[str] = set()
-            for index in indexes:
-                try:
-                    weight_map = json.loads(index.read_text()).get("weight_map") or {}
-                    shards.update(str(v) for v in weight_map.values())
-                except (OSError, ValueError, AttributeError):
-                    weight_map = {}
-                if not weight_map:  # unreadable or empty index: name a file that cannot exist
-                    shards.add(f"<no weight_map in {index.name}>")
-            return [path / shard for shard in sorted(shards)]
-        singles = sorted(p for p in path.glob(f"*{suffix}") if p.is_file()
-                         and not any(p.match(x) for x in _BIN_EXCLUDE))
-        if singles:
-            return singles
-    return []
-
-
-def _pipeline_weight_files(path: Path) -> list[Path]:
-    try:
-        index = json.loads((path / PIPELINE_INDEX).read_text())
-    except (OSError, ValueError):
-        return [path / f"<unreadable {PIPELINE_INDEX}>"]
-    files: list[Path] = []
-    for name, value in sorted(index.items()):
-        if name.startswith("_") or not isinstance(value, list) or value[0] is None:
-            continue
-        folder = path / name
-        if (folder / "config.json").is_file() or not folder.is_dir():  # a model (tokenizers have no config)
-            found = _weight_files(folder) if folder.is_dir() else []
-            files += found or [folder / "<no weights>"]
-    return files
-
-
-def _size_or_none(path: Path) -> int | None:
-    try:
-        return path.stat().st_size if path.is_file() else None
-    except OSError:
-        return None
-
-
-def checkpoint_state(path: Path) -> str:
-    """"not_downloaded" | "partial" | "downloaded", from the files on disk.
-
-    downloaded: config.json and every weight file present and non-empty (the shards named by
-    model.safetensors.index.json, or model.safetensors; *.bin only in a folder without safetensors),
-    no `*.incomplete` leftovers under .cache/huggingface, and, when `.download.json` exists, every file
-    it lists present with the listed size. partial: anything else that is not an empty folder.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        return "not_downloaded"
-    leftovers = _leftovers(path)
-    content = [p for p in path.iterdir() if p.name != ".cache"]
-    if not content and not leftovers:
-        return "not_downloaded"
-    if leftovers or not ((path / "config.json").is_file() or (path / PIPELINE_INDEX).is_file()):
-        return "partial"
-    weights = _weight_files(path)
-    if not weights or any(not _size_or_none(w) for w in weights):
-        return "partial"
-    manifest = read_manifest(path)
-    if manifest is not None:
-        for name, size in manifest["files"].items():
-            on_disk = _size_or_none(path / name)
-            if on_disk is None or (size is not None and on_disk != size):
-                return "partial"
-    return "downloaded"
-
-
-def checkpoint_bytes(path: Path) -> int:
-    """Bytes of the weight files present in `path` (what `_weight_files` names); 0 when none."""
-    return sum(_size_or_none(w) or 0 for w in _weight_files(Path(path)))
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -290,13 +138,13 @@ def _free_bytes(target: Path) -> tuple[int, Path]:
 
 
 def _offline() -> bool:
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # deferred: huggingface_hub
 
     return bool(constants.HF_HUB_OFFLINE)
 
 
 def _xet_note() -> str:
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # deferred: huggingface_hub
 
     if importlib.util.find_spec("hf_xet") is None:
         return "plain HTTP (hf_xet not installed)"
@@ -306,7 +154,7 @@ def _xet_note() -> str:
 
 
 def _silent_tqdm():
-    from huggingface_hub.utils import tqdm as hf_tqdm
+    from huggingface_hub.utils import tqdm as hf_tqdm  # deferred: huggingface_hub
 
     class _Silent(hf_tqdm):
         def __init__(self, *args, **kwargs):
@@ -323,10 +171,11 @@ def _first_line(exc: BaseException) -> str:
 
 def explain_error(exc: BaseException, repo_id: str, revision: str, endpoint: str | None = None) -> str:
     """One clear sentence for a failed download."""
-    import httpx2
-    from huggingface_hub import constants
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
+    import httpx2  # deferred: httpx2
+    from huggingface_hub import constants  # deferred: huggingface_hub
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError,  # deferred: huggingface_hub
+                                        LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
 
     hub = endpoint or constants.ENDPOINT
     status = getattr(getattr(exc, "response", None), "status_code", None)
@@ -405,8 +254,7 @@ def _offline_result(result: DownloadResult) -> DownloadResult:
 
 def _download_one(result: DownloadResult, *, token: str | None, reserve_bytes: int, endpoint: str | None,
                   progress: bool, max_workers: int, code: bool = False) -> DownloadResult:
-    import filelock
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import HfApi, snapshot_download  # deferred: huggingface_hub
 
     target = result.path
     info = HfApi(endpoint=endpoint, token=token).model_info(

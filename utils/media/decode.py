@@ -451,7 +451,7 @@ class VideoClip:
     def metadata(self):
         """``transformers.video_utils.VideoMetadata`` for ``processor(videos=[clip.frames],
         video_metadata=[clip.metadata()])`` (the convention of transformers' own pyav loader)."""
-        from transformers.video_utils import VideoMetadata   # lazy: transformers is slow to import
+        from transformers.video_utils import VideoMetadata  # deferred: transformers
 
         return VideoMetadata(
             total_num_frames=self.total_frames, fps=self.fps, duration=self.duration,

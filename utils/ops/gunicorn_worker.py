@@ -35,6 +35,8 @@ from gunicorn import glogging, util
 from gunicorn.arbiter import Arbiter
 from gunicorn.workers.gthread import ThreadWorker
 
+from utils.config.reload import reload_config
+from utils.errors import ConfigError
 from utils.ops.logging_setup import ConsoleFormatter
 
 log = logging.getLogger("model_server.worker")
@@ -115,8 +117,6 @@ class ModelServerWorker(ThreadWorker):
 
     @staticmethod
     def _reload(services, app_config) -> None:
-        from utils.config.reload import reload_config
-        from utils.errors import ConfigError
         try:
             reload_config(services, app_config)
         except ConfigError as exc:

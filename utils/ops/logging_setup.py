@@ -135,7 +135,7 @@ class RequestIdFilter(logging.Filter):
 
 def current_request_id() -> str | None:
     try:
-        from flask import g, has_request_context
+        from flask import g, has_request_context  # deferred: flask
     except ImportError:  # utils/ runs without Flask too (e.g. under Ray Serve)
         return None
     if not has_request_context():

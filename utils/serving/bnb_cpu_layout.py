@@ -28,7 +28,7 @@ FILE_NAME = "cpu_layout.safetensors"
 def _modules(model: Any) -> Iterator[tuple[str, Any]]:
     """Linear4bit modules that bitsandbytes would repack for this CPU (device cpu, AVX512-BF16)."""
     try:
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # deferred: bitsandbytes
     except ImportError:
         return
     for name, module in model.named_modules():
@@ -40,12 +40,12 @@ def _modules(model: Any) -> Iterator[tuple[str, Any]]:
 
 def _pack(module: Any) -> tuple[Any, Any]:
     """bitsandbytes' repack of one module, on copies (the module itself is left as it is)."""
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu  # deferred: bitsandbytes
     return _convert_weight_packed_for_cpu(module.weight.data, copy.deepcopy(module.weight.quant_state))
 
 
 def _encode(state: Any, name: str, tensors: dict) -> dict:
-    import torch
+    import torch  # deferred: torch
 
     fields: dict[str, Any] = {}
     for key, value in vars(state).items():
@@ -66,7 +66,7 @@ def _encode(state: Any, name: str, tensors: dict) -> dict:
 def save(model: Any, folder: Path) -> dict | None:
     """Writes the repacked layout of every such module into folder/FILE_NAME; returns what entry.json
     keeps about it (None when the model has no module bitsandbytes repacks here)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # deferred: safetensors
 
     tensors: dict[str, Any] = {}
     states: dict[str, dict] = {}
@@ -88,8 +88,8 @@ def save(model: Any, folder: Path) -> dict | None:
 def apply(model: Any, folder: Path, meta: dict | None) -> int:
     """Sets the saved layout back on a model just read from `folder`; returns how many modules got it
     (0 when it does not match what bitsandbytes computes here, or there is none)."""
-    import torch
-    from safetensors import safe_open
+    import torch  # deferred: torch
+    from safetensors import safe_open  # deferred: safetensors
 
     modules = dict(_modules(model))
     states = (meta or {}).get("modules") or {}
@@ -116,7 +116,7 @@ def apply(model: Any, folder: Path, meta: dict | None) -> int:
 
 
 def _decode(fields: dict, name: str, handle: Any) -> dict:
-    import torch
+    import torch  # deferred: torch
 
     out = {}
     for key, spec in fields.items():
@@ -132,7 +132,7 @@ def _decode(fields: dict, name: str, handle: Any) -> dict:
 
 
 def _same(a: dict, b: dict) -> bool:
-    import torch
+    import torch  # deferred: torch
 
     if set(a) != set(b):
         return False

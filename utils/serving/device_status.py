@@ -13,13 +13,12 @@ import platform
 from typing import Any, Mapping
 
 from utils.errors import InvalidInput
+from utils.serving.status import memory_report
 
 
 def device_report(svc: Any) -> dict:
     """{"devices": [names], "details": [one dict per device]}; with the Ray backend, each replica's
     devices too (the front holds no model)."""
-    from utils.serving.status import memory_report
-
     details = devices_from(memory_report(svc), svc.manager.snapshot() if svc.cluster is None else {})
     report: dict[str, Any] = {"devices": [d["device"] for d in details], "details": details}
     if svc.cluster is not None:

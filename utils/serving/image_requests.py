@@ -8,17 +8,18 @@ then the lease, the family's prepare, and the engine.
 """
 from __future__ import annotations
 
+import base64
 import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from utils.config.settings import IMAGE_FAMILIES, ModelSpec
 from utils.errors import InvalidInput, RequestTimeout
 from utils.families import family_class
 from utils.families.diffusion import ImageParams
 from utils.serving.inference import (SEED_MAX, GenerateJob, MediaItem, check_media_items, flag_field, media_items,
-                             number_field, parse_timeout, text_field)
-from utils.config.settings import IMAGE_FAMILIES, ModelSpec
+                                     number_field, parse_timeout, text_field)
 
 MAX_SCALE = 100.0  # guidance and true CFG scales; real use is 0..10
 TEXT_ONLY_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "do_sample", "repetition_penalty", "system")
@@ -236,7 +237,6 @@ def run_images(inference: Any, key: str, job: ImageJob, is_gone: Callable[[], bo
 
 def image_body(key: str, outcome: ImageOutcome) -> dict:
     """The /generate answer: base64 PNGs and what they were made with."""
-    import base64
     params = outcome.params
     return {"images": [base64.b64encode(png).decode("ascii") for png in outcome.images], "model": key,
             "seed": params.seed, "width": params.width, "height": params.height,

@@ -7,14 +7,16 @@ from __future__ import annotations
 import math
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
+from utils.config.settings import SEED_MAX, ModelSpec
 from utils.errors import InvalidInput, RequestTimeout
-from utils.families import GenerationParams, GenerationRequest, GenerationResult, accepted_media, family_class
+from utils.families import GenerationParams, GenerationRequest, GenerationResult, family_class
 from utils.families.base import client_texts
 from utils.families.special_tokens import SpecialTokenGuard
-from utils.config.settings import SEED_MAX, ModelSpec
+from utils.media import decode as media
 
 MEDIA_FIELDS = {"image": "image", "images": "image", "video": "video", "videos": "video", "audio": "audio",
                 "audios": "audio"}
@@ -229,8 +231,6 @@ class InferenceService:
         """The client's text against the model's special tokens (from its tokenizer files), every
         media item's headers (per-item caps, the per-request budget, what the model's family cannot
         take), then the decoding; all before any model is leased."""
-        from utils.media import decode as media
-
         limits = self.media_limits
         family = family_class(spec.family) if spec is not None else None
         request = GenerationRequest(prompt=job.prompt, system=job.system, messages=job.messages, raw=job.raw,
@@ -265,8 +265,6 @@ class InferenceService:
     def media_bytes(self, payload: Any, field: str) -> bytes:
         """Uploads arrive as bytes, JSON media as base64 or data URLs, OpenAI parts may be URLs;
         each loader then checks emptiness and size."""
-        from utils.media import decode as media
-
         if isinstance(payload, (bytes, bytearray)):
             return bytes(payload)
         if isinstance(payload, str) and URL_SCHEME.match(payload):  # the fetcher refuses all but http(s)
@@ -334,7 +332,6 @@ class InferenceService:
                        track: Callable[[Any], None] | None = None) -> dict:
         """An image job on the model's engine: the result, steps done and the durations of its parts
         (utils/serving/image_requests.run_images; a Ray replica runs this one)."""
-        import time
         began = time.monotonic()
         with self.manager.lease(key, keep_alive=keep_alive) as served:
             leased = time.monotonic()

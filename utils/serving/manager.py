@@ -22,13 +22,13 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
-from utils.errors import InsufficientMemory, ModelBusy, ModelUnavailable, UnknownModel
-from utils.serving.memory import (MemoryProbe, MemoryReading, device_budget, physical_room, release_cached_memory,
-                          split_estimate)
-from utils.serving.entries import LoadedModel, Loader, ModelEntry, _describe_exception, _handle_status, _mb, _measure
-from utils.observer import notify
-from utils.serving.ram_tier import DEMOTE_REASONS, RamTier
 from utils.config.settings import ModelSpec, ServerSettings
+from utils.errors import InsufficientMemory, ModelBusy, ModelUnavailable, UnknownModel
+from utils.observer import notify
+from utils.serving.entries import LoadedModel, Loader, ModelEntry, _describe_exception, _handle_status, _mb, _measure
+from utils.serving.memory import (MemoryProbe, MemoryReading, cuda_available, device_budget, physical_room,
+                                  release_cached_memory, split_estimate)
+from utils.serving.ram_tier import DEMOTE_REASONS, RamTier
 
 log = logging.getLogger("model_server.manager")
 
@@ -672,10 +672,9 @@ def default_device_resolver(spec: ModelSpec) -> str:
         return "cuda:0"
     if spec.device != "auto":
         return spec.device
-    from utils.serving.memory import cuda_available
     if not cuda_available():
         return "mps" if _mps_available() else "cpu"
-    import torch  # the GPU with the most free memory
+    import torch  # deferred: torch; the GPU with the most free memory
     frees = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
     return f"cuda:{max(range(len(frees)), key=frees.__getitem__)}"
 
@@ -689,7 +688,7 @@ def _load_fields(spec: ModelSpec) -> tuple:
 def _mps_available() -> bool:
     """Apple silicon (not tested on our machines)."""
     try:
-        import torch
+        import torch  # deferred: torch
         return bool(torch.backends.mps.is_available())
     except Exception:
         return False

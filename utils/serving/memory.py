@@ -4,10 +4,11 @@ Readings are plain values; the model manager decides what to do with them.
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
-import math
 import logging
+import math
 import os
 import struct
 import threading
@@ -55,7 +56,7 @@ class MemoryReading:
 
 def cuda_available() -> bool:
     try:
-        import torch
+        import torch  # deferred: torch
         return bool(torch.cuda.is_available())
     except Exception:  # a broken CUDA install must not take the server down
         return False
@@ -79,7 +80,7 @@ class MemoryProbe:
     def _gpus() -> list[GpuReading]:
         if not cuda_available():
             return []
-        import torch
+        import torch  # deferred: torch
         out = []
         for index in range(torch.cuda.device_count()):
             free, total = torch.cuda.mem_get_info(index)
@@ -133,7 +134,7 @@ def release_device_caches() -> None:
     """torch's allocators keep freed blocks cached: the GPU's go back to the driver, the pinned host
     blocks to the OS (after an unload, or a move between GPU and RAM)."""
     try:
-        import torch
+        import torch  # deferred: torch
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     except Exception:
@@ -151,7 +152,6 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
     if os.environ.get("MALLOC_ARENA_MAX"):
         return
     try:
-        import ctypes
         ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, arenas)
     except Exception:  # not glibc: nothing to tune
         pass
@@ -160,7 +160,6 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
 def _trim_malloc() -> None:
     """Returns freed heap pages to the OS so RSS really drops after an unload (glibc only)."""
     try:
-        import ctypes
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except Exception:
         pass
@@ -169,7 +168,7 @@ def _trim_malloc() -> None:
 def is_out_of_memory(exc: BaseException) -> bool:
     """A device allocation failure (CUDA OOM), as opposed to a bug."""
     try:
-        import torch
+        import torch  # deferred: torch
     except Exception:
         return False
     return isinstance(exc, getattr(torch, "OutOfMemoryError", ())) or (
@@ -199,7 +198,7 @@ def release_host_cache() -> None:
     """torch keeps freed page-locked (pinned) host blocks cached for reuse; a parked model that left
     RAM would still hold them. Returns them to the OS (a no-op without CUDA)."""
     try:
-        import torch
+        import torch  # deferred: torch
         if torch.cuda.is_available() and hasattr(torch._C, "_host_emptyCache"):
             torch._C._host_emptyCache()
     except Exception:

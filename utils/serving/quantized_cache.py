@@ -42,8 +42,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from utils.serving import bnb_cpu_layout
 from utils.config.settings import ModelSpec, ServerSettings
+from utils.families import family_class, load_family
+from utils.families.loading import check_loaded_weights
+from utils.hub.model_folder import checkpoint_state
+from utils.serving import bnb_cpu_layout
+from utils.serving.manager import default_device_resolver
+from utils.serving.memory import is_out_of_memory, release_cached_memory
 
 log = logging.getLogger("model_server.quant_cache")
 
@@ -83,9 +88,9 @@ def source_files(path: Path) -> list[list]:
 
 
 def _versions() -> dict:
-    import bitsandbytes
-    import torch
-    import transformers
+    import bitsandbytes  # deferred: bitsandbytes
+    import torch  # deferred: torch
+    import transformers  # deferred: transformers
     return {"torch": torch.__version__, "transformers": transformers.__version__,
             "bitsandbytes": bitsandbytes.__version__}
 
@@ -198,9 +203,6 @@ class QuantizedCache:
     def load(self, spec: ModelSpec, device: str, model_class: Any, kwargs: dict) -> Any:
         """`model_class.from_pretrained` for a quantized load: from the cache when a valid entry
         exists, else from the source (and the result is written to the cache)."""
-        from utils.families.loading import check_loaded_weights
-        from utils.serving.memory import is_out_of_memory, release_cached_memory
-
         if not self.enabled or kwargs.get("quantization_config") is None:
             return model_class.from_pretrained(spec.path, **kwargs)
         ident = self.identity(spec, device, model_class, kwargs)
@@ -421,7 +423,7 @@ class QuantizedCache:
 
 def _retie(model: Any, pairs: dict[str, str]) -> None:
     """Ties target -> source again for each pair whose two tensors hold equal values."""
-    import torch
+    import torch  # deferred: torch
 
     for target, source in pairs.items():
         try:
@@ -472,11 +474,6 @@ def build_quantized_cache(settings: ServerSettings, keys: Sequence[str]) -> list
     --download / --download-only). One model at a time, each released before the next; a failure is
     reported and the others go on. Returns one row per key: key, status (built / present / skipped /
     failed), reason, bytes, seconds."""
-    from utils.hub.download import checkpoint_state
-    from utils.families import family_class, load_family
-    from utils.serving.memory import release_cached_memory
-    from utils.serving.manager import default_device_resolver
-
     cache = QuantizedCache.from_settings(settings)
     report = []
     for key in dict.fromkeys(keys):

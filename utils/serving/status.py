@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 
-from utils.serving.memory import gpu_budget, ram_budget
+from utils.hub.model_folder import checkpoint_state
+from utils.serving.memory import estimate_model_bytes, gpu_budget, ram_budget
 
 WARNING_FRACTION = 0.9
 
@@ -49,14 +50,11 @@ def memory_report(svc) -> dict:
 
 
 def _disk_state(spec) -> str:
-    from utils.hub.download import checkpoint_state
     return checkpoint_state(spec.path)
 
 
 def model_report(svc) -> dict:
     """/admin/model_status of one process (the server, or one Ray replica)."""
-    from utils.serving.memory import estimate_model_bytes
-
     snapshot = svc.manager.snapshot()
     specs = svc.manager.specs()
     cache = getattr(svc, "quant_cache", None)
