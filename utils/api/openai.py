@@ -158,4 +158,3 @@ def _images(key: str, job):
     g.model = key
     outcome = run_images(services().inference, key, job, is_gone=client_gone_probe())
     return jsonify(oa.images_response(outcome))
-

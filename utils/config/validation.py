@@ -15,7 +15,6 @@ _SIZE_UNITS = {"b": 1, "kb": 10**3, "kib": 2**10, "mb": 10**6, "mib": 2**20, "gb
                "tb": 10**12, "tib": 2**40}
 
 
-
 def _fail(where: str, msg: str) -> None:
     raise ConfigError(f"{where}: {msg}")
 
@@ -72,7 +71,6 @@ def _gib(value: Any, where: str) -> int | None:
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "null", "none", "auto")):
         return None
     return int(_float(value, where, minimum=0) * GIB)
-
 
 
 def _keep_alive(value: Any, where: str) -> float | None:

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("model_server.families")
 
+
 class _SamplingRng:
     """Sampling draws from torch's global RNG. A seeded request must have it alone (exclusive);
     unseeded samplers may share it with each other (shared); greedy decoding never touches it."""
