@@ -16,6 +16,8 @@ from utils.memory import MemoryReading
 from utils.model_manager import ModelManager
 from utils.settings import ModelSpec, ServerSettings
 
+from tests.conftest import wait_for
+
 GIB = 2**30
 
 
@@ -369,17 +371,113 @@ def test_nothing_stays_loading_after_an_unexpected_failure(failure):
     assert info["state"] == "unloaded" and manager.loaded_bytes() == {}
 
 
-def test_grouping_spares_a_model_that_just_served_until_its_window_passes():
+class ClockedLoader(RecordingLoader):
+    """A loader whose load takes `cost` seconds of the manager's (fake) clock: the reload cost grouping
+    weighs against a model's arrival gaps, without sleeping."""
+
+    def __init__(self, clock: FakeClock, cost: float, costs: dict[str, float] | None = None) -> None:
+        super().__init__()
+        self.clock, self.cost, self.costs = clock, cost, costs or {}
+
+    def __call__(self, spec: ModelSpec, device: str) -> Handle:
+        self.clock.now += self.costs.get(spec.key, self.cost)
+        return super().__call__(spec, device)
+
+
+def grouping_manager(max_loaded_models=1, cost=5.0, costs=None, **server):
+    clock = FakeClock()
+    settings = make_settings(max_loaded_models=max_loaded_models, **{"group_window": None, "max_pass_over": 2.0,
+                                                                      **server})
+    manager, _ = make_manager(settings, loader=ClockedLoader(clock, cost, costs), clock=clock, room_wait=30)
+    return manager, clock
+
+
+def test_one_client_switching_models_never_waits_for_the_model_it_left():
+    """A, B, A, B from one client with one slot: nothing waits for A when B comes, so every switch
+    evicts at once (the old automatic window held B for A's whole load time)."""
+    manager, clock = grouping_manager(cost=5.0)   # each load: 5 s of the manager's clock
+    for key in "abab":
+        clock.now += 0.1                          # the client reads the answer, then asks the other model
+        use(manager, key)
+    status = manager.snapshot()
+    assert status["a"]["load_count"] == 2 and status["b"]["load_count"] == 2
+    assert status["a"]["last_unload_reason"] == "count"
+    assert [status[k]["grouping_waits"] for k in "ab"] == [0, 0]   # a wait would show (max_pass_over: 2 s)
+
+
+def test_requests_for_a_model_in_demand_go_first_then_it_is_evicted_at_once(caplog):
+    """A B A A C is served A A A B C: while a's requests arrive faster than it reloads, b's load waits
+    and a keeps serving; once they stop, a goes without waiting out any window."""
+    manager, clock = grouping_manager(cost=5.0)
+    for _ in range(3):                            # a in demand: a request every 0.1 s, a reload costs 5 s
+        use(manager, "a")
+        clock.now += 0.1
+    done = threading.Event()
+    with caplog.at_level("INFO", logger="model_server.manager"):
+        threading.Thread(target=lambda: (use(manager, "b"), done.set()), daemon=True).start()
+        assert wait_for(lambda: "b waits for room: a is spared" in caplog.text)
+        assert use(manager, "a").key == "a" and not done.is_set()   # served before b, no reload
+        clock.now += 3                            # silent for over two of its recent gaps, under a reload (5 s)
+        assert done.wait(1.5)                     # (max_pass_over would end the wait only after 2 s)
+    info = manager.snapshot()
+    assert loaded(manager) == {"b"} and info["a"]["last_unload_reason"] == "count" and info["a"]["load_count"] == 1
+    assert info["b"]["grouping_waits"] == 1 and info["b"]["last_grouping_wait"]["spared"] == "a"
+    assert "its requests arrive every" in info["b"]["last_grouping_wait"]["reason"]
+
+
+def test_a_newer_model_nobody_asks_for_goes_before_an_older_one_in_demand():
+    manager, clock = grouping_manager(max_loaded_models=2, cost=5.0, costs={"c": 0.01})
+    for _ in range(3):
+        use(manager, "a")
+        clock.now += 0.1
+    use(manager, "c")                             # more recent than a, asked for once
+    use(manager, "b")                             # needs a slot: c goes, a (least recently used) stays
+    assert loaded(manager) == {"a", "b"} and manager.snapshot_one("c")["last_unload_reason"] == "count"
+    assert manager.snapshot_one("b")["grouping_waits"] == 0
+
+
+def test_a_model_that_reloads_faster_than_its_requests_arrive_is_not_spared():
+    manager, clock = grouping_manager(cost=0.05)  # a reload (0.05 s) is cheaper than waiting for its next request
+    for _ in range(3):
+        use(manager, "a")
+        clock.now += 0.1
+    use(manager, "b")
+    assert loaded(manager) == {"b"} and manager.snapshot_one("b")["grouping_waits"] == 0
+
+
+@pytest.mark.parametrize("gaps, silence, spared", [
+    ([], 0.0, False),                  # one request: no demand shown
+    ([0.1], 0.05, False),              # two: the first one loaded it (a gap across a load says nothing)
+    ([0.1, 0.1], 0.05, True),          # requests that found it loaded, much faster than a 1 s reload
+    ([0.1, 0.1], 0.25, False),         # ...that stopped: silent for more than two gaps
+    ([2.0, 2.0, 2.0], 0.1, False),     # slower than the reload
+    ([0.0, 0.0], 0.0, False),          # a burst of simultaneous requests, then nothing
+    ([0.1, 3600.0, 0.1, 0.1, 0.1], 0.05, True),  # an idle hour does not hide the burst that follows
+])
+def test_demand_rule(gaps, silence, spared):
+    from utils.grouping import Arrivals, spare_reason
+    arrivals, now = Arrivals(), 100.0
+    arrivals.record(now, resident=False)  # the request that loads it
+    for gap in gaps:
+        now += gap
+        arrivals.record(now, resident=True, reload_seconds=1.0)
+    assert (spare_reason(arrivals, now, 1.0, now + silence, None) is not None) == spared
+
+
+def test_group_window_overrides_demand_with_a_fixed_window(caplog):
+    """GROUP_WINDOW=5: a model that served within 5 s is spared even with no request coming."""
     manager, clock = make_manager(make_settings(max_loaded_models=1, group_window=5.0, max_pass_over=30.0),
                                   room_wait=30)
     use(manager, "a")
     done = threading.Event()
-    threading.Thread(target=lambda: (use(manager, "b"), done.set()), daemon=True).start()
-    assert not done.wait(0.3), "b evicted a model that served a moment ago"
-    assert use(manager, "a").key == "a"            # requests to the resident model go first
-    clock.now += 6                                 # a has been idle longer than its window
-    assert done.wait(5)
+    with caplog.at_level("INFO", logger="model_server.manager"):
+        threading.Thread(target=lambda: (use(manager, "b"), done.set()), daemon=True).start()
+        assert wait_for(lambda: "within GROUP_WINDOW=5s" in caplog.text)
+        assert use(manager, "a").key == "a" and not done.is_set()   # requests to the resident model go first
+        clock.now += 6                             # a has been idle longer than the window
+        assert done.wait(5)
     assert loaded(manager) == {"b"} and manager.snapshot_one("a")["last_unload_reason"] == "count"
+    assert manager.snapshot_one("b")["grouping_waits"] == 1
 
 
 def test_grouping_never_passes_a_load_over_for_longer_than_max_pass_over():
@@ -389,18 +487,6 @@ def test_grouping_never_passes_a_load_over_for_longer_than_max_pass_over():
     started = time.monotonic()
     use(manager, "b")
     assert 0.25 <= time.monotonic() - started < 5 and loaded(manager) == {"b"}
-
-
-def test_automatic_group_window_is_the_models_own_load_time():
-    loader = RecordingLoader(delay=0.2)
-    manager, clock = make_manager(make_settings(max_loaded_models=1, group_window=None, max_pass_over=30.0),
-                                  loader=loader, room_wait=30)
-    use(manager, "a")                               # a took ~0.2 s to load: spared for ~0.2 s of clock
-    done = threading.Event()
-    threading.Thread(target=lambda: (use(manager, "b"), done.set()), daemon=True).start()
-    assert not done.wait(0.3)
-    clock.now += 0.25
-    assert done.wait(5) and loaded(manager) == {"b"}
 
 
 # ------------------------------------------------------------------ memory pressure from outside
