@@ -384,20 +384,20 @@ class ClockedLoader(RecordingLoader):
         return super().__call__(spec, device)
 
 
-def grouping_manager(max_loaded_models=1, cost=5.0, costs=None, **server):
+def grouping_manager(max_loaded_models=1, cost=5.0, costs=None, keys=("a", "b", "c"), **server):
     clock = FakeClock()
-    settings = make_settings(max_loaded_models=max_loaded_models, **{"group_window": None, "max_pass_over": 2.0,
-                                                                      **server})
+    settings = make_settings(keys, max_loaded_models=max_loaded_models,
+                             **{"group_window": None, "max_pass_over": 2.0, **server})
     manager, _ = make_manager(settings, loader=ClockedLoader(clock, cost, costs), clock=clock, room_wait=30)
     return manager, clock
 
 
 def test_one_client_switching_models_never_waits_for_the_model_it_left():
-    """A, B, A, B from one client with one slot: nothing waits for A when B comes, so every switch
-    evicts at once (the old automatic window held B for A's whole load time)."""
+    """A, A, B, A, B from one client with one slot: nothing but its own request is in flight when it
+    switches, so every switch evicts at once (the old automatic window held B for A's whole load time)."""
     manager, clock = grouping_manager(cost=5.0)   # each load: 5 s of the manager's clock
-    for key in "abab":
-        clock.now += 0.1                          # the client reads the answer, then asks the other model
+    for key in "aabab":
+        clock.now += 0.1                          # the client reads the answer, then asks again
         use(manager, key)
     status = manager.snapshot()
     assert status["a"]["load_count"] == 2 and status["b"]["load_count"] == 2
@@ -405,63 +405,89 @@ def test_one_client_switching_models_never_waits_for_the_model_it_left():
     assert [status[k]["grouping_waits"] for k in "ab"] == [0, 0]   # a wait would show (max_pass_over: 2 s)
 
 
-def test_requests_for_a_model_in_demand_go_first_then_it_is_evicted_at_once(caplog):
-    """A B A A C is served A A A B C: while a's requests arrive faster than it reloads, b's load waits
-    and a keeps serving; once they stop, a goes without waiting out any window."""
-    manager, clock = grouping_manager(cost=5.0)
+def test_requests_for_a_model_in_demand_go_first_while_others_are_served(caplog):
+    """A B A A C is served A A A B C: while a's requests arrive faster than it reloads and requests are
+    being served (on c), b's load waits and a keeps serving; once nothing is being served, b loads."""
+    manager, clock = grouping_manager(max_loaded_models=2, cost=5.0, costs={"c": 0.01})
     for _ in range(3):                            # a in demand: a request every 0.1 s, a reload costs 5 s
         use(manager, "a")
         clock.now += 0.1
     done = threading.Event()
     with caplog.at_level("INFO", logger="model_server.manager"):
-        threading.Thread(target=lambda: (use(manager, "b"), done.set()), daemon=True).start()
-        assert wait_for(lambda: "b waits for room: a is spared" in caplog.text)
-        assert use(manager, "a").key == "a" and not done.is_set()   # served before b, no reload
-        clock.now += 3                            # silent for over two of its recent gaps, under a reload (5 s)
-        assert done.wait(1.5)                     # (max_pass_over would end the wait only after 2 s)
-    info = manager.snapshot()
-    assert loaded(manager) == {"b"} and info["a"]["last_unload_reason"] == "count" and info["a"]["load_count"] == 1
+        with manager.lease("c"):                  # a request being served: its client may ask for a next
+            threading.Thread(target=lambda: (use(manager, "b"), done.set()), daemon=True).start()
+            assert wait_for(lambda: "b waits for room: a is spared" in caplog.text)
+            assert use(manager, "a").key == "a" and not done.is_set()   # served before b, no reload
+        assert done.wait(1.5)                     # c's request ended: no waiting (max_pass_over: 2 s)...
+    info = manager.snapshot()                     # ...and c, now used less recently than a, went
+    assert loaded(manager) == {"a", "b"} and info["c"]["last_unload_reason"] == "count"
+    assert info["a"]["load_count"] == 1
     assert info["b"]["grouping_waits"] == 1 and info["b"]["last_grouping_wait"]["spared"] == "a"
     assert "its requests arrive every" in info["b"]["last_grouping_wait"]["reason"]
 
 
-def test_a_newer_model_nobody_asks_for_goes_before_an_older_one_in_demand():
+def test_a_spared_model_goes_once_its_requests_stop():
     manager, clock = grouping_manager(max_loaded_models=2, cost=5.0, costs={"c": 0.01})
     for _ in range(3):
         use(manager, "a")
         clock.now += 0.1
+    done = threading.Event()
+    with manager.lease("c"):
+        threading.Thread(target=lambda: (use(manager, "b"), done.set()), daemon=True).start()
+        assert not done.wait(0.2)
+        clock.now += 5                            # no request for a for a whole reload
+        assert done.wait(1.5)
+    assert loaded(manager) == {"b", "c"}
+
+
+def test_a_newer_model_nobody_asks_for_goes_before_an_older_one_in_demand():
+    manager, clock = grouping_manager(keys=("a", "b", "c", "d"), max_loaded_models=3, cost=5.0,
+                                      costs={"c": 0.01, "d": 0.01})
+    for _ in range(3):
+        use(manager, "a")
+        clock.now += 0.1
     use(manager, "c")                             # more recent than a, asked for once
-    use(manager, "b")                             # needs a slot: c goes, a (least recently used) stays
-    assert loaded(manager) == {"a", "b"} and manager.snapshot_one("c")["last_unload_reason"] == "count"
+    with manager.lease("d"):
+        use(manager, "b")                         # needs a slot: c goes, a (least recently used) stays
+    assert loaded(manager) == {"a", "b", "d"} and manager.snapshot_one("c")["last_unload_reason"] == "count"
     assert manager.snapshot_one("b")["grouping_waits"] == 0
 
 
 def test_a_model_that_reloads_faster_than_its_requests_arrive_is_not_spared():
-    manager, clock = grouping_manager(cost=0.05)  # a reload (0.05 s) is cheaper than waiting for its next request
+    manager, clock = grouping_manager(max_loaded_models=2, cost=0.05, costs={"c": 0.0})  # cheaper to reload
     for _ in range(3):
         use(manager, "a")
         clock.now += 0.1
-    use(manager, "b")
-    assert loaded(manager) == {"b"} and manager.snapshot_one("b")["grouping_waits"] == 0
+    with manager.lease("c"):
+        use(manager, "b")
+    assert loaded(manager) == {"b", "c"} and manager.snapshot_one("b")["grouping_waits"] == 0
 
 
-@pytest.mark.parametrize("gaps, silence, spared", [
-    ([], 0.0, False),                  # one request: no demand shown
-    ([0.1], 0.05, False),              # two: the first one loaded it (a gap across a load says nothing)
-    ([0.1, 0.1], 0.05, True),          # requests that found it loaded, much faster than a 1 s reload
-    ([0.1, 0.1], 0.25, False),         # ...that stopped: silent for more than two gaps
-    ([2.0, 2.0, 2.0], 0.1, False),     # slower than the reload
-    ([0.0, 0.0], 0.0, False),          # a burst of simultaneous requests, then nothing
-    ([0.1, 3600.0, 0.1, 0.1, 0.1], 0.05, True),  # an idle hour does not hide the burst that follows
+@pytest.mark.parametrize("gaps, silence, serving, spared", [
+    ([], 0.0, 1, False),               # one request: no demand shown
+    ([0.1, 0.1], 0.05, 1, True),       # requests much faster than a 1 s reload, and others served
+    ([0.1, 0.1], 0.05, 0, False),      # ...but nothing is being served: nobody left to ask for it
+    ([0.1, 0.1], 1.5, 1, False),       # ...that stopped a reload ago
+    ([2.0, 2.0, 2.0], 0.1, 1, False),  # slower than the reload
+    ([0.1, 3600.0, 0.1, 0.1], 0.05, 1, True),  # an idle hour does not hide the burst that follows
 ])
-def test_demand_rule(gaps, silence, spared):
+def test_demand_rule(gaps, silence, serving, spared):
     from utils.grouping import Arrivals, spare_reason
     arrivals, now = Arrivals(), 100.0
-    arrivals.record(now, resident=False)  # the request that loads it
+    arrivals.record(now)
     for gap in gaps:
         now += gap
-        arrivals.record(now, resident=True, reload_seconds=1.0)
-    assert (spare_reason(arrivals, now, 1.0, now + silence, None) is not None) == spared
+        arrivals.record(now, reload_seconds=1.0)
+    assert (spare_reason(arrivals, now, 1.0, now + silence, None, serving) is not None) == spared
+
+
+def test_a_gap_across_the_models_absence_is_no_demand():
+    from utils.grouping import Arrivals
+    arrivals = Arrivals()
+    arrivals.record(0.0)
+    arrivals.left()
+    arrivals.record(0.1)
+    assert arrivals.gap is None
 
 
 def test_group_window_overrides_demand_with_a_fixed_window(caplog):

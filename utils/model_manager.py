@@ -328,7 +328,7 @@ class ModelManager(RamTier):
 
     def _acquire(self, entry: ModelEntry) -> Any:
         with self._lock:
-            entry.arrivals.record(self._clock(), entry.state == "loaded", entry.last_load_seconds)  # for grouping
+            entry.arrivals.record(self._clock(), entry.last_load_seconds)  # demand, for grouping
             handle = self._lease_if_loaded(entry)
             if handle is not None:
                 return handle
@@ -488,10 +488,11 @@ class ModelManager(RamTier):
         memory again after each unload. Raises InsufficientMemory when nothing more can go.
 
         Grouping (utils/grouping.py): an idle model whose requests keep arriving faster than it
-        reloads (or, with GROUP_WINDOW set, one that served within that window) is passed over while
-        this load has waited less than `max_pass_over`, so requests to resident models go first
-        (A B A A C is served A A A B C) instead of every other request paying for a load. A model
-        with no such demand goes at once: a single client switching models never waits here.
+        reloads while other requests are being served (or, with GROUP_WINDOW set, one that served
+        within that window) is passed over while this load has waited less than `max_pass_over`, so
+        requests to resident models go first (A B A A C is served A A A B C) instead of every other
+        request paying for a load. A model with no such demand goes at once: a single client
+        switching models never waits here.
         """
         started = time.monotonic()
         deadline = started + self._room_wait
@@ -604,12 +605,13 @@ class ModelManager(RamTier):
                 if candidate is not entry and candidate.state == "parked":
                     return candidate
         now = self._clock()
+        serving = sum(e.leases for e in self._entries.values()) if spare else 0
         for key in self._lru:  # least recently used first
             candidate = self._entries[key]
             if (candidate is not entry and candidate.state == "loaded" and candidate.leases == 0
                     and not candidate.spec.pinned and (device is None or device in candidate.placement)):
                 reason = spare_reason(candidate.arrivals, candidate.last_used, candidate.last_load_seconds, now,
-                                      self.settings.group_window) if spare else None
+                                      self.settings.group_window, serving) if spare else None
                 if reason is None:
                     return candidate
                 if spared is not None:
