@@ -406,8 +406,9 @@ def test_one_client_switching_models_never_waits_for_the_model_it_left():
 
 
 def test_requests_for_a_model_in_demand_go_first_while_others_are_served(caplog):
-    """A B A A C is served A A A B C: while a's requests arrive faster than it reloads and requests are
-    being served (on c), b's load waits and a keeps serving; once nothing is being served, b loads."""
+    """A B A A C is served A A A B C: while a's requests keep coming (the last one less than a reload
+    ago) and requests are being served (on c), b's load waits and a keeps serving; once nothing is
+    being served, b loads."""
     manager, clock = grouping_manager(max_loaded_models=2, cost=5.0, costs={"c": 0.01})
     for _ in range(3):                            # a in demand: a request every 0.1 s, a reload costs 5 s
         use(manager, "a")
@@ -423,7 +424,7 @@ def test_requests_for_a_model_in_demand_go_first_while_others_are_served(caplog)
     assert loaded(manager) == {"a", "b"} and info["c"]["last_unload_reason"] == "count"
     assert info["a"]["load_count"] == 1
     assert info["b"]["grouping_waits"] == 1 and info["b"]["last_grouping_wait"]["spared"] == "a"
-    assert "its requests arrive every" in info["b"]["last_grouping_wait"]["reason"]
+    assert "requests since it loaded" in info["b"]["last_grouping_wait"]["reason"]
 
 
 def test_a_spared_model_goes_once_its_requests_stop():
@@ -453,7 +454,7 @@ def test_a_newer_model_nobody_asks_for_goes_before_an_older_one_in_demand():
     assert manager.snapshot_one("b")["grouping_waits"] == 0
 
 
-def test_a_model_that_reloads_faster_than_its_requests_arrive_is_not_spared():
+def test_a_model_silent_for_longer_than_its_reload_is_not_spared():
     manager, clock = grouping_manager(max_loaded_models=2, cost=0.05, costs={"c": 0.0})  # cheaper to reload
     for _ in range(3):
         use(manager, "a")
@@ -463,31 +464,42 @@ def test_a_model_that_reloads_faster_than_its_requests_arrive_is_not_spared():
     assert loaded(manager) == {"b", "c"} and manager.snapshot_one("b")["grouping_waits"] == 0
 
 
-@pytest.mark.parametrize("gaps, silence, serving, spared", [
-    ([], 0.0, 1, False),               # one request: no demand shown
-    ([0.1, 0.1], 0.05, 1, True),       # requests much faster than a 1 s reload, and others served
+@pytest.mark.parametrize("gaps, silence, could_ask, spared", [
+    ([], 0.0, 1, False),               # one request, the one that loaded it: no demand shown
+    ([0.1, 0.1], 0.05, 1, True),       # requests keep coming, the last well within a 1 s reload
     ([0.1, 0.1], 0.05, 0, False),      # ...but nothing is being served: nobody left to ask for it
     ([0.1, 0.1], 1.5, 1, False),       # ...that stopped a reload ago
-    ([2.0, 2.0, 2.0], 0.1, 1, False),  # slower than the reload
-    ([0.1, 3600.0, 0.1, 0.1], 0.05, 1, True),  # an idle hour does not hide the burst that follows
+    ([2.0, 2.0], 0.1, 1, True),        # slower than a reload, but the last came just now
 ])
-def test_demand_rule(gaps, silence, serving, spared):
+def test_demand_rule(gaps, silence, could_ask, spared):
     from utils.grouping import Arrivals, spare_reason
     arrivals, now = Arrivals(), 100.0
     arrivals.record(now)
     for gap in gaps:
         now += gap
-        arrivals.record(now, reload_seconds=1.0)
-    assert (spare_reason(arrivals, now, 1.0, now + silence, None, serving) is not None) == spared
+        arrivals.record(now)
+    assert (spare_reason(arrivals, now, 1.0, now + silence, None, could_ask) is not None) == spared
 
 
-def test_a_gap_across_the_models_absence_is_no_demand():
-    from utils.grouping import Arrivals
+def test_clients_between_two_requests_count_within_the_window():
+    from utils.grouping import InFlight
+    flight = InFlight()
+    for at, delta in ((0.0, +1), (0.0, +1), (0.1, +1), (0.2, -1), (0.2, -1)):   # 3 in, 2 answered
+        flight.change(at, delta)
+    assert flight.count == 1
+    assert flight.away(0.25, window=1.0) == 2     # two clients on their way back
+    assert flight.away(5.0, window=1.0) == 0      # a reload later: they are not coming
+
+
+def test_requests_before_the_model_left_are_no_demand_after_it():
+    from utils.grouping import Arrivals, spare_reason
     arrivals = Arrivals()
-    arrivals.record(0.0)
-    arrivals.left()
-    arrivals.record(0.1)
-    assert arrivals.gap is None
+    for now in (0.0, 0.1, 0.2):
+        arrivals.record(now)
+    arrivals.left()                               # unloaded: the next request reloads it
+    arrivals.record(0.3)
+    assert arrivals.gap == pytest.approx(0.1) and arrivals.in_stay == 1
+    assert spare_reason(arrivals, 0.3, 1.0, 0.35, None, could_ask=1) is None
 
 
 def test_group_window_overrides_demand_with_a_fixed_window(caplog):

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 from utils.errors import InsufficientMemory, ModelBusy, ModelUnavailable, UnknownModel
-from utils.grouping import spare_reason
+from utils.grouping import InFlight, spare_reason
 from utils.memory import (MemoryProbe, MemoryReading, device_budget, physical_room, release_cached_memory,
                           split_estimate)
 from utils.model_entries import LoadedModel, Loader, ModelEntry, _describe_exception, _handle_status, _mb, _measure
@@ -69,6 +69,7 @@ class ModelManager(RamTier):
         self._changed = threading.Condition(self._lock)  # notified when a lease ends or a model unloads
         self._entries: dict[str, ModelEntry] = {k: ModelEntry(spec=s) for k, s in settings.models.items()}
         self._lru: OrderedDict[str, None] = OrderedDict()  # loaded keys, least recently used first
+        self._in_flight = InFlight()  # requests waiting for or holding a lease (grouping reads it)
 
     # ------------------------------------------------------------------ public API
 
@@ -125,7 +126,14 @@ class ModelManager(RamTier):
     def lease(self, key: str, *, keep_alive: float | None = None) -> Iterator[Any]:
         """Yields the loaded model; it is never evicted while any lease on it is held."""
         entry = self._entry(key)
-        handle = self._acquire(entry)
+        with self._lock:
+            self._in_flight.change(self._clock(), +1)
+        try:
+            handle = self._acquire(entry)
+        except BaseException:
+            with self._lock:
+                self._in_flight.change(self._clock(), -1)
+            raise
         try:
             yield handle
         finally:
@@ -328,7 +336,7 @@ class ModelManager(RamTier):
 
     def _acquire(self, entry: ModelEntry) -> Any:
         with self._lock:
-            entry.arrivals.record(self._clock(), entry.last_load_seconds)  # demand, for grouping
+            entry.arrivals.record(self._clock())  # demand, for grouping
             handle = self._lease_if_loaded(entry)
             if handle is not None:
                 return handle
@@ -462,6 +470,7 @@ class ModelManager(RamTier):
         with self._lock:
             entry.leases -= 1
             entry.last_used = self._clock()
+            self._in_flight.change(entry.last_used, -1)
             if keep_alive is not None:
                 entry.keep_alive = keep_alive
             reason = None
@@ -611,12 +620,18 @@ class ModelManager(RamTier):
             if (candidate is not entry and candidate.state == "loaded" and candidate.leases == 0
                     and not candidate.spec.pinned and (device is None or device in candidate.placement)):
                 reason = spare_reason(candidate.arrivals, candidate.last_used, candidate.last_load_seconds, now,
-                                      self.settings.group_window, serving) if spare else None
+                                      self.settings.group_window, self._could_ask(candidate, serving, now)
+                                      ) if spare else None
                 if reason is None:
                     return candidate
                 if spared is not None:
                     spared.append((key, reason))
         return None
+
+    def _could_ask(self, candidate: ModelEntry, serving: int, now: float) -> int:
+        """Under _lock: clients that may send `candidate` a request soon: those being served, and those
+        between two requests (in the server during the candidate's last reload time, not now)."""
+        return serving + self._in_flight.away(now, candidate.last_load_seconds or 0.0)
 
     def _blocked_by_leases(self, entry: ModelEntry, device: str | None) -> bool:
         return any(e is not entry and e.state in ("loaded", "loading") and not e.spec.pinned
