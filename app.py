@@ -15,6 +15,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from utils.api.forms import StrictFormParser
 from utils.errors import ServerError, ShuttingDown, Unauthorized
+from utils.families.loading import warm_quantization
 from utils.services import Services, Sweeper, add_jobs, build_services
 from utils.settings import ServerSettings, load_settings
 
@@ -107,6 +108,9 @@ def create_app(settings: ServerSettings | None = None, *, background: bool = Tru
                                    ).start()
         threading.Thread(target=services.lifecycle.run_preload, args=(services.manager.preload,), name="preload",
                          daemon=True).start()
+        if any(spec.quantization != "none" for spec in settings.models.values()):
+            # The first quantized request would otherwise pay bitsandbytes' import inside its load.
+            threading.Thread(target=warm_quantization, name="warm-quantization", daemon=True).start()
     else:
         services.lifecycle.skip_preload()
     return app
