@@ -406,9 +406,8 @@ def test_one_client_switching_models_never_waits_for_the_model_it_left():
 
 
 def test_requests_for_a_model_in_demand_go_first_while_others_are_served(caplog):
-    """A B A A C is served A A A B C: while a's requests keep coming (the last one less than a reload
-    ago) and requests are being served (on c), b's load waits and a keeps serving; once nothing is
-    being served, b loads."""
+    """A B A A C is served A A A B C: while a was asked less than a reload ago and requests are being
+    served (on c), b's load waits and a keeps serving without a reload."""
     manager, clock = grouping_manager(max_loaded_models=2, cost=5.0, costs={"c": 0.01})
     for _ in range(3):                            # a in demand: a request every 0.1 s, a reload costs 5 s
         use(manager, "a")
@@ -419,12 +418,13 @@ def test_requests_for_a_model_in_demand_go_first_while_others_are_served(caplog)
             threading.Thread(target=lambda: (use(manager, "b"), done.set()), daemon=True).start()
             assert wait_for(lambda: "b waits for room: a is spared" in caplog.text)
             assert use(manager, "a").key == "a" and not done.is_set()   # served before b, no reload
-        assert done.wait(1.5)                     # c's request ended: no waiting (max_pass_over: 2 s)...
-    info = manager.snapshot()                     # ...and c, now used less recently than a, went
+        clock.now += 5                            # a reload of a later, nobody asked again...
+        assert done.wait(1.5)                     # ...b loads (before max_pass_over: 2 s)...
+    info = manager.snapshot()                     # ...in the room of c, now used less recently than a
     assert loaded(manager) == {"a", "b"} and info["c"]["last_unload_reason"] == "count"
     assert info["a"]["load_count"] == 1
     assert info["b"]["grouping_waits"] == 1 and info["b"]["last_grouping_wait"]["spared"] == "a"
-    assert "requests since it loaded" in info["b"]["last_grouping_wait"]["reason"]
+    assert "(3 request(s) since it loaded" in info["b"]["last_grouping_wait"]["reason"]
 
 
 def test_a_spared_model_goes_once_its_requests_stop():
@@ -441,13 +441,14 @@ def test_a_spared_model_goes_once_its_requests_stop():
     assert loaded(manager) == {"b", "c"}
 
 
-def test_a_newer_model_nobody_asks_for_goes_before_an_older_one_in_demand():
+def test_a_newer_model_not_worth_waiting_for_goes_before_an_older_one_in_demand():
     manager, clock = grouping_manager(keys=("a", "b", "c", "d"), max_loaded_models=3, cost=5.0,
                                       costs={"c": 0.01, "d": 0.01})
     for _ in range(3):
         use(manager, "a")
         clock.now += 0.1
-    use(manager, "c")                             # more recent than a, asked for once
+    use(manager, "c")                             # more recent than a, but it reloads in 0.01 s...
+    clock.now += 0.05                             # ...and was asked longer ago than that
     with manager.lease("d"):
         use(manager, "b")                         # needs a slot: c goes, a (least recently used) stays
     assert loaded(manager) == {"a", "b", "d"} and manager.snapshot_one("c")["last_unload_reason"] == "count"
@@ -465,8 +466,8 @@ def test_a_model_silent_for_longer_than_its_reload_is_not_spared():
 
 
 @pytest.mark.parametrize("gaps, silence, could_ask, spared", [
-    ([], 0.0, 1, False),               # one request, the one that loaded it: no demand shown
-    ([0.1, 0.1], 0.05, 1, True),       # requests keep coming, the last well within a 1 s reload
+    ([], 0.05, 1, True),               # asked just now (a 1 s reload), a client may ask again
+    ([0.1, 0.1], 0.05, 1, True),
     ([0.1, 0.1], 0.05, 0, False),      # ...but nothing is being served: nobody left to ask for it
     ([0.1, 0.1], 1.5, 1, False),       # ...that stopped a reload ago
     ([2.0, 2.0], 0.1, 1, True),        # slower than a reload, but the last came just now
@@ -491,15 +492,15 @@ def test_clients_between_two_requests_count_within_the_window():
     assert flight.away(5.0, window=1.0) == 0      # a reload later: they are not coming
 
 
-def test_requests_before_the_model_left_are_no_demand_after_it():
+def test_gaps_across_the_models_absence_are_not_measured():
     from utils.grouping import Arrivals, spare_reason
     arrivals = Arrivals()
     for now in (0.0, 0.1, 0.2):
         arrivals.record(now)
     arrivals.left()                               # unloaded: the next request reloads it
-    arrivals.record(0.3)
+    arrivals.record(5.0)
     assert arrivals.gap == pytest.approx(0.1) and arrivals.in_stay == 1
-    assert spare_reason(arrivals, 0.3, 1.0, 0.35, None, could_ask=1) is None
+    assert "1 request(s) since it loaded;" in spare_reason(arrivals, 5.0, 1.0, 5.05, None, could_ask=1)
 
 
 def test_group_window_overrides_demand_with_a_fixed_window(caplog):

@@ -1,29 +1,28 @@
 """Grouping by demand: whether a load that needs an idle resident model's room must wait for it.
 
 Waiting requests are served grouped by model (A B A A C is served A A A B C): while requests for a
-resident model keep coming, a load that needs its room passes it over, so they are served before it
-goes instead of each paying for a reload moments later. What spares a model is demand, never the
+resident model may still come, a load that needs its room passes it over, so they are served before
+it goes instead of each paying for a reload moments later. What spares a model is demand, never the
 mere fact that it served recently. An idle model A is spared for the load of another only while
-all of these hold:
-- its requests are arriving: more than the one request that brought it in came during its stay
-  (the gap between them, an exponentially weighted mean that skips gaps across a time A was not
-  loaded, is shown in the status and the log);
-- they have not stopped: A's last request came (or ended) less than a reload of A ago: waiting
-  longer than a reload would cost more than the reload it might save;
-- someone can still send one: a request is being served right now (a lease on any model), or a
+both hold:
+- A was asked for recently: its last request came (or ended) less than one reload of A ago (waiting
+  longer would cost more than the reload it may save);
+- someone can still ask for it: a request is being served right now (a lease on any model), or a
   client is between two requests (fewer requests are in the server than at its peak during the last
-  reload of A: answered clients on their way back). When every client's request waits for a load,
-  waiting for A serves nobody.
+  reload of A: clients just answered, on their way back with their next request). When every
+  request in the server waits for a load, or none is left, waiting for A serves nobody.
 (Serving and queued requests of A itself hold leases: such a model is no candidate at all.)
 One client switching from A to B has nothing in the server but its request for B, and never had
-more than one: A goes at once and B's load never waits. (An automatic window of "the model's own load time after it served" made every
-such switch wait that long: 8.8 s instead of 0.5 s for a 0.6B model after an 8-bit one.)
+more than one: A goes at once and B's load never waits. (An automatic window of "the model's own
+load time after it served" made every such switch wait that long: 8.8 s instead of 0.5 s for a
+0.6B model after an 8-bit one.)
 
-Why not "its requests arrive faster than it reloads": under concurrent mixed load (bench/churn.py,
+Why not "A's requests arrive faster than A reloads": under concurrent mixed load (bench/churn.py,
 8 clients over five models, two slots) a model's requests come 1-2 s apart against reloads of
-0.3-0.5 s, yet the clients its burst just answered come straight back, and a fifth of them want it
-again; sparing by that rate gave 30 loads per 100 requests, no better than no grouping (31), where
-this rule keeps grouping's 21.
+0.3-0.5 s, yet the clients a model's burst just answered come straight back and a fifth of them want
+it again; sparing by that rate gave 30 loads per 100 requests, as many as no grouping (31). The gap
+is still measured (an exponentially weighted mean that skips gaps across a time the model was not
+loaded) and shown in the status.
 
 `server.group_window` (GROUP_WINDOW) overrides the demand rule with a fixed window: a model that
 served within that many seconds is spared whatever its demand; 0 turns grouping off. Either way
@@ -90,10 +89,11 @@ def spare_reason(arrivals: Arrivals, last_used: float | None, reload_seconds: fl
         if window > 0 and last_used is not None and now - last_used < window:
             return f"served {now - last_used:.2f}s ago, within GROUP_WINDOW={window:g}s"
         return None
-    if not could_ask or arrivals.in_stay < 2 or arrivals.last is None or not reload_seconds:
+    if not could_ask or arrivals.last is None or not reload_seconds:
         return None
     silence = now - max(arrivals.last, last_used if last_used is not None else arrivals.last)
     if silence < reload_seconds:
-        return (f"{arrivals.in_stay} requests since it loaded, every {arrivals.gap or 0:.2f}s, the last "
-                f"{silence:.2f}s ago; a reload takes {reload_seconds:.2f}s; {could_ask} client(s) may ask next")
+        gap = f", every {arrivals.gap:.2f}s" if arrivals.gap is not None and arrivals.in_stay > 1 else ""
+        return (f"asked {silence:.2f}s ago ({arrivals.in_stay} request(s) since it loaded{gap}); a reload takes "
+                f"{reload_seconds:.2f}s; {could_ask} client(s) may ask next")
     return None
