@@ -500,7 +500,7 @@ def test_gaps_across_the_models_absence_are_not_measured():
     arrivals.left()                               # unloaded: the next request reloads it
     arrivals.record(5.0)
     assert arrivals.gap == pytest.approx(0.1) and arrivals.in_stay == 1
-    assert "1 request(s) since it loaded;" in spare_reason(arrivals, 5.0, 1.0, 5.05, None, could_ask=1)
+    assert "(1 request(s) since it loaded);" in spare_reason(arrivals, 5.0, 1.0, 5.05, None, could_ask=1)
 
 
 def test_group_window_overrides_demand_with_a_fixed_window(caplog):
