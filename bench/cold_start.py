@@ -337,9 +337,15 @@ def main(argv=None) -> int:
     parser.add_argument("--note", default=None, help="a note for the meta line (what tree was measured)")
     parser.add_argument("--ram-tier", action="store_true",
                         help="measure promotion from the RAM tier vs a cold load instead (GPU only)")
+    parser.add_argument("--only", default="reload,switch,restart",
+                        help="phases: reload (3-4: cache empty / restarted / off), switch (5), restart (6; needs the "
+                             "4-bit entry a reload phase wrote into --models-dir); default all")
     args = parser.parse_args(argv)
     if args.ram_tier:
         return ram_tier_main(args)
+    only = {part.strip() for part in args.only.split(",") if part.strip()}
+    if not only <= {"reload", "switch", "restart"}:
+        parser.error("--only takes reload, switch, restart")
     C.install_cleanup()
     work, cleanup_work = C.make_work_dir(args.keep_work)
     threads = max(1, len(os.sched_getaffinity(0)) - 1)  # what the server gives torch (TORCH_THREADS default)
@@ -348,7 +354,8 @@ def main(argv=None) -> int:
     try:
         models_dir = Path(args.models_dir or work / "models").resolve()
         models_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(models_dir / ".quantized", ignore_errors=True)  # the first server starts without a cache
+        if "reload" in only:
+            shutil.rmtree(models_dir / ".quantized", ignore_errors=True)  # the first server starts without a cache
         checkpoint = build_checkpoint(models_dir)
         weights = checkpoint / "model.safetensors"
         C.emit({"kind": "meta", "bench": "cold_start", "commit": C.git_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -369,7 +376,7 @@ def main(argv=None) -> int:
                 "reloads_s": [round(s, 4) for s in plain["reloads"]]})
 
         config = write_config(work, models_dir)
-        phases = [("first_server", {}, args.rounds, ("bf16", "q8", "q4")),
+        phases = [] if "reload" not in only else [("first_server", {}, args.rounds, ("bf16", "q8", "q4")),
                   ("restarted_server", {}, args.rounds, ("bf16", "q8", "q4")),
                   ("uncached_server", {"QUANT_CACHE": "0"}, args.uncached_rounds, ("q8", "q4"))]
         for phase, env, rounds, names in phases:
@@ -402,20 +409,25 @@ def main(argv=None) -> int:
                 server.stop()
 
         C.log("sequential switching, default settings")
-        server = start_server("switch_server", write_config(work, models_dir, grouping="default"), work)
-        try:
-            rows = alternate(server, "bf16", args.rounds, args.request_timeout, time.monotonic() + args.budget)
-            waits = grouping_waits(server)
-        finally:
-            server.stop()
-        results["switch"] = summarize(rows[2:])  # the first two: each key's first load in the process
-        C.emit({"kind": "measurement", "name": "switch_default_settings", **results["switch"], "rows": rows[2:],
-                "grouping_waits": waits, "loadavg_1m": round(os.getloadavg()[0], 2)})
-        if any(w["waits"] for w in waits.values()):
-            C.emit({"kind": "error", "error": f"a switch waited for the model it left: {waits}"})
-            failed = True
+        server = None if "switch" not in only else start_server("switch_server", write_config(work, models_dir, grouping="default"), work)
+        if server is not None:
+            try:
+                rows = alternate(server, "bf16", args.rounds, args.request_timeout, time.monotonic() + args.budget)
+                waits = grouping_waits(server)
+            finally:
+                server.stop()
+            results["switch"] = summarize(rows[2:])  # the first two: each key's first load in the process
+            C.emit({"kind": "measurement", "name": "switch_default_settings", **results["switch"], "rows": rows[2:],
+                    "grouping_waits": waits, "loadavg_1m": round(os.getloadavg()[0], 2)})
+            if any(w["waits"] for w in waits.values()):
+                C.emit({"kind": "error", "error": f"a switch waited for the model it left: {waits}"})
+                failed = True
 
+        if "restart" in only and not any(e.startswith("q4_a--") for e in cache_entries(models_dir)["entries"]):
+            raise RuntimeError("no 4-bit cache entry to restart on: run the reload phases first (--only reload)")
         for label, settle in (("q4_first_after_restart", 0.0), ("q4_first_after_restart_settled", SETTLED_AFTER_START)):
+            if "restart" not in only:
+                break
             C.log(f"fresh process, first request 4-bit ({label})")
             server = start_server(f"{label}_server", config, work)
             try:
@@ -429,7 +441,7 @@ def main(argv=None) -> int:
 
         entry = next((models_dir / ".quantized" / e for e in cache_entries(models_dir)["entries"]
                       if e.startswith("q4_a--")), None)
-        if entry is not None:
+        if entry is not None and "reload" in only:
             C.log("plain transformers, the 4-bit model saved quantized")
             plain4 = plain_reloads(entry, checkpoint, args.plain_rounds, threads, "prequantized", 600)
             results["plain_q4_prequantized"] = {"median_s": round(statistics.median(plain4["reloads"]), 4),
@@ -463,15 +475,17 @@ def main(argv=None) -> int:
           "first 4-bit requests of a restarted server (cache found) / QUANT_CACHE=0 reload")
     met += [ratio("switch_vs_plain", r("switch"), r("plain_bf16"), TARGETS["switch_vs_plain"],
                   "one client alternating two bf16 models, default settings / plain from_pretrained + 1 token"),
-            ratio("q4_first_after_restart_vs_bf16", r("q4_first_after_restart"), r("bf16"),
+            ratio("q4_first_after_restart_vs_bf16", r("q4_first_after_restart"), r("bf16") or r("switch"),
                   TARGETS["q4_first_after_restart_vs_bf16"],
                   "the first request of a fresh process, 4-bit, cache found, sent when /health answers / ours bf16 "
                   "reload")]
-    ratio("q4_first_after_restart_settled_vs_bf16", r("q4_first_after_restart_settled"), r("bf16"), None,
+    ratio("q4_first_after_restart_settled_vs_bf16", r("q4_first_after_restart_settled"), r("bf16") or r("switch"), None,
           f"the same {SETTLED_AFTER_START:g} s after /health (background warm-up done) / ours bf16 reload")
     ratio("bf16_first_after_restart_vs_bf16", r("bf16_restarted_first"), r("bf16"), None,
           "the first requests of a fresh process, bf16 / ours bf16 reload")
-    C.emit({"kind": "summary", "targets_met": all(m["met"] for m in met), "failed": failed,
+    measured = [m for m in met if m["ratio"] is not None]  # --only runs some phases
+    C.emit({"kind": "summary", "targets_met": bool(measured) and all(m["met"] for m in measured),
+            "not_measured": [m["name"] for m in met if m["ratio"] is None], "failed": failed,
             "medians_s": {k: v.get("median_s") for k, v in results.items()}})
     return 1 if failed else 0
 
