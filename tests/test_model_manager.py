@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from utils.errors import InsufficientMemory, ModelBusy, ModelUnavailable, UnknownModel
-from utils.memory import MemoryReading
-from utils.model_manager import ModelManager
-from utils.settings import ModelSpec, ServerSettings
+from utils.serving.memory import MemoryReading
+from utils.serving.manager import ModelManager
+from utils.serving.grouping import Arrivals, InFlight, spare_reason
+from utils.config.settings import ModelSpec, ServerSettings
 
 from tests.conftest import wait_for
 
@@ -473,7 +474,6 @@ def test_a_model_silent_for_longer_than_its_reload_is_not_spared():
     ([2.0, 2.0], 0.1, 1, True),        # slower than a reload, but the last came just now
 ])
 def test_demand_rule(gaps, silence, could_ask, spared):
-    from utils.grouping import Arrivals, spare_reason
     arrivals, now = Arrivals(), 100.0
     arrivals.record(now)
     for gap in gaps:
@@ -483,7 +483,6 @@ def test_demand_rule(gaps, silence, could_ask, spared):
 
 
 def test_clients_between_two_requests_count_within_the_window():
-    from utils.grouping import InFlight
     flight = InFlight()
     for at, delta in ((0.0, +1), (0.0, +1), (0.1, +1), (0.2, -1), (0.2, -1)):   # 3 in, 2 answered
         flight.change(at, delta)
@@ -493,7 +492,6 @@ def test_clients_between_two_requests_count_within_the_window():
 
 
 def test_gaps_across_the_models_absence_are_not_measured():
-    from utils.grouping import Arrivals, spare_reason
     arrivals = Arrivals()
     for now in (0.0, 0.1, 0.2):
         arrivals.record(now)
@@ -538,7 +536,7 @@ class GpuProbe(FakeProbe):
         self.gpu_free = gpu_free
 
     def read(self) -> MemoryReading:
-        from utils.memory import GpuReading
+        from utils.serving.memory import GpuReading
         reading = super().read()
         gpu = GpuReading(index=0, name="fake", total=80 * GIB, free=self.gpu_free, allocated=0, reserved=0)
         return MemoryReading(ram_total=reading.ram_total, ram_available=reading.ram_available, ram_percent=0.0,

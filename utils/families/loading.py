@@ -12,6 +12,7 @@ never take this lock.
 """
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -95,8 +96,6 @@ def check_remote_code(spec: Any) -> None:
     """A checkpoint whose config.json maps its classes to its own Python files (auto_map) for an
     architecture transformers does not ship runs only with the model's trust_remote_code (which
     settings allow only with a pinned revision); otherwise the load fails here, saying so."""
-    import json
-
     if spec.trust_remote_code:
         return
     try:
@@ -105,7 +104,7 @@ def check_remote_code(spec: Any) -> None:
         return  # no readable config: the load reports what is missing
     if not isinstance(config, dict) or not config.get("auto_map"):
         return
-    from transformers import CONFIG_MAPPING
+    from transformers import CONFIG_MAPPING  # deferred: transformers
     if config.get("model_type") in CONFIG_MAPPING:
         return  # a native architecture: transformers' own classes load it, the repo's code stays unused
     raise ValueError(f"{spec.path.name}/ holds its own model code (auto_map in config.json, model_type "
@@ -123,11 +122,11 @@ def warm_quantization() -> float | None:
     None when bitsandbytes is not installed (a quantized load then fails with its own message)."""
     started = time.perf_counter()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # as a quantized load sets it (base.py)
-    try:  # deferred imports: this module stays free of torch and bitsandbytes until asked
-        import bitsandbytes  # noqa: F401
-        import transformers.integrations.bitsandbytes  # noqa: F401
-        import transformers.quantizers.quantizer_bnb_4bit  # noqa: F401
-        import transformers.quantizers.quantizer_bnb_8bit  # noqa: F401
+    try:  # this module stays free of torch and bitsandbytes until asked
+        import bitsandbytes  # noqa: F401  # deferred: bitsandbytes
+        import transformers.integrations.bitsandbytes  # noqa: F401  # deferred: transformers
+        import transformers.quantizers.quantizer_bnb_4bit  # noqa: F401  # deferred: transformers
+        import transformers.quantizers.quantizer_bnb_8bit  # noqa: F401  # deferred: transformers
     except ImportError as exc:
         log.warning("bitsandbytes could not be imported ahead of the first quantized load: %s", exc)
         return None
