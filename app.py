@@ -30,6 +30,7 @@ from utils.errors import ServerError, ShuttingDown, Unauthorized
 from utils.hub.demo_models import build_demo_models
 from utils.ops.lifecycle import Lifecycle
 from utils.ops.logging_setup import log_access, setup_logging
+from utils.families.loading import warm_quantization
 from utils.services import Services, Sweeper, add_jobs, build_services
 
 log = logging.getLogger("model_server.app")
@@ -110,6 +111,9 @@ def create_app(settings: ServerSettings | None = None, *, background: bool = Tru
                                    ).start()
         threading.Thread(target=services.lifecycle.run_preload, args=(services.manager.preload,), name="preload",
                          daemon=True).start()
+        if any(spec.quantization != "none" for spec in settings.models.values()):
+            # The first quantized request would otherwise pay bitsandbytes' import inside its load.
+            threading.Thread(target=warm_quantization, name="warm-quantization", daemon=True).start()
     else:
         services.lifecycle.skip_preload()
     return app

@@ -225,10 +225,10 @@ class ServerSettings:
     ram_tier: RamTierSettings = field(default_factory=RamTierSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)  # defaults for every model's engine
     torch_threads: int | None = None  # torch's intra-op threads; None = the cores this process may use, less one
-    # A model that served within group_window seconds is not evicted for another model's load...
-    # (None = auto: as long as that model's own last load took, i.e. what evicting it would cost)
+    # Grouping (utils/serving/grouping.py): None = auto, an idle model is spared from another model's load
+    # only while it is in demand; a number = one that served within that many seconds is spared; 0 = off...
     group_window: float | None = None
-    max_pass_over: float = 10.0      # ...unless that load has waited this long (requests grouped by model)
+    max_pass_over: float = 10.0      # ...and no load waits longer than this (requests grouped by model)
     # Each sweep: while free RAM / GPU memory is below its headroom, idle models on that device are
     # released (LRU first) until free memory is back above headroom + margin.
     request_timeout: float = 600.0   # REQUEST_TIMEOUT: default deadline of a request, seconds (per model: timeout)
