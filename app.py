@@ -63,8 +63,9 @@ def create_app(settings: ServerSettings | None = None, *, background: bool = Tru
     from utils.logging_setup import setup_logging
     setup_logging(settings.log_dir)  # once per process
     if settings.demo:
-        from utils.demo_models import build_demo_models
-        build_demo_models(settings.models_dir / "demo")  # cached: only the first start builds
+        from utils.demo_models import DEMO_KEYS, all_demo_keys, build_demo_models
+        # cached: only the first start builds
+        build_demo_models(settings.models_dir / "demo", all_demo_keys() if settings.demo_matrix else DEMO_KEYS)
     app = Flask(__name__)
     app.request_class = ScopedRequest
     app.config["MAX_CONTENT_LENGTH"] = settings.max_content_length

@@ -34,8 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "API_TOKEN set, or --insecure")
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "5000")))
     parser.add_argument("--config", default=None, help="models.yaml to use (default: MODELS_CONFIG or ./models.yaml)")
-    parser.add_argument("--demo", action="store_true",
-                        help="serve tiny random-weight checkpoints of every family (built offline in seconds)")
+    parser.add_argument("--demo", nargs="?", const="default", choices=("default", "all"), default=None,
+                        help="serve tiny random-weight checkpoints of every family (built offline in seconds); "
+                             "--demo all: the architecture matrix too (docs/models.md)")
     parser.add_argument("--backend", choices=BACKENDS, default=None,
                         help="local: this one process holds the models (default); ray: Ray Serve replicas hold them "
                              "(models.yaml server.backend / MODEL_SERVER_BACKEND; RAY_ADDRESS joins a cluster)")
@@ -147,7 +148,7 @@ def main(argv=None) -> int:
         # --backend as the environment variable it stands for, in the environment a config reload
         # reads again: otherwise the reload sees the file's backend and reports a restart needed
         env = dict(os.environ, MODEL_SERVER_BACKEND=args.backend) if args.backend else None
-        settings = load_settings(args.config, env=env, demo=args.demo)
+        settings = load_settings(args.config, env=env, demo=args.demo or False)
         runtime = RuntimeSettings.from_env()
     except ConfigError as exc:
         print(f"invalid configuration: {exc}", file=sys.stderr)

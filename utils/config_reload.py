@@ -67,7 +67,7 @@ def reload_config(services: Any, app_config: Any = None) -> dict:
     from utils.settings import load_settings
 
     old = services.settings
-    diff = apply(services, load_settings(old.config_path, env=old.env, demo=old.demo))
+    diff = apply(services, load_settings(old.config_path, env=old.env, demo="all" if old.demo_matrix else old.demo))
     if app_config is not None:
         app_config["MAX_CONTENT_LENGTH"] = services.settings.max_content_length
     return diff

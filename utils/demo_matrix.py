@@ -7,12 +7,14 @@ with a chat template in the real model's shape (turn markers, where media go, wh
 exists). Families are not written here: the server reads them, and what each model takes, from the
 folder (utils/checkpoint_capabilities.py).
 
-    MATRIX: key -> (architecture, what the real checkpoint is)
+    MATRIX: key -> MatrixModel(builder, the real repo it stands for, architecture, family)
+
+Built and cached like the default demo set (utils/demo_models.build_demo_models takes these keys too).
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from utils.demo_models import (_fast_tokenizer, _ids, _keep_only_word_logits, _vocab_size,
                                _write_generation_config)
@@ -342,18 +344,28 @@ def build_internvl(out: Path) -> None:
 # The matrix
 # --------------------------------------------------------------------------------------------------
 
-# key -> (builder, the real checkpoint it stands for)
-MATRIX: dict[str, tuple[Callable[[Path], None], str]] = {
-    "llama": (build_llama, "meta-llama/Llama-3.2-1B-Instruct"),
-    "mistral": (build_mistral, "mistralai/Mistral-7B-Instruct-v0.3"),
-    "gemma2": (build_gemma2, "google/gemma-2-2b-it"),
-    "phi3": (build_phi3, "microsoft/Phi-3.5-mini-instruct"),
-    "granite": (build_granite, "ibm-granite/granite-3.1-2b-instruct"),
-    "qwen2_vl": (build_qwen2_vl, "Qwen/Qwen2-VL-2B-Instruct"),
-    "llava": (build_llava, "llava-hf/llava-1.5-7b-hf"),
-    "llava_onevision": (build_llava_onevision, "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"),
-    "gemma3": (build_gemma3, "google/gemma-3-4b-it"),
-    "smolvlm": (build_smolvlm, "HuggingFaceTB/SmolVLM2-256M-Video-Instruct"),
-    "idefics3": (build_idefics3, "HuggingFaceM4/Idefics3-8B-Llama3"),
-    "internvl": (build_internvl, "OpenGVLab/InternVL3-1B-hf"),
+class MatrixModel(NamedTuple):
+    build: Callable[[Path], None]
+    repo_id: str        # the real checkpoint it stands for (what models.yaml would name)
+    architecture: str   # transformers' model_type of the folder built
+    family: str         # the server family the folder's config maps to (tests/test_matrix.py checks the
+                        # inference from the built folder agrees)
+
+
+MATRIX: dict[str, MatrixModel] = {
+    "llama": MatrixModel(build_llama, "meta-llama/Llama-3.2-1B-Instruct", "llama", "text"),
+    "mistral": MatrixModel(build_mistral, "mistralai/Mistral-7B-Instruct-v0.3", "mistral", "text"),
+    "gemma2": MatrixModel(build_gemma2, "google/gemma-2-2b-it", "gemma2", "text"),
+    "phi3": MatrixModel(build_phi3, "microsoft/Phi-3.5-mini-instruct", "phi3", "text"),
+    "granite": MatrixModel(build_granite, "ibm-granite/granite-3.1-2b-instruct", "granite", "text"),
+    "qwen2_vl": MatrixModel(build_qwen2_vl, "Qwen/Qwen2-VL-2B-Instruct", "qwen2_vl", "vision_language"),
+    "llava": MatrixModel(build_llava, "llava-hf/llava-1.5-7b-hf", "llava", "vision_language"),
+    "llava_onevision": MatrixModel(build_llava_onevision, "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
+                                   "llava_onevision", "vision_language"),
+    "gemma3": MatrixModel(build_gemma3, "google/gemma-3-4b-it", "gemma3", "vision_language"),
+    "smolvlm": MatrixModel(build_smolvlm, "HuggingFaceTB/SmolVLM2-256M-Video-Instruct", "smolvlm",
+                           "vision_language"),
+    "idefics3": MatrixModel(build_idefics3, "HuggingFaceM4/Idefics3-8B-Llama3", "idefics3", "vision_language"),
+    "internvl": MatrixModel(build_internvl, "OpenGVLab/InternVL3-1B-hf", "internvl", "vision_language"),
 }
+MATRIX_KEYS = tuple(MATRIX)

@@ -42,7 +42,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-__all__ = ["DEMO_KEYS", "DEMO_VERSION", "DEFAULT_ROOT", "MARKER_NAME", "build_demo_models", "demo_family"]
+__all__ = ["DEMO_KEYS", "DEMO_VERSION", "DEFAULT_ROOT", "MARKER_NAME", "all_demo_keys", "build_demo_models",
+           "demo_family"]
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +72,32 @@ DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "models" / "demo"
 
 
 def demo_family(key: str) -> str:
-    """The server family ("text" | "vision_language" | "vqa" | "audio" | "omni") of a demo key."""
-    try:
+    """The server family ("text" | "vision_language" | "vqa" | "audio" | "omni" ...) of a demo key (the
+    default set or the architecture matrix of utils/demo_matrix.py)."""
+    if key in _FAMILIES:
         return _FAMILIES[key]
-    except KeyError:
-        raise KeyError(f"unknown demo model {key!r}; known: {', '.join(DEMO_KEYS)}") from None
+    matrix = _matrix().MATRIX
+    if key in matrix:
+        return matrix[key].family
+    raise KeyError(f"unknown demo model {key!r}; known: {', '.join(DEMO_KEYS + tuple(matrix))}")
+
+
+def all_demo_keys() -> tuple[str, ...]:
+    """The default demo set and the architecture matrix (`main.py --demo all`)."""
+    return DEMO_KEYS + _matrix().MATRIX_KEYS
+
+
+def _matrix():
+    from utils import demo_matrix  # imported on use: it imports this module's helpers back
+    return demo_matrix
+
+
+def _builder(key: str) -> Callable[[Path], None]:
+    return _BUILDERS[key] if key in _BUILDERS else _matrix().MATRIX[key].build
+
+
+def _seed(key: str) -> int:
+    return _SEEDS[key] if key in _SEEDS else 2000 + _matrix().MATRIX_KEYS.index(key)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -662,8 +684,8 @@ def _build_one(root: Path, key: str) -> Path:
         hf_logging.disable_progress_bar()
         try:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(_SEEDS[key])
-                _BUILDERS[key](tmp)
+                torch.manual_seed(_seed(key))
+                _builder(key)(tmp)
         finally:
             hf_logging.set_verbosity(verbosity)
             if bars:
@@ -723,10 +745,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m utils.demo_models", description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help=f"target dir (default {DEFAULT_ROOT})")
     parser.add_argument("--force", action="store_true", help="rebuild even when a current checkpoint exists")
-    parser.add_argument("--keys", default=None, help=f"comma-separated subset of {','.join(DEMO_KEYS)}")
+    parser.add_argument("--keys", default=None, help=f"comma-separated subset of {','.join(DEMO_KEYS)} or of the "
+                                                     f"matrix (utils/demo_matrix.py); 'all': both")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     keys = [k.strip() for k in args.keys.split(",") if k.strip()] if args.keys else None
+    if keys == ["all"]:
+        keys = list(all_demo_keys())
     started = time.perf_counter()
     try:
         paths = build_demo_models(args.root, keys, force=args.force)

@@ -11,6 +11,7 @@ from typing import Any, Iterator, Mapping
 
 from utils import openai_tools
 from utils.errors import InvalidInput, ServerError, UnknownModel
+from utils.families import accepted_media, capability_fields
 from utils.inference import (GenerateJob, MediaItem, check_answers_prompts, check_media_items, parse_params,
                              parse_timeout, text_field)
 from utils.media_options import parse_media_options
@@ -45,7 +46,7 @@ def resolve_model(settings: ServerSettings, name: Any) -> str:
 
 def model_card(spec: ModelSpec, created: int, loaded: bool) -> dict:
     return {"id": spec.key, "object": "model", "created": created, "owned_by": (spec.repo_id or "local").split("/")[0],
-            "repo_id": spec.repo_id, "family": spec.family, "loaded": loaded}
+            "repo_id": spec.repo_id, "family": spec.family, "loaded": loaded, **capability_fields(spec)}
 
 
 # ------------------------------------------------------------------ requests
@@ -250,8 +251,7 @@ def parse_transcription(form: Mapping, audio: bytes, spec: ModelSpec) -> tuple[G
 
 
 def _accepted(spec: ModelSpec) -> frozenset[str]:
-    from utils.families import accepted_media
-    return accepted_media(spec.family)
+    return accepted_media(spec)
 
 
 def _check_text(text: str, field: str) -> None:

@@ -64,9 +64,11 @@ class GenerationDefaults:
 class ModelLimits:
     max_new_tokens: int = 2048
     max_prompt_chars: int = 32000
-    max_images: int = 0
-    max_videos: int = 0
-    max_audios: int = 0
+    # Media items per request; None: what the checkpoint takes (utils/model_capabilities.py), else
+    # DEFAULT_MEDIA_LIMITS there. 0 refuses the kind.
+    max_images: int | None = None
+    max_videos: int | None = None
+    max_audios: int | None = None
     # Image families: steps, size and count of the images a request may ask for, and how much work
     # (steps x width x height x images) one synchronous request may be; more is for an async job.
     max_steps: int = 50
@@ -252,6 +254,7 @@ class ServerSettings:
     admin_token: str | None = None
     api_token: str | None = None
     demo: bool = False
+    demo_matrix: bool = False  # `--demo all`: the architecture matrix (utils/demo_matrix.py) served too
     backend: str = "local"           # MODEL_SERVER_BACKEND / --backend: local (one process) | ray
     ray: RaySettings = field(default_factory=RaySettings)
     config_path: Path | None = None
@@ -274,12 +277,13 @@ class ServerSettings:
         models[key] = dataclasses.replace(models[key], **changes)
         return self.replace(models=models)
 
-    def for_demo(self, demo_dir: Path | None = None) -> "ServerSettings":
+    def for_demo(self, demo_dir: Path | None = None, *, matrix: bool = False) -> "ServerSettings":
         """The five reference keys served from tiny random-weight checkpoints (utils/demo_models.py).
 
         Their quantization is dropped (the checkpoints are float32 and a few MB) and generation is
         capped short so the demo answers in milliseconds on a CPU. Other configured models keep
-        their own settings.
+        their own settings. `matrix`: the architecture matrix (utils/demo_matrix.py) is added, each
+        model under its key, with its family, media and limits read from its checkpoint folder.
         """
         from utils.demo_models import DEMO_KEYS
 
@@ -295,7 +299,14 @@ class ServerSettings:
                         generation, num_inference_steps=min(generation.num_inference_steps, 4), width=64, height=64)
                 models[key] = dataclasses.replace(spec, path=root / key, dtype="float32", quantization="none",
                                                   offload="none", generation=generation)
-        return self.replace(models=models, demo=True)
+        if matrix:
+            from utils.demo_matrix import MATRIX
+            for key, entry in MATRIX.items():
+                models.setdefault(key, ModelSpec(
+                    key=key, repo_id=entry.repo_id, family=entry.family, path=root / key, dtype="float32",
+                    generation=GenerationDefaults(max_new_tokens=16, do_sample=False, seed=self.default_seed),
+                    limits=ModelLimits(max_new_tokens=256, max_prompt_chars=8000), engine=self.engine))
+        return self.replace(models=models, demo=True, demo_matrix=matrix)
 
     def public_dict(self) -> dict:
         """Settings as shown to operators: no tokens, paths relative where possible."""
@@ -563,8 +574,12 @@ def _limits(raw: Any, where: str) -> ModelLimits:
     raw = _mapping(raw, where)
     _only_known(raw, where, _LIMIT_FIELDS)
     defaults = ModelLimits()
-    return ModelLimits(**{name: _int(raw.get(name, getattr(defaults, name)), f"{where}.{name}", minimum=0)
-                          for name in _LIMIT_FIELDS})
+    values = {name: raw.get(name, getattr(defaults, name)) for name in _LIMIT_FIELDS}
+    return ModelLimits(**{name: None if value is None and name in _MEDIA_LIMIT_FIELDS else
+                          _int(value, f"{where}.{name}", minimum=0) for name, value in values.items()})
+
+
+_MEDIA_LIMIT_FIELDS = ("max_images", "max_videos", "max_audios")  # None: from the checkpoint
 
 
 def _engine(raw: Any, where: str, defaults: EngineSettings) -> EngineSettings:
@@ -604,8 +619,6 @@ def _model(key: str, raw: Any, models_dir: Path, env: Mapping[str, str],
         env_name = f"MODEL_{key.upper()}_{name.upper()}"
         if env.get(env_name) not in (None, ""):
             raw[name] = env[env_name]
-    if not raw.get("family"):
-        _fail(where, "'family' is required")
     if not raw.get("repo_id") and not raw.get("path"):  # a local folder needs no Hub id
         _fail(where, "'repo_id' is required (or a local folder in 'path', which is then never downloaded)")
     generation = _generation(raw.get("generation"), f"{where}.generation")
@@ -619,7 +632,7 @@ def _model(key: str, raw: Any, models_dir: Path, env: Mapping[str, str],
     spec = ModelSpec(
         key=key,
         repo_id=str(raw["repo_id"]) if raw.get("repo_id") else None,
-        family=_choice(raw["family"], f"{where}.family", FAMILIES),
+        family=_choice(raw["family"], f"{where}.family", FAMILIES) if raw.get("family") else "",
         path=_resolve(raw.get("path", key), models_dir, f"{where}.path"),
         revision=str(raw.get("revision", "main")),
         trust_remote_code=_bool(raw.get("trust_remote_code", False), f"{where}.trust_remote_code"),
@@ -639,9 +652,26 @@ def _model(key: str, raw: Any, models_dir: Path, env: Mapping[str, str],
         timeout=None if raw.get("timeout") is None else _float(raw["timeout"], f"{where}.timeout", minimum=0.01),
         offload=_choice(raw.get("offload", "none"), f"{where}.offload", OFFLOADS),
     )
+    spec = _prefer_complete_folder(spec)
+    if not spec.family:
+        spec = dataclasses.replace(spec, family=_inferred_family(spec, where))
     _check_image_model(spec, where)
     _check_remote_code(spec, where, pinned="revision" in raw)
-    return _prefer_complete_folder(spec)
+    return spec
+
+
+def _inferred_family(spec: ModelSpec, where: str) -> str:
+    """`family` read from the checkpoint's config (utils/model_capabilities.py) where models.yaml gives none."""
+    from utils.model_capabilities import read_capabilities
+    capabilities = read_capabilities(spec.path)
+    if capabilities is None:
+        _fail(f"{where}.family", f"not set, and {spec.path.name}/ holds no checkpoint to read it from yet: set "
+                                 f"family (one of {', '.join(FAMILIES)}) or download the model first")
+    if capabilities.family not in FAMILIES:
+        _fail(f"{where}.family", f"not set, and the architecture of {spec.path.name}/ "
+                                 f"({capabilities.architecture or 'unknown'}) does not tell it: set family "
+                                 f"(one of {', '.join(FAMILIES)})")
+    return capabilities.family
 
 
 # Revisions that move: remote code from one of these could change under the server between two loads.
@@ -682,7 +712,7 @@ def _check_image_model(spec: ModelSpec, where: str) -> None:
                                            f"limits.max_image_pixels {limits.max_image_pixels}")
     if limits.max_images_out < 1 or limits.max_steps < 1:
         _fail(f"{where}.limits", "max_steps and max_images_out must be at least 1 for an image model")
-    if spec.family == "image_edit" and limits.max_images < 1:
+    if spec.family == "image_edit" and limits.max_images is not None and limits.max_images < 1:
         _fail(f"{where}.limits.max_images", "an image_edit model takes one input image: set max_images: 1")
 
 
@@ -931,8 +961,9 @@ def settings_env(env: Mapping[str, str]) -> dict[str, str]:
 
 
 def load_settings(config_path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
-                  *, demo: bool = False) -> ServerSettings:
-    """Reads models.yaml (or MODELS_CONFIG / config_path) and applies environment overrides."""
+                  *, demo: bool | str = False) -> ServerSettings:
+    """Reads models.yaml (or MODELS_CONFIG / config_path) and applies environment overrides. `demo`
+    (or DEMO_MODE): True / "default" serves the demo checkpoints, "all" the architecture matrix too."""
     env = os.environ if env is None else env
     path = Path(config_path or env.get("MODELS_CONFIG") or DEFAULT_CONFIG).resolve()
     document = _mapping(read_document(path), path.name)  # utils/config_file.py: every read error named
@@ -1008,5 +1039,7 @@ def load_settings(config_path: str | os.PathLike | None = None, env: Mapping[str
         config_path=path,
         env=env,
     )
-    demo = demo or _bool(env.get("DEMO_MODE", "0") or "0", "DEMO_MODE")
-    return settings.for_demo() if demo else settings
+    if not demo:
+        mode = str(env.get("DEMO_MODE", "") or "0").strip().lower()
+        demo = "all" if mode == "all" else _bool(mode, "DEMO_MODE")
+    return settings.for_demo(matrix=demo == "all") if demo else settings
