@@ -342,6 +342,25 @@ def build_internvl(out: Path) -> None:
     _save_vlm(out, InternVLForConditionalGeneration(config), processor, tok)
 
 
+def build_paligemma(out: Path) -> None:
+    """paligemma-3b-mix-224: SigLIP tower before a Gemma decoder; no chat template: the processor puts the
+    image tokens and bos before the question itself."""
+    from transformers import (PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor,
+                              SiglipImageProcessor)
+
+    tok = _fast_tokenizer(special=["<pad>", "<eos>", "<bos>", "<image>"], bos="<bos>", eos="<eos>", pad="<pad>",
+                          chat_template=None, extra_special_tokens={"image_token": "<image>"})
+    tok.chat_template = None
+    config = PaliGemmaConfig(
+        vision_config=dict(_VISION_TOWER, model_type="siglip_vision_model", projection_dim=64),
+        text_config=_text_config(tok, "gemma"), image_token_index=_ids(tok, "<image>")[0], projection_dim=64,
+        hidden_size=64, tie_word_embeddings=False)
+    image_proc = SiglipImageProcessor(size={"height": _PIXELS, "width": _PIXELS})
+    image_proc.image_seq_length = 16  # (32 / 8) ** 2 patches, as the real one's 256 for 224 px
+    processor = PaliGemmaProcessor(image_processor=image_proc, tokenizer=tok)
+    _save_vlm(out, PaliGemmaForConditionalGeneration(config), processor, tok)
+
+
 # --------------------------------------------------------------------------------------------------
 # The matrix
 # --------------------------------------------------------------------------------------------------
@@ -369,6 +388,7 @@ MATRIX: dict[str, MatrixModel] = {
                            "vision_language"),
     "idefics3": MatrixModel(build_idefics3, "HuggingFaceM4/Idefics3-8B-Llama3", "idefics3", "vision_language"),
     "internvl": MatrixModel(build_internvl, "OpenGVLab/InternVL3-1B-hf", "internvl", "vision_language"),
+    "paligemma": MatrixModel(build_paligemma, "google/paligemma-3b-mix-224", "paligemma", "vqa"),
 }
 MATRIX_KEYS = tuple(MATRIX)
 

@@ -37,6 +37,7 @@ DEFAULT_MEDIA_LIMITS = {"image": 4, "video": 1, "audio": 4}
 # vision tower is "vision_language").
 _FAMILY_BY_ARCHITECTURE = {
     "blip": "vqa",
+    "paligemma": "vqa",  # no chat template: a question in, an answer out
     "qwen2_audio": "audio",
     "qwen2_5_omni": "omni",
     "janus": "janus",
