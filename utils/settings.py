@@ -1039,7 +1039,6 @@ def load_settings(config_path: str | os.PathLike | None = None, env: Mapping[str
         config_path=path,
         env=env,
     )
-    if not demo:
-        mode = str(env.get("DEMO_MODE", "") or "0").strip().lower()
-        demo = "all" if mode == "all" else _bool(mode, "DEMO_MODE")
+    mode = str(env.get("DEMO_MODE", "") or "0").strip().lower()
+    demo = "all" if "all" in (demo, mode) else demo or _bool(mode, "DEMO_MODE")
     return settings.for_demo(matrix=demo == "all") if demo else settings
