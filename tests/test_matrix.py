@@ -1,7 +1,7 @@
 """The architecture matrix (utils/demo_matrix.py) served as `--demo all` serves it: for every architecture
 a greedy answer through /v1/chat/completions with each medium it takes, a batch of different requests
 whose answers equal their solo answers in its engine, and the 400 naming a medium it does not take.
-Family, media and limits come from each checkpoint folder (utils/model_capabilities.py), never from
+Family, media and limits come from each checkpoint folder (utils/hub/model_folder.py), never from
 the key. The checkpoints are built once per session, beside the default demo set."""
 from __future__ import annotations
 
@@ -14,15 +14,15 @@ import pytest
 from PIL import Image
 
 from tests import media_samples
-from utils.demo_matrix import MATRIX, MATRIX_KEYS, docs_table, engine_kind
+from tests.matrix_table import DOCS, docs_table, engine_kind
+from utils.config.settings import load_settings
 from utils.engine import Engine
 from utils.engine.continuous import ContinuousEngine
 from utils.families import GenerationParams, GenerationRequest, family_class, load_family
-from utils.media import MediaLimits, load_video
-from utils.model_capabilities import read_capabilities
-from utils.settings import load_settings
+from utils.hub.demo_matrix import MATRIX, MATRIX_KEYS
+from utils.hub.model_folder import read_capabilities
+from utils.media.decode import MediaLimits, load_video
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +97,7 @@ def test_a_models_yaml_entry_with_only_a_path_gets_its_family_from_the_checkpoin
 
 
 def test_the_docs_table_is_current(demo_root):
-    assert (ROOT / "docs" / "models.md").read_text() == docs_table(demo_root), \
-        "docs/models.md is stale: python -m utils.demo_matrix --docs"
+    assert DOCS.read_text() == docs_table(demo_root), "docs/models.md is stale: python -m tests.matrix_table"
 
 
 @pytest.mark.parametrize("key", MATRIX_KEYS)

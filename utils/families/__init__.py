@@ -5,7 +5,7 @@ import importlib
 
 from utils.families.base import Family, GenerationParams, GenerationRequest, GenerationResult
 from utils.families.loading import WEIGHT_LOADS, check_remote_code
-from utils.model_capabilities import media_limits as capability_limits, narrowed_media, read_capabilities
+from utils.hub.model_folder import media_limits as capability_limits, narrowed_media, read_capabilities
 
 # family name -> "module:Class"; imported on first use so a missing optional library only
 # affects the family that needs it.
@@ -29,13 +29,13 @@ def family_class(name: str) -> type[Family]:
 
 def load_family(spec, device: str, *, cache=None) -> Family:
     """The model manager's loader. Weights load one model at a time (see families/loading.py).
-    `cache`: a utils.checkpoints.QuantizedCache for 4-bit / 8-bit models (None: quantize every load)."""
+    `cache`: a utils.serving.quantized_cache.QuantizedCache for 4-bit / 8-bit models (None: quantize every load)."""
     if not (spec.path / family_class(spec.family).checkpoint_file).is_file():
         how = (f"download it: python main.py --download-only --model {spec.key}" if spec.repo_id
                else "a local folder with no repo_id: put the checkpoint there")
         raise FileNotFoundError(f"no checkpoint in {spec.path.name}/ ({how})")
     check_remote_code(spec)
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # deferred: transformers
     hf_logging.disable_progress_bar()  # a per-load progress bar is noise in a server log
     with WEIGHT_LOADS.turn(spec.key):
         family = family_class(spec.family)
@@ -46,7 +46,7 @@ def load_family(spec, device: str, *, cache=None) -> Family:
 
 def accepted_media(model) -> frozenset[str]:
     """Media a model takes (`model`: a ModelSpec): what its family runs, narrowed to what its checkpoint
-    takes (utils/model_capabilities.py: a LLaVA folder has no video processor). A family name alone:
+    takes (utils/hub/model_folder.py: a LLaVA folder has no video processor). A family name alone:
     the family's."""
     if isinstance(model, str):
         return family_class(model).accepts

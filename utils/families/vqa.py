@@ -2,7 +2,7 @@
 
 BLIP (BlipForQuestionAnswering: its own question encoder and answer decoder, one image) and PaliGemma
 (a decoder-only model whose processor puts the image tokens and bos before the question itself). The
-checkpoint's architecture (utils/model_capabilities.py) picks the class and the padding side.
+checkpoint's architecture (utils/hub/model_folder.py) picks the class and the padding side.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 from utils.errors import InvalidInput
 from utils.families.base import Family, GenerationParams, GenerationRequest, from_pretrained_kwargs
-from utils.model_capabilities import read_capabilities
+from utils.hub.model_folder import read_capabilities
 
 # architecture -> (transformers class, padding side). BLIP's question encoder has absolute positions: left
 # padding would shift them; decoder-only PaliGemma pads on the left like every generating decoder.
@@ -35,7 +35,7 @@ class VqaFamily(Family):
 
     @classmethod
     def weights(cls, spec, device: str) -> tuple[Any, dict]:
-        import transformers
+        import transformers  # deferred: transformers
         name = _CLASSES.get(_architecture(spec), _DEFAULT)[0]
         return getattr(transformers, name), {**cls.model_kwargs, **from_pretrained_kwargs(spec, device,
                                                                                          cls.quant_skip_modules)}
