@@ -244,7 +244,7 @@ def _inferred_family(spec: ModelSpec, where: str) -> str:
     capabilities = read_capabilities(spec.path)
     if capabilities is None:
         _fail(f"{where}.family", f"not set, and {spec.path.name}/ holds no checkpoint to read it from yet: set "
-                                 f"family (one of {', '.join(FAMILIES)}) or download the model first")
+                                 f"family (one of {', '.join(FAMILIES)}); it is read from config.json once the folder is there")
     if capabilities.family not in FAMILIES:
         _fail(f"{where}.family", f"not set, and the architecture of {spec.path.name}/ "
                                  f"({capabilities.architecture or 'unknown'}) does not tell it: set family "
