@@ -22,7 +22,8 @@ TARGET_SECONDS = 60.0
 def measure(mode: str, work: Path) -> dict:
     models = work / f"models-{mode}"
     started = time.perf_counter()
-    server = start_ours(f"demo-{mode}", models, work, env={"DEMO_MODE": mode, "MAX_LOADED_MODELS": "40"})
+    server = start_ours(f"demo-{mode}", models, work,
+                        env={"DEMO_MODE": "all" if mode == "all" else "1", "MAX_LOADED_MODELS": "40"})
     ready = time.perf_counter() - started
     try:
         cards = requests.get(server.url + "/v1/models", timeout=30).json()["data"]
