@@ -304,9 +304,9 @@ def _read(folder_name: str, stamp: tuple) -> Capabilities:
     if index and not (folder / "config.json").is_file():  # a diffusers pipeline: text in, images out
         pipeline = str(index.get("_class_name") or "")
         family = "image_edit" if _EDIT_PIPELINE.search(pipeline) else ("text_to_image" if pipeline else None)
-        return Capabilities(architecture=pipeline or None, family=family,
-                            media=frozenset({"image"}) if family == "image_edit" else frozenset(), max_images=1
-                            if family == "image_edit" else None)
+        edits = family == "image_edit"
+        return Capabilities(architecture=pipeline or None, family=family, system_role=False,
+                            media=frozenset({"image"}) if edits else frozenset(), max_images=1 if edits else None)
     config = _json(folder / "config.json")
     architecture = config.get("model_type")
     processor = _json(folder / "processor_config.json")
