@@ -14,7 +14,7 @@ from typing import Any, Iterator, Mapping
 from utils.api import openai_tools
 from utils.config.settings import IMAGE_FAMILIES, ModelSpec, ServerSettings
 from utils.errors import InvalidInput, ServerError, UnknownModel
-from utils.families import accepted_media, family_class
+from utils.families import accepted_media, capability_fields, family_class
 from utils.media.decode import MAX_GIVEN_FRAMES
 from utils.media.options import parse_media_options
 from utils.serving.image_requests import is_image_model, parse_image_job
@@ -50,7 +50,7 @@ def resolve_model(settings: ServerSettings, name: Any) -> str:
 
 def model_card(spec: ModelSpec, created: int, loaded: bool) -> dict:
     return {"id": spec.key, "object": "model", "created": created, "owned_by": (spec.repo_id or "local").split("/")[0],
-            "repo_id": spec.repo_id, "family": spec.family, "loaded": loaded}
+            "repo_id": spec.repo_id, "family": spec.family, "loaded": loaded, **capability_fields(spec)}
 
 
 # ------------------------------------------------------------------ requests
@@ -253,7 +253,7 @@ def parse_transcription(form: Mapping, audio: bytes, spec: ModelSpec) -> tuple[G
 
 
 def _accepted(spec: ModelSpec) -> frozenset[str]:
-    return accepted_media(spec.family)
+    return accepted_media(spec)
 
 
 def _check_text(text: str, field: str) -> None:

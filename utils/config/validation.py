@@ -144,7 +144,7 @@ def _check_image_model(spec: ModelSpec, where: str) -> None:
                                            f"limits.max_image_pixels {limits.max_image_pixels}")
     if limits.max_images_out < 1 or limits.max_steps < 1:
         _fail(f"{where}.limits", "max_steps and max_images_out must be at least 1 for an image model")
-    if spec.family == "image_edit" and limits.max_images < 1:
+    if spec.family == "image_edit" and limits.max_images is not None and limits.max_images < 1:
         _fail(f"{where}.limits.max_images", "an image_edit model takes one input image: set max_images: 1")
 
 

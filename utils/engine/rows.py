@@ -11,7 +11,11 @@ from typing import Any, Callable, Protocol, Sequence
 from utils.engine.types import GenerationParams, GenerationResult
 
 # Per-token keys padded to the batch's width; every other processor output is stacked row after row.
-SEQUENCE_PAD_VALUES = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0}
+SEQUENCE_PAD_VALUES = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0, "token_type_ids": 0}
+# Media tensors shaped (rows, images, ...) whose rows may hold different numbers of images (Idefics3 /
+# SmolVLM: (1, n, 3, H, W) and its pixel mask): zero-filled up to the batch's most. The models skip
+# all-zero images (Idefics3 counts only "real" images), LLaVA-OneVision slices patches by image_sizes.
+IMAGE_SLOT_KEYS = ("pixel_values", "pixel_attention_mask")
 
 
 class BatchRow(Protocol):
@@ -59,12 +63,24 @@ def collate(prepared: Sequence[dict], *, side: str, pad_id: int) -> dict:
                 padded.append(torch.cat([pad, value] if side == "left" else [value, pad], dim=1))
             out[key] = torch.cat(padded, dim=0)
         elif hasattr(values[0], "shape"):
-            out[key] = torch.cat(values, dim=0)
+            out[key] = torch.cat(_same_slots(values) if key in IMAGE_SLOT_KEYS else values, dim=0)
         elif isinstance(values[0], list):
             out[key] = [item for value in values for item in value]
         else:
             out[key] = values[0]
     return out
+
+
+def _same_slots(values: list) -> list:
+    """Tensors of rank >= 3 that differ only in dim 1 (images per row) zero-padded to the largest."""
+    import torch  # deferred: torch
+
+    if len({tuple(v.shape[1:]) for v in values}) == 1 or len({v.dim() for v in values}) != 1 or values[0].dim() < 3 \
+            or len({tuple(v.shape[2:]) for v in values}) != 1:
+        return values
+    most = max(int(v.shape[1]) for v in values)
+    return [torch.cat([v, v.new_zeros((v.shape[0], most - v.shape[1], *v.shape[2:]))], dim=1)
+            if v.shape[1] < most else v for v in values]
 
 
 class RowState:

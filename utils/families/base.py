@@ -22,6 +22,7 @@ from utils.errors import InvalidInput
 from utils.families.loading import check_loaded_weights
 from utils.families.moves import park_module, unpark_module
 from utils.families.special_tokens import SpecialTokens, special_tokens
+from utils.hub.model_folder import media_limits, narrowed_media
 from utils.serving.memory import expect_freed, release_device_caches, tensor_placement
 
 if TYPE_CHECKING:
@@ -277,14 +278,14 @@ class Family:
     # -- shared helpers
     def check_media(self, request: GenerationRequest) -> None:
         given = {"image": len(request.images), "video": len(request.videos), "audio": len(request.audios)}
-        limits = {"image": self.spec.limits.max_images, "video": self.spec.limits.max_videos,
-                  "audio": self.spec.limits.max_audios}
+        accepts = narrowed_media(self.spec.path, self.accepts)
+        limits = media_limits(self.spec, accepts)
         for kind, count in given.items():
             if not count:
                 continue
-            if kind not in self.accepts:
+            if kind not in accepts:
                 raise InvalidInput(f"model '{self.spec.key}' does not take {kind} input "
-                                   f"(it takes: {', '.join(sorted(self.accepts)) or 'text only'})",
+                                   f"(it takes: {', '.join(sorted(accepts)) or 'text only'})",
                                    field=kind, error="unsupported input")
             if count > limits[kind]:
                 raise InvalidInput(f"model '{self.spec.key}' takes at most {limits[kind]} {kind}(s) per request; "

@@ -13,7 +13,9 @@ from typing import Any, Callable, Iterator, Mapping
 
 from utils.config.settings import SEED_MAX, ModelSpec
 from utils.errors import InvalidInput, RequestTimeout
-from utils.families import GenerationParams, GenerationRequest, GenerationResult, family_class
+from utils.families import (GenerationParams, GenerationRequest, GenerationResult, accepted_media, family_class,
+                            media_limits)
+from utils.hub.model_folder import read_capabilities
 from utils.families.base import client_texts
 from utils.families.special_tokens import SpecialTokenGuard
 from utils.media import decode as media
@@ -157,8 +159,8 @@ def check_media_items(media: list[MediaItem], spec: ModelSpec, *, missing: str =
     """Kinds and counts a model takes, checked before anything is decoded or any model is leased.
     `missing`: the field a refusal for too few images names."""
     family = family_class(spec.family)
-    accepted = family.accepts
-    limits = {"image": spec.limits.max_images, "video": spec.limits.max_videos, "audio": spec.limits.max_audios}
+    accepted = accepted_media(spec)  # the family's, narrowed to what the checkpoint takes
+    limits = media_limits(spec)
     counts: dict[str, int] = {}
     for item in media:
         if item.kind not in accepted:
@@ -178,6 +180,21 @@ def check_media_items(media: list[MediaItem], spec: ModelSpec, *, missing: str =
     if counts.get("image", 0) < family.min_images:
         raise InvalidInput(f"'{spec.key}' answers a question about an image: send it in 'image' (base64, a data URL "
                            f"or an upload)", field=missing, error="missing image")
+
+
+def check_system_role(spec: ModelSpec, request: GenerationRequest) -> None:
+    """A system turn to a model whose chat template refuses one (Gemma) is refused before the lease,
+    naming the field (utils/hub/model_folder.py reads the template)."""
+    capabilities = read_capabilities(spec.path)
+    if capabilities is None or capabilities.system_role or not capabilities.chat_template or request.raw:
+        return
+    if request.messages is not None:
+        where = next((f"messages[{i}]" for i, m in enumerate(request.messages) if m.get("role") == "system"), None)
+    else:
+        where = "system" if request.system else None
+    if where:
+        raise InvalidInput(f"model '{spec.key}' takes no system turn (its chat template refuses one): put the "
+                           f"instructions in the user's message", field=where, error="unsupported input")
 
 
 def check_answers_prompts(spec: ModelSpec) -> None:
@@ -237,6 +254,7 @@ class InferenceService:
                                     texts=job.texts, tools=job.tools)
         if family is not None:  # the client's text first: it costs no media decoding
             self.special_tokens.check(spec, family, client_texts(request))
+            check_system_role(spec, request)
         payloads = [[self.media_bytes(frame, f"{item.field}[{i}]") for i, frame in enumerate(item.payload)]
                     if isinstance(item.payload, list) else self.media_bytes(item.payload, item.field)
                     for item in job.media]  # a list: a video given as its frames

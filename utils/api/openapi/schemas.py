@@ -472,6 +472,22 @@ class ImagesResponse(Doc):
     seed: int
 
 
+class ModelCapabilities(Doc):
+    """What the model takes, read from its checkpoint folder (config, processor, chat template)."""
+    text: bool
+    images: bool
+    max_images: int | None
+    video: bool
+    max_videos: int | None
+    audio: bool
+    max_audios: int | None
+    system_role: bool = Field(description="the chat template takes a system turn")
+    chat_template: bool
+    tools: bool = Field(description="the chat template renders `tools`")
+    tool_format: str | None = Field(description="how it writes tool calls: hermes, mistral, llama3_json, deepseek")
+    tool_call_tokens: list[str]
+
+
 class ModelCard(Doc):
     id: str
     object: Literal["model"]
@@ -480,6 +496,8 @@ class ModelCard(Doc):
     repo_id: str | None
     family: str
     loaded: bool
+    architecture: str | None = Field(description="transformers' model_type of the checkpoint (null: not downloaded)")
+    capabilities: ModelCapabilities | None
 
 
 class ModelCards(Doc):
