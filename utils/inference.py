@@ -43,6 +43,7 @@ class GenerateJob:
     timeout: float | None = None  # the request's own deadline, seconds; None = the model's / server's
     texts: list[tuple[str, str]] | None = None  # (field, text) the client wrote (see GenerationRequest.texts)
     tools: list[dict] | None = None  # function tools the chat template renders (see GenerationRequest.tools)
+    prompt_ids: list[int] | None = None  # a completion's prompt given as token ids (raw; see GenerationRequest)
 
 
 # ------------------------------------------------------------------ validation
@@ -122,7 +123,52 @@ def parse_params(body: Mapping, spec: ModelSpec) -> GenerationParams:
         repetition_penalty=number_field(body, "repetition_penalty", integer=False, low=0.01, high=10.0,
                                    default=defaults.repetition_penalty),
         seed=number_field(body, "seed", integer=True, low=0, high=SEED_MAX, default=defaults.seed),
+        frequency_penalty=number_field(body, "frequency_penalty", integer=False, low=-2.0, high=2.0, default=0.0),
+        presence_penalty=number_field(body, "presence_penalty", integer=False, low=-2.0, high=2.0, default=0.0),
+        min_p=number_field(body, "min_p", integer=False, low=0.0, high=1.0, default=None) or None,
+        logit_bias=logit_bias_field(body),
     )
+
+
+MAX_LOGIT_BIAS = 300  # OpenAI's own cap on the entries of logit_bias
+
+
+def logit_bias_field(body: Mapping) -> tuple[tuple[int, float], ...]:
+    """`logit_bias`: {"token id": bias in -100..100}, OpenAI's form (a JSON object; in a form field, its
+    text). The ids are checked against the model's vocabulary before the lease (decode_media)."""
+    value = body.get("logit_bias")
+    if value is None or value == {} or value == "":
+        return ()
+    if isinstance(value, str):  # a multipart form field
+        import json
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise InvalidInput("'logit_bias' must be a JSON object of token ids to biases", field="logit_bias") from None
+    if not isinstance(value, Mapping):
+        raise InvalidInput("'logit_bias' must be an object mapping token ids (as strings) to biases from -100 "
+                           "to 100", field="logit_bias")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise InvalidInput(f"'logit_bias' takes at most {MAX_LOGIT_BIAS} tokens; got {len(value)}",
+                           field="logit_bias", error="value out of range")
+    out = []
+    for token, bias in value.items():
+        where = f"logit_bias.{str(token)[:20]}"
+        if not (isinstance(token, str) and re.fullmatch(r"[0-9]{1,9}", token)):
+            raise InvalidInput(f"'logit_bias' keys are token ids in digits; got {str(token)[:20]!r}", field=where)
+        out.append((int(token), number_field({where: bias}, where, integer=False, low=-100.0, high=100.0,
+                                              default=0.0)))
+    return tuple(sorted(out))
+
+
+def check_token_ids(ids: list[tuple[str, int]], vocab_size: int | None, key: str) -> None:
+    """Token ids the client gave (logit_bias keys, prompts as ids) must be in the model's vocabulary."""
+    if vocab_size is None:
+        return
+    for where, token in ids:
+        if not 0 <= token < vocab_size:
+            raise InvalidInput(f"token id {token} is not in the vocabulary of '{key}' (0..{vocab_size - 1})",
+                               field=where, error="value out of range")
 
 
 def media_items(body: Mapping, uploads: Mapping[str, list[bytes]]) -> list[MediaItem]:
@@ -234,9 +280,14 @@ class InferenceService:
         limits = self.media_limits
         family = family_class(spec.family) if spec is not None else None
         request = GenerationRequest(prompt=job.prompt, system=job.system, messages=job.messages, raw=job.raw,
-                                    texts=job.texts, tools=job.tools)
+                                    texts=job.texts, tools=job.tools, prompt_ids=job.prompt_ids)
         if family is not None:  # the client's text first: it costs no media decoding
             self.special_tokens.check(spec, family, client_texts(request))
+            ids = [(f"logit_bias.{token}", token) for token, _ in job.params.logit_bias]
+            ids += [(f"prompt[{i}]", token) for i, token in enumerate(job.prompt_ids or ())]
+            if ids:
+                tokens = self.special_tokens.tokens(spec, family)
+                check_token_ids(ids, tokens.vocab_size if tokens else None, spec.key)
         payloads = [[self.media_bytes(frame, f"{item.field}[{i}]") for i, frame in enumerate(item.payload)]
                     if isinstance(item.payload, list) else self.media_bytes(item.payload, item.field)
                     for item in job.media]  # a list: a video given as its frames

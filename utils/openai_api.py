@@ -20,9 +20,11 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 # Parameters we do not implement: a value that would change the answer is refused, never ignored.
 # (tools, tool_choice, parallel_tool_calls: utils/openai_tools.py; functions/function_call: OpenAI's
 # deprecated form of them.)
-UNSUPPORTED = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "logprobs": False,
-               "top_logprobs": None, "functions": None, "function_call": None,
+UNSUPPORTED = {"logprobs": False, "top_logprobs": None, "functions": None, "function_call": None,
                "echo": False, "suffix": None, "best_of": 1}
+# Sampling fields handed to parse_params as they are (the same names as on /generate).
+SAMPLING_FIELDS = ("temperature", "top_p", "seed", "top_k", "repetition_penalty", "frequency_penalty",
+                   "presence_penalty", "logit_bias", "min_p")
 MAX_STOPS = 4
 # A transcription's `language`: ISO 639 letters, then BCP 47 subtags (pt-BR, zh_Hant): never free text.
 LANGUAGE = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8}){0,3}")
@@ -70,8 +72,7 @@ def _refuse_unsupported(body: Mapping) -> None:
 def _params(body: Mapping, spec: ModelSpec):
     """OpenAI's sampling fields -> our GenerationParams (validated by the same rules as /generate)."""
     _refuse_unsupported(body)
-    ours: dict[str, Any] = {name: body[name] for name in ("temperature", "top_p", "seed", "top_k",
-                                                          "repetition_penalty") if body.get(name) is not None}
+    ours: dict[str, Any] = {name: body[name] for name in SAMPLING_FIELDS if body.get(name) is not None}
     limit_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     if body.get(limit_name) is not None:
         ours["max_new_tokens"] = body[limit_name]

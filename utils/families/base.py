@@ -80,6 +80,8 @@ class GenerationRequest:
     # OpenAI function tools ({"type": "function", "function": {...}}) the chat template renders; messages
     # may then also hold assistant "tool_calls" and "tool" turns (with "tool_call_id").
     tools: list[dict] | None = None
+    # A raw prompt given as token ids (a legacy completion's `prompt` of integers): used as they are.
+    prompt_ids: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,13 @@ class GenerationParams:
     repetition_penalty: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()   # generation ends where one of these appears; it is not returned
+    # OpenAI's penalties over the generated tokens, token biases and min_p (utils/engine/sampling.py)
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias added to its logit)
+    min_p: float | None = None
+    logprobs: int | None = None         # None: none; k: the chosen token's logprob and the k most likely
+    prompt_logprobs: int | None = None  # the same for each prompt token (a completion's echo)
 
 
 @dataclass
@@ -106,6 +115,10 @@ class GenerationResult:
     segments: list[dict] | None = None  # speech_to_text: [{"start", "end", "text", "tokens", "words"?}], seconds
     language: str | None = None         # speech_to_text: the language transcribed (given or detected)
     duration: float | None = None       # speech_to_text: seconds of audio
+    # Asked with params.logprobs / prompt_logprobs: per token {"token", "token_id", "logprob", "top": [...]}
+    # (utils/engine/sampling.decoded); the prompt's first token has None.
+    logprobs: list[dict] | None = None
+    prompt_logprobs: list[dict | None] | None = None
 
 
 # What a processor or chat template raises about the client's data (an image of 1x300 pixels, a
@@ -224,17 +237,32 @@ class Family:
         Only the model's engine calls this, from its one worker thread."""
         import torch
         from utils.engine.rows import RowTracker, collate
+        from utils.engine.sampling import ForcedChoice, is_plain
 
-        params = rows[0].params
         longest = max(row.params.max_new_tokens for row in rows)
         inputs = collate([row.prepared for row in rows], side=self.padding_side, pad_id=self._pad_id())
         tracker = RowTracker(rows, eos_ids=self._eos_ids(), tokenizer=self._tokenizer(),
                              build_result=self.result_from_tokens)
-        kwargs = dict(inputs, **self._generate_kwargs(replace(params, max_new_tokens=longest)),
-                      streamer=tracker, stopping_criteria=[tracker])
-        with torch.inference_mode(), self._rng(params):
+        # generate runs greedy; a row that samples, penalises or records logprobs chooses its own token
+        # (its RowSampler) and ForcedChoice forces it, so rows of any parameters share this call.
+        greedy = replace(rows[0].params, do_sample=False, repetition_penalty=None, max_new_tokens=longest)
+        kwargs = dict(inputs, **self._generate_kwargs(greedy), streamer=tracker, stopping_criteria=[tracker])
+        if not all(is_plain(row.params) for row in rows):
+            from transformers import LogitsProcessorList
+            kwargs["logits_processor"] = LogitsProcessorList([ForcedChoice(tracker.states)])
+        with torch.inference_mode():
+            for state in tracker.states:
+                if state.row.params.prompt_logprobs is not None:
+                    state.prompt_logprobs = self.prompt_logprobs(state.row.prepared, state.row.params.prompt_logprobs)
             self._generator().generate(**kwargs)
         tracker.finish_all()
+
+    def prompt_logprobs(self, prepared: dict, top: int) -> list:
+        """Logprobs of a decoder-only prompt's tokens (a completion's echo): one forward over the prompt."""
+        from utils.engine.sampling import prompt_logprobs
+        logits = self._generator()(input_ids=prepared["input_ids"], attention_mask=prepared.get("attention_mask"),
+                                   use_cache=False).logits[0]
+        return prompt_logprobs(logits, prepared["input_ids"][0].tolist(), top)
 
     def generate(self, prepared: Any, params: GenerationParams) -> GenerationResult:
         """One request alone, on the calling thread (tools and benches; the server uses the engine)."""
