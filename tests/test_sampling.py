@@ -122,7 +122,8 @@ def test_logprobs_are_the_models_own(text, engine_name):
         assert [t["token_id"] for t in entry["top"]] == row.topk(3).indices.tolist()
         assert entry["token_id"] == entry["top"][0]["token_id"]  # greedy: the most likely one
         assert entry["token"] == text._tokenizer().decode([entry["token_id"]])
-    assert result.prompt_logprobs[0] is None and len(result.prompt_logprobs) == len(ids)
+    assert result.prompt_logprobs[0]["logprob"] is None and len(result.prompt_logprobs) == len(ids)
+    assert result.prompt_logprobs[0]["token_id"] == ids[0]
     second = result.prompt_logprobs[1]
     assert second["token_id"] == ids[1]
     assert math.isclose(second["logprob"], float(expected[0][ids[1]]), abs_tol=1e-4)

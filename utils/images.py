@@ -21,7 +21,8 @@ from utils.inference import (SEED_MAX, GenerateJob, MediaItem, check_media_items
 from utils.settings import IMAGE_FAMILIES, ModelSpec
 
 MAX_SCALE = 100.0  # guidance and true CFG scales; real use is 0..10
-TEXT_ONLY_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "do_sample", "repetition_penalty", "system")
+TEXT_ONLY_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "do_sample", "repetition_penalty", "system",
+                    "frequency_penalty", "presence_penalty", "logit_bias", "min_p", "logprobs", "top_logprobs")
 
 
 def is_image_model(spec: ModelSpec) -> bool:

@@ -149,6 +149,8 @@ class RowState:
             if entries is not None:  # the tokens since the last piece (a reader gets any rest from the result)
                 piece = LoggedPiece(piece)
                 piece.logprobs = decoded(entries[self._logprobs_sent:], self._tokenizer)
+                if self.prompt_logprobs is not None and not self._emitted:  # an echo's, with its first piece
+                    piece.prompt_logprobs = decoded(self.prompt_logprobs, self._tokenizer)
                 self._logprobs_sent = len(entries)
             self.row.emit(piece)
             self._emitted = text

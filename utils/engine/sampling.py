@@ -39,7 +39,7 @@ LOGPROB_FLOOR = -9999.0
 class TokenLogprob:
     """One position's logprobs: the chosen token and the most likely ones (ids and log-probabilities)."""
     token_id: int
-    logprob: float
+    logprob: float | None   # None: a prompt's first token (nothing before it to predict it)
     top: tuple[tuple[int, float], ...] = ()
 
 
@@ -194,13 +194,13 @@ def is_plain(params: Any) -> bool:
             and not params.frequency_penalty and not params.presence_penalty and not params.logit_bias)
 
 
-def prompt_logprobs(logits: Any, ids: Sequence[int], top: int) -> list[TokenLogprob | None]:
+def prompt_logprobs(logits: Any, ids: Sequence[int], top: int) -> list[TokenLogprob]:
     """Logprobs of each prompt token under the model's logits at the position before it ([len, vocab],
-    position t predicts token t+1); the first token has none (None), as OpenAI's echo shows it."""
+    position t predicts token t+1); the first token has none (logprob None), as OpenAI's echo shows it."""
     import torch
 
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    out: list[TokenLogprob | None] = [None]
+    out: list[TokenLogprob] = [TokenLogprob(int(ids[0]), None)]
     for position in range(1, len(ids)):
         out.append(_logprob_entry(logprobs[position - 1], int(ids[position]), top))
     return out

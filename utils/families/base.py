@@ -116,7 +116,7 @@ class GenerationResult:
     language: str | None = None         # speech_to_text: the language transcribed (given or detected)
     duration: float | None = None       # speech_to_text: seconds of audio
     # Asked with params.logprobs / prompt_logprobs: per token {"token", "token_id", "logprob", "top": [...]}
-    # (utils/engine/sampling.decoded); the prompt's first token has None.
+    # (utils/engine/sampling.decoded); the prompt's first token has logprob None.
     logprobs: list[dict] | None = None
     prompt_logprobs: list[dict | None] | None = None
 
