@@ -127,3 +127,25 @@ def test_logprobs_are_the_models_own(text, engine_name):
     second = result.prompt_logprobs[1]
     assert second["token_id"] == ids[1]
     assert math.isclose(second["logprob"], float(expected[0][ids[1]]), abs_tol=1e-4)
+
+
+@pytest.mark.parametrize("engine_name", ENGINES)
+def test_a_groups_rows_batch_together_and_equal_prompts_share_one_prefill(text, engine_name):
+    p, q = prompt(text, 0), prompt(text, 1)
+    solo = [text.generate(p, greedy(6)), text.generate(q, greedy(6))]
+    engine = ENGINES[engine_name](text, key="deepseek", max_batch_size=16, max_queue=64, queue_timeout=60.0)
+    widths = []
+    hook = text.model.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(int(kwargs["input_ids"].shape[0])), with_kwargs=True)
+    try:
+        group = engine.submit_group([(p, greedy(6))] * 3 + [(q, greedy(6, presence_penalty=0.0))])
+        engine.start()
+        results = engine.run_group(group)
+    finally:
+        hook.remove()
+        engine.stop()
+    assert [r.text for r in results] == [solo[0].text] * 3 + [solo[1].text]
+    if engine_name == "continuous":
+        assert widths[0] == 2, widths  # the three equal prompts and the other one: a prefill of two rows
+    else:
+        assert engine.stats()["batches"] == 1  # one generate for all four
