@@ -285,7 +285,7 @@ class InferenceService:
                                     texts=job.texts, tools=job.tools, prompt_ids=job.prompt_ids)
         if family is not None:  # the client's text first: it costs no media decoding
             self.special_tokens.check(spec, family, client_texts(request))
-            ids = [(f"logit_bias.{token}", token) for token, _ in job.params.logit_bias]
+            ids = [(f"logit_bias.{token}", token) for token, _ in getattr(job.params, "logit_bias", ())]
             ids += [("prompt", token) for token in job.prompt_ids or ()]
             if ids:
                 tokens = self.special_tokens.tokens(spec, family)

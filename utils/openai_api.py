@@ -24,7 +24,9 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 # (tools, tool_choice, parallel_tool_calls: utils/openai_tools.py; functions/function_call: OpenAI's
 # deprecated form of them.)
 # (n, logprobs, top_logprobs, echo: utils/api/openai_choices.py, per route.)
-UNSUPPORTED = {"functions": None, "function_call": None, "suffix": None, "best_of": 1}
+# audio, prediction, web_search_options, modalities other than text: answers this server does not make.
+UNSUPPORTED = {"functions": None, "function_call": None, "suffix": None, "best_of": 1, "audio": None,
+               "prediction": None, "web_search_options": None, "modalities": ["text"]}
 # Sampling fields handed to parse_params as they are (the same names as on /generate).
 SAMPLING_FIELDS = ("temperature", "top_p", "seed", "top_k", "repetition_penalty", "frequency_penalty",
                    "presence_penalty", "logit_bias", "min_p")
