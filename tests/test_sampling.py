@@ -149,3 +149,41 @@ def test_a_groups_rows_batch_together_and_equal_prompts_share_one_prefill(text, 
         assert widths[0] == 2, widths  # the three equal prompts and the other one: a prefill of two rows
     else:
         assert engine.stats()["batches"] == 1  # one generate for all four
+
+
+class OnlyEvenTokens:
+    """A constraint through the hook grammars use: every odd token id is masked."""
+
+    def __init__(self) -> None:
+        self.advanced: list[int] = []
+
+    def mask(self, logits):
+        logits[1::2] = float("-inf")
+        return logits
+
+    def advance(self, token_id: int) -> None:
+        self.advanced.append(token_id)
+
+
+@pytest.mark.parametrize("engine_name", ENGINES)
+def test_a_constraint_from_the_hook_masks_its_row_only(text, engine_name):
+    from utils.engine import sampling
+    made: list[OnlyEvenTokens] = []
+
+    def build(params):
+        if params.max_new_tokens == 7:  # only the row that asks (a grammar's row would say so in its params)
+            made.append(OnlyEvenTokens())
+            return made[-1]
+        return None
+
+    p = prompt(text, 2)
+    free = text.generate(p, greedy(6, logprobs=0))
+    assert any(e["token_id"] % 2 for e in free.logprobs), "the free answer must hold odd ids to test anything"
+    sampling.CONSTRAINT_BUILDERS.append(build)
+    try:
+        constrained, neighbour = run_batch(text, engine_name, [(p, greedy(7, logprobs=0)), (p, greedy(6))])
+    finally:
+        sampling.CONSTRAINT_BUILDERS.remove(build)
+    ids = [e["token_id"] for e in constrained.logprobs]
+    assert ids and all(i % 2 == 0 for i in ids) and made[0].advanced == ids
+    assert neighbour.text == free.text

@@ -20,8 +20,10 @@ list of objects with
     mask(logits: Tensor[vocab]) -> Tensor[vocab]   # the logits with disallowed ids at -inf
                                                   # (may work in place; returns the tensor to use)
     advance(token_id: int) -> None                 # the token chosen for this row, after the choice
-Append them after the sampler is built (RowState.sampler, before the row's first step). A row with a
-constraint always goes through the full pipeline (never the batch-wide argmax shortcut).
+A sampler gets its constraints when it is built, from `CONSTRAINT_BUILDERS`: functions of the row's
+GenerationParams that return a constraint for it, or None (e.g. a grammar for a row whose params ask for
+a json_schema). Register one with `CONSTRAINT_BUILDERS.append(builder)`. A row with a constraint always
+goes through the full pipeline (never the batch-wide argmax shortcut).
 
 No Flask here; torch only inside the functions that build tensors.
 """
@@ -29,10 +31,12 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 # What a logprob of -inf becomes in JSON (vLLM's value): JSON has no infinity.
 LOGPROB_FLOOR = -9999.0
+# params -> a constraint object (mask, advance) for that row, or None; see the module docstring.
+CONSTRAINT_BUILDERS: list[Callable[[Any], Any]] = []
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,7 @@ class RowSampler:
 
     def __init__(self, params: Any, prompt_ids: Any = None, device: Any = None) -> None:
         self.params = params
-        self.constraints: list = []  # the hook for extra per-row constraints (module docstring)
+        self.constraints: list = [c for c in (build(params) for build in CONSTRAINT_BUILDERS) if c is not None]
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self._prompt_ids = prompt_ids    # a [1, n] tensor or a list; read only for repetition_penalty
         self._history: list[int] | None = None
@@ -152,21 +156,25 @@ class RowSampler:
 
 def choose_tokens(samplers: Sequence[RowSampler], logits: Any, open_rows: Sequence[bool] | None = None) -> list[int]:
     """Each row's next token from the batch's logits ([rows, vocab]): one argmax for the whole batch
-    when every row is plain, else each row through its own pipeline (closed rows get any token)."""
-    scores = logits.float()
-    if all(sampler.plain for sampler in samplers):
-        return scores.argmax(-1).tolist()
-    greedy = scores.argmax(-1).tolist()
-    chosen = []
-    for i, sampler in enumerate(samplers):
-        if open_rows is not None and not open_rows[i]:
-            chosen.append(greedy[i])
-        elif sampler.plain:
-            sampler.accept(greedy[i])
-            chosen.append(greedy[i])
-        else:
-            chosen.append(sampler.choose(scores[i]))
-    return chosen
+    when every row is plain, else each row through its own pipeline (closed rows get any token).
+    Runs in inference mode (the logits are inference tensors; constraints may mask them in place)."""
+    import torch
+
+    with torch.inference_mode():
+        scores = logits.float()
+        greedy = scores.argmax(-1).tolist()
+        if all(sampler.plain for sampler in samplers):
+            return greedy
+        chosen = []
+        for i, sampler in enumerate(samplers):
+            if open_rows is not None and not open_rows[i]:
+                chosen.append(greedy[i])
+            elif sampler.plain:
+                sampler.accept(greedy[i])
+                chosen.append(greedy[i])
+            else:
+                chosen.append(sampler.choose(scores[i]))
+        return chosen
 
 
 class ForcedChoice:
