@@ -158,8 +158,7 @@ class OnlyEvenTokens:
         self.advanced: list[int] = []
 
     def mask(self, logits):
-        logits[1::2] = float("-inf")
-        return logits
+        logits[1::2] = float("-inf")  # in place, as a grammar's bitmask does
 
     def advance(self, token_id: int) -> None:
         self.advanced.append(token_id)
@@ -170,7 +169,7 @@ def test_a_constraint_from_the_hook_masks_its_row_only(text, engine_name):
     from utils.engine import sampling
     made: list[OnlyEvenTokens] = []
 
-    def build(params):
+    def build(params, tokenizer, stop_ids):
         if params.max_new_tokens == 7:  # only the row that asks (a grammar's row would say so in its params)
             made.append(OnlyEvenTokens())
             return made[-1]

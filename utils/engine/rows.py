@@ -85,7 +85,8 @@ class RowState:
         self._emitted = ""
         self._progress = getattr(row, "progress", None)  # readers (a job's status) poll tokens so far
         ids = row.prepared.get("input_ids") if isinstance(row.prepared, dict) else None
-        self.sampler = RowSampler(row.params, prompt_ids=ids, device=getattr(ids, "device", None))
+        self.sampler = RowSampler(row.params, prompt_ids=ids, device=getattr(ids, "device", None),
+                                  tokenizer=tokenizer, stop_ids=eos_ids)
         self.prompt_logprobs: list | None = None  # set by the engine when params.prompt_logprobs asks
         self._logprobs_sent = 0                   # entries streamed with pieces so far
 
@@ -100,6 +101,8 @@ class RowState:
             self.close("stop")
         elif len(self.tokens) >= self.row.params.max_new_tokens:
             self.close("length")
+        elif self.sampler.constraints and self.sampler.terminated:  # e.g. a grammar fully matched
+            self.close("stop")
         elif self.row.streaming:
             self._emit_new_text(final=False)
         return self.done

@@ -17,13 +17,16 @@ The pipeline of a row, on its float32 logits, in this order:
 
 Extra per-row constraints (grammar-constrained decoding, branch i27g): `RowSampler.constraints` is a
 list of objects with
-    mask(logits: Tensor[vocab]) -> Tensor[vocab]   # the logits with disallowed ids at -inf
-                                                  # (may work in place; returns the tensor to use)
+    mask(logits: Tensor[vocab]) -> Tensor | None   # disallowed ids to -inf: in place (return None) or
+                                                  # returning the tensor to use
     advance(token_id: int) -> None                 # the token chosen for this row, after the choice
-A sampler gets its constraints when it is built, from `CONSTRAINT_BUILDERS`: functions of the row's
-GenerationParams that return a constraint for it, or None (e.g. a grammar for a row whose params ask for
-a json_schema). Register one with `CONSTRAINT_BUILDERS.append(builder)`. A row with a constraint always
-goes through the full pipeline (never the batch-wide argmax shortcut).
+    is_terminated() -> bool                        # optional: True ends the row ("stop") after a token
+A sampler gets its constraints when it is built, from `CONSTRAINT_BUILDERS`: functions
+`builder(params, tokenizer, stop_ids)` of the row's GenerationParams, the tokenizer its answer is decoded
+with and its eos ids, returning a constraint for the row or None (e.g. a grammar's matcher for a row whose
+params carry one). Register one with `CONSTRAINT_BUILDERS.append(builder)`. The sampler advances its
+constraints itself (RowSampler.accept); a row with one always goes through the full pipeline (never the
+batch-wide argmax shortcut).
 
 No Flask here; torch only inside the functions that build tensors.
 """
@@ -50,9 +53,11 @@ class TokenLogprob:
 class RowSampler:
     """Chooses one row's tokens from its logits (see the module docstring for the pipeline)."""
 
-    def __init__(self, params: Any, prompt_ids: Any = None, device: Any = None) -> None:
+    def __init__(self, params: Any, prompt_ids: Any = None, device: Any = None, *, tokenizer: Any = None,
+                 stop_ids: set[int] | frozenset = frozenset()) -> None:
         self.params = params
-        self.constraints: list = [c for c in (build(params) for build in CONSTRAINT_BUILDERS) if c is not None]
+        self.constraints: list = [c for c in (build(params, tokenizer, stop_ids) for build in CONSTRAINT_BUILDERS)
+                                  if c is not None]
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self._prompt_ids = prompt_ids    # a [1, n] tensor or a list; read only for repetition_penalty
         self._history: list[int] | None = None
@@ -76,7 +81,9 @@ class RowSampler:
         raw = torch.log_softmax(scores[0], dim=-1) if self.logprobs is not None else None
         scores = self._penalise(scores)
         for constraint in self.constraints:
-            scores = constraint.mask(scores[0]).reshape(1, -1)
+            masked = constraint.mask(scores[0])  # scores[0] is a view: an in-place mask lands in scores
+            if masked is not None:
+                scores = masked.reshape(1, -1)
         if not self.params.do_sample:
             token = int(scores[0].argmax())
         else:
@@ -88,6 +95,11 @@ class RowSampler:
             self.logprobs.append(_logprob_entry(raw, token, self.params.logprobs))
         self.accept(token)
         return token
+
+    @property
+    def terminated(self) -> bool:
+        """A constraint says the row is complete (a grammar that has matched all it takes)."""
+        return any(getattr(c, "is_terminated", lambda: False)() for c in self.constraints)
 
     def accept(self, token: int) -> None:
         """A token chosen for this row (by `choose`, or by the batch-wide argmax of a plain row)."""
