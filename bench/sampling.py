@@ -19,11 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.demo_models import build_demo_models  # noqa: E402
+from utils.hub.demo_models import build_demo_models  # noqa: E402
 from utils.engine import Engine  # noqa: E402
 from utils.engine.continuous import ContinuousEngine  # noqa: E402
 from utils.families import GenerationParams, GenerationRequest, load_family  # noqa: E402
-from utils.settings import load_settings  # noqa: E402
+from utils.config.settings import load_settings  # noqa: E402
 
 
 def greedy(tokens: int, **extra) -> GenerationParams:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Iterator, Mapping
 
 from utils.errors import InvalidInput
-from utils.inference import number_field
+from utils.serving.inference import number_field
 
 MAX_N = 128                  # OpenAI's own cap on n
 MAX_TOP_LOGPROBS = 20        # chat's top_logprobs

@@ -21,7 +21,7 @@ from utils.engine.engine import Engine, Job
 from utils.engine.rows import RowState, collate
 from utils.engine.sampling import choose_tokens, prompt_logprobs
 from utils.errors import OutOfMemory
-from utils.memory import is_out_of_memory, release_cached_memory
+from utils.serving.memory import is_out_of_memory, release_cached_memory
 
 log = logging.getLogger("model_server.engine")
 GROW_BACK_STEPS = 64  # clean decode steps before a row limit lowered by an out-of-memory grows by one
@@ -135,8 +135,8 @@ class DecodeBatch:
 
     def join(self, jobs: list[Job]) -> None:
         """Prefills the joining requests together and stacks their cache under the running rows."""
-        import torch
-        from transformers import DynamicCache
+        import torch  # deferred: torch
+        from transformers import DynamicCache  # deferred: transformers
 
         # Joining rows with the same prompt (a request's n choices, or equal prompts) share one prefill:
         # its cache row is repeated for each of them.
@@ -170,7 +170,7 @@ class DecodeBatch:
 
     def step(self) -> None:
         """One decode step for every running row that is still open."""
-        import torch
+        import torch  # deferred: torch
 
         if all(row.done for row in self.rows):  # e.g. every joining row finished at its prefill (1 token,
             return                               # or eos first): a forward now would only be thrown away
@@ -188,7 +188,7 @@ class DecodeBatch:
 
     def collect_finished(self) -> list[int]:
         """Drops finished rows from the batch (cache and mask too); returns their token counts."""
-        import torch
+        import torch  # deferred: torch
 
         for row in self.rows:
             row.close_if_cancelled()
@@ -216,7 +216,7 @@ class DecodeBatch:
 
     def _merge(self, cache: Any, mask: Any) -> None:
         """Stacks a new cache (and mask) under the running one, left-padding the shorter."""
-        import torch
+        import torch  # deferred: torch
 
         if self.cache is None:
             self.cache, self.mask = cache, mask
@@ -239,7 +239,7 @@ class DecodeBatch:
 
 
 def _pad_left(tensor: Any, width: int, dim: int) -> Any:
-    import torch
+    import torch  # deferred: torch
 
     missing = width - tensor.shape[dim]
     if missing <= 0:

@@ -75,7 +75,7 @@ class RowSampler:
     def choose(self, logits: Any) -> int:
         """The next token for this row from its logits ([vocab]); records what it must and advances
         the row's penalties and constraints."""
-        import torch
+        import torch  # deferred: torch
 
         scores = logits.float().reshape(1, -1)
         raw = torch.log_softmax(scores[0], dim=-1) if self.logprobs is not None else None
@@ -114,11 +114,11 @@ class RowSampler:
     # ------------------------------------------------------------------ the steps
 
     def _penalise(self, scores: Any) -> Any:
-        import torch
+        import torch  # deferred: torch
 
         p = self.params
         if p.repetition_penalty not in (None, 1.0):
-            from transformers import RepetitionPenaltyLogitsProcessor
+            from transformers import RepetitionPenaltyLogitsProcessor  # deferred: transformers
             if self._history is None:
                 ids = self._prompt_ids
                 self._history = list(ids.reshape(-1).tolist() if hasattr(ids, "reshape") else ids or [])
@@ -144,7 +144,8 @@ class RowSampler:
 
     def _sampling_warpers(self) -> list:
         if self._warpers is None:
-            from transformers import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+            from transformers import (MinPLogitsWarper, TemperatureLogitsWarper,  # deferred: transformers
+                                      TopKLogitsWarper, TopPLogitsWarper)
             p, warpers = self.params, []
             if p.temperature != 1.0:
                 warpers.append(TemperatureLogitsWarper(p.temperature))
@@ -159,7 +160,7 @@ class RowSampler:
 
     def _rng(self, device: Any) -> Any:
         if self._generator is None:
-            import torch
+            import torch  # deferred: torch
             self._generator = torch.Generator(device=self._device if self._device is not None else device)
             seed = self.params.seed
             self._generator.manual_seed(seed if seed is not None else secrets.randbits(63))
@@ -170,7 +171,7 @@ def choose_tokens(samplers: Sequence[RowSampler], logits: Any, open_rows: Sequen
     """Each row's next token from the batch's logits ([rows, vocab]): one argmax for the whole batch
     when every row is plain, else each row through its own pipeline (closed rows get any token).
     Runs in inference mode (the logits are inference tensors; constraints may mask them in place)."""
-    import torch
+    import torch  # deferred: torch
 
     with torch.inference_mode():
         scores = logits.float()
@@ -200,7 +201,7 @@ class ForcedChoice:
         self.states = states
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
-        import torch
+        import torch  # deferred: torch
 
         tokens = choose_tokens([s.sampler for s in self.states], scores, [not s.done for s in self.states])
         forced = torch.full_like(scores, float("-inf"))
@@ -217,7 +218,7 @@ def is_plain(params: Any) -> bool:
 def prompt_logprobs(logits: Any, ids: Sequence[int], top: int) -> list[TokenLogprob]:
     """Logprobs of each prompt token under the model's logits at the position before it ([len, vocab],
     position t predicts token t+1); the first token has none (logprob None), as OpenAI's echo shows it."""
-    import torch
+    import torch  # deferred: torch
 
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     out: list[TokenLogprob] = [TokenLogprob(int(ids[0]), None)]
@@ -228,7 +229,7 @@ def prompt_logprobs(logits: Any, ids: Sequence[int], top: int) -> list[TokenLogp
 
 def _logprob_entry(logprobs: Any, token: int, top: int) -> TokenLogprob:
     """One position's entry from its log-probabilities ([vocab]): the chosen token and the `top` most likely."""
-    import torch
+    import torch  # deferred: torch
 
     top_ids: tuple[tuple[int, float], ...] = ()
     if top:

@@ -20,7 +20,7 @@ class TextFamily(Family):
     def prepare(self, request: GenerationRequest) -> dict:
         self.check_request(request)
         if request.raw and request.prompt_ids is not None:  # a completion of token ids: taken as they are
-            import torch
+            import torch  # deferred: torch
             vocab = len(self.processor)
             bad = next((i for i, token in enumerate(request.prompt_ids) if not 0 <= token < vocab), None)
             if bad is not None:
