@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Callable, Protocol, Sequence
 
+from utils.engine.sampling import RowSampler, decoded
 from utils.engine.types import GenerationParams, GenerationResult
 
 # Per-token keys padded to the batch's width; every other processor output is stacked row after row.
@@ -34,14 +35,16 @@ class BatchRow(Protocol):
 
 
 def batch_key(params: GenerationParams, job_id: int) -> tuple:
-    """Rows with equal keys can share one generate call: greedy rows always (their max_new_tokens
-    may differ), sampling rows when every sampling parameter is equal. A seeded row runs alone, so
-    its draws are the same whoever else is queued."""
-    if not params.do_sample:
-        return ("greedy", params.repetition_penalty)
-    if params.seed is not None:
-        return ("seeded", job_id)
-    return ("sample", params.temperature, params.top_p, params.top_k, params.repetition_penalty)
+    """Rows with equal keys can share one generate call: every row of a family that generates
+    through Family.generate_batch, whatever its sampling, penalties or seed: each row chooses its own
+    tokens (utils/engine/sampling.py, ForcedChoice) from its own generator."""
+    return ("generate",)
+
+
+class LoggedPiece(str):
+    """A streamed text piece that also carries the logprobs of the tokens it completes (decoded
+    entries, utils/engine/sampling.decoded); an ordinary str to every other reader."""
+    logprobs: list = []
 
 
 def collate(prepared: Sequence[dict], *, side: str, pad_id: int) -> dict:
@@ -98,6 +101,11 @@ class RowState:
         self._stop_at: int | None = None   # where the first stop string starts in the decoded text
         self._emitted = ""
         self._progress = getattr(row, "progress", None)  # readers (a job's status) poll tokens so far
+        ids = row.prepared.get("input_ids") if isinstance(row.prepared, dict) else None
+        self.sampler = RowSampler(row.params, prompt_ids=ids, device=getattr(ids, "device", None),
+                                  tokenizer=tokenizer, stop_ids=eos_ids)
+        self.prompt_logprobs: list | None = None  # set by the engine when params.prompt_logprobs asks
+        self._logprobs_sent = 0                   # entries streamed with pieces so far
 
     def add(self, token: int) -> bool:
         """Appends one generated token; True when the row is finished."""
@@ -110,6 +118,8 @@ class RowState:
             self.close("stop")
         elif len(self.tokens) >= self.row.params.max_new_tokens:
             self.close("length")
+        elif self.sampler.constraints and self.sampler.terminated:  # e.g. a grammar fully matched
+            self.close("stop")
         elif self.row.streaming:
             self._emit_new_text(final=False)
         return self.done
@@ -129,6 +139,10 @@ class RowState:
         if self.row.streaming:
             self._emit_new_text(final=True)
         result = self._build_result(list(self.tokens), self.prompt_tokens, reason)
+        if self.sampler.logprobs is not None:
+            result.logprobs = decoded(self.sampler.logprobs, self._tokenizer)
+        if self.prompt_logprobs is not None:
+            result.prompt_logprobs = decoded(self.prompt_logprobs, self._tokenizer)
         self.row.finish(cut_at_stop(result, self._stops) if self._stop_at is not None else result)
 
     def _text(self) -> str:
@@ -150,7 +164,15 @@ class RowState:
         if text.endswith("\ufffd") and not final:  # a multi-byte character is not complete yet
             return
         if text.startswith(self._emitted) and len(text) > len(self._emitted):
-            self.row.emit(text[len(self._emitted):])
+            piece = text[len(self._emitted):]
+            entries = self.sampler.logprobs
+            if entries is not None:  # the tokens since the last piece (a reader gets any rest from the result)
+                piece = LoggedPiece(piece)
+                piece.logprobs = decoded(entries[self._logprobs_sent:], self._tokenizer)
+                if self.prompt_logprobs is not None and not self._emitted:  # an echo's, with its first piece
+                    piece.prompt_logprobs = decoded(self.prompt_logprobs, self._tokenizer)
+                self._logprobs_sent = len(entries)
+            self.row.emit(piece)
             self._emitted = text
 
 
