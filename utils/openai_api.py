@@ -10,6 +10,7 @@ import uuid
 from typing import Any, Iterator, Mapping
 
 from utils import openai_tools
+from utils.api.response_format import parse_response_format, tool_call_grammar
 from utils.errors import InvalidInput, ServerError, UnknownModel
 from utils.inference import (GenerateJob, MediaItem, check_answers_prompts, check_media_items, parse_params,
                              parse_timeout, text_field)
@@ -82,7 +83,7 @@ def _params(body: Mapping, spec: ModelSpec):
             exc.field, exc.details = limit_name, exc.details.replace("max_new_tokens", limit_name)
         raise
     from dataclasses import replace
-    return replace(params, stop=_stops(body.get("stop")))
+    return replace(params, stop=_stops(body.get("stop")), grammar=parse_response_format(body))
 
 
 def _stops(value: Any) -> tuple[str, ...]:
@@ -198,7 +199,15 @@ def parse_chat(body: Mapping, spec: ModelSpec) -> tuple[GenerateJob, "openai_too
     _check_text(text, "messages")
     check_media_items(media, spec, missing="messages")
     last = "".join(p["text"] for p in turns[-1]["content"] if p["type"] == "text")
-    job = GenerateJob(prompt=last, params=_params(body, spec), media=media, messages=turns, texts=texts,
+    params = _params(body, spec)
+    forced = tool_call_grammar(tools)
+    if forced is not None:
+        if params.grammar is not None:
+            raise InvalidInput("a forced tool_choice and 'response_format' both constrain the answer; give one",
+                               field="response_format")
+        from dataclasses import replace
+        params = replace(params, grammar=forced)
+    job = GenerateJob(prompt=last, params=params, media=media, messages=turns, texts=texts,
                       stream=body.get("stream") is True, timeout=parse_timeout(body),
                       tools=list(tools.tools) if tools is not None and tools.active else None)
     return job, tools

@@ -18,6 +18,7 @@ import logging
 import secrets
 from typing import Any
 
+from utils.engine import grammar as grammars
 from utils.engine.engine import Engine, Job
 from utils.engine.rows import RowState, collate
 from utils.errors import OutOfMemory
@@ -198,6 +199,7 @@ class DecodeBatch:
         import torch
 
         scores = logits.float()
+        grammars.mask_rows(rows, scores)  # constrained rows only; advanced in row.add (utils/engine/grammar.py)
         if all(not row.processors and row.generator is None for row in rows):
             chosen = scores.argmax(-1).tolist()
         else:

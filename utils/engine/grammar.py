@@ -36,6 +36,7 @@ from utils.errors import InvalidInput
 MAX_COMPILED = 64          # compiled grammars kept per process (least recently used goes first)
 MAX_SCHEMA_CHARS = 65536   # of one schema's JSON text
 _ANCHOR = "a"              # a plain token decoded before each token to read what the token adds
+DEAD_END_LOOKAHEAD = 48    # at most this many allowed tokens: look one token ahead for dead ends
 MAX_WHITESPACE = 16        # whitespace characters in a row between JSON tokens (a random model could spin)
 LEADING_SPACE = 'root ::= " "?'
 # Control characters may not stand raw inside JSON strings; xgrammar's string rule lets them through
@@ -46,7 +47,8 @@ _CONTROL = frozenset(range(32)) - {9, 10, 13}
 @dataclass(frozen=True)
 class Grammar:
     """What a row must generate. kind: "json" (any JSON object: json_object), "json_schema" (spec:
-    the schema's JSON text), "ebnf" (spec: an EBNF grammar, tool calls in a family's format)."""
+    the schema's JSON text), "tool_calls" (spec: format, tools, parallel as JSON), "ebnf" (spec: an
+    EBNF grammar)."""
     kind: str
     spec: str = ""
     field: str = "response_format"   # what to name in a 400 when it does not compile
@@ -59,6 +61,16 @@ class Grammar:
                                field=field, error="value out of range")
         return Grammar("json_schema", text, field)
 
+    @staticmethod
+    def tool_calls(fmt: str, tools: list[dict], parallel: bool, field: str = "tool_choice") -> "Grammar":
+        """Calls to one of `tools` ({"name", "parameters"}) written in the family's format `fmt` (a
+        key of utils.tool_parsers.FORMATS); one call, or up to MAX_PARALLEL_CALLS when `parallel`."""
+        if fmt not in TOOL_CALL_TEMPLATES:
+            raise InvalidInput(f"forced tool calls are not available in the '{fmt}' format", field=field,
+                               error="unsupported parameter")
+        spec = json.dumps({"format": fmt, "tools": tools, "parallel": parallel}, sort_keys=True, ensure_ascii=False)
+        return Grammar("tool_calls", spec, field)
+
     def build(self) -> Any:
         """The grammar as an xgrammar Grammar. An optional space leads: a row's first token decodes
         without the space that a per-token (WordPiece) vocabulary shows before it elsewhere, and
@@ -67,10 +79,68 @@ class Grammar:
 
         if self.kind == "ebnf":
             return xgr.Grammar.from_ebnf(self.spec)
+        if self.kind == "tool_calls":
+            return _tool_calls_grammar(**json.loads(self.spec))
         schema = self.spec if self.kind == "json_schema" else '{"type": "object"}'
         return xgr.Grammar.concat(xgr.Grammar.from_ebnf(LEADING_SPACE),
                                   xgr.Grammar.from_json_schema(schema, any_whitespace=True,
                                                                max_whitespace_cnt=MAX_WHITESPACE))
+
+
+# ------------------------------------------------------------------ tool calls in each family's format
+
+MAX_PARALLEL_CALLS = 3
+_WS = "[ \\t\\n]*"
+# (before all calls, before each call, the arguments' JSON object is "args" or the whole call object,
+# after each call, between calls, after all calls) as text around the JSON; whitespace may stand
+# between any two pieces (the parsers skip it; WordPiece decoding puts a space before most tokens).
+TOOL_CALL_TEMPLATES = {
+    "hermes": ("", "<tool_call>", "call", "</tool_call>", "", ""),
+    "deepseek": ("<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜> function <｜tool▁sep｜> {name} ```json", "args",
+                 "``` <｜tool▁call▁end｜>", "", "<｜tool▁calls▁end｜>"),
+    "llama3_json": ("", "", "call", "", ";", ""),
+    "mistral": ("[TOOL_CALLS] [", "", "call", "", ",", "]"),
+}
+_ARGUMENT_KEY = {"llama3_json": "parameters"}
+
+
+def _literal(text: str) -> Any:
+    """Text as a grammar: its words in order, whitespace allowed before and between them."""
+    import xgrammar as xgr
+
+    words = [w for w in text.split(" ") if w]
+    body = " ".join([f'ws {json.dumps(w)}' for w in words] + ["ws"])
+    return xgr.Grammar.from_ebnf(f'root ::= {body}\nws ::= {_WS}')
+
+
+def _tool_calls_grammar(format: str, tools: list[dict], parallel: bool) -> Any:
+    import xgrammar as xgr
+
+    before_all, before, kind, after, between, after_all = TOOL_CALL_TEMPLATES[format]
+    key = _ARGUMENT_KEY.get(format, "arguments")
+    options = []
+    for tool in tools:
+        parameters = tool.get("parameters") or {"type": "object"}
+        if kind == "args":
+            schema = parameters
+        else:
+            schema = {"type": "object", "properties": {"name": {"const": tool["name"]}, key: parameters},
+                      "required": ["name", key], "additionalProperties": False}
+        options.append(xgr.Grammar.concat(
+            _literal(before.format(name=tool["name"])),
+            xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=True, max_whitespace_cnt=MAX_WHITESPACE),
+            _literal(after)))
+    call = options[0] if len(options) == 1 else xgr.Grammar.union(*options)
+    sequences = []
+    for count in range(1, (MAX_PARALLEL_CALLS if parallel else 1) + 1):
+        parts = [_literal(before_all)]
+        for i in range(count):
+            if i:
+                parts.append(_literal(between))
+            parts.append(call)
+        parts.append(_literal(after_all))
+        sequences.append(xgr.Grammar.concat(*parts))
+    return sequences[0] if len(sequences) == 1 else xgr.Grammar.union(*sequences)
 
 
 # ------------------------------------------------------------------ vocabulary
@@ -164,11 +234,30 @@ class RowConstraint:
             allowed = ((bits.unsqueeze(1) >> _SHIFTS) & 1).flatten()[:size].bool()
         if self._first and self._vocab.not_first:
             allowed[list(self._vocab.not_first)] = False
+        self._drop_dead_ends(allowed)
         if not bool(allowed.any()):  # nothing fits (a grammar this vocabulary cannot finish): end the row
             allowed[list(self._vocab.stop_ids)] = True
         width = min(size, row.shape[0])
         row[:width].masked_fill_(~allowed[:width].to(row.device), float("-inf"))
         row[size:] = float("-inf")
+
+    def _drop_dead_ends(self, allowed: Any) -> None:
+        """Where few tokens fit (structure, not free text), drops those after which nothing would:
+        xgrammar allows "<" as the start of "<｜tool▁sep｜>" even when only the whole token can
+        write the rest."""
+        ids = allowed.nonzero().flatten().tolist()
+        if len(ids) > DEAD_END_LOOKAHEAD or self.is_terminated():
+            return
+        stops = set(self._vocab.stop_ids)
+        for token in ids:
+            if token in stops:
+                continue
+            probe = self._matcher.fork()
+            if not probe.accept_token(token) or probe.is_terminated():
+                continue
+            probe.fill_next_token_bitmask(self._bitmask)
+            if not bool(self._bitmask.any()):
+                allowed[token] = False
 
     def advance(self, token_id: int) -> None:
         self._first = False

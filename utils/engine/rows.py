@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Protocol, Sequence
 
+from utils.engine import grammar as grammars
 from utils.families.base import GenerationParams, GenerationResult
 
 # Per-token keys padded to the batch's width; every other processor output is stacked row after row.
@@ -81,10 +82,13 @@ class RowState:
         self._stop_at: int | None = None   # where the first stop string starts in the decoded text
         self._emitted = ""
         self._progress = getattr(row, "progress", None)  # readers (a job's status) poll tokens so far
+        self.constraint = grammars.row_constraint(row.params.grammar, tokenizer, eos_ids)  # None: free
 
     def add(self, token: int) -> bool:
         """Appends one generated token; True when the row is finished."""
         self.tokens.append(token)
+        if self.constraint is not None:
+            self.constraint.advance(token)
         if self._progress is not None:
             self._progress(len(self.tokens), self.row.params.max_new_tokens)
         if token in self._eos:
@@ -93,6 +97,8 @@ class RowState:
             self.close("stop")
         elif len(self.tokens) >= self.row.params.max_new_tokens:
             self.close("length")
+        elif self.constraint is not None and self.constraint.is_terminated():
+            self.close("stop")
         elif self.row.streaming:
             self._emit_new_text(final=False)
         return self.done
@@ -173,6 +179,15 @@ class RowTracker:
 
     def end(self) -> None:
         pass
+
+    # -- logits processor (transformers' LogitsProcessor protocol): constrained rows' masks
+    @property
+    def constrained(self) -> bool:
+        return any(state.constraint is not None for state in self.states)
+
+    def mask_logits(self, input_ids: Any, scores: Any) -> Any:
+        grammars.mask_rows(self.states, scores)
+        return scores
 
     # -- stopping criterion (transformers' StoppingCriteria protocol)
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:

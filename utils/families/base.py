@@ -92,6 +92,7 @@ class GenerationParams:
     repetition_penalty: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()   # generation ends where one of these appears; it is not returned
+    grammar: Any = None          # utils.engine.grammar.Grammar: the row's output is constrained to it
 
 
 @dataclass
@@ -232,6 +233,8 @@ class Family:
                              build_result=self.result_from_tokens)
         kwargs = dict(inputs, **self._generate_kwargs(replace(params, max_new_tokens=longest)),
                       streamer=tracker, stopping_criteria=[tracker])
+        if tracker.constrained:  # grammar-constrained rows (utils/engine/grammar.py) mask their own logits
+            kwargs["logits_processor"] = [tracker.mask_logits]
         with torch.inference_mode(), self._rng(params):
             self._generator().generate(**kwargs)
         tracker.finish_all()
