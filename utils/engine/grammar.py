@@ -333,8 +333,12 @@ def row_constraint(grammar: Grammar | None, tokenizer: Any, stop_ids: set[int]) 
 
 
 def mask_rows(rows: list, scores: Any) -> None:
-    """Masks, in place, the score rows of the rows that carry a constraint and are still open."""
-    for i, row in enumerate(rows):
-        constraint = getattr(row, "constraint", None)
-        if constraint is not None and not row.done:
-            constraint.mask(scores[i])
+    """Masks, in place, the score rows of the rows that carry a constraint and are still open (in
+    inference mode: the scores are the forward's own tensor)."""
+    import torch
+
+    with torch.inference_mode():
+        for i, row in enumerate(rows):
+            constraint = getattr(row, "constraint", None)
+            if constraint is not None and not row.done:
+                constraint.mask(scores[i])
