@@ -96,8 +96,8 @@ _WS = "[ \\t\\n]*"
 # between any two pieces (the parsers skip it; WordPiece decoding puts a space before most tokens).
 TOOL_CALL_TEMPLATES = {
     "hermes": ("", "<tool_call>", "call", "</tool_call>", "", ""),
-    "deepseek": ("<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜> function <｜tool▁sep｜> {name} ```json", "args",
-                 "``` <｜tool▁call▁end｜>", "", "<｜tool▁calls▁end｜>"),
+    "deepseek": ("<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜> function <｜tool▁sep｜> {name} ```json?", "args",
+                 "```? <｜tool▁call▁end｜>", "", "<｜tool▁calls▁end｜>"),
     "llama3_json": ("", "", "call", "", ";", ""),
     "mistral": ("[TOOL_CALLS] [", "", "call", "", ",", "]"),
 }
@@ -105,11 +105,13 @@ _ARGUMENT_KEY = {"llama3_json": "parameters"}
 
 
 def _literal(text: str) -> Any:
-    """Text as a grammar: its words in order, whitespace allowed before and between them."""
+    """Text as a grammar: its words in order, whitespace allowed before and between them; a word
+    that ends in "?" may be left out (DeepSeek's parser takes the arguments fenced or not)."""
     import xgrammar as xgr
 
     words = [w for w in text.split(" ") if w]
-    body = " ".join([f'ws {json.dumps(w)}' for w in words] + ["ws"])
+    body = " ".join([f'(ws {json.dumps(w[:-1])})?' if w.endswith("?") and len(w) > 1 else f'ws {json.dumps(w)}'
+                     for w in words] + ["ws"])
     return xgr.Grammar.from_ebnf(f'root ::= {body}\nws ::= {_WS}')
 
 
