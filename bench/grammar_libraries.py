@@ -53,7 +53,7 @@ ROWS, WALKS, MAX_STEPS = 8, 8, 400
 def tokenizers(root: Path) -> dict:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    from utils.demo_models import build_demo_models
+    from utils.hub.demo_models import build_demo_models
     paths = build_demo_models(root, ["deepseek", "whisper"])
     out = {"wordpiece-demo (deepseek)": AutoTokenizer.from_pretrained(paths["deepseek"]),
            "bpe-demo (whisper)": AutoTokenizer.from_pretrained(paths["whisper"])}

@@ -42,7 +42,7 @@ def parse_response_format(body: Mapping) -> Grammar | None:
 
 def check_schema(schema: Any, field: str) -> None:
     """A JSON Schema at all (jsonschema's meta-schema check)."""
-    import jsonschema
+    import jsonschema  # deferred: jsonschema
 
     if not isinstance(schema, Mapping):
         raise InvalidInput("the schema must be a JSON Schema object", field=field)
@@ -64,7 +64,7 @@ def checked(grammar: Grammar) -> Grammar:
 
 
 def tool_call_grammar(tools: Any) -> Grammar | None:
-    """The grammar of a forced choice (utils/openai_tools.ToolRequest): calls to the named function,
+    """The grammar of a forced choice (utils/api/openai_tools.ToolRequest): calls to the named function,
     or to any of the tools for "required", in the model's tool-call format; None for auto / none."""
     if tools is None or not tools.forced:
         return None

@@ -64,7 +64,7 @@ class Grammar:
     @staticmethod
     def tool_calls(fmt: str, tools: list[dict], parallel: bool, field: str = "tool_choice") -> "Grammar":
         """Calls to one of `tools` ({"name", "parameters"}) written in the family's format `fmt` (a
-        key of utils.tool_parsers.FORMATS); one call, or up to MAX_PARALLEL_CALLS when `parallel`."""
+        key of utils.api.tool_parsers.FORMATS); one call, or up to MAX_PARALLEL_CALLS when `parallel`."""
         if fmt not in TOOL_CALL_TEMPLATES:
             raise InvalidInput(f"forced tool calls are not available in the '{fmt}' format", field=field,
                                error="unsupported parameter")
@@ -75,7 +75,7 @@ class Grammar:
         """The grammar as an xgrammar Grammar. An optional space leads: a row's first token decodes
         without the space that a per-token (WordPiece) vocabulary shows before it elsewhere, and
         whitespace before a JSON value is JSON anyway."""
-        import xgrammar as xgr
+        import xgrammar as xgr  # deferred: xgrammar (imports torch)
 
         if self.kind == "ebnf":
             return xgr.Grammar.from_ebnf(self.spec)
@@ -107,7 +107,7 @@ _ARGUMENT_KEY = {"llama3_json": "parameters"}
 def _literal(text: str) -> Any:
     """Text as a grammar: its words in order, whitespace allowed before and between them; a word
     that ends in "?" may be left out (DeepSeek's parser takes the arguments fenced or not)."""
-    import xgrammar as xgr
+    import xgrammar as xgr  # deferred: xgrammar (imports torch)
 
     words = [w for w in text.split(" ") if w]
     body = " ".join([f'(ws {json.dumps(w[:-1])})?' if w.endswith("?") and len(w) > 1 else f'ws {json.dumps(w)}'
@@ -116,7 +116,7 @@ def _literal(text: str) -> Any:
 
 
 def _tool_calls_grammar(format: str, tools: list[dict], parallel: bool) -> Any:
-    import xgrammar as xgr
+    import xgrammar as xgr  # deferred: xgrammar (imports torch)
 
     before_all, before, kind, after, between, after_all = TOOL_CALL_TEMPLATES[format]
     key = _ARGUMENT_KEY.get(format, "arguments")
@@ -175,7 +175,7 @@ def vocabulary(tokenizer: Any, stop_ids: set[int]) -> Vocabulary:
     kind = _decoder_kind(tokenizer)
     not_first: set[int] = set()
     if kind in ("byte_level", "sentencepiece"):
-        import xgrammar as xgr
+        import xgrammar as xgr  # deferred: xgrammar (imports torch)
         decoded = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=size).decoded_vocab
         tokens = [bytes(t) if isinstance(t, (bytes, bytearray)) else str(t).encode() for t in decoded]
         added = {i for i in tokenizer.added_tokens_decoder} - special  # added tokens are decoded as written
@@ -207,7 +207,7 @@ class CompiledGrammar:
         self._compiled, self.vocab = compiled, vocab
 
     def new_row(self) -> "RowConstraint":
-        import xgrammar as xgr
+        import xgrammar as xgr  # deferred: xgrammar (imports torch)
         return RowConstraint(xgr.GrammarMatcher(self._compiled), self.vocab)
 
 
@@ -215,7 +215,7 @@ class RowConstraint:
     """One row's matcher: masks its logits, advances on its tokens; other rows never see it."""
 
     def __init__(self, matcher: Any, vocab: Vocabulary) -> None:
-        import xgrammar as xgr
+        import xgrammar as xgr  # deferred: xgrammar (imports torch)
 
         self._matcher, self._vocab = matcher, vocab
         self._bitmask = xgr.allocate_token_bitmask(1, len(vocab.tokens))
@@ -224,7 +224,7 @@ class RowConstraint:
 
     def mask(self, logits_row: Any) -> None:
         """Sets the logits of tokens the grammar forbids next to -inf, in place (a 1-D row)."""
-        import torch
+        import torch  # deferred: torch
 
         size = len(self._vocab.tokens)
         row = logits_row.view(-1)
@@ -281,7 +281,7 @@ def compile_grammar(tokenizer: Any, grammar: Grammar, *, stop_ids: set[int], key
     """The compiled grammar for this tokenizer, from the bounded cache (key: the tokenizer's folder,
     its stop ids and the grammar); InvalidInput naming `grammar.field` when it does not compile."""
     global _SHIFTS
-    import torch
+    import torch  # deferred: torch
 
     if _SHIFTS is None:
         _SHIFTS = torch.arange(32, dtype=torch.int32)
@@ -308,7 +308,7 @@ def compile_grammar(tokenizer: Any, grammar: Grammar, *, stop_ids: set[int], key
 
 def _compiler(tokenizer: Any, tokenizer_key: tuple) -> tuple[Vocabulary, Any]:
     """Our vocabulary of the tokenizer and xgrammar's compiler over it, once per tokenizer."""
-    import xgrammar as xgr
+    import xgrammar as xgr  # deferred: xgrammar (imports torch)
 
     with _lock:
         hit = _compilers.get(tokenizer_key)
@@ -337,7 +337,7 @@ def row_constraint(grammar: Grammar | None, tokenizer: Any, stop_ids: set[int]) 
 def mask_rows(rows: list, scores: Any) -> None:
     """Masks, in place, the score rows of the rows that carry a constraint and are still open (in
     inference mode: the scores are the forward's own tensor)."""
-    import torch
+    import torch  # deferred: torch
 
     with torch.inference_mode():
         for i, row in enumerate(rows):
