@@ -51,6 +51,14 @@ def test_json_schema_output_validates_and_the_row_stops_with_its_grammar(client)
         json.loads(free)
 
 
+def test_legacy_completions_take_a_schema_too(client):
+    body = {"model": "deepseek", "prompt": "a person:", "max_tokens": 64, "temperature": 0,
+            "response_format": schema_format(PERSON)}
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.get_data(as_text=True)[:300]
+    jsonschema.validate(json.loads(response.get_json()["choices"][0]["text"]), PERSON)
+
+
 def test_json_object_gives_an_object(client):
     choice = chat(client, response_format={"type": "json_object"}, max_tokens=6)
     text = choice["message"]["content"]
