@@ -36,7 +36,7 @@ from utils.errors import InvalidInput
 MAX_COMPILED = 64          # compiled grammars kept per process (least recently used goes first)
 MAX_SCHEMA_CHARS = 65536   # of one schema's JSON text
 _ANCHOR = "a"              # a plain token decoded before each token to read what the token adds
-DEAD_END_LOOKAHEAD = 48    # at most this many allowed tokens: look one token ahead for dead ends
+DEAD_END_LOOKAHEAD = 16    # at most this many allowed tokens: look one token ahead for dead ends (a cost: ~2x the mask)
 MAX_WHITESPACE = 16        # whitespace characters in a row between JSON tokens (a random model could spin)
 LEADING_SPACE = 'root ::= " "?'
 # Control characters may not stand raw inside JSON strings; xgrammar's string rule lets them through
