@@ -27,6 +27,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "config.reload": {"errors", "config", "media"},  # applies re-read settings to the running services
     "media": {"errors", "config"},
     "engine": {"errors", "observer", "config", "serving.memory"},
+    "engine.grammar": {"errors"},  # what a constrained row must generate, and its matcher (no Flask)
     "families": {"errors", "config", "engine", "media", "serving.memory", "serving.quantized_cache",
                  "hub.model_folder"},  # what a checkpoint takes (read_capabilities)
     "serving.memory": {"errors", "config", "hub.model_folder"},
@@ -36,7 +37,8 @@ MAY_IMPORT: dict[str, set[str]] = {
     "jobs": {"errors", "observer", "config", "serving"},
     "hub": {"errors", "config", "hub"},
     "ops": {"errors", "config", "serving"},
-    "api": {"errors", "config", "media", "families", "serving", "jobs", "ops", "hub.model_folder"},
+    # engine.grammar: response_format and forced tool calls become a Grammar (a schema's 400 before the lease)
+    "api": {"errors", "config", "media", "families", "serving", "jobs", "ops", "hub.model_folder", "engine.grammar"},
     "local_services": {"errors", "config", "media", "engine", "families", "serving", "ops"},
     "cluster": {"errors", "config", "media", "families", "serving", "ops", "hub", "local_services"},
     "download_model": {"hub"},

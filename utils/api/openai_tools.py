@@ -3,9 +3,11 @@
 and `tool` messages of the history checked for the chat template, and the generated text parsed back
 into `tool_calls` (utils/api/tool_parsers.py), whole or as stream deltas. No Flask, no torch.
 
-tool_choice: "auto" (the default with tools: the template renders them, the answer is parsed) and
-"none" (tools not rendered, the answer not parsed). "required" and a named function need
-grammar-constrained decoding and are refused with 400 until the engine has it.
+tool_choice: "auto" (the default with tools: the template renders them, the answer is parsed),
+"none" (tools not rendered, the answer not parsed), "required" and a named function (decoding is
+constrained to calls in the model's own format whose arguments fit the schema: utils/api/response_format.py
+builds the grammar, utils/engine/grammar.py enforces it). `strict` functions need a forced choice: under
+"auto" the model may write anything, so strict is refused there.
 """
 from __future__ import annotations
 
@@ -27,9 +29,15 @@ FUNCTION_KEYS = {"name", "description", "parameters", "strict"}
 class ToolRequest:
     """What a request asks of tools, validated."""
     tools: tuple[dict, ...]     # OpenAI's tool objects, normalised ({"type": "function", "function": {...}})
-    choice: str                 # "auto" | "none"
+    choice: str                 # "auto" | "none" | "required" | "function" (the one named `name`)
     parallel: bool              # False: only the first call is returned
     format: str | None          # the model's tool-call format; None: not known yet (checkpoint not on disk)
+    name: str | None = None     # the function a named tool_choice forces
+
+    @property
+    def forced(self) -> bool:
+        """Decoding is constrained to tool calls (required, or a named function)."""
+        return self.choice in ("required", "function")
 
     @property
     def active(self) -> bool:
@@ -60,7 +68,7 @@ def parse_tools(body: Mapping, spec: ModelSpec) -> ToolRequest | None:
     duplicate = next((name for name in names if names.count(name) > 1), None)
     if duplicate:
         raise InvalidInput(f"two tools are named '{duplicate}'", field="tools")
-    choice = _choice(choice, names)
+    choice, name = _choice(choice, names)
     if choice != "none" and not _family_uses_template(spec):
         raise InvalidInput(f"'{spec.key}' has no chat template to render tools with", field="tools",
                            error="unsupported parameter")
@@ -72,7 +80,16 @@ def parse_tools(body: Mapping, spec: ModelSpec) -> ToolRequest | None:
         if support.format is None:
             raise InvalidInput(f"'{spec.key}' writes tool calls in a format this server does not parse",
                                field="tools", error="unsupported parameter")
-    return ToolRequest(normalised, choice, parallel is not False, support.format if support else None)
+    strict = next((i for i, tool in enumerate(normalised) if tool["function"].get("strict")), None)
+    if strict is not None and choice not in ("required", "function"):
+        raise InvalidInput("'strict' arguments are enforced with tool_choice 'required' or a named function (under "
+                           "'auto' the model may answer in text)", field=f"tools[{strict}].function.strict",
+                           error="unsupported parameter")
+    if choice in ("required", "function") and support is None:
+        raise InvalidInput(f"'{spec.key}' is not on disk yet, so its tool-call format is not known; a forced "
+                           f"tool_choice needs it (download the model, or use 'auto')", field="tool_choice",
+                           error="model not downloaded")
+    return ToolRequest(normalised, choice, parallel is not False, support.format if support else None, name)
 
 
 def _family_uses_template(spec: ModelSpec) -> bool:
@@ -107,9 +124,8 @@ def _tool(tool: Any, where: str) -> dict:
     strict = function.get("strict")
     if strict is not None and not isinstance(strict, bool):
         raise InvalidInput("'strict' must be true or false", field=f"{where}.function.strict")
-    if strict:  # strict arguments need the grammar engine (decoding constrained to the schema)
-        raise InvalidInput("'strict' function schemas are not supported yet (they need constrained decoding)",
-                           field=f"{where}.function.strict", error="unsupported parameter")
+    if strict:
+        out["strict"] = True
     return {"type": "function", "function": out}
 
 
@@ -130,20 +146,16 @@ def _parameters(schema: Any, where: str) -> dict:
     return dict(schema)
 
 
-def _choice(choice: Any, names: list[str]) -> str:
+def _choice(choice: Any, names: list[str]) -> tuple[str, str | None]:
     if choice is None:
-        return "auto"
-    if choice in ("auto", "none"):
-        return choice
-    if choice == "required":
-        raise InvalidInput("'tool_choice': 'required' is not supported yet (it needs constrained decoding); use "
-                           "'auto' or 'none'", field="tool_choice", error="unsupported parameter")
+        return "auto", None
+    if choice in ("auto", "none", "required"):
+        return choice, None
     if isinstance(choice, Mapping) and choice.get("type") == "function":
         name = (choice.get("function") or {}).get("name") if isinstance(choice.get("function"), Mapping) else None
         if name not in names:
             raise InvalidInput(f"'tool_choice' names {name!r}, which is not one of the tools", field="tool_choice")
-        raise InvalidInput("a named 'tool_choice' is not supported yet (it needs constrained decoding); use "
-                           "'auto' or 'none'", field="tool_choice", error="unsupported parameter")
+        return "function", name
     raise InvalidInput("'tool_choice' must be 'auto', 'none', 'required' or {\"type\": \"function\", "
                        "\"function\": {\"name\": ...}}", field="tool_choice")
 

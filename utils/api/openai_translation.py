@@ -12,6 +12,7 @@ from dataclasses import replace
 from typing import Any, Iterator, Mapping
 
 from utils.api import openai_choices as choices, openai_tools
+from utils.api.response_format import parse_response_format, tool_call_grammar
 from utils.config.settings import IMAGE_FAMILIES, ModelSpec, ServerSettings
 from utils.errors import InvalidInput, ServerError, UnknownModel
 from utils.families import accepted_media, capability_fields, family_class
@@ -86,7 +87,7 @@ def _params(body: Mapping, spec: ModelSpec):
         if exc.field == "max_new_tokens":
             exc.field, exc.details = limit_name, exc.details.replace("max_new_tokens", limit_name)
         raise
-    return replace(params, stop=_stops(body.get("stop")))
+    return replace(params, stop=_stops(body.get("stop")), grammar=parse_response_format(body))
 
 
 def _stops(value: Any) -> tuple[str, ...]:
@@ -204,6 +205,12 @@ def parse_chat(body: Mapping, spec: ModelSpec) -> tuple[GenerateJob, "openai_too
     if body.get("echo") is not None and not is_neutral(body["echo"], False):
         raise InvalidInput("'echo' is taken on /v1/completions only", field="echo", error="unsupported parameter")
     params = replace(_params(body, spec), logprobs=choices.parse_chat_logprobs(body))
+    forced = tool_call_grammar(tools)
+    if forced is not None:
+        if params.grammar is not None:
+            raise InvalidInput("a forced tool_choice and 'response_format' both constrain the answer; give one",
+                               field="response_format")
+        params = replace(params, grammar=forced)
     job = GenerateJob(prompt=last, params=params, media=media, messages=turns, texts=texts,
                       stream=body.get("stream") is True, timeout=parse_timeout(body),
                       tools=list(tools.tools) if tools is not None and tools.active else None,

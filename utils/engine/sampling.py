@@ -36,10 +36,15 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from utils.engine import grammar as grammars
+
 # What a logprob of -inf becomes in JSON (vLLM's value): JSON has no infinity.
 LOGPROB_FLOOR = -9999.0
 # params -> a constraint object (mask, advance) for that row, or None; see the module docstring.
-CONSTRAINT_BUILDERS: list[Callable[[Any], Any]] = []
+CONSTRAINT_BUILDERS: list[Callable[[Any], Any]] = [
+    # response_format and forced tool calls: the row's xgrammar matcher (utils/engine/grammar.py)
+    lambda params, tokenizer, stop_ids: grammars.row_constraint(params.grammar, tokenizer, stop_ids),
+]
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ class GenerationParams:
     min_p: float | None = None
     logprobs: int | None = None         # None: none; k: the chosen token's logprob and the k most likely
     prompt_logprobs: int | None = None  # the same for each prompt token (a completion's echo)
+    grammar: Any = None          # utils.engine.grammar.Grammar: the row's output is constrained to it
 
 
 @dataclass

@@ -54,7 +54,8 @@ __all__ = ["DEMO_KEYS", "DEMO_VERSION", "DEFAULT_ROOT", "MARKER_NAME", "all_demo
 
 log = logging.getLogger(__name__)
 
-DEMO_VERSION = 3  # 2: the deepseek tokenizer's tools (template and tool-call tokens); 3: janus, whisper
+DEMO_VERSION = 4  # 2: the deepseek tokenizer's tools (template and tool-call tokens); 3: janus, whisper;
+# 4: chat tokenizers gain "##" punctuation pieces, so they can write JSON (structured outputs)
 MARKER_NAME = ".demo_checkpoint"
 LOCK_NAME = ".demo.lock"
 _TMP_PREFIX = ".building-"

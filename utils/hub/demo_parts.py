@@ -30,8 +30,13 @@ _CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789")
 _PUNCT = list(".,!?;:'\"()-[]{}<>/\\@#$%^&*_+=|~`")
 
 
-def _wordpiece_vocab(head: list[str]) -> dict[str, int]:
+def _wordpiece_vocab(head: list[str], *, joined_punctuation: bool = False) -> dict[str, int]:
+    """`joined_punctuation`: "##" pieces of the punctuation too. WordPiece decoding puts a space before
+    every piece that is not a "##" one, so without them no string can close right after its last
+    character: `"name"` would decode as `"name "` and a JSON key could never match a schema's."""
     tokens = list(head) + _WORDS + _CHARS + ["##" + c for c in _CHARS] + _PUNCT
+    if joined_punctuation:
+        tokens += ["##" + c for c in _PUNCT]
     return {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
 
 
@@ -62,7 +67,7 @@ def _fast_tokenizer(
     from transformers import PreTrainedTokenizerFast  # deferred: transformers
 
     unk = "<unk>"
-    tk = _wordpiece_tokenizer(_wordpiece_vocab([unk]), unk)
+    tk = _wordpiece_tokenizer(_wordpiece_vocab([unk], joined_punctuation=True), unk)
     tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
     if added:
         tk.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])

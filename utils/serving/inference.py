@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Mapping
 
 from utils.config.settings import SEED_MAX, ModelSpec
+from utils.engine.grammar import compile_grammar
 from utils.errors import InvalidInput, RequestTimeout
 from utils.families import (GenerationParams, GenerationRequest, GenerationResult, accepted_media, family_class,
                             media_limits)
@@ -476,6 +477,8 @@ class InferenceService:
         """Inputs for the model (processor, chat template) on the request's thread; refuses a
         prompt longer than the model's context before it takes a place in the queue."""
         prepared = served.adapter.prepare(request)
+        if job.params.grammar is not None:  # compiled here, so a failure is this request's 400, not its batch's
+            compile_grammar(served.adapter._tokenizer(), job.params.grammar, stop_ids=served.adapter._eos_ids())
         tokens = prepared.get("input_ids")  # speech_to_text prepares audio features: its prepare checks its prompt
         served.adapter.check_context(int(tokens.shape[1]) if tokens is not None else 0, job.params)
         return prepared
