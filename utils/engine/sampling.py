@@ -215,9 +215,10 @@ class ForcedChoice:
 
 
 def is_plain(params: Any) -> bool:
-    """Greedy decoding with no penalty, bias or logprobs: generate's own argmax gives the same tokens."""
+    """Greedy decoding with no penalty, bias, logprobs or grammar: generate's own argmax gives the same tokens."""
     return (not params.do_sample and params.logprobs is None and params.repetition_penalty in (None, 1.0)
-            and not params.frequency_penalty and not params.presence_penalty and not params.logit_bias)
+            and not params.frequency_penalty and not params.presence_penalty and not params.logit_bias
+            and params.grammar is None)
 
 
 def prompt_logprobs(logits: Any, ids: Sequence[int], top: int) -> list[TokenLogprob]:
