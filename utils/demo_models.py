@@ -13,6 +13,7 @@ Each key builds one directory that loads through the same classes as the real mo
                 text encoder + Qwen2VLProcessor
     janus       JanusForConditionalGeneration + JanusProcessor (understands and draws; utils/demo_speech_janus.py)
     whisper     WhisperForConditionalGeneration + WhisperProcessor (utils/demo_speech_janus.py)
+    qwen3_openvino  Qwen3ForCausalLM with a byte-level BPE tokenizer, served by OpenVINO (utils/demo_openvino.py)
 
 Weights are float32, seeded per key (deterministic), saved as safetensors. Tokenizers are built offline
 with `tokenizers` (WordPiece over a few hundred English words plus single characters, so any ASCII text
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 
 DEMO_VERSION = 3  # 2: the deepseek tokenizer's tools (template and tool-call tokens); 3: janus, whisper
 DEMO_KEYS = ("deepseek", "qwen_vl", "blip_vqa", "qwen_audio", "qwen_omni", "flux", "qwen_image_edit", "janus",
-             "whisper")
+             "whisper", "qwen3_openvino")
 MARKER_NAME = ".demo_checkpoint"
 LOCK_NAME = ".demo.lock"
 _TMP_PREFIX = ".building-"
@@ -64,6 +65,7 @@ _FAMILIES = {
     "qwen_image_edit": "image_edit",
     "janus": "janus",
     "whisper": "speech_to_text",
+    "qwen3_openvino": "text",
 }
 _SEEDS = {key: 1000 + i for i, key in enumerate(DEMO_KEYS)}
 
@@ -617,7 +619,13 @@ _BUILDERS: dict[str, Callable[[Path], None]] = {
     "qwen_image_edit": _build_qwen_image_edit,
     "janus": lambda out: _speech_janus().build_janus(out),
     "whisper": lambda out: _speech_janus().build_whisper(out),
+    "qwen3_openvino": lambda out: _openvino_demo(out),
 }
+
+
+def _openvino_demo(out: Path) -> None:
+    from utils.demo_openvino import build_openvino_demo  # a byte-level BPE tokenizer (utils/demo_openvino.py)
+    build_openvino_demo(out, _WORDS, _TEXT)
 
 
 def _speech_janus():

@@ -27,6 +27,7 @@ class Services:
     lifecycle: Any = None   # utils/lifecycle.Lifecycle: readiness, requests in flight, drain, shutdown
     runtime: Any = None     # utils/runtime_settings.RuntimeSettings
     quant_cache: Any = None  # utils/checkpoints.QuantizedCache: 4-bit / 8-bit models saved once quantized
+    openvino_cache: Any = None  # utils/runtimes/exporter.OpenVINOCache: models exported to OpenVINO IR
     jobs: Any = None         # utils/jobs.JobRunner: asynchronous jobs (records and results on disk)
     job_executor: Any = None  # utils/job_executor.JobExecutor: checks a job's body, runs a job
     cluster: Any = None     # backend ray: utils/cluster/front.Cluster (replicas, their status); None: local
@@ -61,20 +62,24 @@ def build_services(settings: ServerSettings) -> Services:
         return build_cluster_services(settings)
     from utils.checkpoints import QuantizedCache
     from utils.engine import make_loader
-    from utils.families import WEIGHT_LOADS, load_family
+    from utils.families import WEIGHT_LOADS
     from utils.inference import InferenceService
     from utils.media import MediaLimits
-    from utils.memory import MemoryProbe, estimate_model_bytes
+    from utils.memory import MemoryProbe
     from utils.metrics import Metrics
     from utils.model_manager import ModelManager
     from utils.remote_media import RemoteFetcher
+    from utils.runtimes import estimate_bytes, load_adapter
+    from utils.runtimes.exporter import OpenVINOCache
 
     set_torch_threads(settings.torch_threads)
     probe = MemoryProbe()
     metrics = Metrics()  # per app: several apps may share one process (tests)
     quant_cache = QuantizedCache.from_settings(settings)
-    manager = ModelManager(settings, make_loader(partial(load_family, cache=quant_cache), observer=metrics),
-                           estimator=estimate_model_bytes, probe=probe, events=metrics,
+    openvino_cache = OpenVINOCache.from_settings(settings)
+    loader = partial(load_adapter, quant_cache=quant_cache, openvino_cache=openvino_cache)
+    manager = ModelManager(settings, make_loader(loader, observer=metrics),
+                           estimator=partial(estimate_bytes, openvino_cache=openvino_cache), probe=probe, events=metrics,
                            loads_waiting=WEIGHT_LOADS.waiting)
     media_limits = MediaLimits(**asdict(settings.media))
     temp = temp_manager(settings)
@@ -82,7 +87,7 @@ def build_services(settings: ServerSettings) -> Services:
     inference = InferenceService(manager, media_limits, on_result=metrics.on_result,
                                  fetch=RemoteFetcher(settings.remote_media).fetch)
     return Services(settings=settings, manager=manager, inference=inference, temp=temp, probe=probe,
-                    metrics=metrics, quant_cache=quant_cache)
+                    metrics=metrics, quant_cache=quant_cache, openvino_cache=openvino_cache)
 
 
 def add_jobs(services: Services) -> None:

@@ -28,6 +28,11 @@ IMAGE_FAMILIES = ("text_to_image", "image_edit")  # diffusers pipelines: images 
 OFFLOADS = ("none", "model", "sequential")        # image families on small GPUs (CUDA only)
 IMAGE_SIZE_MULTIPLE = 16                         # FLUX and Qwen-Image: VAE factor 8 x 2x2 latent patches
 QUANTIZATIONS = ("none", "4bit", "8bit")
+RUNTIMES = ("pytorch", "openvino")                # how a model runs (utils/runtimes/; docs/openvino.md)
+# OpenVINO weight compression at export (optimum-intel / nncf); fp32 keeps the weights as they are.
+WEIGHT_FORMATS = ("int4", "int8", "fp16", "fp32")
+OPENVINO_FAMILIES = ("text",)                     # families an OpenVINO runtime can serve
+_OPENVINO_DEVICE_RE = re.compile(r"^(auto|cpu|gpu(\.\d+)?)$")  # gpu: an Intel GPU OpenVINO sees
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 BATCHING = ("auto", "continuous", "dynamic")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
@@ -116,6 +121,10 @@ class ModelSpec:
     # "sequential" each layer (slower, least GPU memory); CUDA only.
     offload: str = "none"
     path_note: str | None = None    # why `path` is not the configured folder, when it is not
+    # pytorch: transformers in this process; openvino: an IR exported once (utils/runtimes/) served by
+    # openvino-genai. weight_format is the openvino export's weight compression (pytorch uses quantization).
+    runtime: str = "pytorch"
+    weight_format: str = "int4"
 
 
 @dataclass(frozen=True)
@@ -210,6 +219,17 @@ class RamTierSettings:
 
 
 @dataclass(frozen=True)
+class OpenVINOSettings:
+    """Server `openvino:` section: where exports are kept and the exporter's own environment."""
+    cache_dir: Path | None = None            # OPENVINO_CACHE_DIR; None: <models_dir>/.openvino
+    cache_max_bytes: int | None = 32 * GIB   # OPENVINO_CACHE_MAX_GB; None (null): no cap
+    # The exporter (optimum-intel) needs an older transformers than the server: it runs from its own
+    # virtual environment, built here on first use (pinned versions, utils/runtimes/exporter.py).
+    exporter_dir: Path | None = None         # OPENVINO_EXPORTER_DIR; None: <models_dir>/.openvino-exporter
+    export_timeout: float = 3600.0           # seconds one export may take
+
+
+@dataclass(frozen=True)
 class ServerSettings:
     models: dict[str, ModelSpec]
     models_dir: Path
@@ -249,6 +269,7 @@ class ServerSettings:
     quant_cache: bool = True                        # QUANT_CACHE
     quant_cache_dir: Path | None = None             # QUANT_CACHE_DIR; None: <models_dir>/.quantized
     quant_cache_max_bytes: int | None = 32 * GIB    # QUANT_CACHE_MAX_GB; None (null): no cap
+    openvino: OpenVINOSettings = field(default_factory=OpenVINOSettings)
     admin_token: str | None = None
     api_token: str | None = None
     demo: bool = False
@@ -265,6 +286,14 @@ class ServerSettings:
     @property
     def quant_cache_path(self) -> Path:
         return self.quant_cache_dir or self.models_dir / ".quantized"
+
+    @property
+    def openvino_cache_path(self) -> Path:
+        return self.openvino.cache_dir or self.models_dir / ".openvino"
+
+    @property
+    def openvino_exporter_path(self) -> Path:
+        return self.openvino.exporter_dir or self.models_dir / ".openvino-exporter"
 
     def replace(self, **changes: Any) -> "ServerSettings":
         return dataclasses.replace(self, **changes)
@@ -294,7 +323,9 @@ class ServerSettings:
                     generation = dataclasses.replace(
                         generation, num_inference_steps=min(generation.num_inference_steps, 4), width=64, height=64)
                 models[key] = dataclasses.replace(spec, path=root / key, dtype="float32", quantization="none",
-                                                  offload="none", generation=generation)
+                                                  offload="none", generation=generation,
+                                                  weight_format="fp32" if spec.runtime == "openvino" else
+                                                  spec.weight_format)
         return self.replace(models=models, demo=True)
 
     def public_dict(self) -> dict:
@@ -325,6 +356,10 @@ class ServerSettings:
             "quant_cache": self.quant_cache,
             "quant_cache_dir": _shown_path(self.quant_cache_path, self.models_dir),
             "quant_cache_max_bytes": self.quant_cache_max_bytes,
+            "openvino": {"cache_dir": _shown_path(self.openvino_cache_path, self.models_dir),
+                         "cache_max_bytes": self.openvino.cache_max_bytes,
+                         "exporter_dir": _shown_path(self.openvino_exporter_path, self.models_dir),
+                         "export_timeout": self.openvino.export_timeout},
             "admin_auth": self.admin_token is not None,
             "api_auth": self.api_token is not None,
             "demo": self.demo,
@@ -442,13 +477,13 @@ _LIMIT_FIELDS = {f.name for f in dataclasses.fields(ModelLimits)}
 _ENGINE_FIELDS = {f.name for f in dataclasses.fields(EngineSettings)}
 _MODEL_FIELDS = {"repo_id", "family", "path", "revision", "trust_remote_code", "dtype", "quantization", "device",
                  "keep_alive", "pinned", "preload", "generation", "limits", "engine", "fallback", "max_memory",
-                 "also_look_in", "timeout", "offload"}
+                 "also_look_in", "timeout", "offload", "runtime", "weight_format"}
 _SERVER_FIELDS = {"max_loaded_models", "idle_timeout", "models_dir", "tmp_dir", "log_dir", "max_content_length_mb",
                   "ram_budget_gb", "ram_headroom_gb", "gpu_budget_gb", "gpu_headroom_gb", "failed_load_backoff",
                   "sweep_interval", "tmp_ttl", "tmp_max_mb", "media", "remote_media", "engine", "torch_threads",
                   "group_window", "max_pass_over", "memory_pressure_release", "pressure_margin_gb",
                   "request_timeout", "quant_cache", "quant_cache_dir", "quant_cache_max_gb", "jobs",
-                  "ram_tier", "backend", "ray", "default_seed"}
+                  "ram_tier", "backend", "ray", "default_seed", "openvino"}
 _JOB_FIELDS = {f.name for f in dataclasses.fields(JobSettings)}
 _RAY_FIELDS = {"address", "num_cpus", "max_ongoing_requests", "health_check_period", "call_timeout", "groups",
                "app_prefix",
@@ -501,12 +536,15 @@ JOB_ENV = {"JOBS_DIR": "dir", "JOB_WORKERS": "workers", "JOB_RESULT_TTL": "resul
 MEDIA_ENV = {"MAX_MEDIA_MB": "max_media_mb", "MAX_VIDEO_FRAMES": "max_video_frames"}
 REMOTE_MEDIA_ENV = {"REMOTE_MEDIA": "enabled", "REMOTE_MEDIA_ALLOW_HOSTS": "allow_hosts",
                     "REMOTE_MEDIA_MAX_MB": "max_mb", "REMOTE_MEDIA_TIMEOUT": "timeout"}
+OPENVINO_ENV = {"OPENVINO_CACHE_DIR": "cache_dir", "OPENVINO_CACHE_MAX_GB": "cache_max_gb",
+                "OPENVINO_EXPORTER_DIR": "exporter_dir", "OPENVINO_EXPORT_TIMEOUT": "export_timeout"}
+_OPENVINO_FIELDS = set(OPENVINO_ENV.values())
 RAM_TIER_ENV = {"RAM_TIER": "enabled", "RAM_TIER_MAX_GB": "max_gb", "RAM_TIER_PIN_MEMORY": "pin_memory",
                 "RAM_TIER_KEEP_ALIVE": "keep_alive"}
 _HOST_LABEL_RE = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")  # fullmatch
 # MODEL_<KEY>_<FIELD> overrides one field of one model, e.g. MODEL_DEEPSEEK_QUANTIZATION=8bit.
 MODEL_ENV_FIELDS = ("quantization", "dtype", "device", "path", "keep_alive", "pinned", "preload", "revision",
-                    "fallback", "offload")
+                    "fallback", "offload", "runtime", "weight_format")
 
 
 def _generation(raw: Any, where: str) -> GenerationDefaults:
@@ -614,7 +652,11 @@ def _model(key: str, raw: Any, models_dir: Path, env: Mapping[str, str],
         _fail(f"{where}.generation.max_new_tokens",
               f"default {generation.max_new_tokens} exceeds limits.max_new_tokens {limits.max_new_tokens}")
     device = str(raw.get("device", "auto")).strip().lower()
-    if not _DEVICE_RE.match(device):
+    runtime = _choice(raw.get("runtime", ModelSpec.runtime), f"{where}.runtime", RUNTIMES)
+    if runtime == "openvino" and not _OPENVINO_DEVICE_RE.match(device):
+        _fail(f"{where}.device", f"an openvino model runs on auto, cpu or gpu (an Intel GPU OpenVINO sees); got "
+                                 f"{raw.get('device')!r}")
+    if runtime == "pytorch" and not _DEVICE_RE.match(device):
         _fail(f"{where}.device", f"must be auto, cpu, cuda, cuda:N or mps; got {raw.get('device')!r}")
     spec = ModelSpec(
         key=key,
@@ -638,8 +680,12 @@ def _model(key: str, raw: Any, models_dir: Path, env: Mapping[str, str],
                            for p in _list(raw.get("also_look_in"), f"{where}.also_look_in")),
         timeout=None if raw.get("timeout") is None else _float(raw["timeout"], f"{where}.timeout", minimum=0.01),
         offload=_choice(raw.get("offload", "none"), f"{where}.offload", OFFLOADS),
+        runtime=runtime,
+        weight_format=_choice(raw.get("weight_format", ModelSpec.weight_format), f"{where}.weight_format",
+                              WEIGHT_FORMATS),
     )
     _check_image_model(spec, where)
+    _check_openvino_model(spec, where, raw)
     _check_remote_code(spec, where, pinned="revision" in raw)
     return _prefer_complete_folder(spec)
 
@@ -658,6 +704,29 @@ def _check_remote_code(spec: ModelSpec, where: str, *, pinned: bool) -> None:
         given = repr(revision) if pinned else "unset (the default, 'main', moves)"
         _fail(f"{where}.trust_remote_code", f"'{spec.key}' runs the checkpoint's own code: pin it with 'revision' "
                                             f"(a commit sha or a tag; the revision is {given})")
+
+
+def _check_openvino_model(spec: ModelSpec, where: str, raw: Mapping) -> None:
+    """What an openvino model can be configured with: its weights are compressed at export
+    (weight_format), it runs in openvino-genai's own continuous batching, on one device."""
+    if spec.runtime != "openvino":
+        if "weight_format" in raw:
+            _fail(f"{where}.weight_format", "weight_format is for runtime: openvino (pytorch models use quantization)")
+        return
+    if spec.family not in OPENVINO_FAMILIES:
+        _fail(f"{where}.runtime", f"runtime openvino serves the {', '.join(OPENVINO_FAMILIES)} family; "
+                                  f"'{spec.family}' runs on pytorch")
+    if spec.quantization != "none":
+        _fail(f"{where}.quantization", "an openvino model compresses its weights at export: set weight_format "
+                                       "(int4, int8, fp16, fp32) and leave quantization at none")
+    if spec.max_memory:
+        _fail(f"{where}.max_memory", "an openvino model runs on one device; max_memory splits pytorch models")
+    if spec.trust_remote_code:
+        _fail(f"{where}.trust_remote_code", "the openvino exporter takes architectures transformers ships only")
+    engine = spec.engine
+    if engine.batching == "dynamic" or engine.static_cache or engine.compile or engine.attn_implementation != "auto":
+        _fail(f"{where}.engine", "an openvino model batches continuously in openvino-genai: batching dynamic, "
+                                 "static_cache, compile and attn_implementation are pytorch settings")
 
 
 def _check_image_model(spec: ModelSpec, where: str) -> None:
@@ -825,6 +894,20 @@ def _remote_media(raw: Any, env: Mapping[str, str]) -> RemoteMediaSettings:
     )
 
 
+def _openvino(raw: Any, env: Mapping[str, str], base: Path) -> OpenVINOSettings:
+    values = _section(raw, "server.openvino", _OPENVINO_FIELDS, env, OPENVINO_ENV)
+    defaults = OpenVINOSettings()
+    folder = lambda name: (None if values.get(name) in (None, "")  # noqa: E731
+                           else _resolve(values[name], base, f"server.openvino.{name}"))
+    return OpenVINOSettings(
+        cache_dir=folder("cache_dir"),
+        cache_max_bytes=(_gib(values["cache_max_gb"], "server.openvino.cache_max_gb") if "cache_max_gb" in values
+                         else defaults.cache_max_bytes),
+        exporter_dir=folder("exporter_dir"),
+        export_timeout=_float(values.get("export_timeout", defaults.export_timeout), "server.openvino.export_timeout",
+                              minimum=1))
+
+
 def _ram_tier(raw: Any, env: Mapping[str, str]) -> RamTierSettings:
     where = "server.ram_tier"
     raw = _section(raw, where, _RAM_TIER_FIELDS, env, RAM_TIER_ENV)
@@ -982,6 +1065,7 @@ def load_settings(config_path: str | os.PathLike | None = None, env: Mapping[str
         remote_media=_remote_media(server.get("remote_media"), env),
         jobs=_jobs(server.get("jobs"), env, base),
         ram_tier=_ram_tier(server.get("ram_tier"), env),
+        openvino=_openvino(server.get("openvino"), env, base),
         engine=engine,
         torch_threads=None if torch_threads in (None, "", "auto") else _int(torch_threads, "server.torch_threads",
                                                                            minimum=1),
