@@ -484,6 +484,8 @@ def build_quantized_cache(settings: ServerSettings, keys: Sequence[str]) -> list
     report = []
     for key in dict.fromkeys(keys):
         spec = settings.models[key]
+        if spec.runtime != "pytorch":  # exported instead (utils/runtimes/exporter.build_openvino_exports)
+            continue
         row: dict[str, Any] = {"key": key, "quantization": spec.quantization, "status": "skipped", "reason": None,
                                "bytes": 0, "seconds": 0.0}
         report.append(row)

@@ -157,6 +157,7 @@ class OpenVINORow:
 
     def __init__(self, job: Job, adapter: OpenVINOTextAdapter, handle: Any) -> None:
         self.job, self.handle = job, handle
+        self.cancelled = False  # ended by us while OpenVINO still ran it
         self.state = RowState(job, eos_ids=adapter._eos_ids(), tokenizer=adapter._tokenizer(),
                               build_result=adapter.result_from_tokens)
 
@@ -176,8 +177,9 @@ class OpenVINORow:
         self.state.close_if_cancelled()
         running = self.handle.get_status() == openvino_genai.GenerationStatus.RUNNING
         if self.state.done:
-            if running:
-                self.handle.cancel()  # e.g. a stop string, a client gone, a deadline: OpenVINO frees its blocks
+            if running:  # e.g. a stop string, a client gone, a deadline: its KV blocks go at the next step
+                self.handle.cancel()
+                self.cancelled = True
             return True
         if not running:  # OpenVINO ended it (its max_new_tokens): whatever it has
             self.take_tokens()
@@ -216,13 +218,16 @@ class OpenVINOEngine(Engine):
                 pipeline.step()
                 for row in rows:
                     row.take_tokens()
-                still = []
+                still, reap = [], False
                 for row in rows:
                     if row.settle():
                         finished.append(len(row.state.tokens))
+                        reap = reap or row.cancelled
                     else:
                         still.append(row)
                 rows = still
+                if reap and not rows:  # nothing else will step soon: free the cancelled rows' blocks now
+                    pipeline.step()
             except Exception as exc:
                 log.error("OpenVINO step of %s failed (%s); failing its %d rows", self.key, type(exc).__name__,
                           len(rows), exc_info=True)
