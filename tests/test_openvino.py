@@ -28,7 +28,7 @@ PROMPTS = ["hello there", "what is the sky", "tell me about a red car and a blue
 @pytest.fixture(scope="module")
 def settings(make_settings):
     """The demo settings plus TWIN: the same checkpoint on runtime pytorch (float32)."""
-    base = make_settings(MAX_LOADED_MODELS="2", GROUP_WINDOW="0", OPENVINO_EXPORTER_DIR=str(EXPORTER_DIR))
+    base = make_settings(MAX_LOADED_MODELS="2", GROUP_WINDOW="0")  # conftest: the shared EXPORTER_DIR
     spec = base.models[KEY]
     assert spec.runtime == "openvino" and spec.dtype == "float32" and spec.weight_format == "fp32"
     twin = dataclasses.replace(spec, key=TWIN, runtime="pytorch", repo_id=None)
