@@ -711,7 +711,8 @@ def _check_openvino_model(spec: ModelSpec, where: str, raw: Mapping) -> None:
     (weight_format), it runs in openvino-genai's own continuous batching, on one device."""
     if spec.runtime != "openvino":
         if "weight_format" in raw:
-            _fail(f"{where}.weight_format", "weight_format is for runtime: openvino (pytorch models use quantization)")
+            _fail(f"{where}.weight_format", "weight_format is for runtime: openvino (pytorch models use "
+                                            "quantization)")
         return
     if spec.family not in OPENVINO_FAMILIES:
         _fail(f"{where}.runtime", f"runtime openvino serves the {', '.join(OPENVINO_FAMILIES)} family; "
