@@ -136,7 +136,7 @@ def main() -> int:
             started = time.perf_counter()
             hey(url, body, 1, 1, work)  # loads (the openvino one exports first, once)
             results[f"{key}_first_request_s"] = round(time.perf_counter() - started, 1)
-            status = C.model_status(server)["models"][key]
+            status = C.model_status(server)[key]
             results[f"{key}_load_s"], results[f"{key}_bytes"] = status["last_load_seconds"], status["bytes_in_memory"]
             for c, n in ((1, args.requests_c1), (8, args.requests_c8)):
                 rps = max(hey(url, body, n, c, work) for _ in range(2))
