@@ -7,7 +7,9 @@ then bare openvino-genai in process (the same export, ContinuousBatchingPipeline
 as the floor, after the server is stopped. Prints req/s and the ratios against the issue's targets:
 ours openvino >= 2x ours pytorch at c=1 and >= 1.5x at c=8; ours openvino >= 0.85x bare openvino-genai.
 
-    flock /tmp/heavy.lock .venv/bin/python bench/openvino.py [--requests-c1 6] [--requests-c8 24]
+    flock /tmp/heavy.lock .venv/bin/python bench/openvino_vs_pytorch.py [--requests-c1 6] [--requests-c8 24]
+
+(Not bench/openvino.py: run as a script, its folder is on sys.path and that name shadows the openvino package.)
 """
 from __future__ import annotations
 
