@@ -50,7 +50,7 @@ def build_checkpoint(out: Path) -> None:
     import torch
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
-    from utils.demo_models import _WORDS
+    from utils.hub.demo_models import _WORDS
     from utils.demo_openvino import EOS, PAD, _WORD_TOKEN, byte_level_tokenizer
 
     if (out / "config.json").is_file():

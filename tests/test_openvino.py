@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import ROOT, make_app
 from utils.errors import ConfigError
-from utils.settings import load_settings
+from utils.config.settings import load_settings
 
 pytest.importorskip("openvino_genai")
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from utils.config.settings import ModelSpec
 from utils.families import load_family
-from utils.settings import ModelSpec
+from utils.serving.memory import estimate_model_bytes
 
 
 def load_adapter(spec: ModelSpec, device: str, *, quant_cache: Any = None, openvino_cache: Any = None) -> Any:
@@ -16,15 +17,14 @@ def load_adapter(spec: ModelSpec, device: str, *, quant_cache: Any = None, openv
         if not (spec.path / "config.json").is_file():
             raise FileNotFoundError(f"no checkpoint in {spec.path.name}/ (download it: python main.py "
                                     f"--download-only --model {spec.key})")
-        from utils.runtimes.openvino import OpenVINOTextAdapter  # deferred: openvino is heavy to import
+        from utils.runtimes.openvino import OpenVINOTextAdapter  # deferred: openvino
         return OpenVINOTextAdapter.load_openvino(spec, openvino_cache)
     return load_family(spec, device, cache=quant_cache)
 
 
 def estimate_bytes(spec: ModelSpec, *, openvino_cache: Any = None) -> int:
     """Bytes the model will take once loaded (the manager makes room for them first)."""
-    from utils.memory import estimate_model_bytes
     if spec.runtime == "openvino":
-        from utils.runtimes.openvino import estimate_openvino_bytes  # deferred: openvino is heavy to import
+        from utils.runtimes.openvino import estimate_openvino_bytes  # deferred: openvino
         return estimate_openvino_bytes(spec, openvino_cache)
     return estimate_model_bytes(spec)

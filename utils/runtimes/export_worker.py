@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     # wants a newer huggingface_hub than optimum-intel allows, and optimum imports diffusers whenever it
     # finds it; a text export never needs it, so it is hidden.
     sys.modules["diffusers"] = None  # type: ignore[assignment]
-    from optimum.commands.optimum_cli import main as optimum_cli
+    from optimum.commands.optimum_cli import main as optimum_cli  # deferred: optimum (after hiding diffusers)
 
     sys.argv = ["optimum-cli", "export", "openvino", "--model", args.model, "--task", args.task,
                 "--weight-format", args.weight_format, args.out]

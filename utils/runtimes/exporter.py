@@ -11,7 +11,7 @@ virtual environment of its own, built here on first use and reused after (`Expor
   requirements and the server's python, so a change of pins builds a new one (the old one goes).
 - builders in several processes serialise on an fcntl lock in the folder.
 
-The exported models (`OpenVINOCache`) follow the quantized cache's rules (utils/checkpoints.py): an
+The exported models (`OpenVINOCache`) follow the quantized cache's rules (utils/serving/quantized_cache.py): an
 entry `<key>--<weight_format>--<id>/` whose id hashes the source files (names, sizes, mtimes), the
 weight format, the exporter's pins and the openvino version; written into a `.tmp-*` folder with
 `entry.json` last, then renamed; an entry whose files changed, or that fails to load, is removed and
@@ -35,9 +35,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from utils.checkpoints import FORMAT, META_NAME, TMP_PREFIX, Identity, QuantizedCache, _folder_bytes, _write_json, \
-    source_files
-from utils.settings import ModelSpec, ServerSettings
+from utils.config.settings import ModelSpec, ServerSettings
+from utils.hub.model_folder import checkpoint_state
+from utils.serving.quantized_cache import (FORMAT, META_NAME, TMP_PREFIX, Identity, QuantizedCache, _folder_bytes,
+                                          _write_json, source_files)
 
 log = logging.getLogger("model_server.openvino")
 
@@ -149,7 +150,7 @@ class OpenVINOCache(QuantizedCache):
         self.max_bytes, self.export_timeout = settings.openvino.cache_max_bytes, settings.openvino.export_timeout
 
     def identity_of(self, spec: ModelSpec) -> Identity:
-        import openvino
+        import openvino  # deferred: openvino
 
         parts = {"format": FORMAT, "source": source_files(spec.path), "weight_format": spec.weight_format,
                  "exporter": list(EXPORTER_REQUIREMENTS), "openvino": openvino.__version__}
@@ -214,8 +215,6 @@ def build_openvino_exports(settings: ServerSettings, keys: list[str]) -> list[di
     """main.py --download / --download-only: exports every openvino model among `keys` that has no
     valid export yet. One row per such key: key, weight_format, status (built / present / failed),
     reason, bytes, seconds; a failure is reported and the others go on."""
-    from utils.download_model import checkpoint_state
-
     cache = OpenVINOCache.from_settings(settings)
     report = []
     for key in dict.fromkeys(keys):

@@ -25,12 +25,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from utils.config.settings import ModelSpec
 from utils.engine.engine import Engine, Job
 from utils.engine.rows import RowState
 from utils.families.base import GenerationParams, check_processor
 from utils.families.text import TextFamily
 from utils.runtimes.exporter import IR_NAME, OpenVINOCache
-from utils.settings import ModelSpec
+from utils.serving.memory import LOAD_OVERHEAD, MIN_ESTIMATE, _safetensors_header, _tensor_bytes
 
 log = logging.getLogger("model_server.openvino")
 
@@ -63,7 +64,7 @@ class OpenVINOTextAdapter(TextFamily):
     def load_openvino(cls, spec: ModelSpec, cache: OpenVINOCache) -> "OpenVINOTextAdapter":
         """Export when missing (or when the entry cannot be read: exported again, once), then the
         pipeline on OpenVINO's device and the checkpoint's tokenizer."""
-        import transformers
+        import transformers  # deferred: transformers
 
         processor = getattr(transformers, cls.processor_class).from_pretrained(spec.path)
         check_processor(cls, spec, processor)
@@ -103,7 +104,7 @@ class OpenVINOTextAdapter(TextFamily):
 
     def generation_config(self, params: GenerationParams) -> Any:
         """One request's openvino_genai.GenerationConfig (every parameter our APIs take maps per request)."""
-        import openvino_genai
+        import openvino_genai  # deferred: openvino
 
         config = openvino_genai.GenerationConfig()
         config.max_new_tokens = params.max_new_tokens
@@ -124,8 +125,8 @@ class OpenVINOTextAdapter(TextFamily):
 
 
 def _pipeline(spec: ModelSpec, folder: Path) -> tuple[Any, str]:
-    import openvino
-    import openvino_genai
+    import openvino  # deferred: openvino
+    import openvino_genai  # deferred: openvino
 
     device = _ov_device(spec.device, openvino.Core().available_devices)
     properties = {}
@@ -172,7 +173,7 @@ class OpenVINORow:
 
     def settle(self) -> bool:
         """After a step: True when the row is over (it is cancelled in OpenVINO if it still runs there)."""
-        import openvino_genai
+        import openvino_genai  # deferred: openvino
 
         self.state.close_if_cancelled()
         running = self.handle.get_status() == openvino_genai.GenerationStatus.RUNNING
@@ -193,8 +194,8 @@ class OpenVINOEngine(Engine):
     kind = "openvino"
 
     def _run(self) -> None:
-        import numpy
-        import openvino
+        import numpy  # deferred: openvino
+        import openvino  # deferred: openvino
 
         pipeline = self.adapter.model.pipeline
         rows: list[OpenVINORow] = []
@@ -260,8 +261,6 @@ class OpenVINOEngine(Engine):
 def estimate_openvino_bytes(spec: ModelSpec, cache: OpenVINOCache) -> int:
     """The export's bytes when it exists (the compressed IR is what loads); else a prediction from
     the safetensors headers at the weight format's bytes per element."""
-    from utils.memory import LOAD_OVERHEAD, MIN_ESTIMATE, _safetensors_header, _tensor_bytes
-
     folder = cache.find(cache.identity_of(spec))
     if folder is not None:
         return max(MIN_ESTIMATE, int(sum(p.stat().st_size for p in folder.glob("openvino_model.*")) * LOAD_OVERHEAD))
