@@ -171,7 +171,11 @@ def main(argv=None) -> int:
 
     if settings.demo:
         if args.download or args.download_only:
-            print("--demo serves built-in tiny checkpoints; nothing to download", file=sys.stderr)
+            print("--demo serves built-in tiny checkpoints; nothing to download (the openvino ones are exported)",
+                  file=sys.stderr)
+            exported = export_demo(settings)
+            if args.download_only:
+                return 0 if exported else 1
     elif args.download_only:
         fetched = fetch_missing(settings, args.model, every=True)
         cached = args.no_quant_cache or build_cache(settings, args.model)
@@ -208,11 +212,31 @@ def fetch_missing(settings, keys=None, *, every: bool = False) -> bool:
 
 
 def build_cache(settings, keys=None) -> bool:
-    """Quantizes the 4-bit / 8-bit models into the quantized cache ahead of their first load."""
+    """Quantizes the 4-bit / 8-bit models into the quantized cache, and exports the openvino models,
+    ahead of their first load."""
+    from utils.runtimes.exporter import build_openvino_exports  # deferred: runtimes
     from utils.serving.quantized_cache import build_quantized_cache, format_cache_report  # deferred: serving
-    report = build_quantized_cache(settings, keys or list(settings.models))
+    keys = keys or list(settings.models)
+    report = build_quantized_cache(settings, keys) + build_openvino_exports(settings, keys)
     print(format_cache_report(report))
     return not any(row.get("status") == "failed" for row in report)
+
+
+def export_demo(settings) -> bool:
+    """--demo --download(-only): the demo's openvino models are exported ahead (the first time builds the
+    exporter's environment: a minute or two), so their first request does not wait for it. Without
+    the flag their first load exports them."""
+    from utils.hub.demo_models import build_demo_models  # deferred: torch
+    keys = [key for key, spec in settings.models.items() if spec.runtime == "openvino" and settings.demo
+            and spec.path.parent == settings.models_dir / "demo"]
+    if keys:
+        from utils.serving.quantized_cache import format_cache_report  # deferred: serving
+        from utils.runtimes.exporter import build_openvino_exports  # deferred: runtimes
+        build_demo_models(settings.models_dir / "demo", keys)
+        report = build_openvino_exports(settings, keys)
+        print(format_cache_report(report))
+        return not any(row["status"] == "failed" for row in report)
+    return True
 
 
 def run_debug(app, host: str, port: int, record) -> int:

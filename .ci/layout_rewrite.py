@@ -1,6 +1,6 @@
 """Rewrites references to the old utils/ layout (issue 25) into the new one: imports (also inside
-functions), `from utils import X`, dotted strings ("utils.model_manager.X" in mock.patch, `-m utils.x`)
-and path mentions (utils/settings.py). Idempotent: run it on a branch after merging the layout.
+functions), `from utils import X`, dotted strings ("utils.serving.manager.X" in mock.patch, `-m utils.x`)
+and path mentions (utils/config/settings.py). Idempotent: run it on a branch after merging the layout.
 
     .venv/bin/python .ci/layout_rewrite.py            # every tracked text file
     .venv/bin/python .ci/layout_rewrite.py FILE ...   # just these
@@ -29,7 +29,7 @@ MAP = {  # old module under utils/ -> new dotted path under utils/
 NEW_LEAVES = {v.split(".", 1)[1] for v in MAP.values() if v.split(".")[0] in MAP}  # media.decode, jobs.runner...
 names = "|".join(sorted(MAP, key=len, reverse=True))
 leaves = "|".join(sorted(NEW_LEAVES, key=len, reverse=True))
-# `utils.media` / `utils.jobs` are packages now: a following new leaf means the text is already rewritten.
+# `utils.media.decode` / `utils.jobs.runner` are packages now: a following new leaf means the text is already rewritten.
 DOTTED = re.compile(rf"\butils\.({names})\b(?![/])(?!\.(?:{leaves})\b)(?! import (?:{leaves})\b)")
 PATH = re.compile(rf"\butils/({names})(?=\.py\b|\.[A-Za-z_]|\))")
 FROM_UTILS = re.compile(rf"^(\s*)from utils import ({names})\b(?: as (\w+))?(.*)$", re.S)

@@ -28,7 +28,9 @@ def models_dir(tmp_path_factory) -> Path:
 def test_env(models_dir: Path, tmp: Path, **extra: str) -> dict:
     env = {"MODELS_DIR": str(models_dir), "TMP_DIR": str(tmp / "tmp"), "LOG_DIR": str(tmp / "logs"),
            "JOBS_DIR": str(tmp / "jobs"),
-           "DEMO_MODE": "1", "RAM_HEADROOM_GB": "0"}
+           "DEMO_MODE": "1", "RAM_HEADROOM_GB": "0",
+           # the OpenVINO exporter's venv (a minute of pip): built once, kept between sessions (gitignored)
+           "OPENVINO_EXPORTER_DIR": str(ROOT / "models" / ".openvino-exporter")}
     env.update({k: str(v) for k, v in extra.items()})
     return env
 

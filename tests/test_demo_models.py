@@ -86,7 +86,7 @@ def _new_text(processor_or_tok, out: torch.Tensor, prompt_len: int) -> list[str]
 def test_api_and_markers(demo, demo_root):
     assert set(demo) == set(DEMO_KEYS)
     assert [demo_family(k) for k in DEMO_KEYS] == ["text", "vision_language", "vqa", "audio", "omni",
-                                                   "text_to_image", "image_edit", "janus", "speech_to_text"]
+                                                   "text_to_image", "image_edit", "janus", "speech_to_text", "text"]
     with pytest.raises(KeyError):
         demo_family("nope")
     with pytest.raises(KeyError):

@@ -14,7 +14,7 @@ from utils.config.settings import GIB, MIB, load_settings
 def test_shipped_config_has_the_reference_models():
     settings = load_settings(env={})
     assert list(settings.models) == ["deepseek", "qwen_vl", "qwen_audio", "qwen_omni", "blip_vqa", "flux",
-                                     "qwen_image_edit", "janus", "whisper"]
+                                     "qwen_image_edit", "janus", "whisper", "qwen3_openvino"]
     assert settings.models["deepseek"].repo_id == "deepseek-ai/DeepSeek-R1-0528-Qwen3-8B"
     assert settings.models["janus"].repo_id == "deepseek-community/Janus-Pro-1B"
     assert settings.models["whisper"].repo_id == "openai/whisper-large-v3-turbo"

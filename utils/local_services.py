@@ -12,14 +12,16 @@ from typing import Any
 
 from utils.config.settings import ServerSettings
 from utils.engine import make_loader
-from utils.families import WEIGHT_LOADS, load_family
+from utils.families import WEIGHT_LOADS
 from utils.media.decode import MediaLimits
 from utils.media.remote import RemoteFetcher
 from utils.media.temp_files import TempManager
 from utils.ops.metrics import Metrics
 from utils.serving.inference import InferenceService
 from utils.serving.manager import ModelManager
-from utils.serving.memory import MemoryProbe, estimate_model_bytes
+from utils.runtimes import estimate_bytes, load_adapter
+from utils.runtimes.exporter import OpenVINOCache
+from utils.serving.memory import MemoryProbe
 from utils.serving.quantized_cache import QuantizedCache
 
 log = logging.getLogger("model_server.app")
@@ -38,6 +40,7 @@ class Services:
     lifecycle: Any = None   # utils/ops/lifecycle.Lifecycle: readiness, requests in flight, drain, shutdown
     runtime: Any = None     # utils/config/runtime.RuntimeSettings
     quant_cache: Any = None  # utils/serving/quantized_cache.QuantizedCache: 4-bit / 8-bit models saved once quantized
+    openvino_cache: Any = None  # utils/runtimes/exporter.OpenVINOCache: models exported to OpenVINO IR
     jobs: Any = None         # utils/jobs/runner.JobRunner: asynchronous jobs (records and results on disk)
     job_executor: Any = None  # utils/jobs/executor.JobExecutor: checks a job's body, runs a job
     cluster: Any = None     # backend ray: utils/cluster/front.Cluster (replicas, their status); None: local
@@ -74,8 +77,11 @@ def build_local_services(settings: ServerSettings) -> Services:
     probe = MemoryProbe()
     metrics = Metrics()  # per app: several apps may share one process (tests)
     quant_cache = QuantizedCache.from_settings(settings)
-    manager = ModelManager(settings, make_loader(partial(load_family, cache=quant_cache), observer=metrics),
-                           estimator=estimate_model_bytes, probe=probe, events=metrics,
+    openvino_cache = OpenVINOCache.from_settings(settings)
+    loader = partial(load_adapter, quant_cache=quant_cache, openvino_cache=openvino_cache)
+    manager = ModelManager(settings, make_loader(loader, observer=metrics),
+                           estimator=partial(estimate_bytes, openvino_cache=openvino_cache), probe=probe,
+                           events=metrics,
                            loads_waiting=WEIGHT_LOADS.waiting)
     media_limits = MediaLimits(**asdict(settings.media))
     temp = temp_manager(settings)
@@ -83,7 +89,7 @@ def build_local_services(settings: ServerSettings) -> Services:
     inference = InferenceService(manager, media_limits, on_result=metrics.on_result,
                                  fetch=RemoteFetcher(settings.remote_media).fetch)
     return Services(settings=settings, manager=manager, inference=inference, temp=temp, probe=probe,
-                    metrics=metrics, quant_cache=quant_cache)
+                    metrics=metrics, quant_cache=quant_cache, openvino_cache=openvino_cache)
 
 
 def temp_manager(settings: ServerSettings):

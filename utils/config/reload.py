@@ -54,9 +54,10 @@ def _apply_services(services: Any, settings: ServerSettings) -> None:
                        result_ttl=settings.jobs.result_ttl, max_finished=settings.jobs.max_finished,
                        orphan_grace=settings.jobs.orphan_grace)
         services.job_executor.job_timeout = settings.jobs.timeout
-    cache = getattr(services, "quant_cache", None)
-    if cache is not None:  # the switch and the cap: from the next load on
-        cache.reconfigure(settings)
+    for name in ("quant_cache", "openvino_cache"):
+        cache = getattr(services, name, None)
+        if cache is not None:  # the switch, the cap (and the export timeout): from the next load on
+            cache.reconfigure(settings)
 
 
 def reload_config(services: Any, app_config: Any = None) -> dict:

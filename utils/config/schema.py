@@ -20,6 +20,11 @@ IMAGE_FAMILIES = ("text_to_image", "image_edit")  # diffusers pipelines: images 
 OFFLOADS = ("none", "model", "sequential")        # image families on small GPUs (CUDA only)
 IMAGE_SIZE_MULTIPLE = 16                         # FLUX and Qwen-Image: VAE factor 8 x 2x2 latent patches
 QUANTIZATIONS = ("none", "4bit", "8bit")
+RUNTIMES = ("pytorch", "openvino")                # how a model runs (utils/runtimes/; docs/openvino.md)
+# OpenVINO weight compression at export (optimum-intel / nncf); fp32 keeps the weights as they are.
+WEIGHT_FORMATS = ("int4", "int8", "fp16", "fp32")
+OPENVINO_FAMILIES = ("text",)                     # families an OpenVINO runtime can serve
+_OPENVINO_DEVICE_RE = re.compile(r"^(auto|cpu|gpu(\.\d+)?)$")  # gpu: an Intel GPU OpenVINO sees
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 BATCHING = ("auto", "continuous", "dynamic")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
@@ -29,7 +34,7 @@ _KEY_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 # The models.yaml keys demo mode serves from tiny random-weight checkpoints (utils/hub/demo_models.py
 # builds one for each of these keys).
 DEMO_KEYS = ("deepseek", "qwen_vl", "blip_vqa", "qwen_audio", "qwen_omni", "flux", "qwen_image_edit", "janus",
-             "whisper")
+             "whisper", "qwen3_openvino")
 # `--demo all`: the architecture matrix served beside them (utils/hub/demo_matrix.py builds one checkpoint
 # per key): key -> (the real repo it stands for, the family its config maps to; tests/test_matrix.py
 # checks the family read from each built folder agrees).
@@ -129,6 +134,10 @@ class ModelSpec:
     # "sequential" each layer (slower, least GPU memory); CUDA only.
     offload: str = "none"
     path_note: str | None = None    # why `path` is not the configured folder, when it is not
+    # pytorch: transformers in this process; openvino: an IR exported once (utils/runtimes/) served by
+    # openvino-genai. weight_format is the openvino export's weight compression (pytorch uses quantization).
+    runtime: str = "pytorch"
+    weight_format: str = "int4"
 
 
 @dataclass(frozen=True)
@@ -223,6 +232,17 @@ class RamTierSettings:
 
 
 @dataclass(frozen=True)
+class OpenVINOSettings:
+    """Server `openvino:` section: where exports are kept and the exporter's own environment."""
+    cache_dir: Path | None = None            # OPENVINO_CACHE_DIR; None: <models_dir>/.openvino
+    cache_max_bytes: int | None = 32 * GIB   # OPENVINO_CACHE_MAX_GB; None (null): no cap
+    # The exporter (optimum-intel) needs an older transformers than the server: it runs from its own
+    # virtual environment, built here on first use (pinned versions, utils/runtimes/exporter.py).
+    exporter_dir: Path | None = None         # OPENVINO_EXPORTER_DIR; None: <models_dir>/.openvino-exporter
+    export_timeout: float = 3600.0           # seconds one export may take
+
+
+@dataclass(frozen=True)
 class ServerSettings:
     models: dict[str, ModelSpec]
     models_dir: Path
@@ -262,6 +282,7 @@ class ServerSettings:
     quant_cache: bool = True                        # QUANT_CACHE
     quant_cache_dir: Path | None = None             # QUANT_CACHE_DIR; None: <models_dir>/.quantized
     quant_cache_max_bytes: int | None = 32 * GIB    # QUANT_CACHE_MAX_GB; None (null): no cap
+    openvino: OpenVINOSettings = field(default_factory=OpenVINOSettings)
     admin_token: str | None = None
     api_token: str | None = None
     demo: bool = False
@@ -279,6 +300,14 @@ class ServerSettings:
     @property
     def quant_cache_path(self) -> Path:
         return self.quant_cache_dir or self.models_dir / ".quantized"
+
+    @property
+    def openvino_cache_path(self) -> Path:
+        return self.openvino.cache_dir or self.models_dir / ".openvino"
+
+    @property
+    def openvino_exporter_path(self) -> Path:
+        return self.openvino.exporter_dir or self.models_dir / ".openvino-exporter"
 
     def replace(self, **changes: Any) -> "ServerSettings":
         return dataclasses.replace(self, **changes)
@@ -307,7 +336,9 @@ class ServerSettings:
                     generation = dataclasses.replace(
                         generation, num_inference_steps=min(generation.num_inference_steps, 4), width=64, height=64)
                 models[key] = dataclasses.replace(spec, path=root / key, dtype="float32", quantization="none",
-                                                  offload="none", generation=generation)
+                                                  offload="none", generation=generation,
+                                                  weight_format="fp32" if spec.runtime == "openvino" else
+                                                  spec.weight_format)
         if matrix:
             for key, (repo_id, family) in DEMO_MATRIX.items():
                 models.setdefault(key, ModelSpec(
@@ -344,6 +375,10 @@ class ServerSettings:
             "quant_cache": self.quant_cache,
             "quant_cache_dir": _shown_path(self.quant_cache_path, self.models_dir),
             "quant_cache_max_bytes": self.quant_cache_max_bytes,
+            "openvino": {"cache_dir": _shown_path(self.openvino_cache_path, self.models_dir),
+                         "cache_max_bytes": self.openvino.cache_max_bytes,
+                         "exporter_dir": _shown_path(self.openvino_exporter_path, self.models_dir),
+                         "export_timeout": self.openvino.export_timeout},
             "admin_auth": self.admin_token is not None,
             "api_auth": self.api_token is not None,
             "demo": self.demo,

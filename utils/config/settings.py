@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 # Every name of the schema, importable from here as before (`from utils.config.settings import ModelSpec`).
-from utils.config.schema import (_DEVICE_RE, _KEY_RE, ATTN_IMPLEMENTATIONS, BACKENDS, BATCHING,  # noqa: F401
+from utils.config.schema import (_DEVICE_RE, _KEY_RE, _OPENVINO_DEVICE_RE, RUNTIMES, WEIGHT_FORMATS, OpenVINOSettings, ATTN_IMPLEMENTATIONS, BACKENDS, BATCHING,  # noqa: F401
                                  DEFAULT_CONFIG, DEMO_KEYS, DTYPES, FALLBACKS, FAMILIES, GIB, IMAGE_FAMILIES,
                                  IMAGE_SIZE_MULTIPLE, MIB, OFFLOADS, PROJECT_ROOT, QUANTIZATIONS, SEED_MAX,
                                  EngineSettings, GenerationDefaults, JobSettings, MediaSettings, ModelLimits, ModelSpec,
                                  RamTierSettings, RayGroup, RaySettings, RemoteMediaSettings, ServerSettings)
-from utils.config.validation import (_bool, _check_image_model, _check_remote_code, _choice, _fail, _float, _gib, _int,
+from utils.config.validation import (_bool, _check_image_model, _check_openvino_model, _check_remote_code, _choice, _fail, _float, _gib, _int,
                                      _keep_alive, _list, _mapping, _only_known, _optional, _resolve, _size)
 from utils.config.yaml_file import read_document
 from utils.hub.model_folder import checkpoint_state, read_capabilities
@@ -33,13 +33,13 @@ _LIMIT_FIELDS = {f.name for f in dataclasses.fields(ModelLimits)}
 _ENGINE_FIELDS = {f.name for f in dataclasses.fields(EngineSettings)}
 _MODEL_FIELDS = {"repo_id", "family", "path", "revision", "trust_remote_code", "dtype", "quantization", "device",
                  "keep_alive", "pinned", "preload", "generation", "limits", "engine", "fallback", "max_memory",
-                 "also_look_in", "timeout", "offload"}
+                 "also_look_in", "timeout", "offload", "runtime", "weight_format"}
 _SERVER_FIELDS = {"max_loaded_models", "idle_timeout", "models_dir", "tmp_dir", "log_dir", "max_content_length_mb",
                   "ram_budget_gb", "ram_headroom_gb", "gpu_budget_gb", "gpu_headroom_gb", "failed_load_backoff",
                   "sweep_interval", "tmp_ttl", "tmp_max_mb", "media", "remote_media", "engine", "torch_threads",
                   "group_window", "max_pass_over", "memory_pressure_release", "pressure_margin_gb",
                   "request_timeout", "quant_cache", "quant_cache_dir", "quant_cache_max_gb", "jobs",
-                  "ram_tier", "backend", "ray", "default_seed"}
+                  "ram_tier", "backend", "ray", "default_seed", "openvino"}
 _JOB_FIELDS = {f.name for f in dataclasses.fields(JobSettings)}
 _RAY_FIELDS = {"address", "num_cpus", "max_ongoing_requests", "health_check_period", "call_timeout", "groups",
                "app_prefix",
@@ -92,12 +92,15 @@ JOB_ENV = {"JOBS_DIR": "dir", "JOB_WORKERS": "workers", "JOB_RESULT_TTL": "resul
 MEDIA_ENV = {"MAX_MEDIA_MB": "max_media_mb", "MAX_VIDEO_FRAMES": "max_video_frames"}
 REMOTE_MEDIA_ENV = {"REMOTE_MEDIA": "enabled", "REMOTE_MEDIA_ALLOW_HOSTS": "allow_hosts",
                     "REMOTE_MEDIA_MAX_MB": "max_mb", "REMOTE_MEDIA_TIMEOUT": "timeout"}
+OPENVINO_ENV = {"OPENVINO_CACHE_DIR": "cache_dir", "OPENVINO_CACHE_MAX_GB": "cache_max_gb",
+                "OPENVINO_EXPORTER_DIR": "exporter_dir", "OPENVINO_EXPORT_TIMEOUT": "export_timeout"}
+_OPENVINO_FIELDS = set(OPENVINO_ENV.values())
 RAM_TIER_ENV = {"RAM_TIER": "enabled", "RAM_TIER_MAX_GB": "max_gb", "RAM_TIER_PIN_MEMORY": "pin_memory",
                 "RAM_TIER_KEEP_ALIVE": "keep_alive"}
 _HOST_LABEL_RE = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")  # fullmatch
 # MODEL_<KEY>_<FIELD> overrides one field of one model, e.g. MODEL_DEEPSEEK_QUANTIZATION=8bit.
 MODEL_ENV_FIELDS = ("quantization", "dtype", "device", "path", "keep_alive", "pinned", "preload", "revision",
-                    "fallback", "offload")
+                    "fallback", "offload", "runtime", "weight_format")
 
 
 def _generation(raw: Any, where: str) -> GenerationDefaults:
@@ -206,7 +209,11 @@ def _model(key: str, raw: Any, models_dir: Path, env: Mapping[str, str],
         _fail(f"{where}.generation.max_new_tokens",
               f"default {generation.max_new_tokens} exceeds limits.max_new_tokens {limits.max_new_tokens}")
     device = str(raw.get("device", "auto")).strip().lower()
-    if not _DEVICE_RE.match(device):
+    runtime = _choice(raw.get("runtime", ModelSpec.runtime), f"{where}.runtime", RUNTIMES)
+    if runtime == "openvino" and not _OPENVINO_DEVICE_RE.match(device):
+        _fail(f"{where}.device", f"an openvino model runs on auto, cpu or gpu (an Intel GPU OpenVINO sees); got "
+                                 f"{raw.get('device')!r}")
+    if runtime == "pytorch" and not _DEVICE_RE.match(device):
         _fail(f"{where}.device", f"must be auto, cpu, cuda, cuda:N or mps; got {raw.get('device')!r}")
     spec = ModelSpec(
         key=key,
@@ -230,11 +237,15 @@ def _model(key: str, raw: Any, models_dir: Path, env: Mapping[str, str],
                            for p in _list(raw.get("also_look_in"), f"{where}.also_look_in")),
         timeout=None if raw.get("timeout") is None else _float(raw["timeout"], f"{where}.timeout", minimum=0.01),
         offload=_choice(raw.get("offload", "none"), f"{where}.offload", OFFLOADS),
+        runtime=runtime,
+        weight_format=_choice(raw.get("weight_format", ModelSpec.weight_format), f"{where}.weight_format",
+                              WEIGHT_FORMATS),
     )
     spec = _prefer_complete_folder(spec)
     if not spec.family:
         spec = dataclasses.replace(spec, family=_inferred_family(spec, where))
     _check_image_model(spec, where)
+    _check_openvino_model(spec, where, raw)
     _check_remote_code(spec, where, pinned="revision" in raw)
     return spec
 
@@ -366,6 +377,21 @@ def _remote_media(raw: Any, env: Mapping[str, str]) -> RemoteMediaSettings:
         timeout=_float(raw.get("timeout", d.timeout), f"{where}.timeout", minimum=0.1, maximum=600),
         max_redirects=_int(raw.get("max_redirects", d.max_redirects), f"{where}.max_redirects", minimum=0),
     )
+
+
+def _openvino(raw: Any, env: Mapping[str, str], base: Path) -> OpenVINOSettings:
+    values = _section(raw, "server.openvino", _OPENVINO_FIELDS, env, OPENVINO_ENV)
+    defaults = OpenVINOSettings()
+
+    def folder(name: str) -> Path | None:
+        return None if values.get(name) in (None, "") else _resolve(values[name], base, f"server.openvino.{name}")
+    return OpenVINOSettings(
+        cache_dir=folder("cache_dir"),
+        cache_max_bytes=(_gib(values["cache_max_gb"], "server.openvino.cache_max_gb") if "cache_max_gb" in values
+                         else defaults.cache_max_bytes),
+        exporter_dir=folder("exporter_dir"),
+        export_timeout=_float(values.get("export_timeout", defaults.export_timeout), "server.openvino.export_timeout",
+                              minimum=1))
 
 
 def _ram_tier(raw: Any, env: Mapping[str, str]) -> RamTierSettings:
@@ -520,6 +546,7 @@ def load_settings(config_path: str | os.PathLike | None = None, env: Mapping[str
         remote_media=_remote_media(server.get("remote_media"), env),
         jobs=_jobs(server.get("jobs"), env, base),
         ram_tier=_ram_tier(server.get("ram_tier"), env),
+        openvino=_openvino(server.get("openvino"), env, base),
         engine=engine,
         torch_threads=None if torch_threads in (None, "", "auto") else _int(torch_threads, "server.torch_threads",
                                                                            minimum=1),

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-from utils.config.schema import GIB, IMAGE_FAMILIES, ModelSpec
+from utils.config.schema import GIB, IMAGE_FAMILIES, OPENVINO_FAMILIES, ModelSpec
 from utils.errors import ConfigError
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(b|kb|kib|mb|mib|gb|gib|tb|tib)?\s*$", re.IGNORECASE)
@@ -120,6 +120,30 @@ def _check_remote_code(spec: ModelSpec, where: str, *, pinned: bool) -> None:
         given = repr(revision) if pinned else "unset (the default, 'main', moves)"
         _fail(f"{where}.trust_remote_code", f"'{spec.key}' runs the checkpoint's own code: pin it with 'revision' "
                                             f"(a commit sha or a tag; the revision is {given})")
+
+
+def _check_openvino_model(spec: ModelSpec, where: str, raw: Mapping) -> None:
+    """What an openvino model can be configured with: its weights are compressed at export
+    (weight_format), it runs in openvino-genai's own continuous batching, on one device."""
+    if spec.runtime != "openvino":
+        if "weight_format" in raw:
+            _fail(f"{where}.weight_format", "weight_format is for runtime: openvino (pytorch models use "
+                                            "quantization)")
+        return
+    if spec.family not in OPENVINO_FAMILIES:
+        _fail(f"{where}.runtime", f"runtime openvino serves the {', '.join(OPENVINO_FAMILIES)} family; "
+                                  f"'{spec.family}' runs on pytorch")
+    if spec.quantization != "none":
+        _fail(f"{where}.quantization", "an openvino model compresses its weights at export: set weight_format "
+                                       "(int4, int8, fp16, fp32) and leave quantization at none")
+    if spec.max_memory:
+        _fail(f"{where}.max_memory", "an openvino model runs on one device; max_memory splits pytorch models")
+    if spec.trust_remote_code:
+        _fail(f"{where}.trust_remote_code", "the openvino exporter takes architectures transformers ships only")
+    engine = spec.engine
+    if engine.batching == "dynamic" or engine.static_cache or engine.compile or engine.attn_implementation != "auto":
+        _fail(f"{where}.engine", "an openvino model batches continuously in openvino-genai: batching dynamic, "
+                                 "static_cache, compile and attn_implementation are pytorch settings")
 
 
 def _check_image_model(spec: ModelSpec, where: str) -> None:

@@ -53,6 +53,9 @@ class ServedModel:
 
 def engine_class(spec: ModelSpec, adapter: Any) -> type[Engine]:
     """Which engine serves this model; see bench/README.md for why each family runs what it runs."""
+    own = getattr(adapter, "engine_class", None)  # a runtime with its own scheduler (utils/runtimes/openvino.py)
+    if own is not None:
+        return own
     if spec.engine.batching != "dynamic" and ContinuousEngine.supports(adapter):
         return ContinuousEngine
     return Engine

@@ -13,6 +13,7 @@ Each key builds one directory that loads through the same classes as the real mo
                 text encoder + Qwen2VLProcessor
     janus       JanusForConditionalGeneration + JanusProcessor (understands and draws; utils/hub/demo_speech_janus.py)
     whisper     WhisperForConditionalGeneration + WhisperProcessor (utils/hub/demo_speech_janus.py)
+    qwen3_openvino  Qwen3ForCausalLM with a byte-level BPE tokenizer, served by OpenVINO (utils/hub/demo_openvino.py)
 
 Weights are float32, seeded per key (deterministic), saved as safetensors. Tokenizers are built offline
 with `tokenizers` (WordPiece over a few hundred English words plus single characters, so any ASCII text
@@ -43,9 +44,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from utils.config.schema import DEMO_KEYS, DEMO_MATRIX
-from utils.hub import demo_speech_janus
-from utils.hub import demo_matrix
-from utils.hub.demo_parts import (_MROPE, _QWEN_SPECIAL, _fast_tokenizer, _ids, _keep_only_word_logits,
+from utils.hub import demo_matrix, demo_openvino, demo_speech_janus
+from utils.hub.demo_parts import (_MROPE, _QWEN_SPECIAL, _WORDS, _fast_tokenizer, _ids, _keep_only_word_logits,
                                   _vision_processors, _vocab_size, _wordpiece_tokenizer, _wordpiece_vocab,
                                   _write_generation_config)
 
@@ -71,6 +71,7 @@ _FAMILIES = {
     "qwen_image_edit": "image_edit",
     "janus": "janus",
     "whisper": "speech_to_text",
+    "qwen3_openvino": "text",
 }
 _SEEDS = {key: 1000 + i for i, key in enumerate(DEMO_KEYS)}
 
@@ -512,6 +513,7 @@ _BUILDERS: dict[str, Callable[[Path], None]] = {
     "qwen_image_edit": _build_qwen_image_edit,
     "janus": demo_speech_janus.build_janus,
     "whisper": demo_speech_janus.build_whisper,
+    "qwen3_openvino": lambda out: demo_openvino.build_openvino_demo(out, _WORDS, _TEXT),
 }
 
 

@@ -719,6 +719,8 @@ class ModelManager(RamTier):
 
 
 def default_device_resolver(spec: ModelSpec) -> str:
+    if spec.runtime == "openvino":  # its memory is host RAM (an Intel GPU shares it); OpenVINO picks its device
+        return "cpu"
     if spec.device == "cuda":
         return "cuda:0"
     if spec.device != "auto":
@@ -733,7 +735,7 @@ def default_device_resolver(spec: ModelSpec) -> str:
 def _load_fields(spec: ModelSpec) -> tuple:
     """What a loaded model was built from: a change to any of these needs a reload to apply."""
     return (spec.family, spec.path, spec.revision, spec.dtype, spec.quantization, spec.device, spec.engine,
-            spec.max_memory, spec.offload)
+            spec.max_memory, spec.offload, spec.runtime, spec.weight_format)
 
 
 def _mps_available() -> bool:

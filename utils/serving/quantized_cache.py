@@ -124,6 +124,9 @@ class CacheMismatch(RuntimeError):
 class QuantizedCache:
     """Entries under `root`: find, load, store, evict. Thread-safe; cheap to ask (a few stats)."""
 
+    ENTRY_RE = _ENTRY_RE  # an entry folder's name; the OpenVINO export cache (utils/runtimes/) has its own
+    kind = "quantized cache"
+
     def __init__(self, root: Path, *, enabled: bool = True, max_bytes: int | None = None) -> None:
         self.root = Path(root)
         self.enabled, self.max_bytes = enabled, max_bytes
@@ -390,7 +393,7 @@ class QuantizedCache:
         except OSError:
             folders = []
         for folder in folders:
-            match = _ENTRY_RE.match(folder.name)
+            match = self.ENTRY_RE.match(folder.name)
             if match and folder.is_dir():
                 yield folder, match["key"], match["quant"], match["id"]
 
@@ -478,6 +481,8 @@ def build_quantized_cache(settings: ServerSettings, keys: Sequence[str]) -> list
     report = []
     for key in dict.fromkeys(keys):
         spec = settings.models[key]
+        if spec.runtime != "pytorch":  # exported instead (utils/runtimes/exporter.build_openvino_exports)
+            continue
         row: dict[str, Any] = {"key": key, "quantization": spec.quantization, "status": "skipped", "reason": None,
                                "bytes": 0, "seconds": 0.0}
         report.append(row)

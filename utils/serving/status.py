@@ -6,7 +6,8 @@ import time
 
 from utils.families import capability_fields
 from utils.hub.model_folder import checkpoint_state
-from utils.serving.memory import estimate_model_bytes, gpu_budget, ram_budget
+from utils.runtimes import estimate_bytes
+from utils.serving.memory import gpu_budget, ram_budget
 
 WARNING_FRACTION = 0.9
 
@@ -60,6 +61,7 @@ def model_report(svc) -> dict:
     specs = svc.manager.specs()
     cache = getattr(svc, "quant_cache", None)
     cache_usage = cache.usage() if cache else {}
+    exports = getattr(svc, "openvino_cache", None)
     models = {}
     for key, info in snapshot.items():
         spec = specs[key]
@@ -68,14 +70,26 @@ def model_report(svc) -> dict:
         if state in ("unloaded",):
             state = disk if disk != "partial" else "partial"
         try:
-            estimated = estimate_model_bytes(spec) if disk != "not_downloaded" else None
+            estimated = estimate_bytes(spec, openvino_cache=exports) if disk != "not_downloaded" else None
         except Exception:
             estimated = None
         models[key] = dict(info, state=state, manager_state=info["state"], files=disk,
                            path=spec.path.name, bytes_estimated=estimated, quant_cache_bytes=cache_usage.get(key, 0),
-                           **capability_fields(spec))
+                           runtime=spec.runtime, **_runtime_fields(spec, exports), **capability_fields(spec))
     return {"timestamp": time.time(), "available_models": list(snapshot),
             "loaded_models": [k for k, v in snapshot.items() if v["loaded"]],
             "parked_models": [k for k, v in snapshot.items() if v.get("tier") == "ram"],
             "max_loaded_models": svc.settings.max_loaded_models, "models": models,
-            "quant_cache": cache.status() if cache else None, "settings": svc.settings.public_dict()}
+            "quant_cache": cache.status() if cache else None,
+            "openvino_cache": exports.status() if exports else None, "settings": svc.settings.public_dict()}
+
+
+def _runtime_fields(spec, exports) -> dict:
+    """An openvino model's weight format and export state (exported / not_exported / exporter_missing)."""
+    if spec.runtime != "openvino":
+        return {"weight_format": None, "export": None}
+    try:
+        state = exports.state(spec) if exports is not None else None
+    except Exception:  # noqa: BLE001 - a status page never fails on one model
+        state = "unknown"
+    return {"weight_format": spec.weight_format, "export": state}

@@ -157,7 +157,9 @@
         stateCell,
         el("td", m.device || "–", { className: "device" }),
         tierCell(m),
-        el("td", m.quantization, { className: "quantization" }),
+        // an openvino model: its runtime, weight format and export state (docs/openvino.md)
+        el("td", m.runtime === "openvino" ? `openvino ${m.weight_format} · ${m.export}` : m.quantization,
+           { className: "quantization", dataset: { runtime: m.runtime || "pytorch" } }),
         el("td", m.loaded ? fmtBytes(m.bytes_in_memory) : "–",
            { className: "num bytes", title: `${m.bytes_in_memory} bytes`, dataset: { bytes: m.bytes_in_memory } }),
         el("td", fmtBytes(m.bytes_estimated), { className: "num estimated", dataset: { bytes: m.bytes_estimated ?? "" } }),
