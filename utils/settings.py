@@ -239,6 +239,7 @@ class ServerSettings:
     # Each sweep: while free RAM / GPU memory is below its headroom, idle models on that device are
     # released (LRU first) until free memory is back above headroom + margin.
     request_timeout: float = 600.0   # REQUEST_TIMEOUT: default deadline of a request, seconds (per model: timeout)
+    profile_max_seconds: float = 60.0  # PROFILE_MAX_SECONDS: the longest POST /admin/profile?seconds=N records
     # DEFAULT_SEED (seed 004's VLM_SEED): the seed of requests that give none, for every model whose own
     # generation.seed is unset (applied to ModelSpec.generation.seed at load); None: a fresh seed each time.
     default_seed: int | None = None
@@ -319,6 +320,7 @@ class ServerSettings:
             "group_window": self.group_window,
             "max_pass_over": self.max_pass_over,
             "request_timeout": self.request_timeout,
+            "profile_max_seconds": self.profile_max_seconds,
             "default_seed": self.default_seed,
             "memory_pressure_release": self.memory_pressure_release,
             "pressure_margin_bytes": self.pressure_margin_bytes,
@@ -447,7 +449,7 @@ _SERVER_FIELDS = {"max_loaded_models", "idle_timeout", "models_dir", "tmp_dir", 
                   "ram_budget_gb", "ram_headroom_gb", "gpu_budget_gb", "gpu_headroom_gb", "failed_load_backoff",
                   "sweep_interval", "tmp_ttl", "tmp_max_mb", "media", "remote_media", "engine", "torch_threads",
                   "group_window", "max_pass_over", "memory_pressure_release", "pressure_margin_gb",
-                  "request_timeout", "quant_cache", "quant_cache_dir", "quant_cache_max_gb", "jobs",
+                  "request_timeout", "profile_max_seconds", "quant_cache", "quant_cache_dir", "quant_cache_max_gb", "jobs",
                   "ram_tier", "backend", "ray", "default_seed"}
 _JOB_FIELDS = {f.name for f in dataclasses.fields(JobSettings)}
 _RAY_FIELDS = {"address", "num_cpus", "max_ongoing_requests", "health_check_period", "call_timeout", "groups",
@@ -480,6 +482,7 @@ SERVER_ENV = {
     "MAX_PASS_OVER": "max_pass_over",
     "MEMORY_PRESSURE_RELEASE": "memory_pressure_release",
     "REQUEST_TIMEOUT": "request_timeout",
+    "PROFILE_MAX_SECONDS": "profile_max_seconds",
     "PRESSURE_MARGIN_GB": "pressure_margin_gb",
     "QUANT_CACHE": "quant_cache",
     "QUANT_CACHE_DIR": "quant_cache_dir",
@@ -991,6 +994,8 @@ def load_settings(config_path: str | os.PathLike | None = None, env: Mapping[str
                              minimum=0, maximum=3600),
         request_timeout=_float(server.get("request_timeout", ServerSettings.request_timeout), "server.request_timeout",
                                minimum=0.01),
+        profile_max_seconds=_float(server.get("profile_max_seconds", ServerSettings.profile_max_seconds),
+                                   "server.profile_max_seconds", minimum=0.01, maximum=3600),
         default_seed=default_seed,
         memory_pressure_release=_bool(server.get("memory_pressure_release", ServerSettings.memory_pressure_release),
                                       "server.memory_pressure_release"),

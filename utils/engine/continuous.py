@@ -19,6 +19,7 @@ import secrets
 from typing import Any
 
 from utils.engine.engine import Engine, Job
+from utils.engine.phases import phase
 from utils.engine.rows import RowState, collate
 from utils.errors import OutOfMemory
 from utils.memory import is_out_of_memory, release_cached_memory
@@ -56,15 +57,18 @@ class ContinuousEngine(Engine):
             self._peak = max(self._peak, len(batch.rows) + len(joining))
             try:
                 if joining:
-                    batch.join(joining)
-                batch.step()
+                    with phase("engine.join"):
+                        batch.join(joining)
+                with phase("engine.step"):
+                    batch.step()
                 clean_steps += 1
                 if limit < self.max_batch_size and clean_steps >= GROW_BACK_STEPS:
                     limit, clean_steps = limit + 1, 0
             except Exception as exc:
                 limit, clean_steps = self._recover(batch, joining, exc, limit), 0
                 batch = DecodeBatch(self.adapter) if not batch.intact else batch
-            finished = batch.collect_finished()
+            with phase("engine.collect"):
+                finished = batch.collect_finished()
             with self._cond:
                 self._running = [row.job for row in batch.rows]
             self._count(len(joining), finished)
@@ -116,6 +120,10 @@ class DecodeRow(RowState):
         self.prompt_ids = job.prepared["input_ids"][0].tolist()
         self.processors, self.generator = _sampling(job.params, adapter.model.device)
 
+    def add(self, token: int) -> bool:
+        with phase("engine.emit"):  # stop strings, detokenizing, streaming, the result
+            return super().add(token)
+
 
 class DecodeBatch:
     """The running rows, their shared KV cache and attention mask; every forward pass of a
@@ -143,16 +151,18 @@ class DecodeBatch:
         inputs = collate([job.prepared for job in jobs], side="left", pad_id=self.adapter._pad_id())
         mask = inputs["attention_mask"]
         cache = DynamicCache(config=self.model.config)
-        with torch.inference_mode():
+        with phase("engine.prefill"), torch.inference_mode():
             logits = self.model(input_ids=inputs["input_ids"], attention_mask=mask,
                                 position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
                                 logits_to_keep=1, **{self._cache_arg: cache}).logits[:, -1, :]
         rows = [DecodeRow(job, self.adapter) for job in jobs]
         self.intact = False  # until the new cache is stacked under the running one
-        self._merge(cache, mask)
+        with phase("engine.merge"):
+            self._merge(cache, mask)
         self.rows += rows
         self.intact = True
-        self._advance(rows, logits)
+        with phase("engine.sample"):
+            self._advance(rows, logits)
 
     def step(self) -> None:
         """One decode step for every running row that is still open."""
@@ -165,12 +175,13 @@ class DecodeBatch:
         positions = self.mask.sum(-1, keepdim=True)  # each row's count of real tokens so far
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
         self.intact = False  # a forward that fails half-way leaves some layers one token longer
-        with torch.inference_mode():
+        with phase("engine.forward"), torch.inference_mode():
             logits = self.model(input_ids=last, attention_mask=self.mask, position_ids=positions, use_cache=True,
                                 cache_position=torch.arange(length, length + 1, device=self.mask.device),
                                 **{self._cache_arg: self.cache}).logits[:, -1, :]
         self.intact = True
-        self._advance(self.rows, logits)
+        with phase("engine.sample"):
+            self._advance(self.rows, logits)
 
     def collect_finished(self) -> list[int]:
         """Drops finished rows from the batch (cache and mask too); returns their token counts."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Protocol, Sequence
 
+from utils.engine.phases import phase
 from utils.families.base import GenerationParams, GenerationResult
 
 # Per-token keys padded to the batch's width; every other processor output is stacked row after row.
@@ -167,9 +168,10 @@ class RowTracker:
         if not self._seen_prompt:  # the first call carries the prompt (or the decoder's start token)
             self._seen_prompt = True
             return
-        for state, token in zip(self.states, value.reshape(-1).tolist()):
-            if not state.done:
-                state.add(int(token))
+        with phase("engine.emit"):
+            for state, token in zip(self.states, value.reshape(-1).tolist()):
+                if not state.done:
+                    state.add(int(token))
 
     def end(self) -> None:
         pass
