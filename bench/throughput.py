@@ -18,7 +18,7 @@ two sides of a ratio are measured alternately in the same run (A, B, A, B, ...).
      (bench/bare_loop.py), all three through /v1/chat/completions on demo deepseek, c = 1, 8, 32
      (targets: ours/peer >= 1.5x, 2x, 2.5x; ours/bare >= 1.0x)
   m. (issue 29) 8-turn chats at c=8 (a shared system prompt; every turn sends the earlier turns again):
-     ours with prefix reuse vs ours with PREFIX_CACHE=0: time to first token (p50 latency of
+     ours with prefix reuse vs ours with PREFIX_CACHE_MB=0: time to first token (p50 latency of
      max_tokens=1 requests; target on/off <= 0.5x) and req/s at 16 tokens
   --profile: ours under the distinct-prompt load at c=8 while POST /admin/profile records; prints
      the engine's phases by total time and the operators by self time (one "profile" JSON line)
@@ -258,7 +258,7 @@ class Bench:
                     server.stop()
 
     def bench_m(self, ours: C.Server) -> None:
-        off = C.start_ours("ours_prefix_off", self.args.models_dir, self.work, {**self.ours_env, "PREFIX_CACHE": "0"})
+        off = C.start_ours("ours_prefix_off", self.args.models_dir, self.work, {**self.ours_env, "PREFIX_CACHE_MB": "0"})
         try:
             c = 8
             sides = [("reuse_on", f"{ours.url}/v1/chat/completions"), ("reuse_off", f"{off.url}/v1/chat/completions")]

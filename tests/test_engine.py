@@ -335,3 +335,57 @@ def test_continuous_out_of_memory_requeues_newcomers_and_lowers_the_row_limit(ad
     solo = [adapter.generate(p, greedy(6)) for p in prepared]
     results, raised = run_queued_under_oom(adapter, prepared, greedy(6), rows=2)  # prefills of 3+ rows fail
     assert raised >= 1 and all(same(a, b) for a, b in zip(solo, results))
+
+
+SYSTEM = ("You are a careful assistant for a team of engineers. Answer briefly, name the trade-offs and say "
+          "what you would measure before deciding.")
+
+
+def test_prefix_reuse_gives_a_fresh_prefills_tokens_on_a_multi_turn_chat(adapters):
+    """Turn after turn of two chats that share a system prompt: each answer with the prompt's cached
+    prefix equals the same prompt prefilled from scratch, and the cache was really used."""
+    adapter = adapters["deepseek"]
+    engine = make_engine(adapter, prefix_cache_bytes=64 * 2**20).start()
+    def say(role, text):
+        return {"role": role, "content": [{"type": "text", "text": text}]}
+
+    chats: list[list[dict]] = [[say("system", SYSTEM)] for _ in range(2)]
+    try:
+        for turn in range(4):
+            for number, messages in enumerate(chats):
+                messages.append(say("user", f"chat {number} question {turn}: " + " ".join(WORDS[turn:])))
+                prepared = adapter.prepare(GenerationRequest(prompt="", messages=[dict(m) for m in messages]))
+                params = greedy(6 + turn)
+                fresh = adapter.generate(prepared, params)
+                reused = engine.run(engine.submit(prepared, params))
+                assert same(fresh, reused), (turn, number, fresh.text, reused.text)
+                messages.append(say("assistant", reused.text or "ok"))
+        stats = engine.stats()["prefix_cache"]
+    finally:
+        engine.stop()
+    assert stats["hits"] >= 6 and stats["tokens_reused"] > 16 * stats["hits"] / 2, stats
+    assert 0 < stats["bytes"] <= stats["max_bytes"]
+
+
+def test_prefix_cache_drops_the_least_recently_used_past_its_bytes():
+    import torch
+
+    from utils.engine.prefix_cache import BLOCK, PrefixCache
+
+    def kv(tokens):  # one layer, [1, heads, tokens, head_dim] of float32: 4 * 2 * 8 bytes per token and tensor
+        return [(torch.zeros(1, 2, len(tokens), 8), torch.zeros(1, 2, len(tokens), 8))]
+
+    per_token = 2 * 2 * 8 * 4
+    prompts = [[n] * (2 * BLOCK) for n in range(3)]
+    cache = PrefixCache(max_bytes=2 * 2 * BLOCK * per_token)  # room for two prompts
+    for prompt in prompts[:2]:
+        cache.add(prompt, kv(prompt))
+    assert cache.lookup(prompts[0] + [7])[0] == 2 * BLOCK   # prompt 0 is now the most recently used
+    cache.add(prompts[2], kv(prompts[2]))                    # so prompt 1 goes
+    assert cache.lookup(prompts[1] + [7]) == (0, None)
+    assert cache.lookup(prompts[2] + [7])[0] == 2 * BLOCK
+    assert cache.lookup(prompts[0][:BLOCK + 3])[0] == BLOCK  # a block-aligned prefix of a cached prompt
+    assert cache.lookup(prompts[0])[0] == BLOCK             # a whole cached prompt keeps one token to prefill
+    assert cache.stats()["evictions"] == 1 and cache.bytes <= cache.max_bytes
+    cache.clear()
+    assert cache.bytes == 0 and cache.lookup(prompts[0] + [7]) == (0, None)

@@ -85,6 +85,9 @@ class EngineSettings:
     attn_implementation: str = "auto"  # auto = transformers' choice (sdpa where the model has it)
     static_cache: bool = False      # generate(cache_implementation="static"): fixed shapes, for GPUs
     compile: bool = False           # torch.compile the forward (needs static_cache)
+    # Prefix reuse (continuous engine): the KV of recent prompts, least recently used out past this
+    # many MiB, reserved in the model's bytes (its memory budget); 0 = off.
+    prefix_cache_mb: int = 256
 
 
 @dataclass(frozen=True)
@@ -497,7 +500,7 @@ RAY_ENV = {"RAY_ADDRESS": "address", "RAY_REPLICAS": "replicas", "RAY_NUM_CPUS":
            "RAY_MAX_MODELS_PER_REPLICA": "max_models_per_replica", "RAY_APP_PREFIX": "app_prefix"}
 # Environment variable -> key of the server `engine` section (the defaults of every model's engine).
 ENGINE_ENV = {"BATCHING": "batching", "MAX_BATCH_SIZE": "max_batch_size", "MAX_QUEUE": "max_queue",
-              "QUEUE_TIMEOUT": "queue_timeout"}
+              "QUEUE_TIMEOUT": "queue_timeout", "PREFIX_CACHE_MB": "prefix_cache_mb"}
 JOB_ENV = {"JOBS_DIR": "dir", "JOB_WORKERS": "workers", "JOB_RESULT_TTL": "result_ttl",
            "JOB_MAX_QUEUED": "max_queued", "JOB_MAX_ATTEMPTS": "max_attempts", "JOB_TIMEOUT": "timeout",
            "JOB_MAX_BODY_MB": "max_body_mb", "JOB_ORPHAN_GRACE": "orphan_grace"}
@@ -584,6 +587,7 @@ def _engine(raw: Any, where: str, defaults: EngineSettings) -> EngineSettings:
                                     ATTN_IMPLEMENTATIONS),
         static_cache=_bool(get("static_cache"), f"{where}.static_cache"),
         compile=_bool(get("compile"), f"{where}.compile"),
+        prefix_cache_mb=_int(get("prefix_cache_mb"), f"{where}.prefix_cache_mb", minimum=0),
     )
     if out.compile and not out.static_cache:
         _fail(f"{where}.compile", "torch.compile needs static_cache: true (fixed shapes; otherwise every "

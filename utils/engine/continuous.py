@@ -20,6 +20,7 @@ from typing import Any
 
 from utils.engine.engine import Engine, Job
 from utils.engine.phases import phase
+from utils.engine.prefix_cache import PrefixCache
 from utils.engine.rows import RowState, collate
 from utils.errors import OutOfMemory
 from utils.memory import is_out_of_memory, release_cached_memory
@@ -30,6 +31,19 @@ GROW_BACK_STEPS = 64  # clean decode steps before a row limit lowered by an out-
 
 class ContinuousEngine(Engine):
     kind = "continuous"
+
+    def __init__(self, adapter: Any, *, prefix_cache_bytes: int = 0, **settings: Any) -> None:
+        super().__init__(adapter, **settings)
+        self._prefix = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
+
+    def reserved_bytes(self) -> int:
+        return self._prefix.max_bytes if self._prefix is not None else 0
+
+    def stats(self) -> dict:
+        out = super().stats()
+        if self._prefix is not None:  # read off the worker thread: plain integers, a torn read is harmless
+            out["prefix_cache"] = self._prefix.stats()
+        return out
 
     @staticmethod
     def supports(adapter: Any) -> bool:
@@ -43,7 +57,14 @@ class ContinuousEngine(Engine):
         return all(kind == "full_attention" for kind in layer_types)
 
     def _run(self) -> None:
-        batch = DecodeBatch(self.adapter)
+        try:
+            self._loop()
+        finally:
+            if self._prefix is not None:  # a stopped engine's KV goes with it (a park moves the weights away)
+                self._prefix.clear()
+
+    def _loop(self) -> None:
+        batch = DecodeBatch(self.adapter, self._prefix)
         limit, clean_steps = self.max_batch_size, 0  # the limit halves on out-of-memory, then grows back
         while True:
             with self._cond:
@@ -66,7 +87,7 @@ class ContinuousEngine(Engine):
                     limit, clean_steps = limit + 1, 0
             except Exception as exc:
                 limit, clean_steps = self._recover(batch, joining, exc, limit), 0
-                batch = DecodeBatch(self.adapter) if not batch.intact else batch
+                batch = DecodeBatch(self.adapter, self._prefix) if not batch.intact else batch
             with phase("engine.collect"):
                 finished = batch.collect_finished()
             with self._cond:
@@ -129,8 +150,9 @@ class DecodeBatch:
     """The running rows, their shared KV cache and attention mask; every forward pass of a
     continuous engine happens here, on the engine's thread."""
 
-    def __init__(self, adapter: Any) -> None:
+    def __init__(self, adapter: Any, prefix: PrefixCache | None = None) -> None:
         self.adapter, self.model = adapter, adapter.model
+        self.prefix = prefix
         # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns).
         self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters \
             else "past_key_values"
@@ -144,25 +166,79 @@ class DecodeBatch:
         return [row.job for row in self.rows]
 
     def join(self, jobs: list[Job]) -> None:
-        """Prefills the joining requests together and stacks their cache under the running rows."""
+        """Prefills the joining requests and stacks their cache under the running rows: those whose
+        prompt starts like a cached one each prefill only the rest, the others together."""
+        import torch
+
+        rows = [DecodeRow(job, self.adapter) for job in jobs]
+        fresh, prefills = [], []  # prefills: (rows, cache, mask, logits), merged in this order
+        for row in rows:
+            reused, entry = self.prefix.lookup(row.prompt_ids) if self._reusable(row) else (0, None)
+            if entry is None:
+                fresh.append(row)
+            else:
+                prefills.append(([row], *self._prefill_after(row, reused, entry)))
+        if fresh:
+            prefills.insert(0, (fresh, *self._prefill(fresh)))
+        self.intact = False  # until the new caches are stacked under the running one
+        with phase("engine.merge"):
+            for _, cache, mask, _ in prefills:
+                self._merge(cache, mask)
+        joined = [row for group, *_ in prefills for row in group]
+        self.rows += joined
+        self.intact = True
+        with phase("engine.sample"):
+            self._advance(joined, torch.cat([logits for *_, logits in prefills], dim=0))
+
+    def _prefill(self, rows: list[DecodeRow]) -> tuple[Any, Any, Any]:
+        """The rows' prompts in one left-padded forward; their KV kept for prefix reuse."""
         import torch
         from transformers import DynamicCache
 
-        inputs = collate([job.prepared for job in jobs], side="left", pad_id=self.adapter._pad_id())
+        inputs = collate([row.job.prepared for row in rows], side="left", pad_id=self.adapter._pad_id())
         mask = inputs["attention_mask"]
         cache = DynamicCache(config=self.model.config)
         with phase("engine.prefill"), torch.inference_mode():
             logits = self.model(input_ids=inputs["input_ids"], attention_mask=mask,
                                 position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
                                 logits_to_keep=1, **{self._cache_arg: cache}).logits[:, -1, :]
-        rows = [DecodeRow(job, self.adapter) for job in jobs]
-        self.intact = False  # until the new cache is stacked under the running one
-        with phase("engine.merge"):
-            self._merge(cache, mask)
-        self.rows += rows
-        self.intact = True
-        with phase("engine.sample"):
-            self._advance(rows, logits)
+        if self.prefix is not None:
+            width, alone = mask.shape[1], len(rows) == 1
+            for i, row in enumerate(rows):
+                if self._reusable(row):
+                    start = width - len(row.prompt_ids)  # (a row's own slice: the batch's tensor stays unpinned)
+                    self.prefix.add(row.prompt_ids, [
+                        (layer.keys, layer.values) if alone else
+                        (layer.keys[i:i + 1, :, start:].clone(), layer.values[i:i + 1, :, start:].clone())
+                        for layer in cache.layers])
+        return cache, mask, logits
+
+    def _prefill_after(self, row: DecodeRow, reused: int, entry: Any) -> tuple[Any, Any, Any]:
+        """One row whose first `reused` prompt tokens are cached: a forward over the rest only."""
+        import torch
+        from transformers import DynamicCache
+
+        ids = row.job.prepared["input_ids"]
+        total = ids.shape[1]
+        cache = DynamicCache(config=self.model.config)
+        for index, (keys, values) in enumerate(entry.layers):  # update copies: the entry stays as it is
+            cache.update(keys[:, :, :reused], values[:, :, :reused], index)
+        mask = torch.ones((1, total), dtype=torch.long, device=ids.device)
+        positions = torch.arange(reused, total, device=ids.device)
+        with phase("engine.prefill"), torch.inference_mode():
+            logits = self.model(input_ids=ids[:, reused:], attention_mask=mask, position_ids=positions[None],
+                                cache_position=positions, use_cache=True, logits_to_keep=1,
+                                **{self._cache_arg: cache}).logits[:, -1, :]
+        self.prefix.add(row.prompt_ids, [(layer.keys, layer.values) for layer in cache.layers])
+        return cache, mask, logits
+
+    def _reusable(self, row: DecodeRow) -> bool:
+        """Plain text prompts only: their KV depends on their tokens alone (media inputs would not)."""
+        prepared = row.job.prepared
+        if self.prefix is None or not set(prepared) <= {"input_ids", "attention_mask"}:
+            return False
+        mask = prepared.get("attention_mask")
+        return mask is None or bool(mask.all())
 
     def step(self) -> None:
         """One decode step for every running row that is still open."""

@@ -221,6 +221,10 @@ class Engine:
                     "thread_id": self._thread.native_id,  # the operator profiler keeps this thread's events
                     "tokens_per_second": round(sum(n for _, n in self._tokens) / window, 2)}
 
+    def reserved_bytes(self) -> int:
+        """Memory the engine holds beyond the weights, counted in the model's bytes (none here)."""
+        return 0
+
     def _drain_estimate(self) -> float:
         return min(30.0, 1.0 + len(self._queue) / max(1, self.max_batch_size))
 
