@@ -342,29 +342,36 @@ SYSTEM = ("You are a careful assistant for a team of engineers. Answer briefly, 
 
 
 def test_prefix_reuse_gives_a_fresh_prefills_tokens_on_a_multi_turn_chat(adapters):
-    """Turn after turn of two chats that share a system prompt: each answer with the prompt's cached
-    prefix equals the same prompt prefilled from scratch, and the cache was really used."""
+    """Turn after turn of three chats that share a system prompt, each turn's three requests sent at
+    once (so rows with cached prefixes of different lengths join together): each answer equals the
+    same prompt prefilled from scratch, alone, and the cache was really used."""
     adapter = adapters["deepseek"]
     engine = make_engine(adapter, prefix_cache_bytes=64 * 2**20).start()
+
     def say(role, text):
         return {"role": role, "content": [{"type": "text", "text": text}]}
 
-    chats: list[list[dict]] = [[say("system", SYSTEM)] for _ in range(2)]
+    chats: list[list[dict]] = [[say("system", SYSTEM)] for _ in range(3)]
     try:
         for turn in range(4):
+            prepared, params = [], []
             for number, messages in enumerate(chats):
-                messages.append(say("user", f"chat {number} question {turn}: " + " ".join(WORDS[turn:])))
-                prepared = adapter.prepare(GenerationRequest(prompt="", messages=[dict(m) for m in messages]))
-                params = greedy(6 + turn)
-                fresh = adapter.generate(prepared, params)
-                reused = engine.run(engine.submit(prepared, params))
-                assert same(fresh, reused), (turn, number, fresh.text, reused.text)
-                messages.append(say("assistant", reused.text or "ok"))
-        stats = engine.stats()["prefix_cache"]
+                messages.append(say("user", f"chat {number} question {turn}: " + " ".join(WORDS[turn + number:])))
+                prepared.append(adapter.prepare(GenerationRequest(prompt="", messages=[dict(m) for m in messages])))
+                params.append(greedy(5 + turn + number))
+            fresh = [adapter.generate(p, q) for p, q in zip(prepared, params)]
+            jobs = [engine.submit(p, q) for p, q in zip(prepared, params)]
+            reused = [engine.run(job) for job in jobs]
+            for number, messages in enumerate(chats):
+                assert same(fresh[number], reused[number]), (turn, number, fresh[number].text, reused[number].text)
+                messages.append(say("assistant", reused[number].text or "ok"))
+        stats = engine.stats()
     finally:
         engine.stop()
-    assert stats["hits"] >= 6 and stats["tokens_reused"] > 16 * stats["hits"] / 2, stats
-    assert 0 < stats["bytes"] <= stats["max_bytes"]
+    cached = stats["prefix_cache"]
+    assert cached["hits"] >= 9 and cached["tokens_reused"] > 16 * cached["hits"] / 2, cached
+    assert 0 < cached["bytes"] <= cached["max_bytes"]
+    assert stats["peak_batch"] > 1, "the turns' requests never joined together"
 
 
 def test_prefix_cache_drops_the_least_recently_used_past_its_bytes():

@@ -166,71 +166,55 @@ class DecodeBatch:
         return [row.job for row in self.rows]
 
     def join(self, jobs: list[Job]) -> None:
-        """Prefills the joining requests and stacks their cache under the running rows: those whose
-        prompt starts like a cached one each prefill only the rest, the others together."""
+        """Prefills the joining requests together and stacks their cache under the running rows.
+        A row whose prompt starts like a cached one prefills only the rest: its cached prefix goes
+        into the joining cache, left-padded to the longest reused prefix, and its new tokens after it."""
         import torch
+        from transformers import DynamicCache
 
         rows = [DecodeRow(job, self.adapter) for job in jobs]
-        fresh, prefills = [], []  # prefills: (rows, cache, mask, logits), merged in this order
-        for row in rows:
-            reused, entry = self.prefix.lookup(row.prompt_ids) if self._reusable(row) else (0, None)
-            if entry is None:
-                fresh.append(row)
-            else:
-                prefills.append(([row], *self._prefill_after(row, reused, entry)))
-        if fresh:
-            prefills.insert(0, (fresh, *self._prefill(fresh)))
-        self.intact = False  # until the new caches are stacked under the running one
+        reuse = [self.prefix.lookup(row.prompt_ids) if self._reusable(row) else (0, None) for row in rows]
+        width = max(reused for reused, _ in reuse)  # columns of cached prefixes, before the new tokens
+        cache = DynamicCache(config=self.model.config)
+        if width:
+            _fill_prefixes(cache, reuse, width)
+        prompts = [row.job.prepared if not reused else
+                   {name: value[:, reused:] for name, value in row.job.prepared.items()}
+                   for row, (reused, _) in zip(rows, reuse)]
+        inputs = collate(prompts, side="left", pad_id=self.adapter._pad_id())
+        new_mask = inputs.pop("attention_mask")
+        mask = new_mask if not width else torch.cat(
+            [torch.stack([_pad_left(new_mask.new_ones(reused), width, dim=0) for reused, _ in reuse]), new_mask],
+            dim=1)
+        length = new_mask.shape[1]
+        with phase("engine.prefill"), torch.inference_mode():
+            logits = self.model(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, width:],
+                                cache_position=torch.arange(width, width + length, device=mask.device),
+                                use_cache=True, logits_to_keep=1, **{self._cache_arg: cache}).logits[:, -1, :]
+        if self.prefix is not None:
+            self._keep_prompts(rows, reuse, cache, mask, width)
+        self.intact = False  # until the new cache is stacked under the running one
         with phase("engine.merge"):
-            for _, cache, mask, _ in prefills:
-                self._merge(cache, mask)
-        joined = [row for group, *_ in prefills for row in group]
-        self.rows += joined
+            self._merge(cache, mask)
+        self.rows += rows
         self.intact = True
         with phase("engine.sample"):
-            self._advance(joined, torch.cat([logits for *_, logits in prefills], dim=0))
+            self._advance(rows, logits)
 
-    def _prefill(self, rows: list[DecodeRow]) -> tuple[Any, Any, Any]:
-        """The rows' prompts in one left-padded forward; their KV kept for prefix reuse."""
-        import torch
-        from transformers import DynamicCache
-
-        inputs = collate([row.job.prepared for row in rows], side="left", pad_id=self.adapter._pad_id())
-        mask = inputs["attention_mask"]
-        cache = DynamicCache(config=self.model.config)
-        with phase("engine.prefill"), torch.inference_mode():
-            logits = self.model(input_ids=inputs["input_ids"], attention_mask=mask,
-                                position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
-                                logits_to_keep=1, **{self._cache_arg: cache}).logits[:, -1, :]
-        if self.prefix is not None:
-            width, alone = mask.shape[1], len(rows) == 1
-            for i, row in enumerate(rows):
-                if self._reusable(row):
-                    start = width - len(row.prompt_ids)  # (a row's own slice: the batch's tensor stays unpinned)
-                    self.prefix.add(row.prompt_ids, [
-                        (layer.keys, layer.values) if alone else
-                        (layer.keys[i:i + 1, :, start:].clone(), layer.values[i:i + 1, :, start:].clone())
-                        for layer in cache.layers])
-        return cache, mask, logits
-
-    def _prefill_after(self, row: DecodeRow, reused: int, entry: Any) -> tuple[Any, Any, Any]:
-        """One row whose first `reused` prompt tokens are cached: a forward over the rest only."""
-        import torch
-        from transformers import DynamicCache
-
-        ids = row.job.prepared["input_ids"]
-        total = ids.shape[1]
-        cache = DynamicCache(config=self.model.config)
-        for index, (keys, values) in enumerate(entry.layers):  # update copies: the entry stays as it is
-            cache.update(keys[:, :, :reused], values[:, :, :reused], index)
-        mask = torch.ones((1, total), dtype=torch.long, device=ids.device)
-        positions = torch.arange(reused, total, device=ids.device)
-        with phase("engine.prefill"), torch.inference_mode():
-            logits = self.model(input_ids=ids[:, reused:], attention_mask=mask, position_ids=positions[None],
-                                cache_position=positions, use_cache=True, logits_to_keep=1,
-                                **{self._cache_arg: cache}).logits[:, -1, :]
-        self.prefix.add(row.prompt_ids, [(layer.keys, layer.values) for layer in cache.layers])
-        return cache, mask, logits
+    def _keep_prompts(self, rows: list[DecodeRow], reuse: list, cache: Any, mask: Any, width: int) -> None:
+        """Each plain prompt's KV into the prefix cache: its own columns, copied (so the joining
+        batch's tensors are not pinned by an entry), unless the row is the batch and has no padding."""
+        alone = len(rows) == 1 and bool(mask.all())
+        for i, (row, (reused, _)) in enumerate(zip(rows, reuse)):
+            if not self._reusable(row):
+                continue
+            if alone:
+                self.prefix.add(row.prompt_ids, [(layer.keys, layer.values) for layer in cache.layers])
+                continue
+            columns = mask[i].nonzero().squeeze(-1)  # the prompt's tokens; padding left and between
+            self.prefix.add(row.prompt_ids, [(layer.keys[i:i + 1].index_select(2, columns),
+                                              layer.values[i:i + 1].index_select(2, columns))
+                                             for layer in cache.layers])
 
     def _reusable(self, row: DecodeRow) -> bool:
         """Plain text prompts only: their KV depends on their tokens alone (media inputs would not)."""
@@ -326,6 +310,22 @@ class DecodeBatch:
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
             self.mask = self.mask[:, start:]
+
+
+def _fill_prefixes(cache: Any, reuse: list, width: int) -> None:
+    """The joining rows' cached prefixes as the first `width` columns of their cache, each
+    left-padded (zeros, masked); rows without one get padding only."""
+    import torch
+
+    some = next(entry for _, entry in reuse if entry is not None)
+    for index, (keys, values) in enumerate(some.layers):
+        pad_k = keys.new_zeros((1, keys.shape[1], width, keys.shape[3]))
+        pad_v = values.new_zeros((1, values.shape[1], width, values.shape[3]))
+        rows_k = [pad_k if entry is None else _pad_left(entry.layers[index][0][:, :, :reused], width, dim=2)
+                  for reused, entry in reuse]
+        rows_v = [pad_v if entry is None else _pad_left(entry.layers[index][1][:, :, :reused], width, dim=2)
+                  for reused, entry in reuse]
+        cache.update(torch.cat(rows_k, dim=0), torch.cat(rows_v, dim=0), index)
 
 
 def _pad_left(tensor: Any, width: int, dim: int) -> Any:
