@@ -230,7 +230,7 @@ class Bench:
         for _ in range(2):  # the peer's first requests compile and allocate
             self.salt += 1
             result = run_wrk(url, concurrency=c, seconds=2, model=model_field, salt=f"warm{self.salt}", chats=c)
-        if result.requests == 0 or result.errors:
+        if result.errors:  # (none finished in 2 s is no failure: a slow peer at c=32)
             raise RuntimeError(f"warm-up of {label} failed: {result.summary()}")
         C.log(f"warmed {label} at c={c} ({time.monotonic() - started:.1f} s)")
 
