@@ -282,7 +282,7 @@ class Bench:
         import json
         import threading
 
-        from utils.profiler import PHASES, phase_totals
+        from utils.ops.profiler import PHASES, phase_totals
 
         url = f"{ours.url}/v1/chat/completions"
         self.warm_wrk("ours deepseek", url, "deepseek", 8)

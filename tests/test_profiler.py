@@ -6,7 +6,7 @@ import gzip
 import json
 import threading
 
-from utils import profiler
+from utils.ops import profiler
 
 PHASES = {"engine.join", "engine.prefill", "engine.step", "engine.forward", "engine.sample", "engine.emit"}
 

@@ -23,7 +23,7 @@ from utils.engine.phases import phase
 from utils.engine.prefix_cache import PrefixCache
 from utils.engine.rows import RowState, collate
 from utils.errors import OutOfMemory
-from utils.memory import is_out_of_memory, release_cached_memory
+from utils.serving.memory import is_out_of_memory, release_cached_memory
 
 log = logging.getLogger("model_server.engine")
 GROW_BACK_STEPS = 64  # clean decode steps before a row limit lowered by an out-of-memory grows by one
@@ -169,8 +169,8 @@ class DecodeBatch:
         """Prefills the joining requests together and stacks their cache under the running rows.
         A row whose prompt starts like a cached one prefills only the rest: its cached prefix goes
         into the joining cache, left-padded to the longest reused prefix, and its new tokens after it."""
-        import torch
-        from transformers import DynamicCache
+        import torch  # deferred: torch
+        from transformers import DynamicCache  # deferred: transformers
 
         rows = [DecodeRow(job, self.adapter) for job in jobs]
         reuse = [self.prefix.lookup(row.prompt_ids) if self._reusable(row) else (0, None) for row in rows]
@@ -226,7 +226,7 @@ class DecodeBatch:
 
     def step(self) -> None:
         """One decode step for every running row that is still open."""
-        import torch
+        import torch  # deferred: torch
 
         if all(row.done for row in self.rows):  # e.g. every joining row finished at its prefill (1 token,
             return                               # or eos first): a forward now would only be thrown away
@@ -245,7 +245,7 @@ class DecodeBatch:
 
     def collect_finished(self) -> list[int]:
         """Drops finished rows from the batch (cache and mask too); returns their token counts."""
-        import torch
+        import torch  # deferred: torch
 
         for row in self.rows:
             row.close_if_cancelled()
@@ -266,7 +266,7 @@ class DecodeBatch:
 
     def _advance(self, rows: list[DecodeRow], logits: Any) -> None:
         """Chooses each open row's next token (greedy or its own sampling) and hands it over."""
-        import torch
+        import torch  # deferred: torch
 
         scores = logits.float()
         if all(not row.processors and row.generator is None for row in rows):
@@ -290,7 +290,7 @@ class DecodeBatch:
 
     def _merge(self, cache: Any, mask: Any) -> None:
         """Stacks a new cache (and mask) under the running one, left-padding the shorter."""
-        import torch
+        import torch  # deferred: torch
 
         if self.cache is None:
             self.cache, self.mask = cache, mask
@@ -315,7 +315,7 @@ class DecodeBatch:
 def _fill_prefixes(cache: Any, reuse: list, width: int) -> None:
     """The joining rows' cached prefixes as the first `width` columns of their cache, each
     left-padded (zeros, masked); rows without one get padding only."""
-    import torch
+    import torch  # deferred: torch
 
     some = next(entry for _, entry in reuse if entry is not None)
     for index, (keys, values) in enumerate(some.layers):
@@ -329,7 +329,7 @@ def _fill_prefixes(cache: Any, reuse: list, width: int) -> None:
 
 
 def _pad_left(tensor: Any, width: int, dim: int) -> Any:
-    import torch
+    import torch  # deferred: torch
 
     missing = width - tensor.shape[dim]
     if missing <= 0:
@@ -342,9 +342,9 @@ def _pad_left(tensor: Any, width: int, dim: int) -> Any:
 def _sampling(params: Any, device: Any) -> tuple[list, Any]:
     """transformers' own logits processors for one request, in generate's order, and its generator
     (seeded when the request gives a seed; None for greedy decoding)."""
-    import torch
-    from transformers import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
-                              TopPLogitsWarper)
+    import torch  # deferred: torch
+    from transformers import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,  # deferred: transformers
+                              TopKLogitsWarper, TopPLogitsWarper)
 
     processors: list = []
     if params.repetition_penalty is not None and params.repetition_penalty != 1.0:
