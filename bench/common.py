@@ -39,7 +39,8 @@ DEMO_KEYS = ("deepseek", "qwen_vl", "blip_vqa", "qwen_audio", "qwen_omni")
 # (--server-env KEY=VALUE on the command line passes any of them on purpose.)
 OUR_KNOBS = ("MAX_BATCH_SIZE", "MAX_LOADED_MODELS", "MODEL_IDLE_TIMEOUT", "GROUP_WINDOW", "MODELS_DIR",
              "TMP_DIR", "LOG_DIR", "DEMO_MODE", "ADMIN_TOKEN", "API_TOKEN", "MODELS_CONFIG", "RAM_BUDGET_GB",
-             "RAM_HEADROOM_GB", "BATCHING", "MAX_QUEUE", "QUEUE_TIMEOUT", "TORCH_THREADS", "MAX_PASS_OVER")
+             "RAM_HEADROOM_GB", "BATCHING", "MAX_QUEUE", "QUEUE_TIMEOUT", "TORCH_THREADS", "MAX_PASS_OVER",
+             "PREFIX_CACHE_MB")
 
 # The peer's continuous-batching KV cache. Left unset, `transformers serve` sizes it at 60 % of the
 # machine's RAM on a CPU (initialization.resolve_max_memory_percent): ~9 GB resident on a 24 GB box.
@@ -240,6 +241,18 @@ def start_peer(name: str, checkpoint: Path, work: Path, continuous_batching: boo
     server.checkpoint = str(checkpoint)
     server.cb_requested = continuous_batching
     return server
+
+
+def start_bare_loop(name: str, checkpoint: Path, work: Path) -> Server:
+    """bench/bare_loop.py under gunicorn (one worker, gthread, 32 threads) on that checkpoint."""
+    env = dict(os.environ, BARE_MODEL=str(checkpoint), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               PYTHONUNBUFFERED="1")
+    port = free_port()
+    argv = [PYTHON, "-m", "gunicorn", "-w", "1", "-k", "gthread", "--threads", "32", "-b", f"127.0.0.1:{port}",
+            "--timeout", "300", "bench.bare_loop:app"]
+    run_dir = work / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return Server(name, argv, env, run_dir / "server.log", port, "/health")
 
 
 def peer_cb_used(server: Server) -> bool | None:

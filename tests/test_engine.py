@@ -335,3 +335,64 @@ def test_continuous_out_of_memory_requeues_newcomers_and_lowers_the_row_limit(ad
     solo = [adapter.generate(p, greedy(6)) for p in prepared]
     results, raised = run_queued_under_oom(adapter, prepared, greedy(6), rows=2)  # prefills of 3+ rows fail
     assert raised >= 1 and all(same(a, b) for a, b in zip(solo, results))
+
+
+SYSTEM = ("You are a careful assistant for a team of engineers. Answer briefly, name the trade-offs and say "
+          "what you would measure before deciding.")
+
+
+def test_prefix_reuse_gives_a_fresh_prefills_tokens_on_a_multi_turn_chat(adapters):
+    """Turn after turn of three chats that share a system prompt, each turn's three requests sent at
+    once (so rows with cached prefixes of different lengths join together): each answer equals the
+    same prompt prefilled from scratch, alone, and the cache was really used."""
+    adapter = adapters["deepseek"]
+    engine = make_engine(adapter, prefix_cache_bytes=64 * 2**20).start()
+
+    def say(role, text):
+        return {"role": role, "content": [{"type": "text", "text": text}]}
+
+    chats: list[list[dict]] = [[say("system", SYSTEM)] for _ in range(3)]
+    try:
+        for turn in range(4):
+            prepared, params = [], []
+            for number, messages in enumerate(chats):
+                messages.append(say("user", f"chat {number} question {turn}: " + " ".join(WORDS[turn + number:])))
+                prepared.append(adapter.prepare(GenerationRequest(prompt="", messages=[dict(m) for m in messages])))
+                params.append(greedy(5 + turn + number))
+            fresh = [adapter.generate(p, q) for p, q in zip(prepared, params)]
+            jobs = [engine.submit(p, q) for p, q in zip(prepared, params)]
+            reused = [engine.run(job) for job in jobs]
+            for number, messages in enumerate(chats):
+                assert same(fresh[number], reused[number]), (turn, number, fresh[number].text, reused[number].text)
+                messages.append(say("assistant", reused[number].text or "ok"))
+        stats = engine.stats()
+    finally:
+        engine.stop()
+    cached = stats["prefix_cache"]
+    assert cached["hits"] >= 9 and cached["tokens_reused"] > 16 * cached["hits"] / 2, cached
+    assert 0 < cached["bytes"] <= cached["max_bytes"]
+    assert stats["peak_batch"] > 1, "the turns' requests never joined together"
+
+
+def test_prefix_cache_drops_the_least_recently_used_past_its_bytes():
+    import torch
+
+    from utils.engine.prefix_cache import BLOCK, PrefixCache
+
+    def kv(tokens):  # one layer, [1, heads, tokens, head_dim] of float32: 4 * 2 * 8 bytes per token and tensor
+        return [(torch.zeros(1, 2, len(tokens), 8), torch.zeros(1, 2, len(tokens), 8))]
+
+    per_token = 2 * 2 * 8 * 4
+    prompts = [[n] * (2 * BLOCK) for n in range(3)]
+    cache = PrefixCache(max_bytes=2 * 2 * BLOCK * per_token)  # room for two prompts
+    for prompt in prompts[:2]:
+        cache.add(prompt, kv(prompt))
+    assert cache.lookup(prompts[0] + [7])[0] == 2 * BLOCK   # prompt 0 is now the most recently used
+    cache.add(prompts[2], kv(prompts[2]))                    # so prompt 1 goes
+    assert cache.lookup(prompts[1] + [7]) == (0, None)
+    assert cache.lookup(prompts[2] + [7])[0] == 2 * BLOCK
+    assert cache.lookup(prompts[0][:BLOCK + 3])[0] == BLOCK  # a block-aligned prefix of a cached prompt
+    assert cache.lookup(prompts[0])[0] == BLOCK             # a whole cached prompt keeps one token to prefill
+    assert cache.stats()["evictions"] == 1 and cache.bytes <= cache.max_bytes
+    cache.clear()
+    assert cache.bytes == 0 and cache.lookup(prompts[0] + [7]) == (0, None)

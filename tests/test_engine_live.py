@@ -140,7 +140,7 @@ def test_eviction_waits_until_the_evicted_models_engine_drained(start_server):
     other = requests.post(server.url + "/generate/blip_vqa", json=body_for("blip_vqa", 2), timeout=120)
     finished_other = time.monotonic()
     long_request.join()
-    assert results["deepseek"].status_code == 200 and other.status_code == 200
+    assert results["deepseek"].status_code == 200 and other.status_code == 200, other.text
     info = status(server, "deepseek")
     assert info["last_unload_reason"] == "count" and info["unload_count"] == 1
     # blip_vqa could only load once deepseek's running request had finished and its engine drained

@@ -49,7 +49,8 @@ def fuzz_config(path) -> None:
 def server(start_server, tmp_path_factory):
     config = tmp_path_factory.mktemp("fuzz") / "models.yaml"
     fuzz_config(config)
-    return start_server(MODELS_CONFIG=str(config), MAX_LOADED_MODELS="7", JOB_WORKERS="1",
+    # PROFILE_MAX_SECONDS: the description bounds /admin/profile's seconds by it, so each drawn profile is short
+    return start_server(MODELS_CONFIG=str(config), MAX_LOADED_MODELS="7", JOB_WORKERS="1", PROFILE_MAX_SECONDS="0.3",
                         **{env: value for env, value in TOKENS.values()})
 
 

@@ -64,6 +64,20 @@ class ModelBusy(ServerError):
     error = "model busy"
 
 
+class ModelNotLoaded(ServerError):
+    """An operation needs the model loaded (e.g. profiling its engine) and it is not."""
+
+    status = 409
+    error = "model not loaded"
+
+
+class ProfilerBusy(ServerError):
+    """A profile is recording: torch has one profiler per process."""
+
+    status = 409
+    error = "profiler busy"
+
+
 class ModelUnavailable(ServerError):
     """The model cannot serve now: its load failed, or it does not fit in memory.
 

@@ -4,11 +4,13 @@ Also GET /metrics (Prometheus), open like /health; the dashboard page lives in d
 from __future__ import annotations
 
 import re
+import time
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from utils.config import reload as config_reload
-from utils.errors import ConfigError, InvalidInput
+from utils.errors import ConfigError, InvalidInput, ModelNotLoaded
+from utils.ops.profiler import record_profile
 from utils.serving import status
 from utils.serving.inference import number_field
 from utils.serving.manager import _mps_available, release_cached_memory
@@ -138,6 +140,35 @@ def jobs_status():
 def cleanup_temp():
     force = request.args.get("force", "false").lower() in ("1", "true", "yes")
     return jsonify(services().temp.sweep(force=force))
+
+
+@bp.post("/profile")
+def profile():
+    """?seconds=N records the engines' operators and phases for N seconds (at most
+    profile_max_seconds), of every loaded model or of ?model=KEY; answers a Chrome trace (gzip JSON,
+    for Perfetto). One at a time: a second one meanwhile is a 409."""
+    svc = services()
+    if svc.cluster is not None:
+        raise InvalidInput("the profiler records this process's engines; under the Ray backend they run in the "
+                           "replicas", error="not available")
+    if "seconds" not in request.args:
+        raise InvalidInput("'seconds' is required: how long to record", field="seconds")
+    seconds = number_field(request.args, "seconds", integer=False, low=0.01, high=svc.settings.profile_max_seconds,
+                           default=None)
+    key = request.args.get("model")
+    if key is not None and not svc.manager.snapshot_one(key).get("engine"):  # unknown: 404
+        raise ModelNotLoaded(f"'{key}' is not loaded; load it (POST /admin/models/{key}/load) or send it a request "
+                             f"first", field="model")
+
+    def engine_threads() -> dict[int, str]:
+        models = {key: svc.manager.snapshot_one(key)} if key is not None else svc.manager.snapshot()
+        return {state["engine"]["thread_id"]: f"engine-{name}" for name, state in models.items()
+                if (state.get("engine") or {}).get("thread_id")}
+
+    trace = record_profile(seconds, engine_threads)
+    name = f"profile-{key or 'all'}-{time.strftime('%Y%m%d-%H%M%S')}.json.gz"
+    return Response(trace, content_type="application/gzip",
+                    headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
 
 @metrics_bp.get("/metrics")

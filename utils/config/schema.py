@@ -103,6 +103,9 @@ class EngineSettings:
     attn_implementation: str = "auto"  # auto = transformers' choice (sdpa where the model has it)
     static_cache: bool = False      # generate(cache_implementation="static"): fixed shapes, for GPUs
     compile: bool = False           # torch.compile the forward (needs static_cache)
+    # Prefix reuse (continuous engine): the KV of recent prompts, least recently used out past this
+    # many MiB, reserved in the model's bytes (its memory budget); 0 = off.
+    prefix_cache_mb: int = 256
 
 
 @dataclass(frozen=True)
@@ -272,6 +275,7 @@ class ServerSettings:
     # Each sweep: while free RAM / GPU memory is below its headroom, idle models on that device are
     # released (LRU first) until free memory is back above headroom + margin.
     request_timeout: float = 600.0   # REQUEST_TIMEOUT: default deadline of a request, seconds (per model: timeout)
+    profile_max_seconds: float = 60.0  # PROFILE_MAX_SECONDS: the longest POST /admin/profile?seconds=N records
     # DEFAULT_SEED (seed 004's VLM_SEED): the seed of requests that give none, for every model whose own
     # generation.seed is unset (applied to ModelSpec.generation.seed at load); None: a fresh seed each time.
     default_seed: int | None = None
@@ -369,6 +373,7 @@ class ServerSettings:
             "group_window": self.group_window,
             "max_pass_over": self.max_pass_over,
             "request_timeout": self.request_timeout,
+            "profile_max_seconds": self.profile_max_seconds,
             "default_seed": self.default_seed,
             "memory_pressure_release": self.memory_pressure_release,
             "pressure_margin_bytes": self.pressure_margin_bytes,

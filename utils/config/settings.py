@@ -38,8 +38,8 @@ _SERVER_FIELDS = {"max_loaded_models", "idle_timeout", "models_dir", "tmp_dir", 
                   "ram_budget_gb", "ram_headroom_gb", "gpu_budget_gb", "gpu_headroom_gb", "failed_load_backoff",
                   "sweep_interval", "tmp_ttl", "tmp_max_mb", "media", "remote_media", "engine", "torch_threads",
                   "group_window", "max_pass_over", "memory_pressure_release", "pressure_margin_gb",
-                  "request_timeout", "quant_cache", "quant_cache_dir", "quant_cache_max_gb", "jobs",
-                  "ram_tier", "backend", "ray", "default_seed", "openvino"}
+                  "request_timeout", "profile_max_seconds", "quant_cache", "quant_cache_dir", "quant_cache_max_gb",
+                  "jobs", "ram_tier", "backend", "ray", "default_seed", "openvino"}
 _JOB_FIELDS = {f.name for f in dataclasses.fields(JobSettings)}
 _RAY_FIELDS = {"address", "num_cpus", "max_ongoing_requests", "health_check_period", "call_timeout", "groups",
                "app_prefix",
@@ -71,6 +71,7 @@ SERVER_ENV = {
     "MAX_PASS_OVER": "max_pass_over",
     "MEMORY_PRESSURE_RELEASE": "memory_pressure_release",
     "REQUEST_TIMEOUT": "request_timeout",
+    "PROFILE_MAX_SECONDS": "profile_max_seconds",
     "PRESSURE_MARGIN_GB": "pressure_margin_gb",
     "QUANT_CACHE": "quant_cache",
     "QUANT_CACHE_DIR": "quant_cache_dir",
@@ -85,7 +86,7 @@ RAY_ENV = {"RAY_ADDRESS": "address", "RAY_REPLICAS": "replicas", "RAY_NUM_CPUS":
            "RAY_MAX_MODELS_PER_REPLICA": "max_models_per_replica", "RAY_APP_PREFIX": "app_prefix"}
 # Environment variable -> key of the server `engine` section (the defaults of every model's engine).
 ENGINE_ENV = {"BATCHING": "batching", "MAX_BATCH_SIZE": "max_batch_size", "MAX_QUEUE": "max_queue",
-              "QUEUE_TIMEOUT": "queue_timeout"}
+              "QUEUE_TIMEOUT": "queue_timeout", "PREFIX_CACHE_MB": "prefix_cache_mb"}
 JOB_ENV = {"JOBS_DIR": "dir", "JOB_WORKERS": "workers", "JOB_RESULT_TTL": "result_ttl",
            "JOB_MAX_QUEUED": "max_queued", "JOB_MAX_ATTEMPTS": "max_attempts", "JOB_TIMEOUT": "timeout",
            "JOB_MAX_BODY_MB": "max_body_mb", "JOB_ORPHAN_GRACE": "orphan_grace"}
@@ -179,6 +180,7 @@ def _engine(raw: Any, where: str, defaults: EngineSettings) -> EngineSettings:
                                     ATTN_IMPLEMENTATIONS),
         static_cache=_bool(get("static_cache"), f"{where}.static_cache"),
         compile=_bool(get("compile"), f"{where}.compile"),
+        prefix_cache_mb=_int(get("prefix_cache_mb"), f"{where}.prefix_cache_mb", minimum=0),
     )
     if out.compile and not out.static_cache:
         _fail(f"{where}.compile", "torch.compile needs static_cache: true (fixed shapes; otherwise every "
@@ -556,6 +558,8 @@ def load_settings(config_path: str | os.PathLike | None = None, env: Mapping[str
                              minimum=0, maximum=3600),
         request_timeout=_float(server.get("request_timeout", ServerSettings.request_timeout), "server.request_timeout",
                                minimum=0.01),
+        profile_max_seconds=_float(server.get("profile_max_seconds", ServerSettings.profile_max_seconds),
+                                   "server.profile_max_seconds", minimum=0.01, maximum=3600),
         default_seed=default_seed,
         memory_pressure_release=_bool(server.get("memory_pressure_release", ServerSettings.memory_pressure_release),
                                       "server.memory_pressure_release"),

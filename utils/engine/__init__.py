@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from utils.config.schema import MIB
 from utils.config.settings import ModelSpec
 from utils.engine.continuous import ContinuousEngine
 from utils.engine.engine import Engine, Job, QueueFull, QueueTimeout
@@ -38,7 +39,8 @@ class ServedModel:
         self.engine = self._new_engine(self.adapter).start()
 
     def memory_bytes(self) -> int:
-        return self.adapter.memory_bytes()
+        """The weights and what the engine reserves (the prefix cache's cap): the manager's budgets count both."""
+        return self.adapter.memory_bytes() + self.engine.reserved_bytes()
 
     def memory_placement(self) -> dict[str, int]:
         return self.adapter.memory_placement()
@@ -69,9 +71,10 @@ def make_loader(load_adapter: Callable[[ModelSpec, str], Any], observer: Any = N
 
         def new_engine(adapter: Any) -> Engine:
             settings = spec.engine
-            return engine_class(spec, adapter)(
-                adapter, key=spec.key, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
-                queue_timeout=settings.queue_timeout, observer=observer)
+            chosen = engine_class(spec, adapter)
+            extra = {"prefix_cache_bytes": settings.prefix_cache_mb * MIB} if chosen.kind == "continuous" else {}
+            return chosen(adapter, key=spec.key, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
+                          queue_timeout=settings.queue_timeout, observer=observer, **extra)
         return ServedModel(adapter, new_engine(adapter).start(), new_engine)
     return load
 

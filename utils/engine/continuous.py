@@ -18,6 +18,8 @@ import logging
 from typing import Any
 
 from utils.engine.engine import Engine, Job
+from utils.engine.phases import phase
+from utils.engine.prefix_cache import PrefixCache
 from utils.engine.rows import RowState, collate
 from utils.engine.sampling import choose_tokens, prompt_logprobs
 from utils.errors import OutOfMemory
@@ -29,6 +31,19 @@ GROW_BACK_STEPS = 64  # clean decode steps before a row limit lowered by an out-
 
 class ContinuousEngine(Engine):
     kind = "continuous"
+
+    def __init__(self, adapter: Any, *, prefix_cache_bytes: int = 0, **settings: Any) -> None:
+        super().__init__(adapter, **settings)
+        self._prefix = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
+
+    def reserved_bytes(self) -> int:
+        return self._prefix.max_bytes if self._prefix is not None else 0
+
+    def stats(self) -> dict:
+        out = super().stats()
+        if self._prefix is not None:  # read off the worker thread: plain integers, a torn read is harmless
+            out["prefix_cache"] = self._prefix.stats()
+        return out
 
     @staticmethod
     def supports(adapter: Any) -> bool:
@@ -42,7 +57,14 @@ class ContinuousEngine(Engine):
         return all(kind == "full_attention" for kind in layer_types)
 
     def _run(self) -> None:
-        batch = DecodeBatch(self.adapter)
+        try:
+            self._loop()
+        finally:
+            if self._prefix is not None:  # a stopped engine's KV goes with it (a park moves the weights away)
+                self._prefix.clear()
+
+    def _loop(self) -> None:
+        batch = DecodeBatch(self.adapter, self._prefix)
         limit, clean_steps = self.max_batch_size, 0  # the limit halves on out-of-memory, then grows back
         while True:
             with self._cond:
@@ -56,15 +78,18 @@ class ContinuousEngine(Engine):
             self._peak = max(self._peak, len(batch.rows) + len(joining))
             try:
                 if joining:
-                    batch.join(joining)
-                batch.step()
+                    with phase("engine.join"):
+                        batch.join(joining)
+                with phase("engine.step"):
+                    batch.step()
                 clean_steps += 1
                 if limit < self.max_batch_size and clean_steps >= GROW_BACK_STEPS:
                     limit, clean_steps = limit + 1, 0
             except Exception as exc:
                 limit, clean_steps = self._recover(batch, joining, exc, limit), 0
-                batch = DecodeBatch(self.adapter) if not batch.intact else batch
-            finished = batch.collect_finished()
+                batch = DecodeBatch(self.adapter, self._prefix) if not batch.intact else batch
+            with phase("engine.collect"):
+                finished = batch.collect_finished()
             with self._cond:
                 self._running = [row.job for row in batch.rows]
             self._count(len(joining), finished)
@@ -113,14 +138,20 @@ class DecodeRow(RowState):
         super().__init__(job, eos_ids=adapter._eos_ids(), tokenizer=adapter._tokenizer(),
                          build_result=adapter.result_from_tokens)
         self.job = job
+        self.prompt_ids = job.prepared["input_ids"][0].tolist()
+
+    def add(self, token: int) -> bool:
+        with phase("engine.emit"):  # stop strings, detokenizing, streaming, the result
+            return super().add(token)
 
 
 class DecodeBatch:
     """The running rows, their shared KV cache and attention mask; every forward pass of a
     continuous engine happens here, on the engine's thread."""
 
-    def __init__(self, adapter: Any) -> None:
+    def __init__(self, adapter: Any, prefix: PrefixCache | None = None) -> None:
         self.adapter, self.model = adapter, adapter.model
+        self.prefix = prefix
         # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns).
         self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters \
             else "past_key_values"
@@ -134,39 +165,81 @@ class DecodeBatch:
         return [row.job for row in self.rows]
 
     def join(self, jobs: list[Job]) -> None:
-        """Prefills the joining requests together and stacks their cache under the running rows."""
+        """Prefills the joining requests together and stacks their cache under the running rows.
+        A row whose prompt starts like a cached one prefills only the rest: its cached prefix goes
+        into the joining cache, left-padded to the longest reused prefix, and its new tokens after it."""
         import torch  # deferred: torch
         from transformers import DynamicCache  # deferred: transformers
 
+        rows = [DecodeRow(job, self.adapter) for job in jobs]
         # Joining rows with the same prompt (a request's n choices, or equal prompts) share one prefill:
         # its cache row is repeated for each of them.
         unique: dict[tuple, int] = {}
-        owner = [unique.setdefault(tuple(job.prepared["input_ids"][0].tolist()), len(unique)) for job in jobs]
-        firsts = [jobs[owner.index(i)] for i in range(len(unique))]
-        inputs = collate([job.prepared for job in firsts], side="left", pad_id=self.adapter._pad_id())
-        mask = inputs["attention_mask"]
+        owner = [unique.setdefault(tuple(row.prompt_ids), len(unique)) for row in rows]
+        firsts = [rows[owner.index(i)] for i in range(len(unique))]
+        wants_prompt = any(row.job.params.prompt_logprobs is not None for row in rows)  # echo: every position
+        reuse = [self.prefix.lookup(row.prompt_ids) if self._reusable(row) and not wants_prompt else (0, None)
+                 for row in firsts]
+        width = max(reused for reused, _ in reuse)  # columns of cached prefixes, before the new tokens
         cache = DynamicCache(config=self.model.config)
-        wants_prompt = any(job.params.prompt_logprobs is not None for job in jobs)  # echo: every position's logits
-        with torch.inference_mode():
+        if width:
+            _fill_prefixes(cache, reuse, width)
+        prompts = [row.job.prepared if not reused else
+                   {name: value[:, reused:] for name, value in row.job.prepared.items()}
+                   for row, (reused, _) in zip(firsts, reuse)]
+        inputs = collate(prompts, side="left", pad_id=self.adapter._pad_id())
+        new_mask = inputs.pop("attention_mask")
+        mask = new_mask if not width else torch.cat(
+            [torch.stack([_pad_left(new_mask.new_ones(reused), width, dim=0) for reused, _ in reuse]), new_mask],
+            dim=1)
+        length = new_mask.shape[1]
+        with phase("engine.prefill"), torch.inference_mode():
             logits = self.model(input_ids=inputs["input_ids"], attention_mask=mask,
-                                position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
-                                logits_to_keep=0 if wants_prompt else 1, **{self._cache_arg: cache}).logits
-        rows = [DecodeRow(job, self.adapter) for job in jobs]
-        for row, i in zip(rows, owner):
+                                position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, width:],
+                                cache_position=torch.arange(width, width + length, device=mask.device),
+                                use_cache=True, logits_to_keep=0 if wants_prompt else 1,
+                                **{self._cache_arg: cache}).logits
+        for row, i in zip(rows, owner):  # no prefix is reused when a row asks for its prompt's logprobs
             if row.job.params.prompt_logprobs is not None:
-                ids = row.job.prepared["input_ids"][0].tolist()
-                row.prompt_logprobs = prompt_logprobs(logits[i, logits.shape[1] - len(ids):], ids,
-                                                      row.job.params.prompt_logprobs)
+                logits_rows = logits[i, logits.shape[1] - len(row.prompt_ids):]
+                row.prompt_logprobs = prompt_logprobs(logits_rows, row.prompt_ids, row.job.params.prompt_logprobs)
         logits = logits[:, -1, :]
-        if len(unique) < len(jobs):
+        if self.prefix is not None:
+            self._keep_prompts(firsts, reuse, cache, mask, width)
+        if len(unique) < len(rows):
             index = torch.tensor(owner, device=mask.device)
             cache.batch_select_indices(index)
             mask, logits = mask[index], logits[index]
         self.intact = False  # until the new cache is stacked under the running one
-        self._merge(cache, mask)
+        with phase("engine.merge"):
+            self._merge(cache, mask)
         self.rows += rows
         self.intact = True
-        self._advance(rows, logits)
+        with phase("engine.sample"):
+            self._advance(rows, logits)
+
+    def _keep_prompts(self, rows: list[DecodeRow], reuse: list, cache: Any, mask: Any, width: int) -> None:
+        """Each plain prompt's KV into the prefix cache: its own columns, copied (so the joining
+        batch's tensors are not pinned by an entry), unless the row is the batch and has no padding."""
+        alone = len(rows) == 1 and bool(mask.all())
+        for i, (row, (reused, _)) in enumerate(zip(rows, reuse)):
+            if not self._reusable(row):
+                continue
+            if alone:
+                self.prefix.add(row.prompt_ids, [(layer.keys, layer.values) for layer in cache.layers])
+                continue
+            columns = mask[i].nonzero().squeeze(-1)  # the prompt's tokens; padding left and between
+            self.prefix.add(row.prompt_ids, [(layer.keys[i:i + 1].index_select(2, columns),
+                                              layer.values[i:i + 1].index_select(2, columns))
+                                             for layer in cache.layers])
+
+    def _reusable(self, row: DecodeRow) -> bool:
+        """Plain text prompts only: their KV depends on their tokens alone (media inputs would not)."""
+        prepared = row.job.prepared
+        if self.prefix is None or not set(prepared) <= {"input_ids", "attention_mask"}:
+            return False
+        mask = prepared.get("attention_mask")
+        return mask is None or bool(mask.all())
 
     def step(self) -> None:
         """One decode step for every running row that is still open."""
@@ -179,12 +252,13 @@ class DecodeBatch:
         positions = self.mask.sum(-1, keepdim=True)  # each row's count of real tokens so far
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
         self.intact = False  # a forward that fails half-way leaves some layers one token longer
-        with torch.inference_mode():
+        with phase("engine.forward"), torch.inference_mode():
             logits = self.model(input_ids=last, attention_mask=self.mask, position_ids=positions, use_cache=True,
                                 cache_position=torch.arange(length, length + 1, device=self.mask.device),
                                 **{self._cache_arg: self.cache}).logits[:, -1, :]
         self.intact = True
-        self._advance(self.rows, logits)
+        with phase("engine.sample"):
+            self._advance(self.rows, logits)
 
     def collect_finished(self) -> list[int]:
         """Drops finished rows from the batch (cache and mask too); returns their token counts."""
@@ -236,6 +310,22 @@ class DecodeBatch:
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
             self.mask = self.mask[:, start:]
+
+
+def _fill_prefixes(cache: Any, reuse: list, width: int) -> None:
+    """The joining rows' cached prefixes as the first `width` columns of their cache, each
+    left-padded (zeros, masked); rows without one get padding only."""
+    import torch  # deferred: torch
+
+    some = next(entry for _, entry in reuse if entry is not None)
+    for index, (keys, values) in enumerate(some.layers):
+        pad_k = keys.new_zeros((1, keys.shape[1], width, keys.shape[3]))
+        pad_v = values.new_zeros((1, values.shape[1], width, values.shape[3]))
+        rows_k = [pad_k if entry is None else _pad_left(entry.layers[index][0][:, :, :reused], width, dim=2)
+                  for reused, entry in reuse]
+        rows_v = [pad_v if entry is None else _pad_left(entry.layers[index][1][:, :, :reused], width, dim=2)
+                  for reused, entry in reuse]
+        cache.update(torch.cat(rows_k, dim=0), torch.cat(rows_v, dim=0), index)
 
 
 def _pad_left(tensor: Any, width: int, dim: int) -> Any:

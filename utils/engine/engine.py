@@ -18,6 +18,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Iterator
 
+from utils.engine.phases import phase
 from utils.engine.rows import batch_key
 from utils.engine.types import GenerationParams, GenerationResult
 from utils.errors import ModelUnavailable, OutOfMemory, RequestTimeout
@@ -293,7 +294,12 @@ class Engine:
                     "max_batch_size": self.max_batch_size, "max_queue": self.max_queue,
                     "queue_timeout": self.queue_timeout, "batches": self._batches, "rows": self._rows,
                     "tokens_generated": self._generated, "peak_batch": self._peak,
+                    "thread_id": self._thread.native_id,  # the operator profiler keeps this thread's events
                     "tokens_per_second": round(sum(n for _, n in self._tokens) / window, 2)}
+
+    def reserved_bytes(self) -> int:
+        """Memory the engine holds beyond the weights, counted in the model's bytes (none here)."""
+        return 0
 
     def _drain_estimate(self) -> float:
         return min(30.0, 1.0 + len(self._queue) / max(1, self.max_batch_size))
@@ -354,7 +360,8 @@ class Engine:
         self._observe("on_batch", self.key, len(batch))
         self._peak = max(self._peak, len(batch))
         try:
-            self.adapter.generate_batch(batch)
+            with phase("engine.generate_batch"):
+                self.adapter.generate_batch(batch)
         except Exception as exc:
             self._recover(batch, exc)
         self._count(len(batch), [job.result.completion_tokens for job in batch if job.result is not None])

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Callable, Protocol, Sequence
 
+from utils.engine.phases import phase
 from utils.engine.sampling import RowSampler, decoded
 from utils.engine.types import GenerationParams, GenerationResult
 
@@ -204,9 +205,10 @@ class RowTracker:
         if not self._seen_prompt:  # the first call carries the prompt (or the decoder's start token)
             self._seen_prompt = True
             return
-        for state, token in zip(self.states, value.reshape(-1).tolist()):
-            if not state.done:
-                state.add(int(token))
+        with phase("engine.emit"):
+            for state, token in zip(self.states, value.reshape(-1).tolist()):
+                if not state.done:
+                    state.add(int(token))
 
     def end(self) -> None:
         pass

@@ -35,6 +35,7 @@ class Operation:
     names: dict[str, str] = field(default_factory=dict)   # Flask variable -> name in the path template
     models_in: tuple[str, ...] = ()          # parameters whose values are the model keys
     links: dict[int, dict] = field(default_factory=dict)
+    maxima: dict[str, str] = field(default_factory=dict)  # parameter -> the ServerSettings field bounding it
 
 
 def reply(description: str, schema: Any = None, media: str = JSON, **more: Any) -> dict:
@@ -200,6 +201,19 @@ OPERATIONS: dict[str, Operation] = {
         "Remove expired temp files (all unheld ones with ?force=true)", "admin",
         {200: reply("what was removed", "TempSweep")},
         params=[query("force", {"type": "string"}, "1, true or yes: every temp file no request holds")]),
+    "admin.profile": Operation(
+        "Record the engines' operators and phases for a few seconds (torch.profiler)", "admin",
+        {200: reply("a Chrome trace, gzip-compressed JSON (Perfetto and chrome://tracing load it)",
+                    {"type": "string", "format": "binary"}, "application/gzip",
+                    headers={"Content-Disposition": {"schema": {"type": "string"}}})},
+        (400, 404, 409),
+        params=[{**query("seconds", {"type": "number", "minimum": 0.01},
+                         "how long to record (at most the server's profile_max_seconds)"), "required": True},
+                query("model", {"type": "string"}, "only this model's engine (it must be loaded: else 409)")],
+        models_in=("model",), maxima={"seconds": "profile_max_seconds"},
+        description="Forward passes and the engine's own phases (engine.join, engine.prefill, engine.step, "
+                    "engine.forward, engine.sample, engine.emit, ...) as named ranges, on the engine threads of every "
+                    "loaded model or of ?model=. One at a time: a second request while one records gets 409."),
     "metrics.metrics": Operation(
         "Prometheus metrics (OpenMetrics when the scraper asks for it)", "service",
         {200: reply("the registry", {"type": "string"}, "text/plain",

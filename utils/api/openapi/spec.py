@@ -91,6 +91,9 @@ def _operation(rule, operation, settings, show_models: bool, scheme: str | None)
         if parameter["in"] == "path" and parameter["name"] not in variables:
             continue  # a second rule of the endpoint without it (/docs/ and /docs/<path>)
         parameter = dict(parameter)
+        if parameter["name"] in operation.maxima:
+            parameter["schema"] = {**parameter["schema"],
+                                   "maximum": getattr(settings, operation.maxima[parameter["name"]])}
         if show_models and parameter["name"] in operation.models_in:
             aliases = rule.rule.startswith("/v1")
             parameter["schema"] = {"enum": model_names(settings.models.values(), aliases=aliases)}
