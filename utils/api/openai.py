@@ -8,6 +8,7 @@ from functools import partial
 from flask import Blueprint, Response, current_app, g, jsonify, request, stream_with_context
 
 from utils import openai_api as oa
+from utils.api import openai_responses
 from utils.api.generate import client_gone_probe, services
 from utils.errors import InvalidInput, UnsupportedMediaType
 
@@ -47,13 +48,24 @@ def sse(chunks) -> Response:
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def run(key: str, job, to_body, to_chunks, body: dict):
+def typed_sse(events) -> Response:
+    """Server-sent events of the Responses API: `event: <type>` beside each JSON event, no [DONE]
+    (response.completed, .incomplete or .failed is the last); failures are events of their own
+    (utils/api/openai_responses.py)."""
+    def lines():
+        for event in events:
+            yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+    return Response(stream_with_context(lines()), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def run(key: str, job, to_body, to_chunks, body: dict, serve=sse):
     svc = services()
     g.model = key
     if job.stream:
         stream = svc.inference.stream(key, job)
         g.model_device = stream.device
-        response = sse(to_chunks(key, stream, include_usage(body)))
+        response = serve(to_chunks(key, stream, include_usage(body)))
         response.call_on_close(stream.close)
         return response
     result = svc.inference.generate(key, job, is_gone=client_gone_probe())
@@ -85,6 +97,19 @@ def chat_completions():
     job, tools = oa.parse_chat(body, spec)
     return run(key, job, partial(oa.chat_response, tools=tools, spec=spec),
                partial(oa.chat_chunks, tools=tools, spec=spec), body)
+
+
+@bp.post("/responses")
+def responses():
+    """OpenAI's Responses API, translated to the chat path (no stored responses)."""
+    svc = services()
+    body = json_body()
+    key = oa.resolve_model(svc.settings, body.get("model"))
+    spec = svc.settings.models[key]
+    parsed = openai_responses.parse_responses(body, spec)
+    return run(key, parsed.job, lambda key, result: openai_responses.response_body(key, result, parsed, spec),
+               lambda key, stream, _: openai_responses.response_events(key, stream, parsed, spec), body,
+               serve=typed_sse)
 
 
 @bp.post("/completions")
