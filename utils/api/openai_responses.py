@@ -39,7 +39,7 @@ NEUTRAL: dict[str, tuple] = {
     "previous_response_id": (None,),        # ...so no earlier response to continue: send the whole input
     "conversation": (None,),
     "background": (None, False),
-    "include": (None, ()),
+    "include": (None, []),
     "reasoning": (None, {}),
     "prompt": (None,),                      # stored prompt templates
     "max_tool_calls": (None,),
@@ -129,12 +129,10 @@ def _refuse(body: Mapping) -> None:
                            f"is taken)", field=unknown[0], error="unsupported parameter")
     for name, neutral in NEUTRAL.items():
         value = body.get(name)
-        if value in ([], {}) and (() in neutral or {} in neutral):
-            continue
         if {} in neutral and isinstance(value, Mapping) and all(v is None for v in value.values()):
             continue  # reasoning: {"effort": null}
         if not any(oa.is_neutral(value, allowed) for allowed in neutral):
-            allowed = ", ".join(json.dumps(v) for v in neutral if v not in (None, (), {})) or "leave it out"
+            allowed = ", ".join(json.dumps(v) for v in neutral if v is not None) or "leave it out"
             reason = REASONS.get(name, f"'{name}' is not supported by this server")
             raise InvalidInput(f"{reason}; '{name}' takes only: {allowed}", field=name, error="unsupported parameter")
     options = body.get("stream_options")

@@ -12,6 +12,7 @@ from pydantic.json_schema import models_json_schema
 
 from utils.api.openapi import schemas
 from utils.families import accepted_media, family_class
+from utils.api.openai_responses import NEUTRAL as RESPONSES_NEUTRAL
 from utils.openai_api import IMAGE_NEUTRAL, UNSUPPORTED
 from utils.settings import IMAGE_FAMILIES, ModelSpec, ServerSettings
 
@@ -20,6 +21,7 @@ EMPTY_IS_ABSENT = {name for name, neutral in UNSUPPORTED.items() if neutral is N
 TEXT_BODIES = ("GenerateText", "GenerateTextForm")
 IMAGE_BODIES = ("GenerateImage", "GenerateImageForm")
 OPENAI_TEXT = ("ChatRequest", "CompletionRequest")
+RESPONSES = ("ResponsesRequest",)
 OPENAI_IMAGES = ("ImageGenerationRequest", "ImageEditForm")
 
 
@@ -33,6 +35,8 @@ def _generated() -> dict[str, dict]:
         defs[name]["properties"].update(_neutral_only({k: (v,) for k, v in UNSUPPORTED.items()}))
     for name in OPENAI_IMAGES:
         defs[name]["properties"].update(_neutral_only(IMAGE_NEUTRAL, form=name.endswith("Form")))
+    for name in RESPONSES:
+        defs[name]["properties"].update(_neutral_only(RESPONSES_NEUTRAL))
     return defs
 
 
@@ -92,6 +96,7 @@ def component_schemas(settings: ServerSettings, *, show_models: bool) -> dict[st
         _bound(defs, TEXT_BODIES, "system", maxLength=_most(text, "max_prompt_chars"))
         _bound(defs, OPENAI_TEXT, "max_tokens", maximum=_most(text, "max_new_tokens"))
         _bound(defs, OPENAI_TEXT, "max_completion_tokens", maximum=_most(text, "max_new_tokens"))
+        _bound(defs, RESPONSES, "max_output_tokens", maximum=_most(text, "max_new_tokens"))
     if images:
         multiple = math.lcm(*(family_class(spec.family).size_multiple for spec in images))
         side = {"minimum": multiple, "maximum": _most(images, "max_image_pixels") // multiple, "multipleOf": multiple}
@@ -132,6 +137,7 @@ def model_names(specs: Iterable[ModelSpec], fits=lambda spec: True, *, aliases: 
 MODEL_FIELDS = {
     "ChatRequest": lambda spec: spec.family not in IMAGE_FAMILIES,
     "CompletionRequest": lambda spec: spec.family == "text",
+    "ResponsesRequest": lambda spec: spec.family not in IMAGE_FAMILIES,
     "TranscriptionForm": lambda spec: "audio" in accepted_media(spec.family),
     "ImageGenerationRequest": lambda spec: spec.family == "text_to_image",
     "ImageEditForm": lambda spec: spec.family == "image_edit",
