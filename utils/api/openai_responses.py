@@ -16,7 +16,7 @@ import logging
 import re
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Mapping
 
 from utils import openai_api as oa
@@ -113,8 +113,12 @@ def parse_responses(body: Mapping, spec: ModelSpec) -> ResponsesRequest:
         exc.field = _renamed(exc.field, origins)
         exc.details = exc.details.replace("max_completion_tokens", "max_output_tokens")
         raise
+    # what is checked later (media decoding, special tokens at tokenization) names the Responses field too
+    job.media = [replace(item, field=_renamed(item.field, origins)) for item in job.media]
+    job.texts = [(_renamed(name, origins), text) for name, text in job.texts or []]
     echo = {"instructions": instructions, "max_output_tokens": body.get("max_output_tokens"),
-            "metadata": _metadata(body.get("metadata")), "temperature": job.params.temperature,
+            "metadata": _metadata(body.get("metadata")),
+            "temperature": job.params.temperature if job.params.do_sample else 0.0,  # greedy: as 0
             "top_p": job.params.top_p, "parallel_tool_calls": body.get("parallel_tool_calls") is not False,
             "tool_choice": body.get("tool_choice") or "auto", "tools": list(body.get("tools") or []),
             "text": {"format": (body.get("text") or {}).get("format") or {"type": "text"}},
