@@ -194,6 +194,7 @@ def test_function_calls_and_their_outputs_go_back_through_the_template(client):
     ({"text": {"format": {"type": "xml"}}}, "text.format"),
     ({"text": {"verbosity": "low"}}, "text.verbosity"),
     ({"metadata": {"k": 5}}, "metadata"),
+    ({"user": {"id": 5}}, "user"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"model": "flux"}, "model"),
 ])

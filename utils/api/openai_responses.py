@@ -53,6 +53,7 @@ REASONS = {"store": "responses are not stored on this server (store: false)",
            "conversation": "conversations are not stored: send the whole conversation in 'input'",
            "background": "background responses need storage; stream instead",
            "prompt": "stored prompt templates need storage; send the text in 'input'"}
+IDENTIFIERS = ("user", "safety_identifier", "prompt_cache_key")   # taken, change nothing
 MAX_METADATA = 16                      # OpenAI's limits on metadata: 16 pairs, keys 64, values 512 characters
 LOW_DETAIL_PIXELS = 512 * 512          # input_image detail "low": the image is shrunk to about this size
 DETAILS = ("auto", "low", "high", "original")
@@ -139,6 +140,9 @@ def _refuse(body: Mapping) -> None:
             allowed = ", ".join(json.dumps(v) for v in neutral if v is not None) or "leave it out"
             reason = REASONS.get(name, f"'{name}' is not supported by this server")
             raise InvalidInput(f"{reason}; '{name}' takes only: {allowed}", field=name, error="unsupported parameter")
+    for name in IDENTIFIERS:
+        if body.get(name) is not None and not isinstance(body[name], str):
+            raise InvalidInput(f"'{name}' must be a string", field=name)
     options = body.get("stream_options")
     if options is not None and not (isinstance(options, Mapping) and set(options) <= {"include_obfuscation"}):
         raise InvalidInput("'stream_options' takes only include_obfuscation (true or false)", field="stream_options")
@@ -507,5 +511,7 @@ def response_events(key: str, stream: Any, request: ResponsesRequest, spec: Mode
         error = oa.error_of(exc)["error"] if isinstance(exc, ServerError) else \
             oa.error_body(500, "generation failed", type(exc).__name__)["error"]
         yield events.event("error", code=error["code"], message=error["message"], param=error["param"])
-        events.response.update(status="failed", error={"code": "server_error", "message": error["message"]})
+        client_fault = isinstance(exc, ServerError) and exc.status < 500   # e.g. a template refusing the input
+        events.response.update(status="failed", error={"code": "invalid_prompt" if client_fault else "server_error",
+                                                       "message": error["message"]})
         yield events.snapshot("response.failed")
