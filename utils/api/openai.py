@@ -59,13 +59,13 @@ def typed_sse(events) -> Response:
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def run(key: str, job, to_body, to_chunks, body: dict, serve=sse):
+def run(key: str, job, to_body, to_chunks, body: dict):
     svc = services()
     g.model = key
     if job.stream:
         stream = svc.inference.stream(key, job)
         g.model_device = stream.device
-        response = serve(to_chunks(key, stream, include_usage(body)))
+        response = sse(to_chunks(key, stream, include_usage(body)))
         response.call_on_close(stream.close)
         return response
     result = svc.inference.generate(key, job, is_gone=client_gone_probe())
@@ -101,15 +101,22 @@ def chat_completions():
 
 @bp.post("/responses")
 def responses():
-    """OpenAI's Responses API, translated to the chat path (no stored responses)."""
+    """OpenAI's Responses API, translated to the chat path (no stored responses; one answer, no n)."""
     svc = services()
     body = json_body()
     key = oa.resolve_model(svc.settings, body.get("model"))
     spec = svc.settings.models[key]
     parsed = openai_responses.parse_responses(body, spec)
-    return run(key, parsed.job, lambda key, result: openai_responses.response_body(key, result, parsed, spec),
-               lambda key, stream, _: openai_responses.response_events(key, stream, parsed, spec), body,
-               serve=typed_sse)
+    g.model = key
+    if parsed.job.stream:
+        stream = svc.inference.stream(key, parsed.job)
+        g.model_device = stream.device
+        response = typed_sse(openai_responses.response_events(key, stream, parsed, spec))
+        response.call_on_close(stream.close)
+        return response
+    result = svc.inference.generate(key, parsed.job, is_gone=client_gone_probe())
+    g.completion_tokens, g.model_device = result.completion_tokens, result.device
+    return jsonify(openai_responses.response_body(key, result, parsed, spec))
 
 
 @bp.post("/completions")
