@@ -48,17 +48,6 @@ def sse(chunks) -> Response:
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def typed_sse(events) -> Response:
-    """Server-sent events of the Responses API: `event: <type>` beside each JSON event, no [DONE]
-    (response.completed, .incomplete or .failed is the last); failures are events of their own
-    (utils/api/openai_responses.py)."""
-    def lines():
-        for event in events:
-            yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
-    return Response(stream_with_context(lines()), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
 def run(key: str, job, to_body, to_chunks, body: dict):
     svc = services()
     g.model = key
@@ -97,6 +86,17 @@ def chat_completions():
     job, tools = oa.parse_chat(body, spec)
     return run(key, job, partial(oa.chat_response, tools=tools, spec=spec),
                partial(oa.chat_chunks, tools=tools, spec=spec), body)
+
+
+def typed_sse(events) -> Response:
+    """Server-sent events of the Responses API: `event: <type>` beside each JSON event, no [DONE]
+    (response.completed, .incomplete or .failed is the last); failures are events of their own
+    (utils/api/openai_responses.py)."""
+    def lines():
+        for event in events:
+            yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+    return Response(stream_with_context(lines()), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 @bp.post("/responses")

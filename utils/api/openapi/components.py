@@ -91,12 +91,12 @@ def component_schemas(settings: ServerSettings, *, show_models: bool) -> dict[st
     text = [spec for spec in specs if spec.family not in IMAGE_FAMILIES]
     images = [spec for spec in specs if spec.family in IMAGE_FAMILIES]
     if text:
+        _bound(defs, RESPONSES, "max_output_tokens", maximum=_most(text, "max_new_tokens"))
         _bound(defs, TEXT_BODIES, "max_new_tokens", maximum=_most(text, "max_new_tokens"))
         _bound(defs, TEXT_BODIES, "prompt", maxLength=_most(text, "max_prompt_chars"))
         _bound(defs, TEXT_BODIES, "system", maxLength=_most(text, "max_prompt_chars"))
         _bound(defs, OPENAI_TEXT, "max_tokens", maximum=_most(text, "max_new_tokens"))
         _bound(defs, OPENAI_TEXT, "max_completion_tokens", maximum=_most(text, "max_new_tokens"))
-        _bound(defs, RESPONSES, "max_output_tokens", maximum=_most(text, "max_new_tokens"))
     if images:
         multiple = math.lcm(*(family_class(spec.family).size_multiple for spec in images))
         side = {"minimum": multiple, "maximum": _most(images, "max_image_pixels") // multiple, "multipleOf": multiple}

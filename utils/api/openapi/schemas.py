@@ -11,11 +11,11 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
+from utils.api.openai_responses import DETAILS as RESPONSE_DETAILS, ROLES as RESPONSE_ROLES
 from utils.images import MAX_SCALE
 from utils.inference import MIN_TEMPERATURE, SEED_MAX
 from utils.jobs import STATES
 from utils.media import MAX_GIVEN_FRAMES
-from utils.api.openai_responses import DETAILS as RESPONSE_DETAILS, ROLES as RESPONSE_ROLES
 from utils.openai_api import MAX_STOPS, ROLES
 from utils.tool_parsers import FUNCTION_NAME
 
