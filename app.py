@@ -13,10 +13,24 @@ import uuid
 from flask import Flask, Request, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from utils.api.admin import bp as admin_bp, metrics_bp
+from utils.api.auth import guard_of, token_of
+from utils.api.dashboard import bp as dashboard_bp
+from utils.api.devices import bp as devices_bp
 from utils.api.forms import StrictFormParser
+from utils.api.generate import bp as generate_bp
+from utils.api.jobs import bp as jobs_bp
+from utils.api.openai import bp as openai_bp
+from utils.api.openai_translation import error_body
+from utils.api.openapi import bp as openapi_bp, docs_bp
+from utils.api.wsgi import REFUSED, ServingMiddleware
+from utils.config.runtime import RuntimeSettings
+from utils.config.settings import ServerSettings, load_settings
 from utils.errors import ServerError, ShuttingDown, Unauthorized
+from utils.hub.demo_models import build_demo_models
+from utils.ops.lifecycle import Lifecycle
+from utils.ops.logging_setup import log_access, setup_logging
 from utils.services import Services, Sweeper, add_jobs, build_services
-from utils.settings import ServerSettings, load_settings
 
 log = logging.getLogger("model_server.app")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -54,16 +68,12 @@ def _install_temp_scopes(app: Flask) -> None:
 
 def create_app(settings: ServerSettings | None = None, *, background: bool = True, runtime=None) -> Flask:
     """runtime: RuntimeSettings (BODY_TIMEOUT, SHUTDOWN_GRACE, METRICS_TOKEN); default from the environment."""
-    from utils.lifecycle import Lifecycle
-    from utils.runtime_settings import RuntimeSettings
     settings = settings or load_settings()
     runtime = runtime or RuntimeSettings.from_env()
     for folder in (settings.models_dir, settings.tmp_dir, settings.log_dir):
         folder.mkdir(parents=True, exist_ok=True)
-    from utils.logging_setup import setup_logging
     setup_logging(settings.log_dir)  # once per process
     if settings.demo:
-        from utils.demo_models import build_demo_models
         build_demo_models(settings.models_dir / "demo")  # cached: only the first start builds
     app = Flask(__name__)
     app.request_class = ScopedRequest
@@ -75,13 +85,6 @@ def create_app(settings: ServerSettings | None = None, *, background: bool = Tru
     app.extensions["model_server"] = services
     services.temp.startup_sweep()
 
-    from utils.api.admin import bp as admin_bp, metrics_bp
-    from utils.api.dashboard import bp as dashboard_bp
-    from utils.api.devices import bp as devices_bp
-    from utils.api.generate import bp as generate_bp
-    from utils.api.jobs import bp as jobs_bp
-    from utils.api.openai import bp as openai_bp
-    from utils.api.openapi import bp as openapi_bp, docs_bp
     app.register_blueprint(generate_bp)
     app.register_blueprint(openai_bp)
     app.register_blueprint(jobs_bp)
@@ -115,12 +118,9 @@ def create_app(settings: ServerSettings | None = None, *, background: bool = Tru
 def _install_serving_layer(app: Flask, services: Services) -> None:
     """The WSGI layer under Flask (utils/api/wsgi.py: bodies, drain admission, requests in flight) and
     the shutdown steps the worker runs after the drain."""
-    from utils.api.wsgi import ServingMiddleware
-
     def stream_end(path: str) -> bytes:
         details = "the server is shutting down; the answer is incomplete"
         if path.startswith("/v1/"):
-            from utils.openai_api import error_body
             body = error_body(503, "shutting down", details)
         else:
             body = {"error": "shutting down", "details": details}
@@ -138,8 +138,6 @@ def _install_serving_layer(app: Flask, services: Services) -> None:
 
 def _install_drain_refusal(app: Flask) -> None:
     """Requests the WSGI layer refused while draining (after SIGTERM) get 503 + Retry-After."""
-    from utils.api.wsgi import REFUSED
-
     @app.before_request
     def refuse_while_draining() -> None:
         if request.environ.get(REFUSED):
@@ -166,8 +164,6 @@ def _install_auth(app: Flask, settings: ServerSettings, runtime) -> None:
     """ADMIN_TOKEN guards /admin, API_TOKEN guards inference and the lists of models and devices, METRICS_TOKEN (when set) /metrics;
     /health and /ready stay open, and so do views marked `public` (the dashboard's page and assets,
     which hold no data). The table is utils/api/auth.py."""
-    from utils.api.auth import guard_of, token_of  # the table the API description reads too
-
     @app.before_request
     def check_token() -> None:
         expected = token_of(guard_of(request.path, app.view_functions.get(request.endpoint)), settings, runtime)
@@ -181,7 +177,6 @@ def _install_auth(app: Flask, settings: ServerSettings, runtime) -> None:
 
 def _install_observability(app: Flask, services: Services) -> None:
     """One after_request hook: the request's metrics and its access log line."""
-    from utils.logging_setup import log_access
     models = services.settings.models
 
     @app.after_request
@@ -202,7 +197,6 @@ def _install_observability(app: Flask, services: Services) -> None:
 def _install_error_handlers(app: Flask) -> None:
     def error_response(status: int, error: str, details: str, headers: dict | None = None, extra=None):
         if request.path.startswith("/v1/") or request.path == "/v1":  # OpenAI's clients read OpenAI's shape
-            from utils.openai_api import error_body
             body = error_body(status, error, details, (extra or {}).get("field"))
         else:
             body = {"error": error, "details": details}
@@ -238,9 +232,12 @@ def _install_error_handlers(app: Flask) -> None:
 
 
 if __name__ == "__main__":  # seed 001's `python app.py`: Flask's development server, main.py's flags
+    import runpy
     import sys
+    from pathlib import Path
 
-    import main
     print("app.py runs Flask's development server; in production run `python main.py` (gunicorn, one worker, "
           "threads, drains on SIGTERM)", file=sys.stderr)
-    sys.exit(main.main(["--debug", *sys.argv[1:]]))
+    # main.py's CLI run as a script (it imports this module for create_app; importing it back would be a cycle)
+    sys.argv[1:1] = ["--debug"]
+    runpy.run_path(str(Path(__file__).with_name("main.py")), run_name="__main__")

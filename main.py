@@ -5,7 +5,7 @@ workers would each load their own copy of every model.
 
 Safe by default: it refuses to listen beyond loopback while /admin or the inference routes are open
 (no ADMIN_TOKEN / API_TOKEN) unless told `--insecure`; `--debug` never serves Werkzeug's interactive
-debugger. SIGTERM drains (utils/gunicorn_worker.py): new requests get 503, those in flight get
+debugger. SIGTERM drains (utils/ops/gunicorn_worker.py): new requests get 503, those in flight get
 SHUTDOWN_GRACE seconds, then the models are unloaded, the temp files removed, and the exit is 0.
 """
 from __future__ import annotations
@@ -18,11 +18,11 @@ import os
 import signal
 import sys
 
-from utils import healthcheck
+from utils.ops import healthcheck
 from utils.errors import ConfigError
-from utils.logging_setup import setup_console_logging
-from utils.runtime_settings import RuntimeSettings
-from utils.settings import BACKENDS, ServerSettings, load_settings
+from utils.ops.logging_setup import setup_console_logging
+from utils.config.runtime import RuntimeSettings
+from utils.config.settings import BACKENDS, ServerSettings, load_settings
 
 log = logging.getLogger("model_server.main")
 
@@ -108,10 +108,10 @@ def run_gunicorn(app_factory, host: str, port: int, threads: int, timeout: int, 
     """record: where the master writes {host, port, pid} once bound, removed on exit (the health check).
     grace: SHUTDOWN_GRACE; the master kills a worker still draining SHUTDOWN_MARGIN seconds after it.
     log_dir: this instance's folder, where gunicorn's control socket goes (one per port)."""
-    from gunicorn.app.base import BaseApplication
+    from gunicorn.app.base import BaseApplication  # deferred: gunicorn
 
-    from utils.gunicorn_worker import (SHUTDOWN_MARGIN, ConfigReloadArbiter, EscapingLogger, ModelServerWorker,
-                                       control_socket_path)
+    from utils.ops.gunicorn_worker import (SHUTDOWN_MARGIN, ConfigReloadArbiter,  # deferred: gunicorn
+                                           EscapingLogger, ModelServerWorker, control_socket_path)
 
     class ModelServerApplication(BaseApplication):
         def load_config(self):
@@ -139,7 +139,7 @@ def run_gunicorn(app_factory, host: str, port: int, threads: int, timeout: int, 
 
 
 def main(argv=None) -> int:
-    from utils.memory import limit_malloc_arenas
+    from utils.serving.memory import limit_malloc_arenas  # deferred: psutil
     limit_malloc_arenas()  # before gunicorn or any thread starts (see its note)
     args = parse_args(argv)
     setup_console_logging(logging.DEBUG if args.debug else logging.INFO)
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
         if args.download and not args.no_quant_cache:  # not by default: minutes before serving
             build_cache(settings, args.model)
 
-    from app import create_app
+    from app import create_app  # deferred: flask (and the serving stack; --healthcheck stays stdlib)
     record = healthcheck.record_path(settings.log_dir)
     if args.debug:
         return run_debug(create_app(settings, runtime=runtime), args.host, args.port, record)
@@ -185,7 +185,8 @@ def main(argv=None) -> int:
 def fetch_missing(settings, keys=None, *, every: bool = False) -> bool:
     """Downloads the configured models whose folders hold no complete checkpoint (`every`: asks the
     hub about complete ones too, as --download-only does); prints a summary. True when all are ok."""
-    from utils.download_model import checkpoint_state, download_models, format_summary, reserve_bytes_from_env
+    from utils.hub.download import download_models, format_summary, reserve_bytes_from_env  # deferred: hub
+    from utils.hub.model_folder import checkpoint_state  # deferred: huggingface_hub
     wanted = keys or list(settings.models)
     if not every:
         wanted = [k for k in wanted if checkpoint_state(settings.models[k].path) != "downloaded"]
@@ -200,7 +201,7 @@ def fetch_missing(settings, keys=None, *, every: bool = False) -> bool:
 
 def build_cache(settings, keys=None) -> bool:
     """Quantizes the 4-bit / 8-bit models into the quantized cache ahead of their first load."""
-    from utils.checkpoints import build_quantized_cache, format_cache_report
+    from utils.serving.quantized_cache import build_quantized_cache, format_cache_report  # deferred: serving
     report = build_quantized_cache(settings, keys or list(settings.models))
     print(format_cache_report(report))
     return not any(row.get("status") == "failed" for row in report)

@@ -68,7 +68,7 @@ def build_checkpoint(models_dir: Path) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
-    from utils.demo_models import build_demo_models
+    from utils.hub.demo_models import build_demo_models
     started = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(build_demo_models(models_dir / "demo", ["deepseek"])["deepseek"])
     config = Qwen3Config(**QWEN3_06B, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,

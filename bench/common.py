@@ -172,7 +172,7 @@ def prepare_models_dir(models_dir: Path | None, work: Path) -> Path:
     root = Path(models_dir) if models_dir else work / "models"
     root.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    proc = subprocess.run([PYTHON, "-m", "utils.demo_models", "--root", str(root / "demo")], cwd=ROOT,
+    proc = subprocess.run([PYTHON, "-m", "utils.hub.demo_models", "--root", str(root / "demo")], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f"building demo checkpoints failed:\n{proc.stderr[-3000:]}")

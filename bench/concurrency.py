@@ -20,12 +20,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.gpu_memory import build_checkpoint, make_settings, spec_for  # noqa: E402
-from utils.demo_models import build_demo_models  # noqa: E402
+from utils.hub.demo_models import build_demo_models  # noqa: E402
 from utils.families import load_family  # noqa: E402
 from utils.families.base import GenerationParams, GenerationRequest  # noqa: E402
-from utils.memory import MemoryProbe, estimate_model_bytes  # noqa: E402
-from utils.memory import release_cached_memory  # noqa: E402
-from utils.model_manager import ModelManager  # noqa: E402
+from utils.serving.memory import MemoryProbe, estimate_model_bytes  # noqa: E402
+from utils.serving.memory import release_cached_memory  # noqa: E402
+from utils.serving.manager import ModelManager  # noqa: E402
 
 PARAMS = GenerationParams(max_new_tokens=16, temperature=1.0, top_p=1.0, do_sample=False)
 

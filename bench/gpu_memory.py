@@ -24,12 +24,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from utils.demo_models import build_demo_models  # noqa: E402
+from utils.hub.demo_models import build_demo_models  # noqa: E402
 from utils.families import load_family  # noqa: E402
 from utils.families.base import GenerationParams, GenerationRequest  # noqa: E402
-from utils.memory import MemoryProbe, estimate_model_bytes  # noqa: E402
-from utils.model_manager import ModelManager  # noqa: E402
-from utils.settings import GenerationDefaults, ModelLimits, ModelSpec, ServerSettings  # noqa: E402
+from utils.serving.memory import MemoryProbe, estimate_model_bytes  # noqa: E402
+from utils.serving.manager import ModelManager  # noqa: E402
+from utils.config.settings import GenerationDefaults, ModelLimits, ModelSpec, ServerSettings  # noqa: E402
 
 GIB = 2**30
 

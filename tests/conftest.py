@@ -13,8 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from utils.demo_models import build_demo_models  # noqa: E402
-from utils.settings import load_settings  # noqa: E402
+from utils.hub.demo_models import build_demo_models  # noqa: E402
+from utils.config.settings import load_settings  # noqa: E402
 
 
 @pytest.fixture(scope="session")

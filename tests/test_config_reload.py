@@ -7,7 +7,7 @@ from tests import media_samples as ms
 from tests.conftest import make_app
 from tests.conftest import test_env as server_env
 from utils.families import GenerationParams, GenerationRequest
-from utils.settings import load_settings
+from utils.config.settings import load_settings
 
 BLIP = """  blip_vqa:
     repo_id: Salesforce/blip-vqa-base

@@ -108,7 +108,7 @@ def test_compose_checks_readiness_and_outlasts_the_drain(compose):
     service = compose["services"][SERVICE]
     assert service["healthcheck"]["test"] == ["CMD"] + healthcheck_spec()[1]
     grace = float(str(service["environment"]["SHUTDOWN_GRACE"]).split(":-")[-1].rstrip("}"))
-    from utils.gunicorn_worker import SHUTDOWN_MARGIN
+    from utils.ops.gunicorn_worker import SHUTDOWN_MARGIN
     assert seconds(service["stop_grace_period"]) > grace + SHUTDOWN_MARGIN
 
 

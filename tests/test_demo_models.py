@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from utils import demo_models
-from utils.demo_models import DEMO_KEYS, DEMO_VERSION, MARKER_NAME, build_demo_models, demo_family
+from utils.hub import demo_models
+from utils.hub.demo_models import DEMO_KEYS, DEMO_VERSION, MARKER_NAME, build_demo_models, demo_family
 
 NEW_TOKENS = 4
 SR = 16000

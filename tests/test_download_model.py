@@ -21,7 +21,7 @@ try:
 except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
     from hub_server import HubServer, start_hub
 
-from utils.download_model import (MANIFEST_NAME, checkpoint_bytes, checkpoint_state, parse_bytes, read_manifest,
+from utils.hub.download import (MANIFEST_NAME, checkpoint_bytes, checkpoint_state, parse_bytes, read_manifest,
                                   select_files)
 
 __all__ = ["HubServer", "start_hub", "build_tiny_checkpoint", "run_download"]

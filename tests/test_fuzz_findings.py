@@ -51,7 +51,7 @@ def test_odd_sizes_are_400_naming_size(client, size):
 
 
 def test_sizes_that_were_valid_stay_valid(client):
-    from utils.openai_api import SIZE
+    from utils.api.openai_translation import SIZE
     assert [SIZE.match(s).groups() for s in ("64x64", " 64 X 48 ", "1024x768")] == \
         [("64", "64"), ("64", "48"), ("1024", "768")]
 
@@ -62,7 +62,7 @@ def test_true_is_not_1_and_false_is_not_0_for_parameters_taken_only_at_their_neu
     """Found by schemathesis (negative_data_rejection, run by hand): `echo: 0`, `partial_images:
     false` and `best_of: {}` passed as the neutral value; issue 24's `"n": true` taken as 1."""
     from utils.errors import InvalidInput
-    from utils.openai_api import parse_chat
+    from utils.api.openai_translation import parse_chat
     spec = make_settings().models["deepseek"]
     body = {"model": "deepseek", "messages": [{"role": "user", "content": "hi"}]}
     parse_chat({**body, "echo": False, "logprobs": False, "best_of": 1, "n": 1, "presence_penalty": 0.0,
@@ -75,7 +75,7 @@ def test_true_is_not_1_and_false_is_not_0_for_parameters_taken_only_at_their_neu
 @pytest.mark.parametrize("field, value", [("partial_images", False), ("stream", 0), ("output_compression", True)])
 def test_image_parameters_taken_only_at_their_neutral_tell_bools_from_numbers(make_settings, field, value):
     from utils.errors import InvalidInput
-    from utils.openai_api import parse_image_request
+    from utils.api.openai_translation import parse_image_request
     spec = make_settings().models["flux"]
     body = {"model": "flux", "prompt": "a fox", "size": "64x64"}
     parse_image_request({**body, "partial_images": 0, "stream": False, "output_compression": 100}, spec, edit=False)

@@ -349,7 +349,7 @@ def test_frames_of_a_video_count_toward_the_pixel_budget(client):
 
 
 def test_duration_budgets_add_up_over_a_request():
-    from utils.media import MediaLimits, MediaProbe, MediaTooLarge, check_request_budget
+    from utils.media.decode import MediaLimits, MediaProbe, MediaTooLarge, check_request_budget
 
     limits = MediaLimits(max_audio_seconds=10, max_video_seconds=20)
     check_request_budget([MediaProbe("audio", f"audios[{i}]", seconds=10) for i in range(4)], limits)

@@ -17,14 +17,14 @@ import requests
 from PIL import Image
 
 from tests import media_samples as ms
-from utils.download_model import checkpoint_state, select_files
+from utils.hub.download import checkpoint_state, select_files
 from utils.engine import Engine
 from utils.errors import ConfigError
 from utils.families import GenerationRequest, load_family
 from utils.families.diffusion import ImageParams
 from utils.families.image_edit import ImageEditFamily
-from utils.memory import estimate_model_bytes
-from utils.settings import load_settings
+from utils.serving.memory import estimate_model_bytes
+from utils.config.settings import load_settings
 
 # Batched rows run the same math over a bigger matrix; CPU GEMM kernels may round the last bit
 # differently, which can move a pixel by one level of 255. Different seeds differ by ~50 levels.

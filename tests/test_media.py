@@ -1,4 +1,4 @@
-"""utils/media.py: base64, images, audio, video; real decoding of media made by tests/media_samples.py."""
+"""utils/media/decode.py: base64, images, audio, video; real decoding of media made by tests/media_samples.py."""
 from __future__ import annotations
 
 import base64
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from utils import media
+from utils.media import decode as media
 from utils.errors import InvalidInput, PayloadTooLarge
-from utils.media import (MediaLimits, MediaTooLarge, VideoClip, decode_base64, load_audio, load_image,
+from utils.media.decode import (MediaLimits, MediaTooLarge, VideoClip, decode_base64, load_audio, load_image,
                          load_video, sample_indices, sniff_format, sniff_kind)
 
 try:

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from utils.errors import InsufficientMemory, ModelBusy, ModelUnavailable, UnknownModel
-from utils.memory import MemoryReading
-from utils.model_manager import ModelManager
-from utils.settings import ModelSpec, ServerSettings
+from utils.serving.memory import MemoryReading
+from utils.serving.manager import ModelManager
+from utils.config.settings import ModelSpec, ServerSettings
 
 GIB = 2**30
 
@@ -413,7 +413,7 @@ class GpuProbe(FakeProbe):
         self.gpu_free = gpu_free
 
     def read(self) -> MemoryReading:
-        from utils.memory import GpuReading
+        from utils.serving.memory import GpuReading
         reading = super().read()
         gpu = GpuReading(index=0, name="fake", total=80 * GIB, free=self.gpu_free, allocated=0, reserved=0)
         return MemoryReading(ram_total=reading.ram_total, ram_available=reading.ram_available, ram_percent=0.0,

@@ -9,7 +9,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from utils.logging_setup import LOG_FILE
+from utils.ops.logging_setup import LOG_FILE
 from tests.conftest import make_app
 
 
@@ -249,7 +249,7 @@ def test_unexpected_errors_log_a_traceback_and_answer_without_internals(make_set
 
 
 def test_logging_is_set_up_once_per_process(make_settings):
-    from utils.logging_setup import _ServerLogHandler
+    from utils.ops.logging_setup import _ServerLogHandler
     settings = make_settings()
     first, second = make_app(settings), make_app(settings)
     handlers = [h for h in logging.getLogger().handlers if isinstance(h, _ServerLogHandler)]
@@ -264,7 +264,7 @@ def test_logging_is_set_up_once_per_process(make_settings):
 
 
 def test_log_files_rotate_by_size(tmp_path):
-    from utils.logging_setup import setup_logging
+    from utils.ops.logging_setup import setup_logging
     path = setup_logging(tmp_path, max_bytes=4096, backup_count=2)
     logger = logging.getLogger("model_server.rotation_test")
     for i in range(300):

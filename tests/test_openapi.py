@@ -19,7 +19,7 @@ HTTP_METHODS = {"get", "post", "put", "patch", "delete"}
 @pytest.fixture(scope="module")
 def secured(make_settings):
     from app import create_app
-    from utils.runtime_settings import RuntimeSettings
+    from utils.config.runtime import RuntimeSettings
     app = create_app(make_settings(**TOKENS), background=False,
                      runtime=RuntimeSettings.from_env({"METRICS_TOKEN": TOKENS["METRICS_TOKEN"]}))
     yield app
@@ -162,10 +162,10 @@ def _outside(value, integer: bool, direction: float):
 
 
 def _parsers(settings):
-    from utils.images import parse_image_job
-    from utils.inference import parse_job
     from utils.api.openai_responses import parse_responses
-    from utils.openai_api import parse_chat, parse_completion, parse_image_request
+    from utils.api.openai_translation import parse_chat, parse_completion, parse_image_request
+    from utils.serving.image_requests import parse_image_job
+    from utils.serving.inference import parse_job
     text, image = settings.models["deepseek"], settings.models["flux"]
     chat = {"model": "deepseek", "messages": [{"role": "user", "content": "hi"}]}
     return {
@@ -203,7 +203,7 @@ def test_declared_ranges_are_the_parsers_ranges(make_settings, component):
 
 def test_declared_image_sides_are_the_parsers_sides(make_settings):
     from utils.errors import InvalidInput
-    from utils.images import parse_image_job
+    from utils.serving.image_requests import parse_image_job
     settings = make_settings()
     flux = settings.models["flux"]
     side = component_schemas(settings.replace(models={"flux": flux}), show_models=False)["GenerateImage"][

@@ -1,4 +1,4 @@
-"""The quantized cache (utils/checkpoints.py) on real tiny checkpoints, its settings, local models without
+"""The quantized cache (utils/serving/quantized_cache.py) on real tiny checkpoints, its settings, local models without
 a repo_id, and the lean release after an unload."""
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ import time
 import pytest
 
 from tests.conftest import ROOT
-from utils.checkpoints import (META_NAME, TMP_PREFIX, QuantizedCache, build_quantized_cache, format_cache_report,
+from utils.serving.quantized_cache import (META_NAME, TMP_PREFIX, QuantizedCache, build_quantized_cache, format_cache_report,
                                model_signature)
 from utils.errors import ConfigError
 from utils.families import load_family
 from utils.families.base import GenerationParams, GenerationRequest
-from utils.settings import GIB, load_settings
+from utils.config.settings import GIB, load_settings
 
 GREEDY = GenerationParams(max_new_tokens=12, temperature=0.0, top_p=1.0, do_sample=False)
 PROMPTS = ("Explain quantum computing in simple terms", "Write a haiku about the sea")
@@ -159,9 +159,9 @@ sys.path.insert(0, sys.argv[1])
 import dataclasses
 from pathlib import Path
 import transformers
-from utils.checkpoints import QuantizedCache
+from utils.serving.quantized_cache import QuantizedCache
 from utils.families import load_family
-from utils.settings import load_settings
+from utils.config.settings import load_settings
 spec = load_settings(env={"MODELS_DIR": sys.argv[2], "DEMO_MODE": "1"}).models["deepseek"]
 spec = dataclasses.replace(spec, path=Path(sys.argv[3]), quantization="4bit")
 def dies_mid_write(self, folder, *args, **kwargs):
@@ -243,7 +243,7 @@ def test_untied_weights_are_tied_again_when_equal_else_not_served():
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from utils.checkpoints import CacheMismatch, QuantizedCache as Cache
+    from utils.serving.quantized_cache import CacheMismatch, QuantizedCache as Cache
     config = Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
     model = Qwen3ForCausalLM(config)
@@ -310,7 +310,7 @@ def test_a_local_folder_needs_no_repo_id(tmp_path):
 
 
 def test_a_local_model_is_never_downloaded(tmp_path, models_dir):
-    from utils.download_model import download_models, format_summary
+    from utils.hub.download import download_models, format_summary
     shutil.copytree(models_dir / "demo" / "deepseek", tmp_path / "models" / "here")  # paths: under models_dir
     config = write_config(tmp_path, "models:\n  here: {family: text, path: here}\n  gone: {family: text, path: gone}\n")
     results = {r.key: r for r in download_models(load_settings(config, env={}), ["here", "gone"], progress=False,
@@ -321,7 +321,7 @@ def test_a_local_model_is_never_downloaded(tmp_path, models_dir):
 
 
 def test_a_local_model_serves_through_the_openai_card(tmp_path, models_dir):
-    from utils.openai_api import model_card
+    from utils.api.openai_translation import model_card
     config = write_config(tmp_path, "models:\n  mine: {family: text, path: here}\n")
     assert model_card(load_settings(config, env={}).models["mine"], 0, False)["owned_by"] == "local"
 
@@ -329,7 +329,7 @@ def test_a_local_model_serves_through_the_openai_card(tmp_path, models_dir):
 # ------------------------------------------------------------------ the release after an unload
 
 def test_release_skips_the_full_collection_when_the_dropped_model_is_gone(monkeypatch, caplog):
-    from utils import memory
+    from utils.serving import memory
 
     calls = []
     monkeypatch.setattr(memory.gc, "collect", lambda *a: calls.append(a) or 0)

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from utils.errors import InsufficientMemory
-from utils.memory import GpuReading, MemoryReading
-from utils.model_manager import ModelManager
-from utils.settings import EngineSettings, ModelSpec, RamTierSettings, ServerSettings
+from utils.serving.memory import GpuReading, MemoryReading
+from utils.serving.manager import ModelManager
+from utils.config.settings import EngineSettings, ModelSpec, RamTierSettings, ServerSettings
 
 GIB = 2**30
 SIZE = 4 * GIB  # every stand-in model
@@ -444,7 +444,7 @@ def test_reconfigure_turning_the_tier_off_drops_parked_models():
 
 
 def test_metrics_count_demotions_and_promotions():
-    from utils.metrics import Metrics
+    from utils.ops.metrics import Metrics
 
     metrics = Metrics()
     manager, loader, events, clock, probe = make()
@@ -616,10 +616,10 @@ def test_concurrent_leases_and_sweeps_keep_the_tier_consistent():
 def test_a_real_model_parks_and_comes_back_with_the_same_greedy_answer(tmp_path):
     """On the CPU the move is trivial (cpu -> cpu, nothing to pin); what this proves is that park()
     drains and stops the engine, unpark() starts a new one, and the model still answers the same."""
-    from utils.demo_models import build_demo_models
+    from utils.hub.demo_models import build_demo_models
     from utils.engine import make_loader
     from utils.families import GenerationParams, GenerationRequest, load_family
-    from utils.settings import load_settings
+    from utils.config.settings import load_settings
 
     build_demo_models(tmp_path / "models" / "demo", ["deepseek"])
     settings = load_settings(env={"MODELS_DIR": str(tmp_path / "models"), "TMP_DIR": str(tmp_path / "tmp"),

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_app, test_env as env_for
-from utils.download_model import select_files
+from utils.config.settings import load_settings
 from utils.engine import Engine
 from utils.errors import ConfigError
 from utils.families import GenerationParams, GenerationRequest, load_family
-from utils.settings import load_settings
+from utils.hub.download import select_files
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 GREEDY = GenerationParams(max_new_tokens=6, temperature=1.0, top_p=1.0, do_sample=False)
@@ -28,7 +28,7 @@ def build_checkpoint(target: Path, tokenizer_dir: Path) -> None:
 
     from tests.remote_code.configuration_tiny_remote import TinyRemoteConfig
     from tests.remote_code.modeling_tiny_remote import TinyRemoteForCausalLM
-    from utils.demo_models import _keep_only_word_logits
+    from utils.hub.demo_parts import _keep_only_word_logits
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     TinyRemoteConfig.register_for_auto_class()

@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from utils.errors import InvalidInput, PayloadTooLarge
-from utils.remote_media import DEFAULT_BLOCKED_NETWORKS, RemoteFetcher, RemoteMediaSettings, classify_address
+from utils.media.remote import DEFAULT_BLOCKED_NETWORKS, RemoteFetcher, RemoteMediaSettings, classify_address
 
 FIELD = "messages[0].content[1].image_url"
 BODY = b"\x89PNG not really, but bytes all the same"

@@ -17,7 +17,7 @@ import requests
 
 from tests.conftest import ROOT, free_port, make_app, wait_for
 from tests.conftest import test_env as server_env
-from utils.runtime_settings import RuntimeSettings
+from utils.config.runtime import RuntimeSettings
 
 
 def run_main(models_dir, tmp_path, args, **env):
@@ -47,7 +47,7 @@ def test_a_bind_beyond_loopback_is_refused_without_both_tokens(models_dir, tmp_p
 
 def test_loopback_needs_no_tokens_and_names_count_as_reachable():
     from main import check_bind, is_loopback
-    from utils.settings import load_settings
+    from utils.config.settings import load_settings
     for host in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"):
         assert is_loopback(host), host
     for host in ("0.0.0.0", "", "::", "10.0.0.5", "my-host.example"):
@@ -177,7 +177,7 @@ def test_ready_is_503_when_the_models_folder_is_unreadable(make_settings, tmp_pa
 # ---- log lines ---------------------------------------------------------------------------------------------
 
 def test_control_characters_in_a_path_never_forge_a_log_line(make_settings):
-    from utils.logging_setup import ConsoleFormatter
+    from utils.ops.logging_setup import ConsoleFormatter
     settings = make_settings()
     app = make_app(settings)
     stream = io.StringIO()

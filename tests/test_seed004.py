@@ -7,7 +7,7 @@ import pytest
 from tests import media_samples as ms
 from tests.conftest import make_app
 from utils.errors import InvalidInput
-from utils.media_options import frame_count, parse_media_options, parse_pixels, pixel_bounds
+from utils.media.options import frame_count, parse_media_options, parse_pixels, pixel_bounds
 
 
 def chat(client, content, model="qwen_vl", **extra):
@@ -137,7 +137,7 @@ def test_device_list_and_one_device(client):
 
 
 def test_device_names_follow_seed_004_for_gpus():
-    from utils.device_status import devices_from, find_device
+    from utils.serving.device_status import devices_from, find_device
     gpu = lambda i: {"device": f"cuda:{i}", "name": "H100", "total": 80, "free": 70, "budget": 79,  # noqa: E731
                      "models_bytes": 5}
     memory = {"ram": {"total": 10, "available": 5}, "gpus": [gpu(0), gpu(1)]}
@@ -159,7 +159,7 @@ def test_default_seed_makes_unseeded_sampling_reproducible(make_settings):
     settings = make_settings(DEFAULT_SEED="1234", VLM_SEED="99")
     assert settings.default_seed == 1234 and settings.models["deepseek"].generation.seed == 1234
     assert make_settings(VLM_SEED="99").default_seed == 99  # seed 004's name
-    from utils.settings import ConfigError
+    from utils.errors import ConfigError
     for bad in ("-1", "abc", str(2**63)):
         with pytest.raises(ConfigError, match="default_seed"):
             make_settings(DEFAULT_SEED=bad)

@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import ROOT
 from utils.errors import ConfigError
-from utils.settings import GIB, MIB, load_settings
+from utils.config.settings import GIB, MIB, load_settings
 
 
 def test_shipped_config_has_the_reference_models():
@@ -175,7 +175,7 @@ def test_engine_settings_that_cannot_be_honoured_stop_the_start(tmp_path, model_
 
 
 def test_remote_media_is_off_by_default_and_set_by_file_and_environment(tmp_path):
-    from utils.settings import RemoteMediaSettings
+    from utils.config.settings import RemoteMediaSettings
     default = load_settings(env={})
     assert default.remote_media == RemoteMediaSettings() and default.remote_media.enabled is False
     assert default.public_dict()["remote_media"]["enabled"] is False
@@ -193,7 +193,7 @@ def test_remote_media_is_off_by_default_and_set_by_file_and_environment(tmp_path
 
 
 def test_ram_tier_defaults_file_and_environment(tmp_path):
-    from utils.settings import RamTierSettings
+    from utils.config.settings import RamTierSettings
     default = load_settings(env={})
     assert default.ram_tier == RamTierSettings() and default.ram_tier.enabled and default.ram_tier.max_bytes is None
     assert default.public_dict()["ram_tier"]["pin_memory"] is True
@@ -316,7 +316,7 @@ def test_ray_replicas_lie_between_min_and_max_and_the_app_prefix_is_a_setting(tm
 
 
 def test_a_replica_gets_only_the_environment_settings_read():
-    from utils.settings import settings_env
+    from utils.config.settings import settings_env
     env = {"HF_TOKEN": "secret", "ADMIN_TOKEN": "a", "API_TOKEN": "b", "AWS_SECRET_ACCESS_KEY": "x",
            "MAX_BATCH_SIZE": "4", "MODEL_DEEPSEEK_QUANTIZATION": "8bit", "RAY_REPLICAS": "2", "DEMO_MODE": "1",
            "MODELS_CONFIG": "/c.yaml", "MODEL_SERVER_BACKEND": "ray", "RAM_TIER": "1"}

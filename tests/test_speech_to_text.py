@@ -17,7 +17,7 @@ from utils.engine import Engine
 from utils.errors import InvalidInput
 from utils.families import GenerationRequest, load_family
 from utils.families.speech_to_text import TranscriptionParams
-from utils import transcription
+from utils.api import transcription
 
 CLOCK = r"\d\d:\d\d:\d\d[,.]\d\d\d"
 

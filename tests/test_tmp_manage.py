@@ -1,4 +1,4 @@
-"""utils/tmp_manage.py: scopes, TTL sweeping with a fake clock, size cap, live-scope protection, threads."""
+"""utils/media/temp_files.py: scopes, TTL sweeping with a fake clock, size cap, live-scope protection, threads."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from utils.errors import PayloadTooLarge
-from utils.tmp_manage import MAX_STATUS_ENTRIES, TempManager
+from utils.media.temp_files import MAX_STATUS_ENTRIES, TempManager
 
 T0 = 1_000_000.0
 

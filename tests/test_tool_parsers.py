@@ -1,4 +1,4 @@
-"""utils/tool_parsers.py: each format whole and streamed in random cuts, malformed calls kept as content,
+"""utils/api/tool_parsers.py: each format whole and streamed in random cuts, malformed calls kept as content,
 partial tags held back, and the format read from a checkpoint's files."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from utils.tool_parsers import FORMATS, ToolCallStream, checkpoint_tool_support, detect_format, parse
+from utils.api.tool_parsers import FORMATS, ToolCallStream, checkpoint_tool_support, detect_format, parse
 
 DS_BEGIN, DS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
 DS_CALL, DS_CALL_END, DS_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"

@@ -7,9 +7,11 @@ import re
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from utils import status
-from utils.errors import InvalidInput
-from utils.inference import number_field
+from utils.config import reload as config_reload
+from utils.errors import ConfigError, InvalidInput
+from utils.serving import status
+from utils.serving.inference import number_field
+from utils.serving.manager import _mps_available, release_cached_memory
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 metrics_bp = Blueprint("metrics", __name__)
@@ -56,7 +58,6 @@ def wait_seconds() -> float:
 def present_device(device: str) -> str:
     """A device this machine has (cuda:01 read as cuda:1): asking for one it lacks is the client's
     mistake (400), not a memory shortage or a failed load (503)."""
-    from utils.model_manager import _mps_available
     if device.startswith("cuda:"):
         device = f"cuda:{int(device[5:])}"
     present = ["cpu", *(f"cuda:{gpu.index}" for gpu in services().probe.read().gpus),
@@ -88,9 +89,6 @@ def unload_model(key: str):
 @bp.post("/reload_config")
 def reload_config():
     """Re-reads models.yaml and the environment; an invalid file changes nothing (400 naming the key)."""
-    from utils import config_reload
-    from utils.errors import ConfigError
-
     try:
         diff = config_reload.reload_config(services(), current_app.config)
     except ConfigError as exc:
@@ -102,8 +100,6 @@ def reload_config():
 def emergency_cleanup():
     """Unloads every idle model, releases caches (gc, CUDA cache, malloc trim) and purges expired temp
     files. Leased models and live temp scopes are left alone."""
-    from utils.model_manager import release_cached_memory
-
     svc = services()
     before = svc.probe.read()
     held_before = svc.manager.loaded_bytes()

@@ -1,11 +1,11 @@
 """Seed 004's device routes: GET /device lists the devices this server sees, POST /device?device=...
 answers one of them (GET takes ?device= too). Read from the memory report and the manager's snapshot
-(utils/device_status.py); guarded by API_TOKEN like the inference routes."""
+(utils/serving/device_status.py); guarded by API_TOKEN like the inference routes."""
 from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify, request
 
-from utils.device_status import device_report, find_device
+from utils.serving.device_status import device_report, find_device
 
 bp = Blueprint("devices", __name__)
 

@@ -2,60 +2,15 @@
 from __future__ import annotations
 
 import json
-import socket
 
-from flask import Blueprint, Response, current_app, g, jsonify, request, stream_with_context
+from flask import Blueprint, Response, current_app, g, jsonify, stream_with_context
 
-from utils.errors import InvalidInput, UnsupportedMediaType
-from utils.images import makes_images
-from utils.inference import parse_job, result_body
+from utils.api.context import client_gone_probe, request_body, services
+from utils.api.images import generate_image
+from utils.serving.image_requests import makes_images
+from utils.serving.inference import parse_job, result_body
 
 bp = Blueprint("generate", __name__)
-
-
-def services():
-    return current_app.extensions["model_server"]
-
-
-def request_body() -> tuple[dict, dict[str, list[bytes]]]:
-    """The body as a dict plus uploaded files by field name (JSON or multipart/form-data)."""
-    mimetype = request.mimetype or ""
-    if mimetype == "application/json" or mimetype.endswith("+json"):
-        raw = request.get_data(cache=True)
-        if not raw.strip():
-            raise InvalidInput("the request body is empty; send a JSON object", error="malformed JSON")
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            raise InvalidInput(f"the body is not valid JSON: {exc}", error="malformed JSON") from None
-        if not isinstance(body, dict):
-            raise InvalidInput(f"the body must be a JSON object, got {type(body).__name__}", error="malformed JSON")
-        return body, {}
-    if mimetype == "multipart/form-data":
-        body = {k: (v if len(v) > 1 else v[0]) for k, v in request.form.lists()}
-        # A browser form's unused file input sends an empty, unnamed part: not an upload.
-        uploads = {name: [data for f in request.files.getlist(name) if (data := f.read()) or f.filename]
-                   for name in request.files}
-        return body, uploads
-    raise UnsupportedMediaType(f"send Content-Type: application/json or multipart/form-data "
-                               f"(got {mimetype or 'none'})")
-
-
-def client_gone_probe():
-    """A check that the client closed its connection while its request waits (gunicorn's socket;
-    None where the server gives no socket, as Flask's test client)."""
-    sock = request.environ.get("gunicorn.socket")
-    if sock is None:
-        return None
-
-    def gone() -> bool:
-        try:
-            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-        except BlockingIOError:
-            return False  # open, nothing sent: still waiting for us
-        except OSError:
-            return True
-    return gone
 
 
 @bp.post("/generate/<model>")
@@ -64,7 +19,6 @@ def generate(model: str):
     spec = svc.inference.spec(model)  # unknown model -> 404 before the body is even read
     body, uploads = request_body()
     if makes_images(spec, body):  # images out: utils/api/images.py
-        from utils.api.images import generate_image
         return generate_image(model, spec, body, uploads)
     job = parse_job(body, uploads, spec)
     if job.stream:

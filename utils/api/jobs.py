@@ -1,4 +1,4 @@
-"""Asynchronous jobs over HTTP (utils/jobs.py does the work):
+"""Asynchronous jobs over HTTP (utils/jobs/runner.py does the work):
 
   POST   /jobs/<model>        the body /generate takes -> 202 {"job_id", "status", "position", ...}
   GET    /jobs/<id>           status: queued (position) | running (progress) | succeeded | failed | cancelled
@@ -13,11 +13,11 @@ import re
 
 from flask import Blueprint, g, jsonify, request, send_file, url_for
 
-from utils.api.generate import request_body, services
+from utils.api.context import request_body, services
 from utils.api.wsgi import body_guard
 from utils.errors import InvalidInput, PayloadTooLarge, UnknownJob
-from utils.inference import number_field
-from utils.jobs import STATES
+from utils.jobs.runner import STATES
+from utils.serving.inference import number_field
 
 log = logging.getLogger("model_server.jobs")
 bp = Blueprint("jobs", __name__)

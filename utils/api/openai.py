@@ -1,4 +1,4 @@
-"""/v1: OpenAI's API over the same inference service as /generate (translation in utils/openai_api)."""
+"""/v1: OpenAI's API over the same inference service as /generate (translation in utils/api/openai_translation)."""
 from __future__ import annotations
 
 import json
@@ -7,10 +7,10 @@ from functools import partial
 
 from flask import Blueprint, Response, current_app, g, jsonify, request, stream_with_context
 
-from utils import openai_api as oa
-from utils.api import openai_responses
-from utils.api.generate import client_gone_probe, services
+from utils.api import openai_responses, openai_translation as oa, transcription
+from utils.api.context import client_gone_probe, services
 from utils.errors import InvalidInput, UnsupportedMediaType
+from utils.serving.image_requests import run_images
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 STARTED = int(time.time())
@@ -140,8 +140,7 @@ def transcriptions():
         raise InvalidInput("'file' (the audio) is required", field="file", error="missing field")
     spec = svc.settings.models[key]
     g.model = key
-    if spec.family == "speech_to_text":  # Whisper: every response format (utils/transcription.py)
-        from utils import transcription
+    if spec.family == "speech_to_text":  # Whisper: every response format (utils/api/transcription.py)
         job, options = transcription.parse(request.form, audio, spec)
         result = svc.inference.generate(key, job, is_gone=client_gone_probe())
         g.completion_tokens, g.model_device = result.completion_tokens, result.device
@@ -187,7 +186,6 @@ def image_edits():
 
 
 def _images(key: str, job):
-    from utils.images import run_images
     g.model = key
     outcome = run_images(services().inference, key, job, is_gone=client_gone_probe())
     return jsonify(oa.images_response(outcome))

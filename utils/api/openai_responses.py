@@ -19,10 +19,9 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Mapping
 
-from utils import openai_api as oa
-from utils import openai_tools
+from utils.api import openai_tools, openai_translation as oa
+from utils.config.settings import ModelSpec
 from utils.errors import InvalidInput, ServerError
-from utils.settings import ModelSpec
 
 log = logging.getLogger("model_server.openai")
 

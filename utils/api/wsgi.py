@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterable
 
 from utils.errors import BodyTimeout, InvalidInput, PayloadTooLarge, ServerError
-from utils.lifecycle import Lifecycle
+from utils.ops.lifecycle import Lifecycle
 
 REFUSED = "model_server.refused"          # environ key: set on requests refused while draining
 OPEN_WHILE_DRAINING = frozenset({"/health", "/ready", "/metrics"})

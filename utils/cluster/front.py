@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import threading
 import time
 from concurrent.futures import Future
@@ -19,9 +20,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from utils.cluster.replica import ModelReplica
+from utils.config.settings import settings_env
 from utils.errors import ModelUnavailable, RequestTimeout, ServerError, UnknownModel
 from utils.families import GenerationResult
-from utils.inference import InferenceService
+from utils.serving.inference import InferenceService
 
 log = logging.getLogger("model_server.cluster")
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -43,8 +46,8 @@ class StillLoading(ModelUnavailable):
 @contextmanager
 def ray_errors(what: str) -> Iterator[None]:
     """Ray's failures as domain errors: 503 for a replica that is gone or busy; 500 for a bug."""
-    from ray.exceptions import RayError, RayTaskError
-    from ray.serve.exceptions import RayServeException
+    from ray.exceptions import RayError, RayTaskError  # deferred: ray
+    from ray.serve.exceptions import RayServeException  # deferred: ray
     try:
         yield
     except ServerError:
@@ -85,11 +88,10 @@ class Cluster:
     # ------------------------------------------------------------------ start and stop
 
     def start(self) -> "Cluster":
-        import ray
-        from ray import serve
+        import ray  # deferred: ray
+        from ray import serve  # deferred: ray
         rs = self.settings.ray
         if not ray.is_initialized():
-            import signal
             drain = signal.getsignal(signal.SIGTERM)  # ray.init replaces it with sys.exit: gunicorn drains
             env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
             if rs.address:  # an existing cluster: ship the code; models_dir must exist on every node
@@ -114,11 +116,10 @@ class Cluster:
         return self
 
     def _deployment(self, group: Any, gpus: float):
-        from ray import serve
-        from ray.serve.config import RequestRouterConfig
+        from ray import serve  # deferred: ray
+        from ray.serve.config import RequestRouterConfig  # deferred: ray
 
-        from utils.cluster.replica import ModelReplica
-        from utils.cluster.router import TargetedRouter
+        from utils.cluster.router import TargetedRouter  # deferred: ray
         num_gpus = group.num_gpus if group.num_gpus is not None else (1.0 if gpus else 0.0)
         scaling: dict[str, Any] = {}
         if group.min_replicas is not None:
@@ -141,7 +142,7 @@ class Cluster:
             **scaling)
 
     def _wait_for_replicas(self, group: str, timeout: float = 60.0) -> None:
-        from utils.cluster.router import replica_ids
+        from utils.cluster.router import replica_ids  # deferred: ray
         self.handles[group].status.remote().result(timeout_s=timeout)  # creates the router
         deadline = time.monotonic() + timeout
         while not replica_ids(self.app(group)) and time.monotonic() < deadline:
@@ -156,8 +157,8 @@ class Cluster:
         """At the worker's exit: Serve and Ray go too when this process started them; on a joined
         cluster only this server's applications go (their replicas would hold models for nobody)."""
         try:
-            import ray
-            from ray import serve
+            import ray  # deferred: ray
+            from ray import serve  # deferred: ray
             if self.started_ray:
                 serve.shutdown()
                 ray.shutdown()
@@ -180,7 +181,7 @@ class Cluster:
 
     def replicas(self) -> dict[str, list[str]]:
         """Group -> ids of the replicas Serve routes to now."""
-        from utils.cluster.router import replica_ids
+        from utils.cluster.router import replica_ids  # deferred: ray
         return {name: replica_ids(self.app(name)) for name in self.handles}
 
     def each_replica(self, method: str, *args, group: str | None = None, timeout: float | None = None,
@@ -262,7 +263,6 @@ def _failed(rid: str, method: str, exc: BaseException) -> tuple:
 def for_replicas(settings: Any) -> Any:
     """What a replica gets: no tokens (it serves no HTTP), and of the environment only what
     load_settings reads, never the front's secrets."""
-    from utils.settings import settings_env
     return settings.replace(admin_token=None, api_token=None, env=settings_env(settings.env or {}))
 
 

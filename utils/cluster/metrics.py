@@ -6,7 +6,7 @@
   replica_requests_in_flight{replica,model}    gauge
   replica_ram_tier_bytes{replica}              gauge: bytes of GPU models that replica parked in RAM
   replica_ram_tier_budget_bytes{replica}       gauge
-(the unlabelled ram_tier_* series of utils/metrics.py are their sums)
+(the unlabelled ram_tier_* series of utils/ops/metrics.py are their sums)
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Iterable
 
 from prometheus_client.core import GaugeMetricFamily
 
-from utils.metrics import PREFIX
+from utils.ops.metrics import PREFIX
 
 log = logging.getLogger("model_server.metrics")
 

@@ -23,6 +23,10 @@ from functools import partial
 from typing import Any
 
 from utils.errors import ModelBusy, ServerError
+from utils.hub.demo_models import build_demo_models
+from utils.local_services import Sweeper, build_local_services
+from utils.serving import status
+from utils.serving.manager import release_cached_memory
 
 log = logging.getLogger("model_server.replica")
 _END = object()
@@ -55,16 +59,14 @@ class Resident:
 
 class ModelReplica:
     def __init__(self, settings, group_name: str) -> None:
-        from ray import serve
+        from ray import serve  # deferred: ray
 
-        from utils.services import Sweeper, build_services
 
         group = next(g for g in settings.ray.groups if g.name == group_name)
         settings = replica_settings(settings, group)
         if settings.demo:
-            from utils.demo_models import build_demo_models
             build_demo_models(settings.models_dir / "demo")  # cached; a node of a cluster may lack them
-        self.services = build_services(settings)
+        self.services = build_local_services(settings)
         self.manager = self.services.manager
         self.inference = self.services.inference
         self.sweeper = Sweeper(settings.sweep_interval, [self.manager.expire_idle,
@@ -136,9 +138,8 @@ class ModelReplica:
         return "ok", await self._call(self._status)
 
     def _status(self) -> dict:
-        import ray
+        import ray  # deferred: ray
 
-        from utils import status
         return {"replica": self.id, "group": self.group, "pid": os.getpid(),
                 "node": ray.get_runtime_context().get_node_id(), "gpu_ids": [str(i) for i in ray.get_gpu_ids()],
                 "models": self.manager.snapshot(), "loaded_bytes": self.manager.loaded_bytes(),
@@ -166,7 +167,6 @@ class ModelReplica:
         return "ok", value
 
     def _cleanup(self) -> list[str]:
-        from utils.model_manager import release_cached_memory
         unloaded = self.manager.unload_idle(reason="emergency_cleanup")
         release_cached_memory()
         return unloaded

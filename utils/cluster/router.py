@@ -13,7 +13,7 @@ class TargetedRouter(PowerOfTwoChoicesRequestRouter):
         super().initialize_state(**kwargs)
         # Serve ships this class pickled by value: its globals are a copy. The import finds the
         # module the front imported, whose ROUTERS replica_ids() reads.
-        import utils.cluster.router as home
+        import utils.cluster.router as home  # deferred: this module, as the front imported it
         home.ROUTERS[app] = self
 
     async def choose_replicas(self, candidate_replicas, pending_request=None):

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from utils.config.settings import ModelSpec
+from utils.engine.continuous import ContinuousEngine
 from utils.engine.engine import Engine, Job, QueueFull, QueueTimeout
-from utils.settings import ModelSpec
 
 
 class ServedModel:
@@ -52,7 +53,6 @@ class ServedModel:
 
 def engine_class(spec: ModelSpec, adapter: Any) -> type[Engine]:
     """Which engine serves this model; see bench/README.md for why each family runs what it runs."""
-    from utils.engine.continuous import ContinuousEngine
     if spec.engine.batching != "dynamic" and ContinuousEngine.supports(adapter):
         return ContinuousEngine
     return Engine

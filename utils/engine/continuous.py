@@ -21,7 +21,7 @@ from typing import Any
 from utils.engine.engine import Engine, Job
 from utils.engine.rows import RowState, collate
 from utils.errors import OutOfMemory
-from utils.memory import is_out_of_memory, release_cached_memory
+from utils.serving.memory import is_out_of_memory, release_cached_memory
 
 log = logging.getLogger("model_server.engine")
 GROW_BACK_STEPS = 64  # clean decode steps before a row limit lowered by an out-of-memory grows by one
@@ -137,8 +137,8 @@ class DecodeBatch:
 
     def join(self, jobs: list[Job]) -> None:
         """Prefills the joining requests together and stacks their cache under the running rows."""
-        import torch
-        from transformers import DynamicCache
+        import torch  # deferred: torch
+        from transformers import DynamicCache  # deferred: transformers
 
         inputs = collate([job.prepared for job in jobs], side="left", pad_id=self.adapter._pad_id())
         mask = inputs["attention_mask"]
@@ -156,7 +156,7 @@ class DecodeBatch:
 
     def step(self) -> None:
         """One decode step for every running row that is still open."""
-        import torch
+        import torch  # deferred: torch
 
         if all(row.done for row in self.rows):  # e.g. every joining row finished at its prefill (1 token,
             return                               # or eos first): a forward now would only be thrown away
@@ -174,7 +174,7 @@ class DecodeBatch:
 
     def collect_finished(self) -> list[int]:
         """Drops finished rows from the batch (cache and mask too); returns their token counts."""
-        import torch
+        import torch  # deferred: torch
 
         for row in self.rows:
             row.close_if_cancelled()
@@ -195,7 +195,7 @@ class DecodeBatch:
 
     def _advance(self, rows: list[DecodeRow], logits: Any) -> None:
         """Chooses each open row's next token (greedy or its own sampling) and hands it over."""
-        import torch
+        import torch  # deferred: torch
 
         scores = logits.float()
         if all(not row.processors and row.generator is None for row in rows):
@@ -219,7 +219,7 @@ class DecodeBatch:
 
     def _merge(self, cache: Any, mask: Any) -> None:
         """Stacks a new cache (and mask) under the running one, left-padding the shorter."""
-        import torch
+        import torch  # deferred: torch
 
         if self.cache is None:
             self.cache, self.mask = cache, mask
@@ -242,7 +242,7 @@ class DecodeBatch:
 
 
 def _pad_left(tensor: Any, width: int, dim: int) -> Any:
-    import torch
+    import torch  # deferred: torch
 
     missing = width - tensor.shape[dim]
     if missing <= 0:
@@ -255,9 +255,9 @@ def _pad_left(tensor: Any, width: int, dim: int) -> Any:
 def _sampling(params: Any, device: Any) -> tuple[list, Any]:
     """transformers' own logits processors for one request, in generate's order, and its generator
     (seeded when the request gives a seed; None for greedy decoding)."""
-    import torch
-    from transformers import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
-                              TopPLogitsWarper)
+    import torch  # deferred: torch
+    from transformers import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,  # deferred: transformers
+                              TopKLogitsWarper, TopPLogitsWarper)
 
     processors: list = []
     if params.repetition_penalty is not None and params.repetition_penalty != 1.0:

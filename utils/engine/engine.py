@@ -19,10 +19,10 @@ from collections import deque
 from typing import Any, Callable, Iterator
 
 from utils.engine.rows import batch_key
+from utils.engine.types import GenerationParams, GenerationResult
 from utils.errors import ModelUnavailable, OutOfMemory, RequestTimeout
-from utils.memory import is_out_of_memory, release_cached_memory
-from utils.families.base import GenerationParams, GenerationResult
 from utils.observer import notify
+from utils.serving.memory import is_out_of_memory, release_cached_memory
 
 log = logging.getLogger("model_server.engine")
 

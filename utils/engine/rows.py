@@ -5,9 +5,10 @@ No Flask, no queue here; torch only where tensors are built.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable, Protocol, Sequence
 
-from utils.families.base import GenerationParams, GenerationResult
+from utils.engine.types import GenerationParams, GenerationResult
 
 # Per-token keys padded to the batch's width; every other processor output is stacked row after row.
 SEQUENCE_PAD_VALUES = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0}
@@ -42,7 +43,7 @@ def batch_key(params: GenerationParams, job_id: int) -> tuple:
 def collate(prepared: Sequence[dict], *, side: str, pad_id: int) -> dict:
     """Pads per-token tensors to one width on `side` and stacks the rest (pixel patches, audio
     features, grids) in row order, which is the order the models match them to their tokens."""
-    import torch
+    import torch  # deferred: torch
 
     if len(prepared) == 1:
         return dict(prepared[0])
@@ -139,8 +140,6 @@ class RowState:
 
 def cut_at_stop(result: GenerationResult, stops: tuple[str, ...]) -> GenerationResult:
     """The result up to the first stop string (in the reasoning, or else in the answer), excluded."""
-    from dataclasses import replace
-
     for name in ("reasoning", "text"):
         value = getattr(result, name) or ""
         hits = [i for i in (value.find(stop) for stop in stops) if i >= 0]
@@ -176,7 +175,7 @@ class RowTracker:
 
     # -- stopping criterion (transformers' StoppingCriteria protocol)
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-        import torch
+        import torch  # deferred: torch
         return torch.tensor([state.close_if_cancelled() for state in self.states], dtype=torch.bool,
                             device=input_ids.device)
 

@@ -28,13 +28,13 @@ def family_class(name: str) -> type[Family]:
 
 def load_family(spec, device: str, *, cache=None) -> Family:
     """The model manager's loader. Weights load one model at a time (see families/loading.py).
-    `cache`: a utils.checkpoints.QuantizedCache for 4-bit / 8-bit models (None: quantize every load)."""
+    `cache`: a utils.serving.quantized_cache.QuantizedCache for 4-bit / 8-bit models (None: quantize every load)."""
     if not (spec.path / family_class(spec.family).checkpoint_file).is_file():
         how = (f"download it: python main.py --download-only --model {spec.key}" if spec.repo_id
                else "a local folder with no repo_id: put the checkpoint there")
         raise FileNotFoundError(f"no checkpoint in {spec.path.name}/ ({how})")
     check_remote_code(spec)
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # deferred: transformers
     hf_logging.disable_progress_bar()  # a per-load progress bar is noise in a server log
     with WEIGHT_LOADS.turn(spec.key):
         family = family_class(spec.family)

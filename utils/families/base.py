@@ -10,16 +10,22 @@ from __future__ import annotations
 import logging
 import threading
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Sequence
 
+from jinja2.exceptions import TemplateError, TemplateSyntaxError
+
+from utils.config.settings import ModelSpec
+from utils.engine.rows import RowTracker, collate
+from utils.engine.types import GenerationParams, GenerationRequest, GenerationResult
 from utils.errors import InvalidInput
 from utils.families.loading import check_loaded_weights
+from utils.families.moves import park_module, unpark_module
 from utils.families.special_tokens import SpecialTokens, special_tokens
-from utils.settings import ModelSpec
+from utils.serving.memory import expect_freed, release_device_caches, tensor_placement
 
 if TYPE_CHECKING:
-    from utils.checkpoints import QuantizedCache
+    from utils.serving.quantized_cache import QuantizedCache
 
 log = logging.getLogger("model_server.families")
 
@@ -34,7 +40,7 @@ class _SamplingRng:
 
     @contextmanager
     def hold(self, seed: int | None) -> Iterator[None]:
-        import torch
+        import torch  # deferred: torch
 
         with self._cond:
             if seed is None:
@@ -58,56 +64,6 @@ class _SamplingRng:
 SAMPLING_RNG = _SamplingRng()
 
 
-@dataclass
-class GenerationRequest:
-    prompt: str
-    system: str | None = None
-    images: list[Any] = field(default_factory=list)   # PIL.Image.Image, RGB
-    videos: list[Any] = field(default_factory=list)   # utils.media.VideoClip
-    audios: list[Any] = field(default_factory=list)   # float32 mono numpy arrays at the model's rate
-    # A whole conversation instead of system + prompt: [{"role": system|user|assistant, "content":
-    # [{"type": "text", "text": ...} | {"type": "image"|"video"|"audio"}]}]; media parts stand, in
-    # order, for the items of `images`, `videos` and `audios`.
-    messages: list[dict] | None = None
-    raw: bool = False  # the prompt is plain text to continue, without the chat template (text models)
-    # The client's field of each media item, per kind and in order ({"image": ["images[0]", ...]}).
-    media_fields: dict[str, list[str]] = field(default_factory=dict)
-    # (field, text) of every text the client wrote; None: the prompt, system and messages as they are.
-    texts: list[tuple[str, str]] | None = None
-    negative_prompt: str | None = None  # image families: what the image should not show
-    # Per item, like media_fields: the client's options for it ({"max_pixels": ...}; utils/media_options.py).
-    media_options: dict[str, list[dict]] = field(default_factory=dict)
-    # OpenAI function tools ({"type": "function", "function": {...}}) the chat template renders; messages
-    # may then also hold assistant "tool_calls" and "tool" turns (with "tool_call_id").
-    tools: list[dict] | None = None
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    do_sample: bool
-    top_k: int | None = None
-    repetition_penalty: float | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = ()   # generation ends where one of these appears; it is not returned
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    reasoning: str | None = None
-    finish_reason: str = "stop"   # "stop" | "length" | "cancelled" | "timeout"
-    device: str | None = None     # where the model ran (cpu after a fallback, cuda:N, ...)
-    images: list[bytes] | None = None   # image families: one PNG per image asked for
-    segments: list[dict] | None = None  # speech_to_text: [{"start", "end", "text", "tokens", "words"?}], seconds
-    language: str | None = None         # speech_to_text: the language transcribed (given or detected)
-    duration: float | None = None       # speech_to_text: seconds of audio
-
-
 # What a processor or chat template raises about the client's data (an image of 1x300 pixels, a
 # conversation a template refuses). Caught only around those calls (Family.client_data).
 CLIENT_DATA_ERRORS = (ValueError, TypeError, IndexError)
@@ -128,7 +84,7 @@ class Family:
     max_aspect_ratio: ClassVar[float | None] = None   # images and video frames, longer side / shorter side
     min_audio_seconds: ClassVar[float] = 0.0          # of the 16 kHz waveform
     min_images: ClassVar[int] = 0                     # images a request must hold (BLIP VQA: its one image)
-    # Per-item media options (utils/media_options.py) the family honours; others are refused (400).
+    # Per-item media options (utils/media/options.py) the family honours; others are refused (400).
     media_options: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, spec: ModelSpec, device: str, model: Any, processor: Any) -> None:
@@ -145,7 +101,7 @@ class Family:
     def load(cls, spec: ModelSpec, device: str, cache: "QuantizedCache | None" = None) -> "Family":
         """The processor and the model; a quantized model through `cache` when one is given (read back
         already quantized when it holds a valid entry, else quantized here and written to it)."""
-        import transformers
+        import transformers  # deferred: transformers
 
         if spec.engine.compile and not device.startswith("cuda"):
             raise ValueError(f"engine.compile is set for '{spec.key}' but it loads on {device}: transformers "
@@ -166,12 +122,11 @@ class Family:
     @classmethod
     def weights(cls, spec: ModelSpec, device: str) -> tuple[Any, dict]:
         """The transformers class of this family's model and the kwargs of its from_pretrained."""
-        import transformers
+        import transformers  # deferred: transformers
         return (getattr(transformers, cls.model_class),
                 {**cls.model_kwargs, **from_pretrained_kwargs(spec, device, cls.quant_skip_modules)})
 
     def release(self) -> None:
-        from utils.memory import expect_freed
         expect_freed(self.model)
         self.model = None
         self.processor = None
@@ -179,16 +134,12 @@ class Family:
     def park(self, *, pin_memory: bool) -> None:
         """Weights to CPU RAM, kept for a fast `unpark` (the RAM tier; only the manager calls this,
         on a model no request holds and whose engine is stopped)."""
-        from utils.families.moves import park_module
-        from utils.memory import release_device_caches
         for module in self.weight_modules():
             park_module(module, pin_memory=pin_memory)
         release_device_caches()
 
     def unpark(self, device: str) -> None:
         """Weights back on `device` from RAM; requests then run there."""
-        from utils.families.moves import unpark_module
-        from utils.memory import release_device_caches
         for module in self.weight_modules():
             unpark_module(module, device)
         self.device = device
@@ -203,7 +154,6 @@ class Family:
 
     def memory_placement(self) -> dict[str, int]:
         """Bytes on each device (a model split by max_memory has parts on several)."""
-        from utils.memory import tensor_placement
         return tensor_placement(self.model) if self.model is not None else {}
 
     # -- serving
@@ -215,15 +165,14 @@ class Family:
         raise NotImplementedError
 
     def prepare_images(self, request: GenerationRequest) -> Any:
-        """Inputs of an image request (utils/images.py); families that make no images refuse it."""
+        """Inputs of an image request (utils/serving/image_requests.py); families that make no images refuse it."""
         raise InvalidInput(f"'{self.spec.key}' does not make images", field="model", error="unsupported model")
 
     def generate_batch(self, rows: Sequence[Any]) -> None:
         """One padded `generate` over rows that share their generation parameters (see
         engine.rows.batch_key); each row gets its tokens and result as soon as it finishes.
         Only the model's engine calls this, from its one worker thread."""
-        import torch
-        from utils.engine.rows import RowTracker, collate
+        import torch  # deferred: torch
 
         params = rows[0].params
         longest = max(row.params.max_new_tokens for row in rows)
@@ -269,7 +218,7 @@ class Family:
     # -- checks of client data
     @classmethod
     def check_media_header(cls, probe: Any) -> None:
-        """Refuses an image or video (a utils.media.MediaProbe: its header) the processor cannot take."""
+        """Refuses an image or video (a utils.media.decode.MediaProbe: its header) the processor cannot take."""
         width, height = probe.width, probe.height
         if not (cls.max_aspect_ratio and width and height):
             return
@@ -301,7 +250,7 @@ class Family:
     def text_tools(cls, spec: ModelSpec) -> tuple[Any, Any]:
         """(tokenizer, processor) from the checkpoint folder alone, no weights: what the routes read the
         model's special tokens from before any lease. The same classes `load` reads them with."""
-        import transformers
+        import transformers  # deferred: transformers
         processor = getattr(transformers, cls.processor_class).from_pretrained(spec.path, local_files_only=True)
         return getattr(processor, "tokenizer", processor), processor
 
@@ -310,8 +259,6 @@ class Family:
         """Around a chat template or processor call only: what they raise about the client's data
         becomes a 400 naming the field (media for the processor, the text for the template). Our own
         errors elsewhere stay 500s."""
-        from jinja2.exceptions import TemplateError, TemplateSyntaxError
-
         try:
             yield
         except TemplateSyntaxError:  # a broken template is the checkpoint's fault, not the client's
@@ -442,7 +389,7 @@ def check_processor(family: type, spec: ModelSpec, processor: Any) -> None:
 
 
 def torch_dtype(name: str) -> Any:
-    import torch
+    import torch  # deferred: torch
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(name, "auto")
 
 
@@ -459,8 +406,8 @@ def from_pretrained_kwargs(spec: ModelSpec, device: str, skip_modules: list[str]
     if spec.trust_remote_code:  # settings refused it unless pinned to a revision
         kwargs["trust_remote_code"] = True
     if spec.quantization != "none":
-        import torch
-        from transformers import BitsAndBytesConfig
+        import torch  # deferred: torch
+        from transformers import BitsAndBytesConfig  # deferred: transformers
 
         compute = kwargs["dtype"] if kwargs["dtype"] != "auto" else torch.bfloat16
         if spec.quantization == "4bit":

@@ -7,7 +7,7 @@ torch.Generator, so a row's images depend on its seed only, never on its neighbo
 denoising steps the pipeline's `callback_on_step_end` reports progress to each row, ends rows whose
 client left or whose deadline passed, and interrupts the call once no row is left.
 
-Request parameters arrive as ImageParams (utils/images.py parses and bounds them before any load).
+Request parameters arrive as ImageParams (utils/serving/image_requests.py parses and bounds them before any load).
 """
 from __future__ import annotations
 
@@ -15,13 +15,14 @@ import io
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Sequence
 
+from utils.config.settings import IMAGE_SIZE_MULTIPLE, ModelSpec
 from utils.errors import InvalidInput
 from utils.families.base import Family, GenerationRequest, GenerationResult, SoloRow
 from utils.families.loading import check_loaded_weights
-from utils.settings import IMAGE_SIZE_MULTIPLE, ModelSpec
+from utils.serving.memory import tensor_placement
 
 log = logging.getLogger("model_server.families")
 
@@ -30,7 +31,7 @@ SEED_SPACE = 2**64  # torch.Generator.manual_seed takes any 64-bit value; image 
 
 @dataclass(frozen=True)
 class ImageParams:
-    """One request's generation parameters, bounded by the model's limits (utils/images.py)."""
+    """One request's generation parameters, bounded by the model's limits (utils/serving/image_requests.py)."""
     num_inference_steps: int
     guidance_scale: float
     true_cfg_scale: float
@@ -63,9 +64,9 @@ class DiffusionFamily(Family):
     @classmethod
     def load(cls, spec: ModelSpec, device: str, cache: Any = None) -> "DiffusionFamily":
         """`cache` (the quantized cache) is never used: image models load in their dtype only."""
-        import diffusers
-        import torch
-        from diffusers.utils import logging as diffusers_logging
+        import diffusers  # deferred: diffusers
+        import torch  # deferred: torch
+        from diffusers.utils import logging as diffusers_logging  # deferred: diffusers
 
         if spec.offload != "none" and not device.startswith("cuda"):
             raise ValueError(f"offload: {spec.offload} is set for '{spec.key}' but it loads on {device}: CPU offload "
@@ -106,7 +107,6 @@ class DiffusionFamily(Family):
         on the GPU at a time, the rest in RAM; the manager counts both."""
         if self.model is None:
             return {}
-        from utils.memory import tensor_placement
         if self.spec.offload == "none":
             placement: dict[str, int] = {}
             for _, module in _modules(self.model):
@@ -126,7 +126,6 @@ class DiffusionFamily(Family):
         """Width and height for the call; the family's default where the request named none."""
         if params.width is not None and params.height is not None:
             return params
-        from dataclasses import replace
         width, height = cls.default_output_size(request, max_pixels)
         return replace(params, width=params.width or width, height=params.height or height)
 
@@ -156,7 +155,7 @@ class DiffusionFamily(Family):
 
     def generate_batch(self, rows: Sequence[Any]) -> None:
         """One pipeline call over the rows' images; each row gets its PNGs when the call returns."""
-        import torch
+        import torch  # deferred: torch
 
         params = rows[0].params
         owners: list[Any] = []
@@ -199,7 +198,7 @@ class DiffusionFamily(Family):
     def text_tools(cls, spec: ModelSpec) -> tuple[Any, Any]:
         """The pipeline's `tokenizer` and `processor` (or the tokenizer again), as its model_index.json
         names their transformers classes: what `_tokenizer` and `processor` are once loaded."""
-        import transformers  # deferred, as every family defers it
+        import transformers  # deferred: transformers
         index = json.loads((spec.path / cls.checkpoint_file).read_text())
 
         def component(name: str) -> Any:
@@ -269,7 +268,7 @@ def check_one_image(family: Family, request: GenerationRequest) -> None:
 
 
 def _modules(pipe: Any) -> list[tuple[str, Any]]:
-    import torch
+    import torch  # deferred: torch
     return [(name, c) for name, c in pipe.components.items() if isinstance(c, torch.nn.Module)]
 
 

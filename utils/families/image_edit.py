@@ -31,7 +31,7 @@ class ImageEditFamily(DiffusionFamily):
         image = request.images[0]
         # Resized here as the pipeline resizes a single image; it is then passed in a list (so rows
         # batch), which the pipeline takes as it is. The call conditions on `condition_size`.
-        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions  # deferred: diffusers
         width, height, _ = calculate_dimensions(CONDITION_AREA, image.size[0] / image.size[1])
         image = self.model.image_processor.resize(image, height, width)
         condition_width, condition_height, _ = calculate_dimensions(CONDITION_AREA, width / height)

@@ -1,7 +1,7 @@
 """Janus-Pro (transformers' native `janus`): one model that understands images and draws them.
 
 Understanding is a vision-language chat like the others: the chat template, the processor, the
-base class's batched `generate`. Drawing (generation_mode "image", parsed in utils/images.py) runs
+base class's batched `generate`. Drawing (generation_mode "image", parsed in utils/serving/image_requests.py) runs
 transformers' own image generation: the prompt through the chat template plus <begin_of_image>,
 then one step of the generation head per image token, each with a conditional and an
 unconditional row (classifier-free guidance), and the VQ-VAE decodes the codes into pixels.
@@ -22,6 +22,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
+from PIL import Image
+
+from utils.engine.rows import batch_key, collate
 from utils.errors import InvalidInput, ModelUnavailable
 from utils.families.base import Family, GenerationRequest, GenerationResult
 from utils.families.diffusion import SEED_SPACE, ImageParams, png_bytes
@@ -85,7 +88,6 @@ class JanusFamily(Family):
     def batch_key(self, row: Any) -> tuple:
         if isinstance(row.params, ImageParams):  # images of one CFG weight share a call; seeds are per image
             return ("draw", row.params.guidance_scale)
-        from utils.engine.rows import batch_key
         return batch_key(row.params, row.id)
 
     def generate_batch(self, rows: Sequence[Any]) -> None:
@@ -98,10 +100,9 @@ class JanusFamily(Family):
         return int(self.model.config.vision_config.num_image_tokens)
 
     def _draw(self, rows: Sequence[Any]) -> None:
-        import torch
-        from transformers import GenerationConfig, LogitsProcessorList
+        import torch  # deferred: torch
+        from transformers import GenerationConfig, LogitsProcessorList  # deferred: transformers
 
-        from utils.engine.rows import collate
 
         owners = [row for row in rows for _ in range(row.params.num_images)]
         generators = [torch.Generator(device=self.model.device).manual_seed((row.params.seed + i) % SEED_SPACE)
@@ -126,7 +127,6 @@ class JanusFamily(Family):
         except AllRowsEnded:
             return
         images = self.processor.postprocess([image.float() for image in pixels], return_tensors="pt")["pixel_values"]
-        from PIL import Image
         pngs = [png_bytes(Image.fromarray(image.permute(1, 2, 0).cpu().numpy())) for image in images]
         for row in rows:
             if not sampler.ended(row):
@@ -153,7 +153,7 @@ class CodeSampler:
         return id(row) in self._ended
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
-        import torch
+        import torch  # deferred: torch
 
         self.step += 1
         for row in self.rows:

@@ -12,6 +12,7 @@ never take this lock.
 """
 from __future__ import annotations
 
+import json
 import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -91,8 +92,6 @@ def check_remote_code(spec: Any) -> None:
     """A checkpoint whose config.json maps its classes to its own Python files (auto_map) for an
     architecture transformers does not ship runs only with the model's trust_remote_code (which
     settings allow only with a pinned revision); otherwise the load fails here, saying so."""
-    import json
-
     if spec.trust_remote_code:
         return
     try:
@@ -101,7 +100,7 @@ def check_remote_code(spec: Any) -> None:
         return  # no readable config: the load reports what is missing
     if not isinstance(config, dict) or not config.get("auto_map"):
         return
-    from transformers import CONFIG_MAPPING
+    from transformers import CONFIG_MAPPING  # deferred: transformers
     if config.get("model_type") in CONFIG_MAPPING:
         return  # a native architecture: transformers' own classes load it, the repo's code stays unused
     raise ValueError(f"{spec.path.name}/ holds its own model code (auto_map in config.json, model_type "

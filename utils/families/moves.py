@@ -1,6 +1,6 @@
 """Moving a loaded model's weights between its GPU and CPU RAM: the RAM tier's mechanics.
 
-The model manager decides which model is parked and when (utils/ram_tier.py); this module only
+The model manager decides which model is parked and when (utils/serving/ram_tier.py); this module only
 moves tensors. Parking copies every parameter and buffer into page-locked (pinned) host memory when
 CUDA is there to pin it: the copy back is then one DMA transfer per tensor, which is what makes a
 promotion much faster than a cold load (no file read, no safetensors parse, no dtype conversion, no
@@ -33,7 +33,7 @@ def _allocate_pinned_exactly() -> None:
         return
     _exact_pinned = True
     try:
-        import torch
+        import torch  # deferred: torch
         torch._C._accelerator_setAllocatorSettings(f"pinned_max_round_threshold_mb:{PINNED_ROUND_THRESHOLD_MB}")
     except Exception:  # an older torch: parked models may take more RAM than counted
         log.warning("could not turn off the power-of-two rounding of pinned memory; parked models may hold up "
@@ -42,7 +42,7 @@ def _allocate_pinned_exactly() -> None:
 
 def park_module(module: Any, *, pin_memory: bool) -> None:
     """Every parameter and buffer of `module` to CPU RAM (page-locked when asked and CUDA is present)."""
-    import torch
+    import torch  # deferred: torch
 
     pin = pin_memory and torch.cuda.is_available()
     if pin:
@@ -65,7 +65,7 @@ def park_module(module: Any, *, pin_memory: bool) -> None:
 def unpark_module(module: Any, device: str) -> None:
     """Every parameter and buffer of `module` back on `device` (from pinned memory: asynchronous
     copies, waited for before the model serves)."""
-    import torch
+    import torch  # deferred: torch
 
     on_cuda = device.startswith("cuda")
     module.to(device, non_blocking=on_cuda)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from utils.families.base import Family, GenerationRequest
 from utils.families.qwen_vision import fit_media
-from utils.media_options import VIDEO_OPTIONS
+from utils.media.options import VIDEO_OPTIONS
 
 
 class OmniFamily(Family):

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from utils.media_options import pixel_bounds
+from utils.media.options import pixel_bounds
 
 
 def fit_media(processor: Any, request: Any) -> Any:
@@ -39,7 +39,7 @@ def _bounds(sub_processor: Any, items: list[dict], count: int) -> list[tuple[int
 
 
 def _target(width: int, height: int, bounds: tuple[int, int, int]) -> tuple[int, int]:
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize  # lazy: transformers
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize  # deferred: transformers
     factor, low, high = bounds
     new_height, new_width = smart_resize(height, width, factor=factor, min_pixels=low, max_pixels=high)
     return new_width, new_height

@@ -1,5 +1,5 @@
 """Speech to text: Whisper (WhisperForConditionalGeneration + WhisperProcessor), served at
-/v1/audio/transcriptions (utils/transcription.py parses the form and writes every response format).
+/v1/audio/transcriptions (utils/api/transcription.py parses the form and writes every response format).
 
 `prepare` turns a request's audio into log-mel features: up to 30 s padded to one window, as
 Whisper was trained; longer audio whole, with its frame mask, for transformers' sequential
@@ -13,6 +13,7 @@ no row is left.
 """
 from __future__ import annotations
 
+import logging
 import zlib
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -23,7 +24,7 @@ from utils.families.base import Family, GenerationRequest, GenerationResult
 
 @dataclass(frozen=True)
 class TranscriptionParams:
-    """One transcription's decoding (utils/transcription.py validates it before any load)."""
+    """One transcription's decoding (utils/api/transcription.py validates it before any load)."""
     max_new_tokens: int            # per 30 s window
     temperature: float = 0.0       # 0: greedy
     language: str | None = None    # an ISO code of the checkpoint's languages; None: detected
@@ -48,7 +49,6 @@ class SpeechToTextFamily(Family):
 
     @classmethod
     def load(cls, spec: Any, device: str, cache: Any = None) -> "SpeechToTextFamily":
-        import logging
         # Whisper's generate hands the inner generate a config with max_length set, so every call that
         # passes max_new_tokens (ours: per window, always) logs "Both max_new_tokens and max_length seem to
         # have been set": noise on every request. Only that message is dropped.
@@ -101,7 +101,7 @@ class SpeechToTextFamily(Family):
                 sampling)
 
     def generate_batch(self, rows: Sequence[Any]) -> None:
-        import torch
+        import torch  # deferred: torch
 
         p, first = rows[0].params, rows[0].prepared
         stopper = RowStopper(rows)
@@ -242,7 +242,7 @@ class RowStopper:
         return id(row) in self._ended
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-        import torch
+        import torch  # deferred: torch
 
         live = 0
         for row in self.rows:
@@ -261,7 +261,7 @@ class RowStopper:
 
 def _stack(tensors: list[Any], fill: float) -> Any:
     """Rows along the batch, padded at the end of the last (time) axis to the longest."""
-    import torch
+    import torch  # deferred: torch
 
     if len(tensors) == 1:
         return tensors[0]

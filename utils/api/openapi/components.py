@@ -13,8 +13,8 @@ from pydantic.json_schema import models_json_schema
 from utils.api.openapi import schemas
 from utils.families import accepted_media, family_class
 from utils.api.openai_responses import NEUTRAL as RESPONSES_NEUTRAL
-from utils.openai_api import IMAGE_NEUTRAL, UNSUPPORTED
-from utils.settings import IMAGE_FAMILIES, ModelSpec, ServerSettings
+from utils.api.openai_translation import IMAGE_NEUTRAL, UNSUPPORTED
+from utils.config.settings import IMAGE_FAMILIES, ModelSpec, ServerSettings
 
 REF = "#/components/schemas/{model}"
 EMPTY_IS_ABSENT = {name for name, neutral in UNSUPPORTED.items() if neutral is None}  # tools: [] = no tools

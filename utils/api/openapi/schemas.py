@@ -1,5 +1,5 @@
 """The bodies of the API as pydantic models: documentation only, never used to validate (the routes
-keep their own parsers: utils/inference.py, utils/images.py, utils/openai_api.py). Bounds that are
+keep their own parsers: utils/serving/inference.py, utils/serving/image_requests.py, utils/api/openai_translation.py). Bounds that are
 constants of those parsers are imported from them; the bounds each model sets (limits.*) are filled
 in from the settings by `limits.py`; tests/test_openapi.py checks the others against the parsers.
 
@@ -12,14 +12,14 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from utils.api.openai_responses import DETAILS as RESPONSE_DETAILS, ROLES as RESPONSE_ROLES
-from utils.images import MAX_SCALE
-from utils.inference import MIN_TEMPERATURE, SEED_MAX
-from utils.jobs import STATES
-from utils.media import MAX_GIVEN_FRAMES
-from utils.openai_api import MAX_STOPS, ROLES
-from utils.tool_parsers import FUNCTION_NAME
+from utils.serving.image_requests import MAX_SCALE
+from utils.serving.inference import MIN_TEMPERATURE, SEED_MAX
+from utils.jobs.runner import STATES
+from utils.media.decode import MAX_GIVEN_FRAMES
+from utils.api.openai_translation import MAX_STOPS, ROLES
+from utils.api.tool_parsers import FUNCTION_NAME
 
-# What the parsers check with literals of their own (utils/inference.parse_params, parse_job):
+# What the parsers check with literals of their own (utils/serving/inference.parse_params, parse_job):
 TEMPERATURE_MAX = 2.0
 TOP_P_MIN = 1e-6
 TOP_K_MAX = 100_000

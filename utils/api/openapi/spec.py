@@ -35,7 +35,7 @@ ERRORS = {
     503: "shutting down (draining after SIGTERM), the model failed to load or does not fit in memory, its queue is "
          "full or the wait timed out, out of memory; Retry-After says when to try again",
 }
-GUNICORN = {414}                       # answered before the app: utils/gunicorn_worker.py, always ErrorBody
+GUNICORN = {414}                       # answered before the app: utils/ops/gunicorn_worker.py, always ErrorBody
 TAGS = {"generate": "Our inference routes: text or images from any model", "openai": "OpenAI's API (/v1)",
         "jobs": "Asynchronous jobs: queue, poll, fetch", "service": "Liveness, readiness, models, metrics",
         "admin": "Operators: memory, models, config, cleanup", "pages": "Pages: the dashboard and these docs"}

@@ -1,0 +1,1 @@
+"""Settings: models.yaml + environment -> typed, validated settings; runtime settings; reload."""

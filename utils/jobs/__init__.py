@@ -1,0 +1,1 @@
+"""Asynchronous jobs: the SQLite store and runner, and the executor that runs a job's body."""

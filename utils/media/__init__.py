@@ -1,0 +1,1 @@
+"""Client media: decoding, remote fetch behind its guard, per-item options, temp files."""

@@ -1,0 +1,1 @@
+"""Operations: gunicorn worker, lifecycle, health check, structured logs, metrics."""
