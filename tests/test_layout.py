@@ -28,7 +28,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "media": {"errors", "config"},
     "engine": {"errors", "observer", "config", "serving.memory"},
     "families": {"errors", "config", "engine", "media", "serving.memory", "serving.quantized_cache"},
-    "serving.memory": {"errors", "config"},
+    "serving.memory": {"errors", "config", "hub.model_folder"},
     "serving.bnb_cpu_layout": {"errors"},
     "serving.quantized_cache": {"errors", "config", "hub.model_folder", "families", "serving"},
     "serving": {"errors", "observer", "config", "hub.model_folder", "media", "engine", "families"},

@@ -188,7 +188,7 @@ class JobSettings:
 
 @dataclass(frozen=True)
 class RamTierSettings:
-    """Parking GPU models in CPU RAM instead of dropping them (utils/serving/ram_tier.py, README "RAM tier").
+    """Parking GPU models in CPU RAM instead of dropping them (utils/serving/ram_tier.py, docs/memory.md "RAM tier (GPU)").
     Only models on a CUDA GPU are ever parked: on a CPU-only box this changes nothing."""
     enabled: bool = True                 # RAM_TIER
     # Bytes of parked models; None (auto): half the machine's RAM. Free RAM minus ram_headroom is

@@ -20,6 +20,7 @@ from typing import Iterator
 import psutil
 
 from utils.config.settings import ModelSpec, ServerSettings
+from utils.hub.model_folder import PIPELINE_INDEX, weight_files
 
 log = logging.getLogger("model_server.memory")
 
@@ -283,11 +284,12 @@ def estimate_model_bytes(spec: ModelSpec) -> int:
     pipeline (model_index.json) counts every component's subfolder; offloaded (`offload`), only
     what sits on the GPU at a time: the largest component (model) or layer (sequential).
     """
-    if spec.path.is_dir() and (spec.path / "model_index.json").is_file():
+    if spec.path.is_dir() and (spec.path / PIPELINE_INDEX).is_file():
         return _estimate_pipeline(spec)
-    files = sorted(spec.path.glob("*.safetensors")) if spec.path.is_dir() else []
+    # the files a load reads, as utils/hub/model_folder.py names them (safetensors, else *.bin)
+    weights = [p for p in weight_files(spec.path) if p.is_file()] if spec.path.is_dir() else []
+    files = [p for p in weights if p.suffix == ".safetensors"]
     if not files:
-        weights = [p for p in spec.path.glob("*.bin")] if spec.path.is_dir() else []
         return max(MIN_ESTIMATE, int(sum(p.stat().st_size for p in weights) * LOAD_OVERHEAD))
     target = _DTYPE_BYTES.get(spec.dtype)
     quant_bytes = {"4bit": 0.5 + 4 / 64, "8bit": 1.0 + 4 / 4096}.get(spec.quantization)
@@ -322,7 +324,7 @@ def _estimate_pipeline(spec: ModelSpec) -> int:
     target = _DTYPE_BYTES.get(spec.dtype, 2)
     components: dict[str, float] = {}
     layers: dict[str, float] = {}
-    for path in sorted(spec.path.glob("*/*.safetensors")):
+    for path in [p for p in weight_files(spec.path) if p.is_file() and p.suffix == ".safetensors"]:
         try:
             header = _safetensors_header(path)
         except (OSError, ValueError, struct.error):
