@@ -27,9 +27,10 @@ from utils.api.wsgi import REFUSED, ServingMiddleware
 from utils.config.runtime import RuntimeSettings
 from utils.config.settings import ServerSettings, load_settings
 from utils.errors import ServerError, ShuttingDown, Unauthorized
-from utils.hub.demo_models import build_demo_models
+from utils.hub.demo_models import DEMO_KEYS, all_demo_keys, build_demo_models
 from utils.ops.lifecycle import Lifecycle
 from utils.ops.logging_setup import log_access, setup_logging
+from utils.families.loading import warm_quantization
 from utils.services import Services, Sweeper, add_jobs, build_services
 
 log = logging.getLogger("model_server.app")
@@ -74,7 +75,8 @@ def create_app(settings: ServerSettings | None = None, *, background: bool = Tru
         folder.mkdir(parents=True, exist_ok=True)
     setup_logging(settings.log_dir)  # once per process
     if settings.demo:
-        build_demo_models(settings.models_dir / "demo")  # cached: only the first start builds
+        # cached: only the first start builds
+        build_demo_models(settings.models_dir / "demo", all_demo_keys() if settings.demo_matrix else DEMO_KEYS)
     app = Flask(__name__)
     app.request_class = ScopedRequest
     app.config["MAX_CONTENT_LENGTH"] = settings.max_content_length
@@ -110,6 +112,9 @@ def create_app(settings: ServerSettings | None = None, *, background: bool = Tru
                                    ).start()
         threading.Thread(target=services.lifecycle.run_preload, args=(services.manager.preload,), name="preload",
                          daemon=True).start()
+        if any(spec.quantization != "none" for spec in settings.models.values()):
+            # The first quantized request would otherwise pay bitsandbytes' import inside its load.
+            threading.Thread(target=warm_quantization, name="warm-quantization", daemon=True).start()
     else:
         services.lifecycle.skip_preload()
     return app

@@ -27,6 +27,13 @@ from utils.config.settings import BACKENDS, ServerSettings, load_settings
 log = logging.getLogger("model_server.main")
 
 
+def _demo_set(value: str) -> str:
+    """`--demo all`: the architecture matrix too; plain `--demo` is True (the default demo set)."""
+    if value != "all":
+        raise argparse.ArgumentTypeError(f"--demo takes no value or 'all'; got {value!r}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Multimodal model server")
     parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"),
@@ -34,8 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "API_TOKEN set, or --insecure")
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "5000")))
     parser.add_argument("--config", default=None, help="models.yaml to use (default: MODELS_CONFIG or ./models.yaml)")
-    parser.add_argument("--demo", action="store_true",
-                        help="serve tiny random-weight checkpoints of every family (built offline in seconds)")
+    parser.add_argument("--demo", nargs="?", const=True, default=False, type=_demo_set, metavar="all",
+                        help="serve tiny random-weight checkpoints of every family (built offline in seconds); "
+                             "--demo all: the architecture matrix too (docs/models.md)")
     parser.add_argument("--backend", choices=BACKENDS, default=None,
                         help="local: this one process holds the models (default); ray: Ray Serve replicas hold them "
                              "(models.yaml server.backend / MODEL_SERVER_BACKEND; RAY_ADDRESS joins a cluster)")

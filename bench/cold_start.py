@@ -18,6 +18,15 @@ One run, bounded in time:
    cache found; its very first request is reported apart), and one with QUANT_CACHE=0 (every 4-bit /
    8-bit reload quantizes: the old behaviour).
 
+5. sequential switching with default settings (grouping on, as a user gets it): a server started
+   on a models.yaml without `group_window`, one client alternating bf16_a, bf16_b, ... (1 token
+   each): every request evicts the other model, and none may wait for the model it left. Reported
+   with the loads' grouping waits from /admin/model_status, against plain transformers' reload.
+6. the first 4-bit request after a restart: a fresh server process on the cache written in 4,
+   whose very first request is q4_a (bitsandbytes not yet used in that process), sent as soon as
+   /health answers, and again in a second fresh process a few seconds after start (what a restart
+   costs once its background warm-up of bitsandbytes is done); against our bf16 reload.
+
 stdout: JSON lines ("kind": meta | measurement | ratio | summary | error | skip); progress on stderr.
 A ratio is "met" when it reaches its target and no request of either side failed.
 
@@ -56,7 +65,9 @@ QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, nu
                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
 PRECISIONS = {"bf16": "none", "q8": "8bit", "q4": "4bit"}
 TARGETS = {"bf16_vs_plain": 1.5, "q4_cached_vs_bf16": 2.5, "q4_cached_vs_uncached": 0.4,
-           "ram_tier_promotion_vs_cold_load": 0.1}
+           "ram_tier_promotion_vs_cold_load": 0.1, "switch_vs_plain": 1.5, "q4_first_after_restart_vs_bf16": 2.5}
+# Seconds after /health before the second fresh process gets its first 4-bit request.
+SETTLED_AFTER_START = 8.0
 
 
 def build_checkpoint(models_dir: Path) -> Path:
@@ -137,15 +148,17 @@ def plain_reloads(path: Path, tokenizer_path: Path, rounds: int, threads: int, k
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def write_config(work: Path, models_dir: Path) -> Path:
+def write_config(work: Path, models_dir: Path, grouping: str = "off") -> Path:
+    """grouping "off": group_window 0 (a sequential client measures the reload itself); "default":
+    no group_window line (what a user gets)."""
     lines = ["server:", "  max_loaded_models: 1", "  idle_timeout: 3600", f"  models_dir: {models_dir}",
-             f"  tmp_dir: {work / 'tmp'}", f"  log_dir: {work / 'logs'}", "  group_window: 0", "  ram_headroom_gb: 1",
-             "models:"]
+             f"  tmp_dir: {work / 'tmp'}", f"  log_dir: {work / 'logs'}", "  ram_headroom_gb: 1"] + (
+        ["  group_window: 0"] if grouping == "off" else []) + ["models:"]
     for name, quantization in PRECISIONS.items():
         for side in ("a", "b"):
             lines += [f"  {name}_{side}:", "    family: text", f"    path: {CHECKPOINT}", "    dtype: bfloat16",
                       f"    quantization: {quantization}", "    generation: {max_new_tokens: 1}"]
-    path = work / "models.yaml"
+    path = work / ("models.yaml" if grouping == "off" else "models_default.yaml")
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -173,6 +186,12 @@ def request(server: C.Server, key: str, timeout: float) -> dict:
             "error": outcome.body[:300] if outcome.status != 200 else None}
 
 
+def grouping_waits(server: C.Server) -> dict:
+    """Per model: loads that waited for a model spared by grouping, and the seconds they waited."""
+    return {key: {"waits": info.get("grouping_waits"), "seconds": info.get("grouping_wait_seconds_total")}
+            for key, info in C.model_status(server).items() if info.get("load_count")}
+
+
 def alternate(server: C.Server, name: str, rounds: int, timeout: float, deadline: float) -> list[dict]:
     """a, b, a, b, ... (2 x rounds requests), each one a reload; stops early past the deadline."""
     out = []
@@ -191,6 +210,16 @@ def summarize(rows: list[dict]) -> dict:
             "min_s": round(min(ok), 4) if ok else None, "max_s": round(max(ok), 4) if ok else None,
             "median_server_load_s": round(statistics.median(loads), 4) if loads else None,
             "error_bodies": [r["error"] for r in rows if r["error"]][:3]}
+
+
+def load_lines(log: Path) -> list[str]:
+    """The server's own lines about loads and the cache (what the first request's load spent)."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return []
+    return [line[-240:] for line in text.splitlines()
+            if any(word in line for word in ("loaded ", "quantized cache", "warmed", "CPU layout"))][:12]
 
 
 def cache_entries(models_dir: Path) -> dict:
@@ -308,9 +337,15 @@ def main(argv=None) -> int:
     parser.add_argument("--note", default=None, help="a note for the meta line (what tree was measured)")
     parser.add_argument("--ram-tier", action="store_true",
                         help="measure promotion from the RAM tier vs a cold load instead (GPU only)")
+    parser.add_argument("--only", default="reload,switch,restart",
+                        help="phases: reload (3-4: cache empty / restarted / off), switch (5), restart (6; needs the "
+                             "4-bit entry a reload phase wrote into --models-dir); default all")
     args = parser.parse_args(argv)
     if args.ram_tier:
         return ram_tier_main(args)
+    only = {part.strip() for part in args.only.split(",") if part.strip()}
+    if not only <= {"reload", "switch", "restart"}:
+        parser.error("--only takes reload, switch, restart")
     C.install_cleanup()
     work, cleanup_work = C.make_work_dir(args.keep_work)
     threads = max(1, len(os.sched_getaffinity(0)) - 1)  # what the server gives torch (TORCH_THREADS default)
@@ -319,7 +354,8 @@ def main(argv=None) -> int:
     try:
         models_dir = Path(args.models_dir or work / "models").resolve()
         models_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(models_dir / ".quantized", ignore_errors=True)  # the first server starts without a cache
+        if "reload" in only:
+            shutil.rmtree(models_dir / ".quantized", ignore_errors=True)  # the first server starts without a cache
         checkpoint = build_checkpoint(models_dir)
         weights = checkpoint / "model.safetensors"
         C.emit({"kind": "meta", "bench": "cold_start", "commit": C.git_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -340,7 +376,7 @@ def main(argv=None) -> int:
                 "reloads_s": [round(s, 4) for s in plain["reloads"]]})
 
         config = write_config(work, models_dir)
-        phases = [("first_server", {}, args.rounds, ("bf16", "q8", "q4")),
+        phases = [] if "reload" not in only else [("first_server", {}, args.rounds, ("bf16", "q8", "q4")),
                   ("restarted_server", {}, args.rounds, ("bf16", "q8", "q4")),
                   ("uncached_server", {"QUANT_CACHE": "0"}, args.uncached_rounds, ("q8", "q4"))]
         for phase, env, rounds, names in phases:
@@ -372,9 +408,40 @@ def main(argv=None) -> int:
             finally:
                 server.stop()
 
+        C.log("sequential switching, default settings")
+        server = None if "switch" not in only else start_server("switch_server", write_config(work, models_dir, grouping="default"), work)
+        if server is not None:
+            try:
+                rows = alternate(server, "bf16", args.rounds, args.request_timeout, time.monotonic() + args.budget)
+                waits = grouping_waits(server)
+            finally:
+                server.stop()
+            results["switch"] = summarize(rows[2:])  # the first two: each key's first load in the process
+            C.emit({"kind": "measurement", "name": "switch_default_settings", **results["switch"], "rows": rows[2:],
+                    "grouping_waits": waits, "loadavg_1m": round(os.getloadavg()[0], 2)})
+            if any(w["waits"] for w in waits.values()):
+                C.emit({"kind": "error", "error": f"a switch waited for the model it left: {waits}"})
+                failed = True
+
+        if "restart" in only and not any(e.startswith("q4_a--") for e in cache_entries(models_dir)["entries"]):
+            raise RuntimeError("no 4-bit cache entry to restart on: run the reload phases first (--only reload)")
+        for label, settle in (("q4_first_after_restart", 0.0), ("q4_first_after_restart_settled", SETTLED_AFTER_START)):
+            if "restart" not in only:
+                break
+            C.log(f"fresh process, first request 4-bit ({label})")
+            server = start_server(f"{label}_server", config, work)
+            try:
+                time.sleep(settle)
+                row = request(server, "q4_a", args.request_timeout)
+            finally:
+                server.stop()
+            results[label] = summarize([row])
+            C.emit({"kind": "measurement", "name": label, "seconds_after_health": settle, **results[label],
+                    "rows": [row], "load_log": load_lines(work / f"{label}_server" / "server.log")})
+
         entry = next((models_dir / ".quantized" / e for e in cache_entries(models_dir)["entries"]
                       if e.startswith("q4_a--")), None)
-        if entry is not None:
+        if entry is not None and "reload" in only:
             C.log("plain transformers, the 4-bit model saved quantized")
             plain4 = plain_reloads(entry, checkpoint, args.plain_rounds, threads, "prequantized", 600)
             results["plain_q4_prequantized"] = {"median_s": round(statistics.median(plain4["reloads"]), 4),
@@ -406,7 +473,19 @@ def main(argv=None) -> int:
           "ours 4-bit reload / plain from_pretrained of the saved 4-bit model + 1 token")
     ratio("q4_restarted_first_vs_uncached", r("q4_restarted_first"), r("q4_uncached"), None,
           "first 4-bit requests of a restarted server (cache found) / QUANT_CACHE=0 reload")
-    C.emit({"kind": "summary", "targets_met": all(m["met"] for m in met), "failed": failed,
+    met += [ratio("switch_vs_plain", r("switch"), r("plain_bf16"), TARGETS["switch_vs_plain"],
+                  "one client alternating two bf16 models, default settings / plain from_pretrained + 1 token"),
+            ratio("q4_first_after_restart_vs_bf16", r("q4_first_after_restart"), r("bf16") or r("switch"),
+                  TARGETS["q4_first_after_restart_vs_bf16"],
+                  "the first request of a fresh process, 4-bit, cache found, sent when /health answers / ours bf16 "
+                  "reload")]
+    ratio("q4_first_after_restart_settled_vs_bf16", r("q4_first_after_restart_settled"), r("bf16") or r("switch"), None,
+          f"the same {SETTLED_AFTER_START:g} s after /health (background warm-up done) / ours bf16 reload")
+    ratio("bf16_first_after_restart_vs_bf16", r("bf16_restarted_first"), r("bf16"), None,
+          "the first requests of a fresh process, bf16 / ours bf16 reload")
+    measured = [m for m in met if m["ratio"] is not None]  # --only runs some phases
+    C.emit({"kind": "summary", "targets_met": bool(measured) and all(m["met"] for m in measured),
+            "not_measured": [m["name"] for m in met if m["ratio"] is None], "failed": failed,
             "medians_s": {k: v.get("median_s") for k, v in results.items()}})
     return 1 if failed else 0
 

@@ -169,3 +169,28 @@ def test_mixed_traffic_over_five_models_with_two_slots_has_no_errors(churn_serve
     status = requests.get(churn_server.url + "/admin/model_status", timeout=10).json()["models"]
     assert sum(status[k]["load_count"] for k in DEMO_KEYS) > 5, "traffic never made models trade places"
     assert all(status[k]["error"] is None for k in DEMO_KEYS)
+
+
+@pytest.fixture(scope="module")
+def one_slot_server(start_server):
+    """Default grouping (GROUP_WINDOW unset), room for one model."""
+    return start_server(MAX_LOADED_MODELS=1, MODEL_IDLE_TIMEOUT=600)
+
+
+def test_one_client_alternating_two_models_never_waits_for_the_model_it_left(one_slot_server):
+    """A, B, A, B, A, B from one client: each request evicts the other model at once. The manager
+    records every load's wait for a model spared by grouping (status, metric, log): none here. With
+    the old automatic window each switch waited for the other model's whole load time."""
+    image = ms.b64(ms.png(40, 32))
+    bodies = {"deepseek": {"prompt": "switch", "max_new_tokens": 2},
+              "qwen_vl": {"prompt": "switch", "image": image, "max_new_tokens": 2}}
+    for key in ["deepseek", "qwen_vl"] * 3:
+        response = requests.post(f"{one_slot_server.url}/generate/{key}", json=bodies[key], timeout=120)
+        assert response.status_code == 200, response.text
+    status = requests.get(one_slot_server.url + "/admin/model_status", timeout=10).json()["models"]
+    for key in bodies:
+        assert status[key]["load_count"] == 3 and status[key]["last_unload_reason"] in ("count", None)
+        assert status[key]["grouping_waits"] == 0 and status[key]["last_grouping_wait"] is None, status[key]
+    metrics = requests.get(one_slot_server.url + "/metrics", timeout=10).text
+    assert "model_server_grouping_wait_seconds_count{" not in metrics
+    assert "waits for room" not in one_slot_server.log_path.read_text(errors="replace")

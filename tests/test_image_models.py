@@ -254,7 +254,7 @@ def test_a_pipeline_downloads_from_a_hub_and_serves(settings, tmp_path):
     ("family: text_to_image\n    quantization: 4bit", "models.a.quantization"),
     ("family: text_to_image\n    generation: {width: 1000}", "models.a.generation.width"),
     ("family: text_to_image\n    generation: {num_inference_steps: 80}", "num_inference_steps"),
-    ("family: image_edit", "models.a.limits.max_images"),
+    ("family: image_edit\n    limits: {max_images: 0}", "models.a.limits.max_images"),  # unset: from the checkpoint
     ("family: text_to_image\n    offload: disk", "models.a.offload"),
 ])
 def test_image_settings_that_make_no_sense_stop_the_start(tmp_path, extra, needle):

@@ -27,7 +27,8 @@ MAY_IMPORT: dict[str, set[str]] = {
     "config.reload": {"errors", "config", "media"},  # applies re-read settings to the running services
     "media": {"errors", "config"},
     "engine": {"errors", "observer", "config", "serving.memory"},
-    "families": {"errors", "config", "engine", "media", "serving.memory", "serving.quantized_cache"},
+    "families": {"errors", "config", "engine", "media", "serving.memory", "serving.quantized_cache",
+                 "hub.model_folder"},  # what a checkpoint takes (read_capabilities)
     "serving.memory": {"errors", "config", "hub.model_folder"},
     "serving.bnb_cpu_layout": {"errors"},
     "serving.quantized_cache": {"errors", "config", "hub.model_folder", "families", "serving"},

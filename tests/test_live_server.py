@@ -9,6 +9,7 @@ import pytest
 import requests
 
 from tests import media_samples as ms
+from tests.conftest import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +20,11 @@ def server(start_server, extra_config):
 
 def model_status(server, key):
     return requests.get(server.url + "/admin/model_status", timeout=10).json()["models"][key]
+
+
+def test_bitsandbytes_is_imported_in_the_background_at_start(server):
+    """A quantized model is configured (big8): its first load must not pay bitsandbytes' import."""
+    assert wait_for(lambda: "warmed bitsandbytes in" in server.log_path.read_text(errors="replace"), timeout=60)
 
 
 def test_sixteen_simultaneous_requests_load_once(server):

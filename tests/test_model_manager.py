@@ -14,7 +14,10 @@ import pytest
 from utils.errors import InsufficientMemory, ModelBusy, ModelUnavailable, UnknownModel
 from utils.serving.memory import MemoryReading
 from utils.serving.manager import ModelManager
+from utils.serving.grouping import Arrivals, InFlight, spare_reason
 from utils.config.settings import ModelSpec, ServerSettings
+
+from tests.conftest import wait_for
 
 GIB = 2**30
 
@@ -369,17 +372,149 @@ def test_nothing_stays_loading_after_an_unexpected_failure(failure):
     assert info["state"] == "unloaded" and manager.loaded_bytes() == {}
 
 
-def test_grouping_spares_a_model_that_just_served_until_its_window_passes():
+class ClockedLoader(RecordingLoader):
+    """A loader whose load takes `cost` seconds of the manager's (fake) clock: the reload cost grouping
+    weighs against a model's arrival gaps, without sleeping."""
+
+    def __init__(self, clock: FakeClock, cost: float, costs: dict[str, float] | None = None) -> None:
+        super().__init__()
+        self.clock, self.cost, self.costs = clock, cost, costs or {}
+
+    def __call__(self, spec: ModelSpec, device: str) -> Handle:
+        self.clock.now += self.costs.get(spec.key, self.cost)
+        return super().__call__(spec, device)
+
+
+def grouping_manager(max_loaded_models=1, cost=5.0, costs=None, keys=("a", "b", "c"), **server):
+    clock = FakeClock()
+    settings = make_settings(keys, max_loaded_models=max_loaded_models,
+                             **{"group_window": None, "max_pass_over": 2.0, **server})
+    manager, _ = make_manager(settings, loader=ClockedLoader(clock, cost, costs), clock=clock, room_wait=30)
+    return manager, clock
+
+
+def test_one_client_switching_models_never_waits_for_the_model_it_left():
+    """A, A, B, A, B from one client with one slot: nothing but its own request is in flight when it
+    switches, so every switch evicts at once (the old automatic window held B for A's whole load time)."""
+    manager, clock = grouping_manager(cost=5.0)   # each load: 5 s of the manager's clock
+    for key in "aabab":
+        clock.now += 0.1                          # the client reads the answer, then asks again
+        use(manager, key)
+    status = manager.snapshot()
+    assert status["a"]["load_count"] == 2 and status["b"]["load_count"] == 2
+    assert status["a"]["last_unload_reason"] == "count"
+    assert [status[k]["grouping_waits"] for k in "ab"] == [0, 0]   # a wait would show (max_pass_over: 2 s)
+
+
+def test_requests_for_a_model_in_demand_go_first_while_others_are_served(caplog):
+    """A B A A C is served A A A B C: while a was asked less than a reload ago and requests are being
+    served (on c), b's load waits and a keeps serving without a reload."""
+    manager, clock = grouping_manager(max_loaded_models=2, cost=5.0, costs={"c": 0.01})
+    for _ in range(3):                            # a in demand: a request every 0.1 s, a reload costs 5 s
+        use(manager, "a")
+        clock.now += 0.1
+    done = threading.Event()
+    with caplog.at_level("INFO", logger="model_server.manager"):
+        with manager.lease("c"):                  # a request being served: its client may ask for a next
+            threading.Thread(target=lambda: (use(manager, "b"), done.set()), daemon=True).start()
+            assert wait_for(lambda: "b waits for room: a is spared" in caplog.text)
+            assert use(manager, "a").key == "a" and not done.is_set()   # served before b, no reload
+        clock.now += 5                            # a reload of a later, nobody asked again...
+        assert done.wait(1.5)                     # ...b loads (before max_pass_over: 2 s)...
+    info = manager.snapshot()                     # ...in the room of c, now used less recently than a
+    assert loaded(manager) == {"a", "b"} and info["c"]["last_unload_reason"] == "count"
+    assert info["a"]["load_count"] == 1
+    assert info["b"]["grouping_waits"] == 1 and info["b"]["last_grouping_wait"]["spared"] == "a"
+    assert "(3 request(s) since it loaded" in info["b"]["last_grouping_wait"]["reason"]
+
+
+def test_a_spared_model_goes_once_its_requests_stop():
+    manager, clock = grouping_manager(max_loaded_models=2, cost=5.0, costs={"c": 0.01})
+    for _ in range(3):
+        use(manager, "a")
+        clock.now += 0.1
+    done = threading.Event()
+    with manager.lease("c"):
+        threading.Thread(target=lambda: (use(manager, "b"), done.set()), daemon=True).start()
+        assert not done.wait(0.2)
+        clock.now += 5                            # no request for a for a whole reload
+        assert done.wait(1.5)
+    assert loaded(manager) == {"b", "c"}
+
+
+def test_a_newer_model_not_worth_waiting_for_goes_before_an_older_one_in_demand():
+    manager, clock = grouping_manager(keys=("a", "b", "c", "d"), max_loaded_models=3, cost=5.0,
+                                      costs={"c": 0.01, "d": 0.01})
+    for _ in range(3):
+        use(manager, "a")
+        clock.now += 0.1
+    use(manager, "c")                             # more recent than a, but it reloads in 0.01 s...
+    clock.now += 0.05                             # ...and was asked longer ago than that
+    with manager.lease("d"):
+        use(manager, "b")                         # needs a slot: c goes, a (least recently used) stays
+    assert loaded(manager) == {"a", "b", "d"} and manager.snapshot_one("c")["last_unload_reason"] == "count"
+    assert manager.snapshot_one("b")["grouping_waits"] == 0
+
+
+def test_a_model_silent_for_longer_than_its_reload_is_not_spared():
+    manager, clock = grouping_manager(max_loaded_models=2, cost=0.05, costs={"c": 0.0})  # cheaper to reload
+    for _ in range(3):
+        use(manager, "a")
+        clock.now += 0.1
+    with manager.lease("c"):
+        use(manager, "b")
+    assert loaded(manager) == {"b", "c"} and manager.snapshot_one("b")["grouping_waits"] == 0
+
+
+@pytest.mark.parametrize("gaps, silence, could_ask, spared", [
+    ([], 0.05, 1, True),               # asked just now (a 1 s reload), a client may ask again
+    ([0.1, 0.1], 0.05, 1, True),
+    ([0.1, 0.1], 0.05, 0, False),      # ...but nothing is being served: nobody left to ask for it
+    ([0.1, 0.1], 1.5, 1, False),       # ...that stopped a reload ago
+    ([2.0, 2.0], 0.1, 1, True),        # slower than a reload, but the last came just now
+])
+def test_demand_rule(gaps, silence, could_ask, spared):
+    arrivals, now = Arrivals(), 100.0
+    arrivals.record(now)
+    for gap in gaps:
+        now += gap
+        arrivals.record(now)
+    assert (spare_reason(arrivals, now, 1.0, now + silence, None, could_ask) is not None) == spared
+
+
+def test_clients_between_two_requests_count_within_the_window():
+    flight = InFlight()
+    for at, delta in ((0.0, +1), (0.0, +1), (0.1, +1), (0.2, -1), (0.2, -1)):   # 3 in, 2 answered
+        flight.change(at, delta)
+    assert flight.count == 1
+    assert flight.away(0.25, window=1.0) == 2     # two clients on their way back
+    assert flight.away(5.0, window=1.0) == 0      # a reload later: they are not coming
+
+
+def test_gaps_across_the_models_absence_are_not_measured():
+    arrivals = Arrivals()
+    for now in (0.0, 0.1, 0.2):
+        arrivals.record(now)
+    arrivals.left()                               # unloaded: the next request reloads it
+    arrivals.record(5.0)
+    assert arrivals.gap == pytest.approx(0.1) and arrivals.in_stay == 1
+    assert "(1 request(s) since it loaded);" in spare_reason(arrivals, 5.0, 1.0, 5.05, None, could_ask=1)
+
+
+def test_group_window_overrides_demand_with_a_fixed_window(caplog):
+    """GROUP_WINDOW=5: a model that served within 5 s is spared even with no request coming."""
     manager, clock = make_manager(make_settings(max_loaded_models=1, group_window=5.0, max_pass_over=30.0),
                                   room_wait=30)
     use(manager, "a")
     done = threading.Event()
-    threading.Thread(target=lambda: (use(manager, "b"), done.set()), daemon=True).start()
-    assert not done.wait(0.3), "b evicted a model that served a moment ago"
-    assert use(manager, "a").key == "a"            # requests to the resident model go first
-    clock.now += 6                                 # a has been idle longer than its window
-    assert done.wait(5)
+    with caplog.at_level("INFO", logger="model_server.manager"):
+        threading.Thread(target=lambda: (use(manager, "b"), done.set()), daemon=True).start()
+        assert wait_for(lambda: "within GROUP_WINDOW=5s" in caplog.text)
+        assert use(manager, "a").key == "a" and not done.is_set()   # requests to the resident model go first
+        clock.now += 6                             # a has been idle longer than the window
+        assert done.wait(5)
     assert loaded(manager) == {"b"} and manager.snapshot_one("a")["last_unload_reason"] == "count"
+    assert manager.snapshot_one("b")["grouping_waits"] == 1
 
 
 def test_grouping_never_passes_a_load_over_for_longer_than_max_pass_over():
@@ -389,18 +524,6 @@ def test_grouping_never_passes_a_load_over_for_longer_than_max_pass_over():
     started = time.monotonic()
     use(manager, "b")
     assert 0.25 <= time.monotonic() - started < 5 and loaded(manager) == {"b"}
-
-
-def test_automatic_group_window_is_the_models_own_load_time():
-    loader = RecordingLoader(delay=0.2)
-    manager, clock = make_manager(make_settings(max_loaded_models=1, group_window=None, max_pass_over=30.0),
-                                  loader=loader, room_wait=30)
-    use(manager, "a")                               # a took ~0.2 s to load: spared for ~0.2 s of clock
-    done = threading.Event()
-    threading.Thread(target=lambda: (use(manager, "b"), done.set()), daemon=True).start()
-    assert not done.wait(0.3)
-    clock.now += 0.25
-    assert done.wait(5) and loaded(manager) == {"b"}
 
 
 # ------------------------------------------------------------------ memory pressure from outside

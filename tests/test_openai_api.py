@@ -230,8 +230,9 @@ def test_transcription_json_and_text(client, server):
     (dict(model="nope"), 404, None),
     (dict(model="deepseek", max_tokens=0), 400, "max_tokens"),
     (dict(model="deepseek", temperature=7), 400, "temperature"),
-    (dict(model="deepseek", n=2), 400, "n"),
-    (dict(model="deepseek", presence_penalty=0.5), 400, "presence_penalty"),
+    (dict(model="deepseek", n=0), 400, "n"),
+    (dict(model="deepseek", presence_penalty=2.5), 400, "presence_penalty"),
+    (dict(model="deepseek", logit_bias={"abc": 1}), 400, "logit_bias.abc"),
     (dict(model="deepseek", stop=["a", "b", "c", "d", "e"]), 400, "stop"),
     (dict(model="deepseek", messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBO"}}]}]), 400, "messages[0].content[0].image_url"),

@@ -172,7 +172,7 @@ def _parsers(settings):
         "GenerateText": (lambda body: parse_job(body, {}, text), {"prompt": "hi"}, text),
         "GenerateImage": (lambda body: parse_image_job(body, {}, image), {"prompt": "hi", "width": 64, "height": 64},
                           image),
-        "ChatRequest": (lambda body: parse_chat(body, text), chat, text),
+        "ChatRequest": (lambda body: parse_chat(body, text), dict(chat, logprobs=True), text),  # top_logprobs needs it
         "CompletionRequest": (lambda body: parse_completion(body, text), {"model": "deepseek", "prompt": "hi"}, text),
         "ResponsesRequest": (lambda body: parse_responses(body, text), {"model": "deepseek", "input": "hi"}, text),
         "ImageGenerationRequest": (lambda body: parse_image_request(body, image, edit=False),

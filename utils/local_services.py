@@ -86,12 +86,10 @@ def build_local_services(settings: ServerSettings) -> Services:
                     metrics=metrics, quant_cache=quant_cache)
 
 
-
 def temp_manager(settings: ServerSettings):
     jobs_dir = settings.jobs_path  # an operator may put it under tmp/: the temp sweeper must not touch it
     return TempManager(settings.tmp_dir, ttl_seconds=settings.tmp_ttl, max_total_bytes=settings.tmp_max_bytes,
                        others=frozenset({jobs_dir.name} if jobs_dir.parent == settings.tmp_dir else ()))
-
 
 
 def set_torch_threads(threads: int | None) -> None:

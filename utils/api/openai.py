@@ -9,6 +9,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request, stream_
 
 from utils.api import openai_responses, openai_translation as oa, transcription
 from utils.api.context import client_gone_probe, services
+from utils.api.openai_choices import SingleChoice
 from utils.errors import InvalidInput, UnsupportedMediaType
 from utils.serving.image_requests import run_images
 
@@ -48,18 +49,26 @@ def sse(chunks) -> Response:
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def run(key: str, job, to_body, to_chunks, body: dict):
+def run(key: str, jobs: list, to_body, to_chunks, body: dict):
+    """One prompt and one choice as before (any backend); n choices or several prompts as one group of
+    rows (InferenceService.generate_choices / stream_choices)."""
     svc = services()
     g.model = key
-    if job.stream:
-        stream = svc.inference.stream(key, job)
+    n = jobs[0].n
+    single = len(jobs) == 1 and n == 1
+    if jobs[0].stream:
+        stream = SingleChoice(svc.inference.stream(key, jobs[0])) if single else \
+            svc.inference.stream_choices(key, jobs, n)
         g.model_device = stream.device
         response = sse(to_chunks(key, stream, include_usage(body)))
         response.call_on_close(stream.close)
         return response
-    result = svc.inference.generate(key, job, is_gone=client_gone_probe())
-    g.completion_tokens, g.model_device = result.completion_tokens, result.device
-    return jsonify(to_body(key, result))
+    if single:
+        results = [svc.inference.generate(key, jobs[0], is_gone=client_gone_probe())]
+    else:
+        results = svc.inference.generate_choices(key, jobs, n, is_gone=client_gone_probe())
+    g.completion_tokens, g.model_device = sum(r.completion_tokens for r in results), results[0].device
+    return jsonify(to_body(key, results))
 
 
 @bp.get("/models")
@@ -84,7 +93,7 @@ def chat_completions():
     key = oa.resolve_model(svc.settings, body.get("model"))
     spec = svc.settings.models[key]
     job, tools = oa.parse_chat(body, spec)
-    return run(key, job, partial(oa.chat_response, tools=tools, spec=spec),
+    return run(key, [job], partial(oa.chat_response, tools=tools, spec=spec),
                partial(oa.chat_chunks, tools=tools, spec=spec), body)
 
 
@@ -124,8 +133,8 @@ def completions():
     svc = services()
     body = json_body()
     key = oa.resolve_model(svc.settings, body.get("model"))
-    return run(key, oa.parse_completion(body, svc.settings.models[key]), oa.completion_response,
-               oa.completion_chunks, body)
+    jobs = oa.parse_completion(body, svc.settings.models[key])
+    return run(key, jobs, partial(oa.completion_response, jobs=jobs), partial(oa.completion_chunks, jobs=jobs), body)
 
 
 @bp.post("/audio/transcriptions")
@@ -189,4 +198,3 @@ def _images(key: str, job):
     g.model = key
     outcome = run_images(services().inference, key, job, is_gone=client_gone_probe())
     return jsonify(oa.images_response(outcome))
-

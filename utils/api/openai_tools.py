@@ -230,26 +230,39 @@ def stream_with_calls(pieces: Iterator[tuple[str, str]], request: ToolRequest | 
                       called: list[bool]) -> Iterator[dict]:
     """Deltas of the (field, text) pieces of a stream: content through the tool-call parser, other
     fields (reasoning_content) as they are. `called[0]` turns True once a call was sent."""
-    fmt = tool_format(request, spec) if request is not None and request.active else None
-    if fmt is None:
-        for field, text in pieces:
-            yield {field: text}
-        return
-    stream = ToolCallStream(fmt)
+    deltas = CallDeltas(request, spec)
+    for field, text in pieces:
+        yield from deltas.feed(field, text)
+        called[0] = deltas.called
+    yield from deltas.finish()
+    called[0] = deltas.called
 
-    def kept(deltas: list[dict]) -> Iterator[dict]:
+
+class CallDeltas:
+    """stream_with_calls for one choice, pushed a piece at a time (a stream of n choices interleaves them)."""
+
+    def __init__(self, request: ToolRequest | None, spec: ModelSpec) -> None:
+        fmt = tool_format(request, spec) if request is not None and request.active else None
+        self._request = request
+        self._stream = ToolCallStream(fmt) if fmt is not None else None
+        self.called = False
+
+    def feed(self, field: str, text: str) -> list[dict]:
+        if self._stream is None or field != "content":
+            return [{field: text}]
+        return self._kept(self._stream.feed(text))
+
+    def finish(self) -> list[dict]:
+        return self._kept(self._stream.finish()) if self._stream is not None else []
+
+    def _kept(self, deltas: list[dict]) -> list[dict]:
+        out = []
         for delta in deltas:
             if "tool_calls" in delta:
-                calls = [c for c in delta["tool_calls"] if request.parallel or c["index"] == 0]
+                calls = [c for c in delta["tool_calls"] if self._request.parallel or c["index"] == 0]
                 if not calls:
                     continue
-                called[0] = True
+                self.called = True
                 delta = {"tool_calls": calls}
-            yield delta
-
-    for field, text in pieces:
-        if field != "content":
-            yield {field: text}
-            continue
-        yield from kept(stream.feed(text))
-    yield from kept(stream.finish())
+            out.append(delta)
+        return out

@@ -11,10 +11,10 @@ import uuid
 from dataclasses import replace
 from typing import Any, Iterator, Mapping
 
-from utils.api import openai_tools
+from utils.api import openai_choices as choices, openai_tools
 from utils.config.settings import IMAGE_FAMILIES, ModelSpec, ServerSettings
 from utils.errors import InvalidInput, ServerError, UnknownModel
-from utils.families import accepted_media, family_class
+from utils.families import accepted_media, capability_fields, family_class
 from utils.media.decode import MAX_GIVEN_FRAMES
 from utils.media.options import parse_media_options
 from utils.serving.image_requests import is_image_model, parse_image_job
@@ -25,9 +25,13 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 # Parameters we do not implement: a value that would change the answer is refused, never ignored.
 # (tools, tool_choice, parallel_tool_calls: utils/api/openai_tools.py; functions/function_call: OpenAI's
 # deprecated form of them.)
-UNSUPPORTED = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "logprobs": False,
-               "top_logprobs": None, "functions": None, "function_call": None,
-               "echo": False, "suffix": None, "best_of": 1}
+# (n, logprobs, top_logprobs, echo: utils/api/openai_choices.py, per route.)
+# audio, prediction, web_search_options, modalities other than text: answers this server does not make.
+UNSUPPORTED = {"functions": None, "function_call": None, "suffix": None, "best_of": 1, "audio": None,
+               "prediction": None, "web_search_options": None, "modalities": ["text"]}
+# Sampling fields handed to parse_params as they are (the same names as on /generate).
+SAMPLING_FIELDS = ("temperature", "top_p", "seed", "top_k", "repetition_penalty", "frequency_penalty",
+                   "presence_penalty", "logit_bias", "min_p")
 MAX_STOPS = 4
 # A transcription's `language`: ISO 639 letters, then BCP 47 subtags (pt-BR, zh_Hant): never free text.
 LANGUAGE = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8}){0,3}")
@@ -50,7 +54,7 @@ def resolve_model(settings: ServerSettings, name: Any) -> str:
 
 def model_card(spec: ModelSpec, created: int, loaded: bool) -> dict:
     return {"id": spec.key, "object": "model", "created": created, "owned_by": (spec.repo_id or "local").split("/")[0],
-            "repo_id": spec.repo_id, "family": spec.family, "loaded": loaded}
+            "repo_id": spec.repo_id, "family": spec.family, "loaded": loaded, **capability_fields(spec)}
 
 
 # ------------------------------------------------------------------ requests
@@ -67,16 +71,12 @@ def _refuse_unsupported(body: Mapping) -> None:
         if value is not None and not is_neutral(value, neutral) and not empty:
             raise InvalidInput(f"'{name}' is not supported by this server (only {neutral!r})", field=name,
                                error="unsupported parameter")
-    n = body.get("n")
-    if n is not None and not is_neutral(n, 1):
-        raise InvalidInput("'n' must be 1: one choice per request", field="n", error="unsupported parameter")
 
 
 def _params(body: Mapping, spec: ModelSpec):
     """OpenAI's sampling fields -> our GenerationParams (validated by the same rules as /generate)."""
     _refuse_unsupported(body)
-    ours: dict[str, Any] = {name: body[name] for name in ("temperature", "top_p", "seed", "top_k",
-                                                          "repetition_penalty") if body.get(name) is not None}
+    ours: dict[str, Any] = {name: body[name] for name in SAMPLING_FIELDS if body.get(name) is not None}
     limit_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     if body.get(limit_name) is not None:
         ours["max_new_tokens"] = body[limit_name]
@@ -201,14 +201,20 @@ def parse_chat(body: Mapping, spec: ModelSpec) -> tuple[GenerateJob, "openai_too
     _check_text(text, "messages")
     check_media_items(media, spec, missing="messages")
     last = "".join(p["text"] for p in turns[-1]["content"] if p["type"] == "text")
-    job = GenerateJob(prompt=last, params=_params(body, spec), media=media, messages=turns, texts=texts,
+    if body.get("echo") is not None and not is_neutral(body["echo"], False):
+        raise InvalidInput("'echo' is taken on /v1/completions only", field="echo", error="unsupported parameter")
+    params = replace(_params(body, spec), logprobs=choices.parse_chat_logprobs(body))
+    job = GenerateJob(prompt=last, params=params, media=media, messages=turns, texts=texts,
                       stream=body.get("stream") is True, timeout=parse_timeout(body),
-                      tools=list(tools.tools) if tools is not None and tools.active else None)
+                      tools=list(tools.tools) if tools is not None and tools.active else None,
+                      n=choices.parse_n(body, spec))
     return job, tools
 
 
-def parse_completion(body: Mapping, spec: ModelSpec) -> GenerateJob:
-    """A legacy /v1/completions body (text models): the prompt is continued as it is."""
+def parse_completion(body: Mapping, spec: ModelSpec) -> list[GenerateJob]:
+    """A legacy /v1/completions body (text models): each prompt is continued as it is. `prompt` is a
+    string, a list of strings, a list of token ids, or a list of such lists: one job per prompt, each
+    with the request's n (answered prompt-major: prompt 0's n choices, then prompt 1's)."""
     if spec.family != "text":
         raise InvalidInput(f"'{spec.key}' is not a text model; use /v1/chat/completions", field="model",
                            error="unsupported model")
@@ -216,17 +222,56 @@ def parse_completion(body: Mapping, spec: ModelSpec) -> GenerateJob:
         if body.get(name) not in (None, []):
             raise InvalidInput(f"'{name}' is taken on /v1/chat/completions only", field=name,
                                error="unsupported parameter")
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    if not isinstance(prompt, str) or not prompt:
-        raise InvalidInput("'prompt' must be a non-empty string (one prompt per request)", field="prompt")
-    if len(prompt) > spec.limits.max_prompt_chars:
-        raise InvalidInput(f"'prompt' is {len(prompt)} characters; this model takes at most "
-                           f"{spec.limits.max_prompt_chars}", field="prompt", error="value out of range")
-    _check_text(prompt, "prompt")
-    return GenerateJob(prompt=prompt, params=_params(body, spec), raw=True, stream=body.get("stream") is True,
-                       timeout=parse_timeout(body))
+    prompts = _prompts(body.get("prompt"), spec)
+    n = choices.parse_n(body, spec, len(prompts))
+    logprobs, echo = choices.parse_completion_logprobs(body), choices.parse_echo(body)
+    if echo and any(ids is not None for _, ids in prompts):
+        raise InvalidInput("'echo' with prompts given as token ids is not supported; send the prompt as text",
+                           field="echo", error="unsupported parameter")
+    params = replace(_params(body, spec), logprobs=logprobs, prompt_logprobs=logprobs if echo else None)
+    stream, timeout = body.get("stream") is True, parse_timeout(body)
+    return [GenerateJob(prompt=text, prompt_ids=ids, params=params, raw=True, stream=stream, timeout=timeout, n=n,
+                        echo=echo, texts=[(where, text)] if text else [])
+            for where, (text, ids) in zip(_prompt_fields(len(prompts), body.get("prompt")), prompts)]
+
+
+def _prompt_fields(count: int, given: Any) -> list[str]:
+    return ["prompt"] if count == 1 and not isinstance(given, list) else [f"prompt[{i}]" for i in range(count)]
+
+
+def _prompts(value: Any, spec: ModelSpec) -> list[tuple[str, list[int] | None]]:
+    """(text, token ids or None) of each prompt."""
+    what = "a non-empty string, a list of strings, a list of token ids or a list of token-id lists"
+    if isinstance(value, str):
+        value = [value]
+    elif isinstance(value, list) and value and all(_is_id(v) for v in value):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise InvalidInput(f"'prompt' must be {what}", field="prompt")
+    if len(value) > choices.MAX_PROMPTS:
+        raise InvalidInput(f"'prompt' takes at most {choices.MAX_PROMPTS} prompts; got {len(value)}", field="prompt",
+                           error="value out of range")
+    out: list[tuple[str, list[int] | None]] = []
+    for i, prompt in enumerate(value):
+        where = "prompt" if len(value) == 1 else f"prompt[{i}]"
+        if isinstance(prompt, list) and prompt and all(_is_id(v) for v in prompt):
+            if len(prompt) > spec.limits.max_prompt_chars:
+                raise InvalidInput(f"'{where}' holds {len(prompt)} tokens; this model takes at most "
+                                   f"{spec.limits.max_prompt_chars}", field=where, error="value out of range")
+            out.append(("", [int(v) for v in prompt]))
+            continue
+        if not isinstance(prompt, str) or not prompt:
+            raise InvalidInput(f"'prompt' must be {what}", field=where)
+        if len(prompt) > spec.limits.max_prompt_chars:
+            raise InvalidInput(f"'{where}' is {len(prompt)} characters; this model takes at most "
+                               f"{spec.limits.max_prompt_chars}", field=where, error="value out of range")
+        _check_text(prompt, where)
+        out.append((prompt, None))
+    return out
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def parse_transcription(form: Mapping, audio: bytes, spec: ModelSpec) -> tuple[GenerateJob, str]:
@@ -253,7 +298,7 @@ def parse_transcription(form: Mapping, audio: bytes, spec: ModelSpec) -> tuple[G
 
 
 def _accepted(spec: ModelSpec) -> frozenset[str]:
-    return accepted_media(spec.family)
+    return accepted_media(spec)
 
 
 def _check_text(text: str, field: str) -> None:
@@ -334,9 +379,12 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def usage(result: Any) -> dict:
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens}
+def usage(results: Any, n: int = 1) -> dict:
+    """Summed over the choices; each prompt's tokens counted once (results hold n choices per prompt)."""
+    results = results if isinstance(results, list) else [results]
+    prompt = sum(result.prompt_tokens for result in results[::n])
+    completion = sum(result.completion_tokens for result in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def finish_reason(result: Any) -> str:
@@ -344,59 +392,137 @@ def finish_reason(result: Any) -> str:
     return result.finish_reason if result.finish_reason in ("length", "timeout") else "stop"
 
 
-def chat_response(key: str, result: Any, tools: Any = None, spec: ModelSpec | None = None) -> dict:
-    content, calls = openai_tools.message_with_calls(result.text, tools, spec)
-    message: dict[str, Any] = {"role": "assistant", "content": content}
-    if calls:
-        message["tool_calls"] = calls
-    if result.reasoning is not None:
-        message["reasoning_content"] = result.reasoning
-    finish = "tool_calls" if calls and finish_reason(result) == "stop" else finish_reason(result)
+def chat_response(key: str, results: list, tools: Any = None, spec: ModelSpec | None = None) -> dict:
+    """A chat.completion with one choice per result (OpenAI's n), in order."""
+    out = []
+    for index, result in enumerate(results):
+        content, calls = openai_tools.message_with_calls(result.text, tools, spec)
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if calls:
+            message["tool_calls"] = calls
+        if result.reasoning is not None:
+            message["reasoning_content"] = result.reasoning
+        finish = "tool_calls" if calls and finish_reason(result) == "stop" else finish_reason(result)
+        out.append({"index": index, "message": message, "finish_reason": finish,
+                    "logprobs": choices.chat_logprobs(result.logprobs) if result.logprobs is not None else None})
     return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": key,
-            "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
-            "usage": usage(result)}
+            "choices": out, "usage": usage(results, len(results))}
 
 
-def completion_response(key: str, result: Any) -> dict:
-    choice = {"index": 0, "text": result.text, "finish_reason": finish_reason(result), "logprobs": None}
-    if result.reasoning is not None:
-        choice["reasoning_content"] = result.reasoning
+def completion_response(key: str, results: list, jobs: list | None = None) -> dict:
+    """A text_completion: n choices per prompt, prompt-major, each with its index (OpenAI's order)."""
+    n = len(results) // len(jobs) if jobs else 1
+    out = []
+    for index, result in enumerate(results):
+        job = jobs[index // n] if jobs else None
+        echo = job.prompt if job is not None and job.echo else ""
+        choice: dict[str, Any] = {"index": index, "text": echo + result.text, "finish_reason": finish_reason(result),
+                                  "logprobs": None}
+        if result.logprobs is not None:
+            entries = (result.prompt_logprobs or []) + result.logprobs if echo else result.logprobs
+            choice["logprobs"] = choices.completion_logprobs(entries)
+        if result.reasoning is not None:
+            choice["reasoning_content"] = result.reasoning
+        out.append(choice)
     return {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": key,
-            "choices": [choice], "usage": usage(result)}
+            "choices": out, "usage": usage(results, n)}
+
+
+class _LogprobsSent:
+    """One streamed choice's logprob entries: what arrived with pieces and is not sent yet, and how
+    many arrived (the rest comes from the result at the end)."""
+
+    def __init__(self) -> None:
+        self.pending: list = []
+        self.received = 0
+
+    def take(self, piece: Any) -> None:
+        entries = getattr(piece, "logprobs", None) or []
+        self.pending += entries
+        self.received += len(entries)
+
+    def flush(self, result: Any = None) -> list:
+        out = self.pending + (list((result.logprobs or [])[self.received:]) if result is not None else [])
+        self.pending = []
+        return out
 
 
 def chat_chunks(key: str, stream: Any, include_usage: bool, tools: Any = None,
                 spec: ModelSpec | None = None) -> Iterator[dict]:
-    """OpenAI's chat.completion.chunk objects for a stream of text pieces: the role first, then
-    content (reasoning between <think> tags goes to reasoning_content; tool calls as tool_calls
-    deltas), the finish, then usage."""
+    """OpenAI's chat.completion.chunk objects for a stream of choices ((index, piece), (index, None)
+    at a choice's end): per choice the role first, then content (reasoning between <think> tags goes
+    to reasoning_content; tool calls as tool_calls deltas), its logprobs with it, its finish; then
+    usage over all of them."""
     base = {"id": new_id("chatcmpl"), "object": "chat.completion.chunk", "created": int(time.time()), "model": key}
 
-    def chunk(delta: dict, finish: str | None = None) -> dict:
-        return dict(base, choices=[{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}])
+    def chunk(index: int, delta: dict, finish: str | None = None, logprobs: Any = None) -> dict:
+        return dict(base, choices=[{"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}])
 
-    yield chunk({"role": "assistant", "content": ""})
-    splitter = ReasoningSplitter()
-    called = [False]
-    pieces = (item for piece in stream for item in splitter.feed(piece))
-    for delta in openai_tools.stream_with_calls(pieces, tools, spec, called):
-        yield chunk(delta)
-    result = stream.result
-    finish = finish_reason(result) if result else "stop"
-    yield chunk({}, "tool_calls" if called[0] and finish == "stop" else finish)
-    if include_usage and result is not None:
-        yield dict(base, choices=[], usage=usage(result))
+    count = stream.count
+    splitters = [ReasoningSplitter() for _ in range(count)]
+    calls = [openai_tools.CallDeltas(tools, spec) for _ in range(count)]
+    sent = [_LogprobsSent() for _ in range(count)]
+    results: list = [None] * count
+    for index in range(count):
+        yield chunk(index, {"role": "assistant", "content": ""})
+    for index, piece in stream:
+        if piece is not None:
+            sent[index].take(piece)
+            for field, text in splitters[index].feed(piece):
+                for delta in calls[index].feed(field, text):
+                    entries = sent[index].flush() if "content" in delta and sent[index].pending else None
+                    yield chunk(index, delta, logprobs=choices.chat_logprobs(entries) if entries else None)
+            continue
+        for delta in calls[index].finish():
+            yield chunk(index, delta)
+        result = results[index] = stream.result_of(index)
+        finish = finish_reason(result) if result else "stop"
+        entries = sent[index].flush(result) if result is not None and result.logprobs is not None else None
+        yield chunk(index, {}, "tool_calls" if calls[index].called and finish == "stop" else finish,
+                    choices.chat_logprobs(entries) if entries else None)
+    if include_usage and all(result is not None for result in results):
+        yield dict(base, choices=[], usage=usage(results, count))
 
 
-def completion_chunks(key: str, stream: Any, include_usage: bool) -> Iterator[dict]:
+def completion_chunks(key: str, stream: Any, include_usage: bool, jobs: list | None = None) -> Iterator[dict]:
+    """text_completion chunks of a stream of choices; an echo sends its prompt first (with its
+    logprobs when asked), then the pieces; each choice's finish; usage over all of them."""
     base = {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": key}
-    for piece in stream:
-        yield dict(base, choices=[{"index": 0, "text": piece, "finish_reason": None, "logprobs": None}])
-    result = stream.result
-    yield dict(base, choices=[{"index": 0, "text": "", "logprobs": None,
-                               "finish_reason": finish_reason(result) if result else "stop"}])
-    if include_usage and result is not None:
-        yield dict(base, choices=[], usage=usage(result))
+    count = stream.count
+    n = count // len(jobs) if jobs else 1
+    sent = [_LogprobsSent() for _ in range(count)]
+    offsets = [0] * count
+    echoed = [False] * count
+    results: list = [None] * count
+
+    def chunk(index: int, text: str, entries: list | None = None, finish: str | None = None) -> dict:
+        logprobs = None
+        if entries is not None:
+            logprobs = choices.completion_logprobs(entries, offsets[index])
+            offsets[index] += sum(len(e["token"]) for e in entries if e is not None)
+        return dict(base, choices=[{"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}])
+
+    def echo(index: int, piece: Any, result: Any) -> Iterator[dict]:
+        job = jobs[index // n] if jobs else None
+        if echoed[index] or job is None or not job.echo:
+            return
+        echoed[index] = True
+        prompt_entries = getattr(piece, "prompt_logprobs", None) or (result.prompt_logprobs if result else None)
+        yield chunk(index, job.prompt, prompt_entries if job.params.logprobs is not None else None)
+
+    for index, piece in stream:
+        if piece is not None:
+            yield from echo(index, piece, None)
+            sent[index].take(piece)
+            entries = sent[index].flush() if jobs and jobs[index // n].params.logprobs is not None else None
+            yield chunk(index, str(piece), entries)
+            continue
+        result = results[index] = stream.result_of(index)
+        yield from echo(index, None, result)
+        entries = sent[index].flush(result) if result is not None and result.logprobs is not None else None
+        yield chunk(index, "", entries or None, finish_reason(result) if result else "stop")
+    if include_usage and all(result is not None for result in results):
+        yield dict(base, choices=[], usage=usage(results, n))
 
 
 class ReasoningSplitter:

@@ -29,14 +29,14 @@ files of a model folder (tokenizer_config.json, chat_template.jinja / .json, tok
 """
 from __future__ import annotations
 
-import functools
 import json
 import re
 import secrets
 import string
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
+
+from utils.hub.model_folder import ToolSupport, checkpoint_tool_support, detect_format  # what a folder holds
 
 __all__ = ["FORMATS", "ParsedOutput", "ToolCall", "ToolCallStream", "ToolSupport", "checkpoint_tool_support",
            "detect_format", "parse"]
@@ -772,88 +772,3 @@ class _SentCall:
     index: int
     id: str
     arguments: str = ""
-
-
-# ------------------------------------------------------------------ which format a checkpoint writes
-
-@dataclass(frozen=True)
-class ToolSupport:
-    renders_tools: bool        # its chat template uses `tools`
-    format: str | None         # how it writes calls (a key of FORMATS); None: not known
-
-
-# Markers in a chat template (how it renders an assistant's calls) or in the tokenizer's tokens.
-_TEMPLATE_MARKERS = (("<｜tool▁call▁begin｜>", "deepseek"), ("<tool_call>", "hermes"), ("[TOOL_CALLS]", "mistral"),
-                     ("<|python_tag|>", "llama3_json"))
-_TOOLS_VARIABLE = re.compile(r"\btools\b")
-
-
-def detect_format(chat_template: str | None, tokens: Iterable[str] = ()) -> ToolSupport:
-    """The tool-call format from the chat template first (it shows how past calls are written), then
-    from the tokenizer's tokens; a Llama 3 template without the tag is recognised by its ipython role."""
-    template = chat_template or ""
-    found = next((name for marker, name in _TEMPLATE_MARKERS if marker in template), None)
-    if found is None:
-        vocabulary = set(tokens)
-        found = next((name for marker, name in _TEMPLATE_MARKERS if marker in vocabulary), None)
-    if found is None and "ipython" in template and '"parameters"' in template:
-        found = "llama3_json"
-    return ToolSupport(renders_tools=bool(_TOOLS_VARIABLE.search(template)), format=found)
-
-
-def checkpoint_tool_support(folder: str | Path) -> ToolSupport | None:
-    """detect_format over a model folder's files: the chat template from chat_template.jinja,
-    chat_template.json (processors) or tokenizer_config.json; tokens (only when the template names
-    no format) from the added tokens of tokenizer_config.json, then tokenizer.json. None when the
-    folder holds no chat template (not downloaded yet). Cached per folder until its files change."""
-    folder = Path(folder)
-    stamp = tuple(_mtime(folder / name) for name in _TEMPLATE_FILES)
-    return _cached_support(str(folder), stamp) if any(stamp) else None
-
-
-_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")
-
-
-def _mtime(path: Path) -> int:
-    try:
-        return path.stat().st_mtime_ns
-    except OSError:
-        return 0
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_support(folder_name: str, stamp: tuple) -> ToolSupport | None:
-    folder = Path(folder_name)
-    templates: list[str] = []
-    jinja = folder / "chat_template.jinja"
-    if jinja.is_file():
-        templates.append(jinja.read_text(encoding="utf-8", errors="replace"))
-    config = {}
-    for name in ("chat_template.json", "tokenizer_config.json"):
-        data = _json_file(folder / name)
-        config = data if name == "tokenizer_config.json" else config
-        template = data.get("chat_template")
-        if isinstance(template, str):
-            templates.append(template)
-        elif isinstance(template, list):  # [{"name": "default" | "tool_use", "template": ...}]
-            templates += [t["template"] for t in template if isinstance(t, dict) and isinstance(t.get("template"), str)]
-    if not templates:
-        return None
-    template = "\n".join(templates)
-    support = detect_format(template)
-    if support.format is not None:
-        return support
-    decoder = config.get("added_tokens_decoder")
-    tokens = [t.get("content", "") for t in decoder.values() if isinstance(t, dict)] if isinstance(decoder, dict) else []
-    if not tokens:
-        added = _json_file(folder / "tokenizer.json").get("added_tokens")
-        tokens = [t.get("content", "") for t in added if isinstance(t, dict)] if isinstance(added, list) else []
-    return detect_format(template, tokens)
-
-
-def _json_file(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}

@@ -15,16 +15,16 @@ import os
 import signal
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from utils.cluster.replica import ModelReplica
 from utils.config.settings import settings_env
-from utils.errors import ModelUnavailable, RequestTimeout, ServerError, UnknownModel
+from utils.errors import InvalidInput, ModelUnavailable, RequestTimeout, ServerError, UnknownModel
 from utils.families import GenerationResult
-from utils.serving.inference import InferenceService
+from utils.serving.inference import InferenceService, choice_params
 
 log = logging.getLogger("model_server.cluster")
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -417,6 +417,18 @@ class RayInference(InferenceService):
     def execute(self, key, request, job, deadline, is_gone=None, track=None) -> GenerationResult:
         response = self.cluster.handle(key).generate.remote(key, request, _without_media(job), deadline)
         return self._wait(key, response, deadline, is_gone)
+
+    def execute_choices(self, key, requests, jobs, n, deadline, is_gone=None) -> list[GenerationResult]:
+        """Each choice is its own call to a replica (they batch there as any concurrent requests do)."""
+        calls = [(request, dataclasses.replace(job, params=choice_params(job.params, i)))
+                 for request, job in zip(requests, jobs) for i in range(n)]
+        with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+            return list(pool.map(lambda call: self.execute(key, call[0], call[1], deadline, is_gone), calls))
+
+    def stream_choices(self, key, jobs, n):
+        raise InvalidInput("streaming several choices (n > 1 or a list of prompts) is not served through the Ray "
+                           "backend; send stream: false, or one choice per request", field="n",
+                           error="unsupported parameter")
 
     def execute_images(self, key, request, params, deadline, keep_alive, is_gone=None, track=None) -> dict:
         response = self.cluster.handle(key).images.remote(key, request, params, deadline, keep_alive)

@@ -61,7 +61,6 @@ class ModelReplica:
     def __init__(self, settings, group_name: str) -> None:
         from ray import serve  # deferred: ray
 
-
         group = next(g for g in settings.ray.groups if g.name == group_name)
         settings = replica_settings(settings, group)
         if settings.demo:

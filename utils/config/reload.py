@@ -64,7 +64,7 @@ def reload_config(services: Any, app_config: Any = None) -> dict:
     ConfigError (nothing changed) when the file is invalid. `app_config`: the web app's config dict,
     for the body size limit. Called by POST /admin/reload_config and on SIGHUP."""
     old = services.settings
-    diff = apply(services, load_settings(old.config_path, env=old.env, demo=old.demo))
+    diff = apply(services, load_settings(old.config_path, env=old.env, demo="all" if old.demo_matrix else old.demo))
     if app_config is not None:
         app_config["MAX_CONTENT_LENGTH"] = services.settings.max_content_length
     return diff

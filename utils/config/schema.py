@@ -30,6 +30,24 @@ _KEY_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 # builds one for each of these keys).
 DEMO_KEYS = ("deepseek", "qwen_vl", "blip_vqa", "qwen_audio", "qwen_omni", "flux", "qwen_image_edit", "janus",
              "whisper")
+# `--demo all`: the architecture matrix served beside them (utils/hub/demo_matrix.py builds one checkpoint
+# per key): key -> (the real repo it stands for, the family its config maps to; tests/test_matrix.py
+# checks the family read from each built folder agrees).
+DEMO_MATRIX = {
+    "llama": ("meta-llama/Llama-3.2-1B-Instruct", "text"),
+    "mistral": ("mistralai/Mistral-7B-Instruct-v0.3", "text"),
+    "gemma2": ("google/gemma-2-2b-it", "text"),
+    "phi3": ("microsoft/Phi-3.5-mini-instruct", "text"),
+    "granite": ("ibm-granite/granite-3.1-2b-instruct", "text"),
+    "qwen2_vl": ("Qwen/Qwen2-VL-2B-Instruct", "vision_language"),
+    "llava": ("llava-hf/llava-1.5-7b-hf", "vision_language"),
+    "llava_onevision": ("llava-hf/llava-onevision-qwen2-0.5b-ov-hf", "vision_language"),
+    "gemma3": ("google/gemma-3-4b-it", "vision_language"),
+    "smolvlm": ("HuggingFaceTB/SmolVLM2-256M-Video-Instruct", "vision_language"),
+    "idefics3": ("HuggingFaceM4/Idefics3-8B-Llama3", "vision_language"),
+    "internvl": ("OpenGVLab/InternVL3-1B-hf", "vision_language"),
+    "paligemma": ("google/paligemma-3b-mix-224", "vqa"),
+}
 SEED_MAX = 2**63 - 1  # the largest seed a request or the config may give (torch takes 64-bit seeds)
 
 
@@ -57,9 +75,11 @@ class GenerationDefaults:
 class ModelLimits:
     max_new_tokens: int = 2048
     max_prompt_chars: int = 32000
-    max_images: int = 0
-    max_videos: int = 0
-    max_audios: int = 0
+    # Media items per request; None: what the checkpoint takes (utils/hub/model_folder.py read_capabilities),
+    # else DEFAULT_MEDIA_LIMITS there. 0 refuses the kind.
+    max_images: int | None = None
+    max_videos: int | None = None
+    max_audios: int | None = None
     # Image families: steps, size and count of the images a request may ask for, and how much work
     # (steps x width x height x images) one synchronous request may be; more is for an async job.
     max_steps: int = 50
@@ -225,10 +245,10 @@ class ServerSettings:
     ram_tier: RamTierSettings = field(default_factory=RamTierSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)  # defaults for every model's engine
     torch_threads: int | None = None  # torch's intra-op threads; None = the cores this process may use, less one
-    # A model that served within group_window seconds is not evicted for another model's load...
-    # (None = auto: as long as that model's own last load took, i.e. what evicting it would cost)
+    # Grouping (utils/serving/grouping.py): None = auto, an idle model is spared from another model's load
+    # only while it is in demand; a number = one that served within that many seconds is spared; 0 = off...
     group_window: float | None = None
-    max_pass_over: float = 10.0      # ...unless that load has waited this long (requests grouped by model)
+    max_pass_over: float = 10.0      # ...and no load waits longer than this (requests grouped by model)
     # Each sweep: while free RAM / GPU memory is below its headroom, idle models on that device are
     # released (LRU first) until free memory is back above headroom + margin.
     request_timeout: float = 600.0   # REQUEST_TIMEOUT: default deadline of a request, seconds (per model: timeout)
@@ -245,6 +265,7 @@ class ServerSettings:
     admin_token: str | None = None
     api_token: str | None = None
     demo: bool = False
+    demo_matrix: bool = False  # `--demo all`: the architecture matrix (DEMO_MATRIX) served too
     backend: str = "local"           # MODEL_SERVER_BACKEND / --backend: local (one process) | ray
     ray: RaySettings = field(default_factory=RaySettings)
     config_path: Path | None = None
@@ -267,12 +288,13 @@ class ServerSettings:
         models[key] = dataclasses.replace(models[key], **changes)
         return self.replace(models=models)
 
-    def for_demo(self, demo_dir: Path | None = None) -> "ServerSettings":
+    def for_demo(self, demo_dir: Path | None = None, *, matrix: bool = False) -> "ServerSettings":
         """The five reference keys served from tiny random-weight checkpoints (utils/hub/demo_models.py).
 
         Their quantization is dropped (the checkpoints are float32 and a few MB) and generation is
         capped short so the demo answers in milliseconds on a CPU. Other configured models keep
-        their own settings.
+        their own settings. `matrix`: the architecture matrix (DEMO_MATRIX) is added, each model under
+        its key; media and limits come from its checkpoint folder.
         """
         root = demo_dir or (self.models_dir / "demo")
         models = dict(self.models)
@@ -286,7 +308,13 @@ class ServerSettings:
                         generation, num_inference_steps=min(generation.num_inference_steps, 4), width=64, height=64)
                 models[key] = dataclasses.replace(spec, path=root / key, dtype="float32", quantization="none",
                                                   offload="none", generation=generation)
-        return self.replace(models=models, demo=True)
+        if matrix:
+            for key, (repo_id, family) in DEMO_MATRIX.items():
+                models.setdefault(key, ModelSpec(
+                    key=key, repo_id=repo_id, family=family, path=root / key, dtype="float32",
+                    generation=GenerationDefaults(max_new_tokens=16, do_sample=False, seed=self.default_seed),
+                    limits=ModelLimits(max_new_tokens=256, max_prompt_chars=8000), engine=self.engine))
+        return self.replace(models=models, demo=True, demo_matrix=matrix)
 
     def public_dict(self) -> dict:
         """Settings as shown to operators: no tokens, paths relative where possible."""

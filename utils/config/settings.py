@@ -24,7 +24,7 @@ from utils.config.schema import (_DEVICE_RE, _KEY_RE, ATTN_IMPLEMENTATIONS, BACK
 from utils.config.validation import (_bool, _check_image_model, _check_remote_code, _choice, _fail, _float, _gib, _int,
                                      _keep_alive, _list, _mapping, _only_known, _optional, _resolve, _size)
 from utils.config.yaml_file import read_document
-from utils.hub.model_folder import checkpoint_state
+from utils.hub.model_folder import checkpoint_state, read_capabilities
 
 # ---------------------------------------------------------------- sections
 
@@ -154,8 +154,12 @@ def _limits(raw: Any, where: str) -> ModelLimits:
     raw = _mapping(raw, where)
     _only_known(raw, where, _LIMIT_FIELDS)
     defaults = ModelLimits()
-    return ModelLimits(**{name: _int(raw.get(name, getattr(defaults, name)), f"{where}.{name}", minimum=0)
-                          for name in _LIMIT_FIELDS})
+    values = {name: raw.get(name, getattr(defaults, name)) for name in _LIMIT_FIELDS}
+    return ModelLimits(**{name: None if value is None and name in _MEDIA_LIMIT_FIELDS else
+                          _int(value, f"{where}.{name}", minimum=0) for name, value in values.items()})
+
+
+_MEDIA_LIMIT_FIELDS = ("max_images", "max_videos", "max_audios")  # None: from the checkpoint
 
 
 def _engine(raw: Any, where: str, defaults: EngineSettings) -> EngineSettings:
@@ -194,8 +198,6 @@ def _model(key: str, raw: Any, models_dir: Path, env: Mapping[str, str],
         env_name = f"MODEL_{key.upper()}_{name.upper()}"
         if env.get(env_name) not in (None, ""):
             raw[name] = env[env_name]
-    if not raw.get("family"):
-        _fail(where, "'family' is required")
     if not raw.get("repo_id") and not raw.get("path"):  # a local folder needs no Hub id
         _fail(where, "'repo_id' is required (or a local folder in 'path', which is then never downloaded)")
     generation = _generation(raw.get("generation"), f"{where}.generation")
@@ -209,7 +211,7 @@ def _model(key: str, raw: Any, models_dir: Path, env: Mapping[str, str],
     spec = ModelSpec(
         key=key,
         repo_id=str(raw["repo_id"]) if raw.get("repo_id") else None,
-        family=_choice(raw["family"], f"{where}.family", FAMILIES),
+        family=_choice(raw["family"], f"{where}.family", FAMILIES) if raw.get("family") else "",
         path=_resolve(raw.get("path", key), models_dir, f"{where}.path"),
         revision=str(raw.get("revision", "main")),
         trust_remote_code=_bool(raw.get("trust_remote_code", False), f"{where}.trust_remote_code"),
@@ -229,9 +231,25 @@ def _model(key: str, raw: Any, models_dir: Path, env: Mapping[str, str],
         timeout=None if raw.get("timeout") is None else _float(raw["timeout"], f"{where}.timeout", minimum=0.01),
         offload=_choice(raw.get("offload", "none"), f"{where}.offload", OFFLOADS),
     )
+    spec = _prefer_complete_folder(spec)
+    if not spec.family:
+        spec = dataclasses.replace(spec, family=_inferred_family(spec, where))
     _check_image_model(spec, where)
     _check_remote_code(spec, where, pinned="revision" in raw)
-    return _prefer_complete_folder(spec)
+    return spec
+
+
+def _inferred_family(spec: ModelSpec, where: str) -> str:
+    """`family` read from the checkpoint's config (utils/hub/model_folder.py) where models.yaml gives none."""
+    capabilities = read_capabilities(spec.path)
+    if capabilities is None:
+        _fail(f"{where}.family", f"not set, and {spec.path.name}/ holds no checkpoint to read it from yet: set "
+                                 f"family (one of {', '.join(FAMILIES)}); it is read from config.json once the folder is there")
+    if capabilities.family not in FAMILIES:
+        _fail(f"{where}.family", f"not set, and the architecture of {spec.path.name}/ "
+                                 f"({capabilities.architecture or 'unknown'}) does not tell it: set family "
+                                 f"(one of {', '.join(FAMILIES)})")
+    return capabilities.family
 
 
 def _prefer_complete_folder(spec: ModelSpec) -> ModelSpec:
@@ -451,7 +469,7 @@ def settings_env(env: Mapping[str, str]) -> dict[str, str]:
 
 
 def load_settings(config_path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
-                  *, demo: bool = False) -> ServerSettings:
+                  *, demo: bool | str = False) -> ServerSettings:
     """Reads models.yaml (or MODELS_CONFIG / config_path) and applies environment overrides."""
     env = os.environ if env is None else env
     path = Path(config_path or env.get("MODELS_CONFIG") or DEFAULT_CONFIG).resolve()
@@ -528,5 +546,7 @@ def load_settings(config_path: str | os.PathLike | None = None, env: Mapping[str
         config_path=path,
         env=env,
     )
-    demo = demo or _bool(env.get("DEMO_MODE", "0") or "0", "DEMO_MODE")
-    return settings.for_demo() if demo else settings
+    # DEMO_MODE=1 / --demo: the demo set; "all" (either): the architecture matrix too
+    mode = str(env.get("DEMO_MODE", "") or "0").strip().lower()
+    demo = "all" if "all" in (demo, mode) else demo or _bool(mode, "DEMO_MODE")
+    return settings.for_demo(matrix=demo == "all") if demo else settings

@@ -15,7 +15,6 @@ _SIZE_UNITS = {"b": 1, "kb": 10**3, "kib": 2**10, "mb": 10**6, "mib": 2**20, "gb
                "tb": 10**12, "tib": 2**40}
 
 
-
 def _fail(where: str, msg: str) -> None:
     raise ConfigError(f"{where}: {msg}")
 
@@ -72,7 +71,6 @@ def _gib(value: Any, where: str) -> int | None:
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "null", "none", "auto")):
         return None
     return int(_float(value, where, minimum=0) * GIB)
-
 
 
 def _keep_alive(value: Any, where: str) -> float | None:
@@ -146,7 +144,7 @@ def _check_image_model(spec: ModelSpec, where: str) -> None:
                                            f"limits.max_image_pixels {limits.max_image_pixels}")
     if limits.max_images_out < 1 or limits.max_steps < 1:
         _fail(f"{where}.limits", "max_steps and max_images_out must be at least 1 for an image model")
-    if spec.family == "image_edit" and limits.max_images < 1:
+    if spec.family == "image_edit" and limits.max_images is not None and limits.max_images < 1:
         _fail(f"{where}.limits.max_images", "an image_edit model takes one input image: set max_images: 1")
 
 

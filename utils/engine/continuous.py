@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import inspect
 import logging
-import secrets
 from typing import Any
 
 from utils.engine.engine import Engine, Job
 from utils.engine.rows import RowState, collate
+from utils.engine.sampling import choose_tokens, prompt_logprobs
 from utils.errors import OutOfMemory
 from utils.serving.memory import is_out_of_memory, release_cached_memory
 
@@ -107,14 +107,12 @@ class ContinuousEngine(Engine):
 
 
 class DecodeRow(RowState):
-    """A running row: its state plus what its sampling needs (its own processors and generator)."""
+    """A running row: its state, with its own RowSampler (utils/engine/sampling.py) choosing its tokens."""
 
     def __init__(self, job: Job, adapter: Any) -> None:
         super().__init__(job, eos_ids=adapter._eos_ids(), tokenizer=adapter._tokenizer(),
                          build_result=adapter.result_from_tokens)
         self.job = job
-        self.prompt_ids = job.prepared["input_ids"][0].tolist()
-        self.processors, self.generator = _sampling(job.params, adapter.model.device)
 
 
 class DecodeBatch:
@@ -140,14 +138,30 @@ class DecodeBatch:
         import torch  # deferred: torch
         from transformers import DynamicCache  # deferred: transformers
 
-        inputs = collate([job.prepared for job in jobs], side="left", pad_id=self.adapter._pad_id())
+        # Joining rows with the same prompt (a request's n choices, or equal prompts) share one prefill:
+        # its cache row is repeated for each of them.
+        unique: dict[tuple, int] = {}
+        owner = [unique.setdefault(tuple(job.prepared["input_ids"][0].tolist()), len(unique)) for job in jobs]
+        firsts = [jobs[owner.index(i)] for i in range(len(unique))]
+        inputs = collate([job.prepared for job in firsts], side="left", pad_id=self.adapter._pad_id())
         mask = inputs["attention_mask"]
         cache = DynamicCache(config=self.model.config)
+        wants_prompt = any(job.params.prompt_logprobs is not None for job in jobs)  # echo: every position's logits
         with torch.inference_mode():
             logits = self.model(input_ids=inputs["input_ids"], attention_mask=mask,
                                 position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
-                                logits_to_keep=1, **{self._cache_arg: cache}).logits[:, -1, :]
+                                logits_to_keep=0 if wants_prompt else 1, **{self._cache_arg: cache}).logits
         rows = [DecodeRow(job, self.adapter) for job in jobs]
+        for row, i in zip(rows, owner):
+            if row.job.params.prompt_logprobs is not None:
+                ids = row.job.prepared["input_ids"][0].tolist()
+                row.prompt_logprobs = prompt_logprobs(logits[i, logits.shape[1] - len(ids):], ids,
+                                                      row.job.params.prompt_logprobs)
+        logits = logits[:, -1, :]
+        if len(unique) < len(jobs):
+            index = torch.tensor(owner, device=mask.device)
+            cache.batch_select_indices(index)
+            mask, logits = mask[index], logits[index]
         self.intact = False  # until the new cache is stacked under the running one
         self._merge(cache, mask)
         self.rows += rows
@@ -194,25 +208,8 @@ class DecodeBatch:
     # ------------------------------------------------------------------ helpers
 
     def _advance(self, rows: list[DecodeRow], logits: Any) -> None:
-        """Chooses each open row's next token (greedy or its own sampling) and hands it over."""
-        import torch  # deferred: torch
-
-        scores = logits.float()
-        if all(not row.processors and row.generator is None for row in rows):
-            chosen = scores.argmax(-1).tolist()
-        else:
-            chosen = []
-            for i, row in enumerate(rows):
-                row_scores = scores[i:i + 1]
-                if row.processors:
-                    ids = torch.tensor([row.prompt_ids + row.tokens], device=row_scores.device)
-                    for processor in row.processors:
-                        row_scores = processor(ids, row_scores)
-                if row.generator is None:
-                    chosen.append(int(row_scores.argmax(-1)))
-                else:
-                    probs = torch.softmax(row_scores, dim=-1)
-                    chosen.append(int(torch.multinomial(probs, 1, generator=row.generator)))
+        """Chooses each open row's next token (its RowSampler; one argmax when all are plain greedy)."""
+        chosen = choose_tokens([row.sampler for row in rows], logits, [not row.done for row in rows])
         for row, token in zip(rows, chosen):
             if not row.done:
                 row.add(int(token))
@@ -250,26 +247,3 @@ def _pad_left(tensor: Any, width: int, dim: int) -> Any:
     shape = list(tensor.shape)
     shape[dim] = missing
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
-
-
-def _sampling(params: Any, device: Any) -> tuple[list, Any]:
-    """transformers' own logits processors for one request, in generate's order, and its generator
-    (seeded when the request gives a seed; None for greedy decoding)."""
-    import torch  # deferred: torch
-    from transformers import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,  # deferred: transformers
-                              TopKLogitsWarper, TopPLogitsWarper)
-
-    processors: list = []
-    if params.repetition_penalty is not None and params.repetition_penalty != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
-    if not params.do_sample:
-        return processors, None
-    if params.temperature != 1.0:
-        processors.append(TemperatureLogitsWarper(params.temperature))
-    if params.top_k:
-        processors.append(TopKLogitsWarper(params.top_k))
-    if params.top_p < 1.0:
-        processors.append(TopPLogitsWarper(params.top_p))
-    generator = torch.Generator(device=device)
-    generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
-    return processors, generator

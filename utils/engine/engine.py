@@ -43,7 +43,7 @@ class Job:
     """One request inside an engine: a batch row to the worker, a future (or a stream) to the caller."""
 
     def __init__(self, prepared: Any, params: GenerationParams, *, streaming: bool,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, pieces: Any = None) -> None:
         self.id = next(_ids)
         self.prepared, self.params, self.streaming = prepared, params, streaming
         self.submitted_at = time.monotonic()
@@ -56,7 +56,7 @@ class Job:
         self._cancelled = threading.Event()
         self._started = threading.Event()
         self._done = threading.Event()
-        self._pieces: queue.SimpleQueue = queue.SimpleQueue()
+        self._pieces: Any = pieces if pieces is not None else queue.SimpleQueue()  # a JobGroup's shares one
 
     # -- the worker's side (BatchRow)
     @property
@@ -127,6 +127,40 @@ class Job:
         return self.result
 
 
+class _Tagged:
+    """One job's side of a JobGroup's queue: what the job puts arrives with the job's index."""
+
+    def __init__(self, shared: queue.SimpleQueue, index: int) -> None:
+        self._shared, self._index = shared, index
+
+    def put(self, item: Any) -> None:
+        self._shared.put((self._index, item))
+
+
+class JobGroup:
+    """Jobs submitted together (a request's n choices, a list of prompts): queued side by side so a
+    continuous engine prefills them in one step; their pieces arrive on one queue, tagged by index."""
+
+    def __init__(self, jobs: list[Job], shared: queue.SimpleQueue) -> None:
+        self.jobs, self._shared = jobs, shared
+
+    def pieces(self) -> Iterator[tuple[int, str | None]]:
+        """(index, piece) as the rows produce them, and (index, None) when a job has ended (its
+        `result` or `error` is set), until every job has."""
+        left = len(self.jobs)
+        while left:
+            index, piece = self._shared.get()
+            if piece is _END:
+                left -= 1
+                yield index, None
+            else:
+                yield index, piece
+
+    def cancel(self) -> None:
+        for job in self.jobs:
+            job.cancel()
+
+
 class Engine:
     """Dynamic batching: drain the queue into batches of compatible rows, one `generate` each."""
 
@@ -166,6 +200,48 @@ class Engine:
             self._queue.append(job)
             self._cond.notify_all()
         return job
+
+    def submit_group(self, items: list[tuple[Any, GenerationParams]], *, streaming: bool = False,
+                     timeout: float | None = None) -> JobGroup:
+        """Several rows at once, all queued or none (QueueFull)."""
+        shared: queue.SimpleQueue = queue.SimpleQueue()
+        jobs = [Job(prepared, params, streaming=streaming, timeout=timeout, pieces=_Tagged(shared, i))
+                for i, (prepared, params) in enumerate(items)]
+        with self._cond:
+            if self._stopping:
+                raise ModelUnavailable(f"'{self.key}' is unloading; retry", retry_after=1)
+            if len(self._queue) + len(jobs) > self.max_queue:
+                raise QueueFull(f"'{self.key}' has {len(self._queue)} requests queued and this one brings "
+                                f"{len(jobs)} rows (max_queue={self.max_queue}); retry later",
+                                retry_after=max(1.0, self._drain_estimate()))
+            self._queue.extend(jobs)
+            self._cond.notify_all()
+        return JobGroup(jobs, shared)
+
+    def await_group(self, group: JobGroup, is_gone: Callable[[], bool] | None = None) -> None:
+        """Every job of the group has started; if one cannot (queue timeout, client gone), none runs."""
+        try:
+            for job in group.jobs:
+                self.await_start(job, is_gone)
+        except BaseException:
+            for job in group.jobs:
+                if not self._withdraw(job):
+                    job.cancel()
+            raise
+
+    def run_group(self, group: JobGroup, is_gone: Callable[[], bool] | None = None) -> list[GenerationResult]:
+        """The results of every job, in order; a client gone cancels them all."""
+        self.await_group(group, is_gone)
+        watch = is_gone
+        for job in group.jobs:
+            while not job.wait_done(POLL_SECONDS if watch else None):
+                if watch():
+                    group.cancel()
+                    watch = None
+        failed = next((job.error for job in group.jobs if job.error is not None), None)
+        if failed is not None:
+            raise failed
+        return [job.result for job in group.jobs]
 
     def await_start(self, job: Job, is_gone: Callable[[], bool] | None = None) -> None:
         """Waits until the worker takes the job; leaves the queue after queue_timeout or when the

@@ -8,10 +8,15 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Callable, Protocol, Sequence
 
+from utils.engine.sampling import RowSampler, decoded
 from utils.engine.types import GenerationParams, GenerationResult
 
 # Per-token keys padded to the batch's width; every other processor output is stacked row after row.
-SEQUENCE_PAD_VALUES = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0}
+SEQUENCE_PAD_VALUES = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0, "token_type_ids": 0}
+# Media tensors shaped (rows, images, ...) whose rows may hold different numbers of images (Idefics3 /
+# SmolVLM: (1, n, 3, H, W) and its pixel mask): zero-filled up to the batch's most. The models skip
+# all-zero images (Idefics3 counts only "real" images), LLaVA-OneVision slices patches by image_sizes.
+IMAGE_SLOT_KEYS = ("pixel_values", "pixel_attention_mask")
 
 
 class BatchRow(Protocol):
@@ -30,14 +35,16 @@ class BatchRow(Protocol):
 
 
 def batch_key(params: GenerationParams, job_id: int) -> tuple:
-    """Rows with equal keys can share one generate call: greedy rows always (their max_new_tokens
-    may differ), sampling rows when every sampling parameter is equal. A seeded row runs alone, so
-    its draws are the same whoever else is queued."""
-    if not params.do_sample:
-        return ("greedy", params.repetition_penalty)
-    if params.seed is not None:
-        return ("seeded", job_id)
-    return ("sample", params.temperature, params.top_p, params.top_k, params.repetition_penalty)
+    """Rows with equal keys can share one generate call: every row of a family that generates
+    through Family.generate_batch, whatever its sampling, penalties or seed: each row chooses its own
+    tokens (utils/engine/sampling.py, ForcedChoice) from its own generator."""
+    return ("generate",)
+
+
+class LoggedPiece(str):
+    """A streamed text piece that also carries the logprobs of the tokens it completes (decoded
+    entries, utils/engine/sampling.decoded); an ordinary str to every other reader."""
+    logprobs: list = []
 
 
 def collate(prepared: Sequence[dict], *, side: str, pad_id: int) -> dict:
@@ -59,12 +66,24 @@ def collate(prepared: Sequence[dict], *, side: str, pad_id: int) -> dict:
                 padded.append(torch.cat([pad, value] if side == "left" else [value, pad], dim=1))
             out[key] = torch.cat(padded, dim=0)
         elif hasattr(values[0], "shape"):
-            out[key] = torch.cat(values, dim=0)
+            out[key] = torch.cat(_same_slots(values) if key in IMAGE_SLOT_KEYS else values, dim=0)
         elif isinstance(values[0], list):
             out[key] = [item for value in values for item in value]
         else:
             out[key] = values[0]
     return out
+
+
+def _same_slots(values: list) -> list:
+    """Tensors of rank >= 3 that differ only in dim 1 (images per row) zero-padded to the largest."""
+    import torch  # deferred: torch
+
+    if len({tuple(v.shape[1:]) for v in values}) == 1 or len({v.dim() for v in values}) != 1 or values[0].dim() < 3 \
+            or len({tuple(v.shape[2:]) for v in values}) != 1:
+        return values
+    most = max(int(v.shape[1]) for v in values)
+    return [torch.cat([v, v.new_zeros((v.shape[0], most - v.shape[1], *v.shape[2:]))], dim=1)
+            if v.shape[1] < most else v for v in values]
 
 
 class RowState:
@@ -82,6 +101,11 @@ class RowState:
         self._stop_at: int | None = None   # where the first stop string starts in the decoded text
         self._emitted = ""
         self._progress = getattr(row, "progress", None)  # readers (a job's status) poll tokens so far
+        ids = row.prepared.get("input_ids") if isinstance(row.prepared, dict) else None
+        self.sampler = RowSampler(row.params, prompt_ids=ids, device=getattr(ids, "device", None),
+                                  tokenizer=tokenizer, stop_ids=eos_ids)
+        self.prompt_logprobs: list | None = None  # set by the engine when params.prompt_logprobs asks
+        self._logprobs_sent = 0                   # entries streamed with pieces so far
 
     def add(self, token: int) -> bool:
         """Appends one generated token; True when the row is finished."""
@@ -94,6 +118,8 @@ class RowState:
             self.close("stop")
         elif len(self.tokens) >= self.row.params.max_new_tokens:
             self.close("length")
+        elif self.sampler.constraints and self.sampler.terminated:  # e.g. a grammar fully matched
+            self.close("stop")
         elif self.row.streaming:
             self._emit_new_text(final=False)
         return self.done
@@ -113,6 +139,10 @@ class RowState:
         if self.row.streaming:
             self._emit_new_text(final=True)
         result = self._build_result(list(self.tokens), self.prompt_tokens, reason)
+        if self.sampler.logprobs is not None:
+            result.logprobs = decoded(self.sampler.logprobs, self._tokenizer)
+        if self.prompt_logprobs is not None:
+            result.prompt_logprobs = decoded(self.prompt_logprobs, self._tokenizer)
         self.row.finish(cut_at_stop(result, self._stops) if self._stop_at is not None else result)
 
     def _text(self) -> str:
@@ -134,7 +164,15 @@ class RowState:
         if text.endswith("\ufffd") and not final:  # a multi-byte character is not complete yet
             return
         if text.startswith(self._emitted) and len(text) > len(self._emitted):
-            self.row.emit(text[len(self._emitted):])
+            piece = text[len(self._emitted):]
+            entries = self.sampler.logprobs
+            if entries is not None:  # the tokens since the last piece (a reader gets any rest from the result)
+                piece = LoggedPiece(piece)
+                piece.logprobs = decoded(entries[self._logprobs_sent:], self._tokenizer)
+                if self.prompt_logprobs is not None and not self._emitted:  # an echo's, with its first piece
+                    piece.prompt_logprobs = decoded(self.prompt_logprobs, self._tokenizer)
+                self._logprobs_sent = len(entries)
+            self.row.emit(piece)
             self._emitted = text
 
 

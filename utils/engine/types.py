@@ -29,6 +29,8 @@ class GenerationRequest:
     # OpenAI function tools ({"type": "function", "function": {...}}) the chat template renders; messages
     # may then also hold assistant "tool_calls" and "tool" turns (with "tool_call_id").
     tools: list[dict] | None = None
+    # A raw prompt given as token ids (a legacy completion's `prompt` of integers): used as they are.
+    prompt_ids: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,13 @@ class GenerationParams:
     repetition_penalty: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()   # generation ends where one of these appears; it is not returned
+    # OpenAI's penalties over the generated tokens, token biases and min_p (utils/engine/sampling.py)
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias added to its logit)
+    min_p: float | None = None
+    logprobs: int | None = None         # None: none; k: the chosen token's logprob and the k most likely
+    prompt_logprobs: int | None = None  # the same for each prompt token (a completion's echo)
 
 
 @dataclass
@@ -55,3 +64,7 @@ class GenerationResult:
     segments: list[dict] | None = None  # speech_to_text: [{"start", "end", "text", "tokens", "words"?}], seconds
     language: str | None = None         # speech_to_text: the language transcribed (given or detected)
     duration: float | None = None       # speech_to_text: seconds of audio
+    # Asked with params.logprobs / prompt_logprobs: per token {"token", "token_id", "logprob", "top": [...]}
+    # (utils/engine/sampling.decoded); the prompt's first token has logprob None.
+    logprobs: list[dict] | None = None
+    prompt_logprobs: list[dict] | None = None

@@ -5,6 +5,7 @@ import importlib
 
 from utils.families.base import Family, GenerationParams, GenerationRequest, GenerationResult
 from utils.families.loading import WEIGHT_LOADS, check_remote_code
+from utils.hub.model_folder import media_limits as capability_limits, narrowed_media, read_capabilities
 
 # family name -> "module:Class"; imported on first use so a missing optional library only
 # affects the family that needs it.
@@ -43,9 +44,33 @@ def load_family(spec, device: str, *, cache=None) -> Family:
         return family.load(spec, device)
 
 
-def accepted_media(name: str) -> frozenset[str]:
-    return family_class(name).accepts
+def accepted_media(model) -> frozenset[str]:
+    """Media a model takes (`model`: a ModelSpec): what its family runs, narrowed to what its checkpoint
+    takes (utils/hub/model_folder.py: a LLaVA folder has no video processor). A family name alone:
+    the family's."""
+    if isinstance(model, str):
+        return family_class(model).accepts
+    return narrowed_media(model.path, family_class(model.family).accepts)
+
+
+def media_limits(spec) -> dict[str, int]:
+    """Items of each kind one request to `spec` may hold (0: a kind it does not take)."""
+    return capability_limits(spec, accepted_media(spec))
+
+
+def capability_fields(spec) -> dict:
+    """`architecture` and `capabilities` of a model as /v1/models and /admin/model_status show them: read
+    from its checkpoint folder, media narrowed to what its family runs; nulls while the folder is not there."""
+    found = read_capabilities(spec.path)
+    if found is None:
+        return {"architecture": None, "capabilities": None}
+    accepted, limits = accepted_media(spec), media_limits(spec)
+    shown = found.public()
+    shown.update(images="image" in accepted, video="video" in accepted, audio="audio" in accepted,
+                 max_images=limits["image"] or None, max_videos=limits["video"] or None,
+                 max_audios=limits["audio"] or None)
+    return {"architecture": found.architecture, "capabilities": shown}
 
 
 __all__ = ["WEIGHT_LOADS", "Family", "GenerationParams", "GenerationRequest", "GenerationResult", "family_class", "load_family",
-           "accepted_media"]
+           "accepted_media", "capability_fields", "media_limits"]

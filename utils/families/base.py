@@ -17,17 +17,20 @@ from jinja2.exceptions import TemplateError, TemplateSyntaxError
 
 from utils.config.settings import ModelSpec
 from utils.engine.rows import RowTracker, collate
+from utils.engine.sampling import ForcedChoice, is_plain, prompt_logprobs
 from utils.engine.types import GenerationParams, GenerationRequest, GenerationResult
 from utils.errors import InvalidInput
 from utils.families.loading import check_loaded_weights
 from utils.families.moves import park_module, unpark_module
 from utils.families.special_tokens import SpecialTokens, special_tokens
+from utils.hub.model_folder import media_limits, narrowed_media
 from utils.serving.memory import expect_freed, release_device_caches, tensor_placement
 
 if TYPE_CHECKING:
     from utils.serving.quantized_cache import QuantizedCache
 
 log = logging.getLogger("model_server.families")
+
 
 class _SamplingRng:
     """Sampling draws from torch's global RNG. A seeded request must have it alone (exclusive);
@@ -174,16 +177,29 @@ class Family:
         Only the model's engine calls this, from its one worker thread."""
         import torch  # deferred: torch
 
-        params = rows[0].params
         longest = max(row.params.max_new_tokens for row in rows)
         inputs = collate([row.prepared for row in rows], side=self.padding_side, pad_id=self._pad_id())
         tracker = RowTracker(rows, eos_ids=self._eos_ids(), tokenizer=self._tokenizer(),
                              build_result=self.result_from_tokens)
-        kwargs = dict(inputs, **self._generate_kwargs(replace(params, max_new_tokens=longest)),
-                      streamer=tracker, stopping_criteria=[tracker])
-        with torch.inference_mode(), self._rng(params):
+        # generate runs greedy; a row that samples, penalises or records logprobs chooses its own token
+        # (its RowSampler) and ForcedChoice forces it, so rows of any parameters share this call.
+        greedy = replace(rows[0].params, do_sample=False, repetition_penalty=None, max_new_tokens=longest)
+        kwargs = dict(inputs, **self._generate_kwargs(greedy), streamer=tracker, stopping_criteria=[tracker])
+        if not all(is_plain(row.params) for row in rows):
+            from transformers import LogitsProcessorList  # deferred: transformers
+            kwargs["logits_processor"] = LogitsProcessorList([ForcedChoice(tracker.states)])
+        with torch.inference_mode():
+            for state in tracker.states:
+                if state.row.params.prompt_logprobs is not None:
+                    state.prompt_logprobs = self.prompt_logprobs(state.row.prepared, state.row.params.prompt_logprobs)
             self._generator().generate(**kwargs)
         tracker.finish_all()
+
+    def prompt_logprobs(self, prepared: dict, top: int) -> list:
+        """Logprobs of a decoder-only prompt's tokens (a completion's echo): one forward over the prompt."""
+        logits = self._generator()(input_ids=prepared["input_ids"], attention_mask=prepared.get("attention_mask"),
+                                   use_cache=False).logits[0]
+        return prompt_logprobs(logits, prepared["input_ids"][0].tolist(), top)
 
     def generate(self, prepared: Any, params: GenerationParams) -> GenerationResult:
         """One request alone, on the calling thread (tools and benches; the server uses the engine)."""
@@ -276,14 +292,14 @@ class Family:
     # -- shared helpers
     def check_media(self, request: GenerationRequest) -> None:
         given = {"image": len(request.images), "video": len(request.videos), "audio": len(request.audios)}
-        limits = {"image": self.spec.limits.max_images, "video": self.spec.limits.max_videos,
-                  "audio": self.spec.limits.max_audios}
+        accepts = narrowed_media(self.spec.path, self.accepts)
+        limits = media_limits(self.spec, accepts)
         for kind, count in given.items():
             if not count:
                 continue
-            if kind not in self.accepts:
+            if kind not in accepts:
                 raise InvalidInput(f"model '{self.spec.key}' does not take {kind} input "
-                                   f"(it takes: {', '.join(sorted(self.accepts)) or 'text only'})",
+                                   f"(it takes: {', '.join(sorted(accepts)) or 'text only'})",
                                    field=kind, error="unsupported input")
             if count > limits[kind]:
                 raise InvalidInput(f"model '{self.spec.key}' takes at most {limits[kind]} {kind}(s) per request; "

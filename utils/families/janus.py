@@ -103,7 +103,6 @@ class JanusFamily(Family):
         import torch  # deferred: torch
         from transformers import GenerationConfig, LogitsProcessorList  # deferred: transformers
 
-
         owners = [row for row in rows for _ in range(row.params.num_images)]
         generators = [torch.Generator(device=self.model.device).manual_seed((row.params.seed + i) % SEED_SPACE)
                       for row in rows for i in range(row.params.num_images)]

@@ -13,9 +13,13 @@ never take this lock.
 from __future__ import annotations
 
 import json
+import logging
 import threading
+import time
 from contextlib import contextmanager
 from typing import Any, Iterator
+
+log = logging.getLogger("model_server.loading")
 
 
 class WeightLoadQueue:
@@ -106,3 +110,29 @@ def check_remote_code(spec: Any) -> None:
     raise ValueError(f"{spec.path.name}/ holds its own model code (auto_map in config.json, model_type "
                      f"{config.get('model_type')!r}); to run it set trust_remote_code: true and pin 'revision' "
                      f"for '{spec.key}' in models.yaml")
+
+
+def warm_quantization() -> float | None:
+    """Imports bitsandbytes and transformers' bitsandbytes quantizers ahead of the first quantized
+    load; the server runs it in the background at start when a configured model is quantized.
+
+    Importing bitsandbytes costs 1-2 s of CPU once per process (most of it torch.compile, which
+    bitsandbytes calls at import on four of its CPU ops, importing torch._dynamo and torch._inductor);
+    the first 4-bit request after a restart paid it inside its load. Returns the seconds it took,
+    None when bitsandbytes is not installed (a quantized load then fails with its own message)."""
+    started = time.perf_counter()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # as a quantized load sets it (base.py)
+    try:  # this module stays free of torch and bitsandbytes until asked
+        import bitsandbytes  # noqa: F401  # deferred: bitsandbytes
+        import transformers.integrations.bitsandbytes  # noqa: F401  # deferred: transformers
+        import transformers.quantizers.quantizer_bnb_4bit  # noqa: F401  # deferred: transformers
+        import transformers.quantizers.quantizer_bnb_8bit  # noqa: F401  # deferred: transformers
+    except ImportError as exc:
+        log.warning("bitsandbytes could not be imported ahead of the first quantized load: %s", exc)
+        return None
+    except Exception:  # a broken install shows at the load itself, with the model's name
+        log.exception("importing bitsandbytes ahead of the first quantized load failed")
+        return None
+    seconds = time.perf_counter() - started
+    log.info("warmed bitsandbytes in %.2fs, ahead of the first quantized load", seconds)
+    return seconds

@@ -28,6 +28,7 @@ class SpecialTokens:
     raw: re.Pattern | None          # tokens matched as written
     normalized: re.Pattern | None   # tokens the tokenizer matches after its normalizer
     normalize: Callable[[str], str]
+    vocab_size: int | None = None   # ids a client may name (logit_bias, prompts as token ids): 0..vocab_size-1
 
     def check(self, key: str, texts: Iterable[tuple[str, str]]) -> None:
         """Raises InvalidInput for the first (field, text) that holds a special token of model `key`."""
@@ -53,7 +54,8 @@ def special_tokens(tokenizer: Any, processor: Any) -> SpecialTokens:
     normalizer = getattr(backend, "normalizer", None)
     normalize = normalizer.normalize_str if normalizer is not None else (lambda text: text)
     return SpecialTokens(_alternation(t for t, n in tokens.items() if t and not n),
-                         _alternation(normalize(t) for t, n in tokens.items() if t and n), normalize)
+                         _alternation(normalize(t) for t, n in tokens.items() if t and n), normalize,
+                         len(tokenizer) if hasattr(tokenizer, "__len__") else None)
 
 
 def _alternation(tokens: Iterable[str]) -> re.Pattern | None:

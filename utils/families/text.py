@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from utils.errors import InvalidInput
 from utils.families.base import Family, GenerationRequest, GenerationResult, tools_kwargs
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -18,7 +19,16 @@ class TextFamily(Family):
 
     def prepare(self, request: GenerationRequest) -> dict:
         self.check_request(request)
-        if request.raw:  # a legacy completion: the text continues as it is
+        if request.raw and request.prompt_ids is not None:  # a completion of token ids: taken as they are
+            import torch  # deferred: torch
+            vocab = len(self.processor)
+            bad = next((i for i, token in enumerate(request.prompt_ids) if not 0 <= token < vocab), None)
+            if bad is not None:
+                raise InvalidInput(f"token id {request.prompt_ids[bad]} is not in the vocabulary of '{self.spec.key}'",
+                                   field=f"prompt[{bad}]", error="value out of range")
+            ids = torch.tensor([request.prompt_ids], dtype=torch.long)
+            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        elif request.raw:  # a legacy completion: the text continues as it is
             inputs = self.processor(request.prompt, return_tensors="pt")
         else:
             with self.client_data(request, "chat template"):

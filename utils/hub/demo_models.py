@@ -42,12 +42,15 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from utils.config.schema import DEMO_KEYS
+from utils.config.schema import DEMO_KEYS, DEMO_MATRIX
 from utils.hub import demo_speech_janus
-from utils.hub.demo_parts import (_fast_tokenizer, _ids, _keep_only_word_logits, _vocab_size, _wordpiece_tokenizer,
-                                  _wordpiece_vocab, _write_generation_config)
+from utils.hub import demo_matrix
+from utils.hub.demo_parts import (_MROPE, _QWEN_SPECIAL, _fast_tokenizer, _ids, _keep_only_word_logits,
+                                  _vision_processors, _vocab_size, _wordpiece_tokenizer, _wordpiece_vocab,
+                                  _write_generation_config)
 
-__all__ = ["DEMO_KEYS", "DEMO_VERSION", "DEFAULT_ROOT", "MARKER_NAME", "build_demo_models", "demo_family"]
+__all__ = ["DEMO_KEYS", "DEMO_VERSION", "DEFAULT_ROOT", "MARKER_NAME", "all_demo_keys", "build_demo_models",
+           "demo_family"]
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +77,26 @@ DEFAULT_ROOT = Path(__file__).resolve().parent.parent.parent / "models" / "demo"
 
 
 def demo_family(key: str) -> str:
-    """The server family ("text" | "vision_language" | "vqa" | "audio" | "omni") of a demo key."""
-    try:
+    """The server family ("text" | "vision_language" | "vqa" | "audio" | "omni" ...) of a demo key (the
+    default set or the architecture matrix of utils/hub/demo_matrix.py)."""
+    if key in _FAMILIES:
         return _FAMILIES[key]
-    except KeyError:
-        raise KeyError(f"unknown demo model {key!r}; known: {', '.join(DEMO_KEYS)}") from None
+    if key in DEMO_MATRIX:
+        return DEMO_MATRIX[key][1]
+    raise KeyError(f"unknown demo model {key!r}; known: {', '.join(all_demo_keys())}")
+
+
+def all_demo_keys() -> tuple[str, ...]:
+    """The default demo set and the architecture matrix (`main.py --demo all`)."""
+    return DEMO_KEYS + tuple(DEMO_MATRIX)
+
+
+def _builder(key: str) -> Callable[[Path], None]:
+    return _BUILDERS[key] if key in _BUILDERS else demo_matrix.MATRIX[key].build
+
+
+def _seed(key: str) -> int:
+    return _SEEDS[key] if key in _SEEDS else 2000 + list(DEMO_MATRIX).index(key)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -195,12 +213,7 @@ _QWEN_OMNI_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# Qwen special tokens in the real order (ids are offsets after the word vocab here).
-_QWEN_SPECIAL = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
-]
+
 
 
 # --------------------------------------------------------------------------------------------------
@@ -210,7 +223,7 @@ _QWEN_SPECIAL = [
 # Text sizes shared by the Qwen-style decoders (bitsandbytes 4-bit on CPU wants in % 64, out % 32).
 _TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=32768, tie_word_embeddings=False)
-_MROPE = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1000000.0}  # sums to head_dim/2
+
 
 
 def _build_deepseek(out: Path) -> None:
@@ -240,16 +253,6 @@ def _qwen_tokenizer(extra: list[str], template: str, extra_special_tokens: dict[
         special=_QWEN_SPECIAL + extra, bos=None, eos="<|im_end|>", pad="<|endoftext|>",
         chat_template=template, extra_special_tokens=extra_special_tokens,
     )
-
-
-def _vision_processors(cls_image, cls_video):
-    # Real patch 14 / merge 2 / temporal 2; small pixel budgets keep every image at 4..16 merged tokens.
-    common = dict(patch_size=14, temporal_patch_size=2, merge_size=2)
-    image = cls_image(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, **common)
-    # cap_pixels_per_frame bounds long videos by max_video_tokens (and silences a FutureWarning).
-    video = cls_video(min_pixels=28 * 28 * 2, max_pixels=28 * 28 * 8, cap_pixels_per_frame=True,
-                      max_video_tokens=256, **common)
-    return image, video
 
 
 _VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
@@ -548,8 +551,8 @@ def _build_one(root: Path, key: str) -> Path:
         hf_logging.disable_progress_bar()
         try:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(_SEEDS[key])
-                _BUILDERS[key](tmp)
+                torch.manual_seed(_seed(key))
+                _builder(key)(tmp)
         finally:
             hf_logging.set_verbosity(verbosity)
             if bars:
@@ -609,10 +612,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m utils.hub.demo_models", description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help=f"target dir (default {DEFAULT_ROOT})")
     parser.add_argument("--force", action="store_true", help="rebuild even when a current checkpoint exists")
-    parser.add_argument("--keys", default=None, help=f"comma-separated subset of {','.join(DEMO_KEYS)}")
+    parser.add_argument("--keys", default=None, help=f"comma-separated subset of {','.join(DEMO_KEYS)} or of the "
+                                                     f"matrix (utils/hub/demo_matrix.py); 'all': both")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     keys = [k.strip() for k in args.keys.split(",") if k.strip()] if args.keys else None
+    if keys == ["all"]:
+        keys = list(all_demo_keys())
     started = time.perf_counter()
     try:
         paths = build_demo_models(args.root, keys, force=args.force)

@@ -119,3 +119,23 @@ def _write_generation_config(path: Path, **kwargs) -> None:
 
     gen = GenerationConfig(**kwargs)
     gen.save_pretrained(path)
+
+
+# Shared by the Qwen-style builders (demo_models.py, demo_matrix.py).
+# Qwen special tokens in the real order (ids are offsets after the word vocab here).
+_QWEN_SPECIAL = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+_MROPE = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1000000.0}  # sums to head_dim/2
+
+
+def _vision_processors(cls_image, cls_video):
+    # Real patch 14 / merge 2 / temporal 2; small pixel budgets keep every image at 4..16 merged tokens.
+    common = dict(patch_size=14, temporal_patch_size=2, merge_size=2)
+    image = cls_image(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, **common)
+    # cap_pixels_per_frame bounds long videos by max_video_tokens (and silences a FutureWarning).
+    video = cls_video(min_pixels=28 * 28 * 2, max_pixels=28 * 28 * 8, cap_pixels_per_frame=True,
+                      max_video_tokens=256, **common)
+    return image, video

@@ -50,7 +50,6 @@ def build_janus(out: Path) -> None:
     from transformers import (JanusConfig, JanusForConditionalGeneration, JanusImageProcessor,  # deferred: transformers
                               JanusProcessor)
 
-
     bos, eos, pad = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
     image, boi, eoi = "<image_placeholder>", "<begin_of_image>", "<end_of_image>"
     tok = _fast_tokenizer(special=[bos, eos, pad, image, boi, eoi], bos=bos, eos=eos, pad=pad,
@@ -96,7 +95,6 @@ def _whisper_tokenizer():
     from transformers import WhisperTokenizer  # deferred: transformers
     from transformers.models.whisper.tokenization_whisper import LANGUAGES  # deferred: transformers
 
-
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -119,7 +117,6 @@ def build_whisper(out: Path) -> None:
     import torch  # deferred: torch
     from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor,  # deferred: transformers
                               WhisperForConditionalGeneration, WhisperProcessor)
-
 
     tok, languages = _whisper_tokenizer()
     ids = tok.convert_tokens_to_ids

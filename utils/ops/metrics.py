@@ -85,6 +85,9 @@ class Metrics:
                                        "below its headroom", ["device"], registry=r)
         self.load_seconds = Histogram(PREFIX + "model_load_seconds", "Seconds a model load took", ["model"],
                                       buckets=LOAD_BUCKETS, registry=r)
+        self.grouping_wait_seconds = Histogram(PREFIX + "grouping_wait_seconds", "Seconds a load waited for "
+                                               "another model that grouping spared (its requests kept arriving)",
+                                               ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.oom = Counter(PREFIX + "out_of_memory", "Forward passes that ran out of device memory", ["model"],
                            registry=r)
         self.queue_wait = Histogram(PREFIX + "queue_wait_seconds", "Seconds a request waited in its model's "
@@ -141,6 +144,9 @@ class Metrics:
     def on_promote(self, key: str, seconds: float) -> None:
         self.promotions.labels(key).inc()
         self.promotion_seconds.labels(key).observe(max(0.0, seconds))
+
+    def on_grouping_wait(self, key: str, seconds: float) -> None:
+        self.grouping_wait_seconds.labels(key).observe(max(0.0, seconds))
 
     def on_pressure(self, device: str) -> None:
         self.pressure_events.labels(device).inc()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from utils.config.settings import ModelSpec
+from utils.serving.grouping import Arrivals
 
 log = logging.getLogger("model_server.manager")
 
@@ -49,6 +50,12 @@ class ModelEntry:
     failures: int = 0
     retry_at: float | None = None
     last_unload_reason: str | None = None
+    # Grouping (utils/serving/grouping.py): when this model's requests arrive, and how often its loads waited
+    # for another model spared by grouping.
+    arrivals: Arrivals = field(default_factory=Arrivals)
+    grouping_waits: int = 0
+    grouping_wait_seconds_total: float = 0.0
+    last_grouping_wait: dict | None = None  # seconds, the model spared, why
     # RAM tier: bytes parked in RAM (while parking, parked and promoting; 0 otherwise). `device` stays
     # the GPU it left, where a promotion takes it back; `placement` is empty while parked.
     parked_bytes: int = 0

@@ -22,7 +22,8 @@ from utils.serving.inference import (SEED_MAX, GenerateJob, MediaItem, check_med
                                      number_field, parse_timeout, text_field)
 
 MAX_SCALE = 100.0  # guidance and true CFG scales; real use is 0..10
-TEXT_ONLY_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "do_sample", "repetition_penalty", "system")
+TEXT_ONLY_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "do_sample", "repetition_penalty", "system",
+                    "frequency_penalty", "presence_penalty", "logit_bias", "min_p", "logprobs", "top_logprobs")
 
 
 def is_image_model(spec: ModelSpec) -> bool:

@@ -4,16 +4,19 @@ The generate route and the OpenAI layer both end up in `InferenceService.generat
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Mapping
 
 from utils.config.settings import SEED_MAX, ModelSpec
 from utils.errors import InvalidInput, RequestTimeout
-from utils.families import GenerationParams, GenerationRequest, GenerationResult, family_class
+from utils.families import (GenerationParams, GenerationRequest, GenerationResult, accepted_media, family_class,
+                            media_limits)
+from utils.hub.model_folder import read_capabilities
 from utils.families.base import client_texts
 from utils.families.special_tokens import SpecialTokenGuard
 from utils.media import decode as media
@@ -45,6 +48,9 @@ class GenerateJob:
     timeout: float | None = None  # the request's own deadline, seconds; None = the model's / server's
     texts: list[tuple[str, str]] | None = None  # (field, text) the client wrote (see GenerationRequest.texts)
     tools: list[dict] | None = None  # function tools the chat template renders (see GenerationRequest.tools)
+    prompt_ids: list[int] | None = None  # a completion's prompt given as token ids (raw; see GenerationRequest)
+    n: int = 1          # OpenAI's n: choices of this prompt (InferenceService.generate_choices)
+    echo: bool = False  # a completion's echo: the prompt comes back before the answer
 
 
 # ------------------------------------------------------------------ validation
@@ -124,7 +130,52 @@ def parse_params(body: Mapping, spec: ModelSpec) -> GenerationParams:
         repetition_penalty=number_field(body, "repetition_penalty", integer=False, low=0.01, high=10.0,
                                    default=defaults.repetition_penalty),
         seed=number_field(body, "seed", integer=True, low=0, high=SEED_MAX, default=defaults.seed),
+        frequency_penalty=number_field(body, "frequency_penalty", integer=False, low=-2.0, high=2.0, default=0.0),
+        presence_penalty=number_field(body, "presence_penalty", integer=False, low=-2.0, high=2.0, default=0.0),
+        min_p=number_field(body, "min_p", integer=False, low=0.0, high=1.0, default=None) or None,
+        logit_bias=logit_bias_field(body),
     )
+
+
+MAX_LOGIT_BIAS = 300  # OpenAI's own cap on the entries of logit_bias
+
+
+def logit_bias_field(body: Mapping) -> tuple[tuple[int, float], ...]:
+    """`logit_bias`: {"token id": bias in -100..100}, OpenAI's form (a JSON object; in a form field, its
+    text). The ids are checked against the model's vocabulary before the lease (decode_media)."""
+    value = body.get("logit_bias")
+    if value is None or value == {} or value == "":
+        return ()
+    if isinstance(value, str):  # a multipart form field
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise InvalidInput("'logit_bias' must be a JSON object of token ids to biases",
+                               field="logit_bias") from None
+    if not isinstance(value, Mapping):
+        raise InvalidInput("'logit_bias' must be an object mapping token ids (as strings) to biases from -100 "
+                           "to 100", field="logit_bias")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise InvalidInput(f"'logit_bias' takes at most {MAX_LOGIT_BIAS} tokens; got {len(value)}",
+                           field="logit_bias", error="value out of range")
+    out = []
+    for token, bias in value.items():
+        where = f"logit_bias.{str(token)[:20]}"
+        if not (isinstance(token, str) and re.fullmatch(r"[0-9]{1,9}", token)):
+            raise InvalidInput(f"'logit_bias' keys are token ids in digits; got {str(token)[:20]!r}", field=where)
+        out.append((int(token), number_field({where: bias}, where, integer=False, low=-100.0, high=100.0,
+                                              default=0.0)))
+    return tuple(sorted(out))
+
+
+def check_token_ids(ids: list[tuple[str, int]], vocab_size: int | None, key: str) -> None:
+    """Token ids the client gave (logit_bias keys, prompts as ids) must be in the model's vocabulary."""
+    if vocab_size is None:
+        return
+    for where, token in ids:
+        if not 0 <= token < vocab_size:
+            raise InvalidInput(f"token id {token} is not in the vocabulary of '{key}' (0..{vocab_size - 1})",
+                               field=where, error="value out of range")
 
 
 def media_items(body: Mapping, uploads: Mapping[str, list[bytes]]) -> list[MediaItem]:
@@ -157,8 +208,8 @@ def check_media_items(media: list[MediaItem], spec: ModelSpec, *, missing: str =
     """Kinds and counts a model takes, checked before anything is decoded or any model is leased.
     `missing`: the field a refusal for too few images names."""
     family = family_class(spec.family)
-    accepted = family.accepts
-    limits = {"image": spec.limits.max_images, "video": spec.limits.max_videos, "audio": spec.limits.max_audios}
+    accepted = accepted_media(spec)  # the family's, narrowed to what the checkpoint takes
+    limits = media_limits(spec)
     counts: dict[str, int] = {}
     for item in media:
         if item.kind not in accepted:
@@ -178,6 +229,21 @@ def check_media_items(media: list[MediaItem], spec: ModelSpec, *, missing: str =
     if counts.get("image", 0) < family.min_images:
         raise InvalidInput(f"'{spec.key}' answers a question about an image: send it in 'image' (base64, a data URL "
                            f"or an upload)", field=missing, error="missing image")
+
+
+def check_system_role(spec: ModelSpec, request: GenerationRequest) -> None:
+    """A system turn to a model whose chat template refuses one (Gemma) is refused before the lease,
+    naming the field (utils/hub/model_folder.py reads the template)."""
+    capabilities = read_capabilities(spec.path)
+    if capabilities is None or capabilities.system_role or not capabilities.chat_template or request.raw:
+        return
+    if request.messages is not None:
+        where = next((f"messages[{i}]" for i, m in enumerate(request.messages) if m.get("role") == "system"), None)
+    else:
+        where = "system" if request.system else None
+    if where:
+        raise InvalidInput(f"model '{spec.key}' takes no system turn (its chat template refuses one): put the "
+                           f"instructions in the user's message", field=where, error="unsupported input")
 
 
 def check_answers_prompts(spec: ModelSpec) -> None:
@@ -234,9 +300,15 @@ class InferenceService:
         limits = self.media_limits
         family = family_class(spec.family) if spec is not None else None
         request = GenerationRequest(prompt=job.prompt, system=job.system, messages=job.messages, raw=job.raw,
-                                    texts=job.texts, tools=job.tools)
+                                    texts=job.texts, tools=job.tools, prompt_ids=job.prompt_ids)
         if family is not None:  # the client's text first: it costs no media decoding
             self.special_tokens.check(spec, family, client_texts(request))
+            check_system_role(spec, request)
+            ids = [(f"logit_bias.{token}", token) for token, _ in getattr(job.params, "logit_bias", ())]
+            ids += [("prompt", token) for token in job.prompt_ids or ()]
+            if ids:
+                tokens = self.special_tokens.tokens(spec, family)
+                check_token_ids(ids, tokens.vocab_size if tokens else None, spec.key)
         payloads = [[self.media_bytes(frame, f"{item.field}[{i}]") for i, frame in enumerate(item.payload)]
                     if isinstance(item.payload, list) else self.media_bytes(item.payload, item.field)
                     for item in job.media]  # a list: a video given as its frames
@@ -346,6 +418,59 @@ class InferenceService:
                 "load_seconds": leased - began, "queue_seconds": started - engine_job.submitted_at,
                 "generate_seconds": done - started}
 
+    # -- several choices of one request (OpenAI's n, a list of prompts): one lease, one group of rows
+
+    def generate_choices(self, key: str, jobs: list[GenerateJob], n: int,
+                         is_gone: Callable[[], bool] | None = None) -> list[GenerationResult]:
+        """n choices of each job (prompt-major: job 0's n choices, then job 1's), batched together."""
+        spec = self.spec(key)
+        requests = [self.decode_media(job, spec) for job in jobs]
+        deadline = self._deadline(key, jobs[0])
+        results = self.execute_choices(key, requests, jobs, n, deadline, is_gone)
+        for result in results:
+            if self._on_result and result.finish_reason != "cancelled":
+                self._on_result(key, result)
+        late = next((result for result in results if result.finish_reason == "timeout"), None)
+        if late is not None:
+            raise RequestTimeout(f"the request's deadline ({deadline:g}s) passed after {late.completion_tokens} "
+                                 f"tokens of a choice; generated so far: {late.text!r}", partial=late)
+        return results
+
+    def execute_choices(self, key: str, requests: list[GenerationRequest], jobs: list[GenerateJob], n: int,
+                        deadline: float, is_gone: Callable[[], bool] | None = None) -> list[GenerationResult]:
+        with self.manager.lease(key, keep_alive=jobs[0].keep_alive) as served:
+            group = served.engine.submit_group(self._choice_rows(served, requests, jobs, n), timeout=deadline)
+            results = served.engine.run_group(group, is_gone)
+            for result in results:
+                result.device = served.adapter.device
+        return results
+
+    def stream_choices(self, key: str, jobs: list[GenerateJob], n: int) -> "ChoiceStream":
+        """(index, piece) of every choice as generated (index as in generate_choices)."""
+        spec = self.spec(key)
+        requests = [self.decode_media(job, spec) for job in jobs]
+        on_result = (lambda result: self._on_result(key, result)) if self._on_result else None
+        lease = self.manager.lease(key, keep_alive=jobs[0].keep_alive)
+        served = lease.__enter__()
+        try:
+            group = served.engine.submit_group(self._choice_rows(served, requests, jobs, n), streaming=True,
+                                               timeout=self._deadline(key, jobs[0]))
+            served.engine.await_group(group)
+        except BaseException:
+            lease.__exit__(None, None, None)
+            raise
+        stream = ChoiceStream(group, lambda: lease.__exit__(None, None, None), on_result)
+        stream.device = served.adapter.device
+        return stream
+
+    def _choice_rows(self, served: Any, requests: list[GenerationRequest], jobs: list[GenerateJob],
+                     n: int) -> list[tuple[Any, GenerationParams]]:
+        rows = []
+        for request, job in zip(requests, jobs):
+            prepared = self._prepare(served, request, job)  # once per prompt: its n rows share it
+            rows += [(prepared, choice_params(job.params, i)) for i in range(n)]
+        return rows
+
     @staticmethod
     def _prepare(served: Any, request: GenerationRequest, job: GenerateJob) -> Any:
         """Inputs for the model (processor, chat template) on the request's thread; refuses a
@@ -354,6 +479,14 @@ class InferenceService:
         tokens = prepared.get("input_ids")  # speech_to_text prepares audio features: its prepare checks its prompt
         served.adapter.check_context(int(tokens.shape[1]) if tokens is not None else 0, job.params)
         return prepared
+
+
+def choice_params(params: GenerationParams, index: int) -> GenerationParams:
+    """Choice `index` of n: a seeded request's choices draw from seed, seed + 1, ... (different
+    choices, each reproducible); unseeded or greedy choices keep the parameters as they are."""
+    if index == 0 or params.seed is None:
+        return params
+    return replace(params, seed=(params.seed + index) % (SEED_MAX + 1))
 
 
 def result_body(key: str, result: GenerationResult) -> dict:
@@ -405,5 +538,55 @@ class LeasedStream:
             if not self._job.done:
                 self._job.cancel()
                 self._job.wait_done(self.CANCEL_WAIT_SECONDS)
+        finally:
+            self._end_lease()
+
+
+class ChoiceStream:
+    """(index, piece) of a group of rows; the lease ends exactly once, when every row has ended or
+    the stream is closed (every row is cancelled first). `results` once the pieces ran out."""
+
+    def __init__(self, group: Any, end_lease: Callable[[], None],
+                 on_result: Callable[[GenerationResult], None] | None = None) -> None:
+        self._group, self._end_lease, self._on_result = group, end_lease, on_result
+        self._lock = threading.Lock()
+        self._ended = False
+        self.results: list[GenerationResult | None] = [None] * len(group.jobs)
+        self.device: str | None = None
+
+    @property
+    def count(self) -> int:
+        return len(self._group.jobs)
+
+    def __iter__(self) -> Iterator[tuple[int, str | None]]:
+        """(index, piece), and (index, None) when choice `index` has ended (then `result_of(index)`)."""
+        try:
+            for index, piece in self._group.pieces():
+                if piece is None:
+                    result = self.result_of(index)
+                    if result is not None and result.finish_reason != "cancelled" and self._on_result:
+                        self._on_result(result)
+                yield index, piece
+        finally:
+            self.close()
+
+    def result_of(self, index: int) -> GenerationResult | None:
+        job = self._group.jobs[index]
+        if job.error is not None:
+            raise job.error
+        self.results[index] = job.result
+        return job.result
+
+    def close(self) -> None:
+        with self._lock:
+            if self._ended:
+                return
+            self._ended = True
+        try:
+            jobs = self._group.jobs
+            if not all(job.done for job in jobs):
+                self._group.cancel()
+                for job in jobs:
+                    job.wait_done(LeasedStream.CANCEL_WAIT_SECONDS)
         finally:
             self._end_lease()

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 
 from utils.config.settings import ModelSpec, ServerSettings
 from utils.errors import InsufficientMemory, ModelBusy, ModelUnavailable, UnknownModel
+from utils.serving.grouping import InFlight, spare_reason
 from utils.observer import notify
 from utils.serving.entries import LoadedModel, Loader, ModelEntry, _describe_exception, _handle_status, _mb, _measure
 from utils.serving.memory import (MemoryProbe, MemoryReading, cuda_available, device_budget, physical_room,
@@ -68,6 +69,7 @@ class ModelManager(RamTier):
         self._changed = threading.Condition(self._lock)  # notified when a lease ends or a model unloads
         self._entries: dict[str, ModelEntry] = {k: ModelEntry(spec=s) for k, s in settings.models.items()}
         self._lru: OrderedDict[str, None] = OrderedDict()  # loaded keys, least recently used first
+        self._in_flight = InFlight()  # requests waiting for or holding a lease (grouping reads it)
 
     # ------------------------------------------------------------------ public API
 
@@ -124,7 +126,14 @@ class ModelManager(RamTier):
     def lease(self, key: str, *, keep_alive: float | None = None) -> Iterator[Any]:
         """Yields the loaded model; it is never evicted while any lease on it is held."""
         entry = self._entry(key)
-        handle = self._acquire(entry)
+        with self._lock:
+            self._in_flight.change(self._clock(), +1)
+        try:
+            handle = self._acquire(entry)
+        except BaseException:
+            with self._lock:
+                self._in_flight.change(self._clock(), -1)
+            raise
         try:
             yield handle
         finally:
@@ -327,6 +336,7 @@ class ModelManager(RamTier):
 
     def _acquire(self, entry: ModelEntry) -> Any:
         with self._lock:
+            entry.arrivals.record(self._clock())  # demand, for grouping
             handle = self._lease_if_loaded(entry)
             if handle is not None:
                 return handle
@@ -368,7 +378,7 @@ class ModelManager(RamTier):
         except BaseException:
             self._abandon(entry)
             raise
-        started = time.perf_counter()
+        started = self._clock()  # the manager's clock: what grouping compares arrival gaps with
         failure = None
         try:
             handle = self._loader(spec, device)
@@ -378,7 +388,7 @@ class ModelManager(RamTier):
         except BaseException:
             self._abandon(entry)
             raise
-        seconds = time.perf_counter() - started
+        seconds = self._clock() - started
         if failure is not None:
             # Outside the except block: the traceback no longer pins the half-loaded weights.
             try:
@@ -460,6 +470,7 @@ class ModelManager(RamTier):
         with self._lock:
             entry.leases -= 1
             entry.last_used = self._clock()
+            self._in_flight.change(entry.last_used, -1)
             if keep_alive is not None:
                 entry.keep_alive = keep_alive
             reason = None
@@ -485,43 +496,73 @@ class ModelManager(RamTier):
         loaded); waits for a lease to end when only leased models stand in the way; measures
         memory again after each unload. Raises InsufficientMemory when nothing more can go.
 
-        Grouping: a model that served within its group window (by default as long as its own last
-        load took) is passed over while this load has waited less than `max_pass_over`, so requests
-        to resident models go first (A B A A C is served A A A B C) instead of every other request
-        paying for a load.
+        Grouping (utils/serving/grouping.py): an idle model asked for within its reload time while a
+        client may still ask again (or, with GROUP_WINDOW set, one that served within that window) is
+        passed over while this load has waited less than `max_pass_over`, so requests to resident
+        models go first (A B A A C is served A A A B C) instead of every other request paying for a
+        load. A model nobody can ask for goes at once: a single client switching models never waits.
         """
         started = time.monotonic()
         deadline = started + self._room_wait
+        held_since: float | None = None  # when this load began waiting for a model spared by grouping
+        last_spared: tuple[str, str] | None = None
         while True:
             reading = self._probe.read()
+            waited = None
             with self._lock:
                 problem = self._shortage(entry, need, reading)
                 if problem is None:
+                    waited = self._end_grouping_wait(entry, held_since, last_spared)
                     # Reserve in the same critical section that found the room, so two loads
                     # never both count on it (and never wait on each other's reservation).
                     entry.state, entry.device, entry.error = "loading", next(iter(need)), None
                     entry.placement, entry.bytes_reserved = dict(need), sum(need.values())
-                    return
-                kind, message, short, physical = problem
-                if kind == "impossible":
-                    raise InsufficientMemory(message, retry_after=5)
-                on_device = short if kind == "memory" else None
-                grouping = time.monotonic() - started < self.settings.max_pass_over
-                # Parked models hold RAM, not budget: dropping them helps only a physical RAM shortage.
-                victim = self._pick_victim(entry, on_device, spare_recent=grouping,
-                                           parked=physical and on_device == "cpu")
-                if victim is None:
-                    held_for_grouping = grouping and self._pick_victim(entry, on_device) is not None
-                    waiting = held_for_grouping or self._blocked_by_leases(entry, on_device)
-                    remaining = deadline - time.monotonic()
-                    if not waiting or (remaining <= 0 and not held_for_grouping):
+                else:
+                    kind, message, short, physical = problem
+                    if kind == "impossible":
                         raise InsufficientMemory(message, retry_after=5)
-                    self._changed.wait(timeout=0.05 if held_for_grouping else min(remaining, 0.5))
-                    continue
-                exits = self._evict(victim, kind, reading)  # a GPU model may park in RAM instead
+                    on_device = short if kind == "memory" else None
+                    grouping = time.monotonic() - started < self.settings.max_pass_over
+                    spared: list[tuple[str, str]] = []
+                    # Parked models hold RAM, not budget: dropping them helps only a physical RAM shortage.
+                    victim = self._pick_victim(entry, on_device, spare=grouping, spared=spared,
+                                               parked=physical and on_device == "cpu")
+                    if victim is None:
+                        held_for_grouping = bool(spared)
+                        if held_for_grouping:
+                            if held_since is None or last_spared is None or spared[0][0] != last_spared[0]:
+                                log.info("%s waits for room: %s is spared (%s)", entry.spec.key, *spared[0])
+                            held_since = time.monotonic() if held_since is None else held_since
+                            last_spared = spared[0]
+                        waiting = held_for_grouping or self._blocked_by_leases(entry, on_device)
+                        remaining = deadline - time.monotonic()
+                        if not waiting or (remaining <= 0 and not held_for_grouping):
+                            raise InsufficientMemory(message, retry_after=5)
+                        # Demand is read off the clock, so a spared model is looked at again soon.
+                        self._changed.wait(timeout=0.05 if held_for_grouping else min(remaining, 0.5))
+                        continue
+                    waited = self._end_grouping_wait(entry, held_since, last_spared)
+                    held_since = None
+                    exits = self._evict(victim, kind, reading)  # a GPU model may park in RAM instead
+            if waited is not None:
+                self._notify("on_grouping_wait", entry.spec.key, waited)
+            if problem is None:
+                return
             self._let_go(exits)
             if kind == "memory":
                 self._await_release(short, reading)
+
+    def _end_grouping_wait(self, entry: ModelEntry, held_since: float | None,
+                           spared: tuple[str, str] | None) -> float | None:
+        """Under _lock: records a wait of this load for a model spared by grouping (seconds, which
+        model, why) in the entry; returns the seconds, None when it did not wait."""
+        if held_since is None or spared is None:
+            return None
+        seconds = time.monotonic() - held_since
+        entry.grouping_waits += 1
+        entry.grouping_wait_seconds_total += seconds
+        entry.last_grouping_wait = {"seconds": round(seconds, 4), "spared": spared[0], "reason": spared[1]}
+        return seconds
 
     def _shortage(self, entry: ModelEntry, need: dict[str, int], reading: MemoryReading
                   ) -> tuple[str, str, str | None, bool] | None:
@@ -560,32 +601,36 @@ class ModelManager(RamTier):
                                   f"{_mb(max(room, 0))} free after headroom", device, True)
         return None
 
-    def _pick_victim(self, entry: ModelEntry | None, device: str | None, *, spare_recent: bool = False,
-                     parked: bool = False) -> ModelEntry | None:
+    def _pick_victim(self, entry: ModelEntry | None, device: str | None, *, spare: bool = False,
+                     spared: list[tuple[str, str]] | None = None, parked: bool = False) -> ModelEntry | None:
         """The least recently used idle model to take out (on `device` when given); with `parked`,
-        parked models first (RAM is short: they serve nothing)."""
+        parked models first (RAM is short: they serve nothing). With `spare`, models grouping spares
+        are passed over (and listed in `spared` with the reason): a newer model nobody asks for goes
+        before an older one in demand."""
         if parked:
             for key in self._lru:
                 candidate = self._entries[key]
                 if candidate is not entry and candidate.state == "parked":
                     return candidate
         now = self._clock()
+        serving = sum(e.leases for e in self._entries.values()) if spare else 0
         for key in self._lru:  # least recently used first
             candidate = self._entries[key]
             if (candidate is not entry and candidate.state == "loaded" and candidate.leases == 0
                     and not candidate.spec.pinned and (device is None or device in candidate.placement)):
-                if spare_recent and candidate.last_used is not None \
-                        and now - candidate.last_used < self._group_window(candidate):
-                    return None  # the LRU model just served: wait for its window, never skip to a newer one
-                return candidate
+                reason = spare_reason(candidate.arrivals, candidate.last_used, candidate.last_load_seconds, now,
+                                      self.settings.group_window, self._could_ask(candidate, serving, now)
+                                      ) if spare else None
+                if reason is None:
+                    return candidate
+                if spared is not None:
+                    spared.append((key, reason))
         return None
 
-    def _group_window(self, candidate: ModelEntry) -> float:
-        """How long after its last request a model is spared: the setting, or (auto) what its own
-        last load took, since that is what evicting it costs if it is wanted again."""
-        if self.settings.group_window is not None:
-            return self.settings.group_window
-        return candidate.last_load_seconds or 0.0
+    def _could_ask(self, candidate: ModelEntry, serving: int, now: float) -> int:
+        """Under _lock: clients that may send `candidate` a request soon: those being served, and those
+        between two requests (in the server during the candidate's last reload time, not now)."""
+        return serving + self._in_flight.away(now, candidate.last_load_seconds or 0.0)
 
     def _blocked_by_leases(self, entry: ModelEntry, device: str | None) -> bool:
         return any(e is not entry and e.state in ("loaded", "loading") and not e.spec.pinned
@@ -609,6 +654,7 @@ class ModelManager(RamTier):
         entry.unload_count += 1
         entry.keep_alive = None
         entry.last_unload_reason = reason
+        entry.arrivals.left()
         self._lru.pop(entry.spec.key, None)
         self._changed.notify_all()
         return handle
@@ -655,6 +701,11 @@ class ModelManager(RamTier):
             "last_load_seconds": entry.last_load_seconds, "error": entry.error, "failures": entry.failures,
             "retry_after": max(0.0, entry.retry_at - now) if entry.retry_at else None,
             "last_unload_reason": entry.last_unload_reason,
+            # Grouping: the recent gap between this model's requests, and its loads' waits for a spared model
+            "arrival_gap_seconds": round(entry.arrivals.gap, 4) if entry.arrivals.gap is not None else None,
+            "grouping_waits": entry.grouping_waits,
+            "grouping_wait_seconds_total": round(entry.grouping_wait_seconds_total, 4),
+            "last_grouping_wait": dict(entry.last_grouping_wait) if entry.last_grouping_wait else None,
             # RAM tier: "device" serving where it loaded, "ram" parked (promoted by its next request)
             "tier": "device" if entry.state == "loaded" else ("ram" if entry.parked_bytes else None),
             "parked_bytes": entry.parked_bytes,

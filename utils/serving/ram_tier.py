@@ -48,6 +48,7 @@ class RamTier:
         # as an unload's release does); its bytes count in the RAM tier from here on.
         victim.state, victim.parked_bytes, victim.placement = "parking", victim.bytes_measured, {}
         victim.keep_alive = None
+        victim.arrivals.left()  # off its device: grouping's gaps start again when it is back
         victim.demote_count += 1
         victim.last_demote_reason = reason
         self._changed.notify_all()

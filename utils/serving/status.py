@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from utils.families import capability_fields
 from utils.hub.model_folder import checkpoint_state
 from utils.serving.memory import estimate_model_bytes, gpu_budget, ram_budget
 
@@ -71,7 +72,8 @@ def model_report(svc) -> dict:
         except Exception:
             estimated = None
         models[key] = dict(info, state=state, manager_state=info["state"], files=disk,
-                           path=spec.path.name, bytes_estimated=estimated, quant_cache_bytes=cache_usage.get(key, 0))
+                           path=spec.path.name, bytes_estimated=estimated, quant_cache_bytes=cache_usage.get(key, 0),
+                           **capability_fields(spec))
     return {"timestamp": time.time(), "available_models": list(snapshot),
             "loaded_models": [k for k, v in snapshot.items() if v["loaded"]],
             "parked_models": [k for k, v in snapshot.items() if v.get("tier") == "ram"],

@@ -10,6 +10,7 @@ from typing import Any, Iterable
 
 from pydantic.json_schema import models_json_schema
 
+from utils.api.openai_choices import MAX_N
 from utils.api.openapi import schemas
 from utils.families import accepted_media, family_class
 from utils.api.openai_responses import NEUTRAL as RESPONSES_NEUTRAL
@@ -97,6 +98,7 @@ def component_schemas(settings: ServerSettings, *, show_models: bool) -> dict[st
         _bound(defs, TEXT_BODIES, "system", maxLength=_most(text, "max_prompt_chars"))
         _bound(defs, OPENAI_TEXT, "max_tokens", maximum=_most(text, "max_new_tokens"))
         _bound(defs, OPENAI_TEXT, "max_completion_tokens", maximum=_most(text, "max_new_tokens"))
+        _bound(defs, OPENAI_TEXT, "n", maximum=min(MAX_N, max(spec.engine.max_queue for spec in text)))
     if images:
         multiple = math.lcm(*(family_class(spec.family).size_multiple for spec in images))
         side = {"minimum": multiple, "maximum": _most(images, "max_image_pixels") // multiple, "multipleOf": multiple}

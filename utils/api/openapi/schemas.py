@@ -16,6 +16,7 @@ from utils.serving.image_requests import MAX_SCALE
 from utils.serving.inference import MIN_TEMPERATURE, SEED_MAX
 from utils.jobs.runner import STATES
 from utils.media.decode import MAX_GIVEN_FRAMES
+from utils.api.openai_choices import MAX_COMPLETION_LOGPROBS, MAX_N, MAX_PROMPTS, MAX_TOP_LOGPROBS
 from utils.api.openai_translation import MAX_STOPS, ROLES
 from utils.api.tool_parsers import FUNCTION_NAME
 
@@ -72,6 +73,14 @@ class Sampling(Doc):
     do_sample: bool | None = None
     repetition_penalty: float | None = Field(None, ge=REPETITION_PENALTY[0], le=REPETITION_PENALTY[1])
     seed: int | None = Field(None, ge=0, le=SEED_MAX, description="same seed + same request = same output")
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="OpenAI's: minus this times each "
+                                            "token's count in what was generated so far")
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="OpenAI's: minus this for each token "
+                                           "generated so far")
+    logit_bias: dict[str, float] | None = Field(None, description="token id (digits) -> bias -100..100 added to its "
+                                                "logit; at most 300 ids of the model's vocabulary")
+    min_p: float | None = Field(None, ge=0.0, le=1.0, description="sampling keeps tokens at least min_p times as "
+                                "likely as the likeliest")
 
 
 class Common(Doc):
@@ -312,7 +321,12 @@ class OpenAISampling(Doc):
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
     stop: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1, max_length=MAX_STOPS)] | None = Field(
         None, description="generation ends there; the stop string is not returned")
-    n: Literal[1] | None = Field(None, description="one choice per request")
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = Field(None, description="token id (digits) -> bias -100..100")
+    min_p: float | None = Field(None, ge=0.0, le=1.0, description="extension")
+    n: int | None = Field(None, ge=1, le=MAX_N, description="choices per prompt; n x prompts rows must fit the "
+                                                            "model's engine.max_queue")
     stream: bool | None = None
     stream_options: dict[str, bool] | None = Field(None, description="{\"include_usage\": true}: a last chunk "
                                                                      "with usage")
@@ -372,11 +386,21 @@ class ChatMessage(Doc):
 
 class ChatRequest(OpenAISampling):
     messages: list[ChatMessage] = Field(min_length=1, description="the last one is the user's")
+    logprobs: bool | None = Field(None, description="each generated token's logprob (of the raw distribution)")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="needs logprobs: true")
+
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
 class CompletionRequest(OpenAISampling):
-    """Text models only; the prompt is continued as it is (no chat template)."""
-    prompt: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1, max_length=1)]
+    """Text models only; each prompt is continued as it is (no chat template)."""
+    prompt: NonEmpty | TokenIds | Annotated[list[NonEmpty], Field(min_length=1, max_length=MAX_PROMPTS)] | \
+        Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)] = Field(
+            description="one prompt, or a list: one choice per prompt and n, prompt-major")
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS, description="the k likeliest tokens too")
+    echo: bool | None = Field(None, description="the prompt comes back before the answer (with its logprobs when "
+                                                "logprobs is set); text prompts only")
 
 
 class ChatMessageOut(Doc):
@@ -389,7 +413,7 @@ class ChatChoice(Doc):
     index: int
     message: ChatMessageOut
     finish_reason: str
-    logprobs: None
+    logprobs: dict | None = Field(description="{\"content\": [{token, logprob, bytes, top_logprobs}]} when asked")
 
 
 class ChatCompletion(Doc):
@@ -405,7 +429,7 @@ class CompletionChoice(Doc):
     index: int
     text: str
     finish_reason: str
-    logprobs: None
+    logprobs: dict | None = Field(description="{tokens, token_logprobs, top_logprobs, text_offset} when asked")
     reasoning_content: str | None = None
 
 
@@ -474,6 +498,20 @@ class ImagesResponse(Doc):
     seed: int
 
 
+class ModelCapabilities(Doc):
+    """What the model takes, read from its checkpoint folder (config, processor, chat template)."""
+    text: bool
+    images: bool
+    max_images: int | None
+    video: bool
+    max_videos: int | None
+    audio: bool
+    max_audios: int | None
+    system_role: bool = Field(description="the chat template takes a system turn")
+    chat_template: bool
+    tools: bool = Field(description="the chat template renders `tools`")
+    tool_format: str | None = Field(description="how it writes tool calls: hermes, mistral, llama3_json, deepseek")
+    tool_call_tokens: list[str]
 # ---------------------------------------------------------------- POST /v1/responses
 
 class InputTextPart(Doc):
@@ -632,6 +670,8 @@ class ModelCard(Doc):
     repo_id: str | None
     family: str
     loaded: bool
+    architecture: str | None = Field(description="transformers' model_type of the checkpoint (null: not downloaded)")
+    capabilities: ModelCapabilities | None
 
 
 class ModelCards(Doc):
