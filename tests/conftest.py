@@ -135,6 +135,20 @@ def start_server(models_dir, tmp_path_factory):
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def caller_server(models_dir, tmp_path_factory):
+    """One live server with the `caller` model (it really writes a tool call: tests/tool_caller.py) beside
+    the demo models, shared by every module that drives tools through a client (openai, langchain)."""
+    from tests.tool_caller import CALLER_YAML, build_caller
+    build_caller(models_dir / "demo")
+    config = models_dir / "tools-models.yaml"
+    config.write_text((ROOT / "models.yaml").read_text() + CALLER_YAML)
+    tmp = tmp_path_factory.mktemp("caller")
+    server = LiveServer(test_env(models_dir, tmp, MODELS_CONFIG=config, MAX_LOADED_MODELS=3), log_path=tmp / "server.log")
+    yield server
+    server.stop()
+
+
 EXTRA_MODELS_YAML = """
   broken:        # a checkpoint whose weights are corrupt
     repo_id: test/broken

@@ -170,6 +170,23 @@ def test_reasoning_is_split_into_reasoning_content(client):
     assert streamed_reasoning.strip() == reasoning and streamed_content.strip().endswith(message.content)
 
 
+def test_responses_carry_the_reasoning_as_a_reasoning_item(client):
+    """/v1/responses (tests/test_responses_api.py) on this module's thinker: reasoning before the message."""
+    plain = client.chat.completions.create(model="thinker", messages=[{"role": "user", "content": THINK_PROMPT}],
+                                           max_tokens=16, temperature=0).choices[0].message
+    response = client.responses.create(model="thinker", input=THINK_PROMPT, max_output_tokens=16, temperature=0)
+    reasoning, message = response.output
+    assert reasoning.type == "reasoning" and reasoning.content[0].text == plain.model_extra["reasoning_content"]
+    assert message.type == "message" and response.output_text == plain.content
+    events = list(client.responses.create(model="thinker", input=THINK_PROMPT, max_output_tokens=16, temperature=0,
+                                          stream=True))
+    thought = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+    said = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert thought.strip() == reasoning.content[0].text and said.strip().endswith(message.content[0].text)
+    added = [e.item.type for e in events if e.type == "response.output_item.added"]
+    assert added == ["reasoning", "message"] and events[-1].response.output[0].type == "reasoning"
+
+
 def test_stop_strings_end_generation_and_are_not_returned(client):
     messages = [{"role": "user", "content": "tell me something"}]
     full = client.chat.completions.create(model="deepseek", messages=messages, max_tokens=12, temperature=0)

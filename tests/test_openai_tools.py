@@ -1,30 +1,17 @@
 """Function tools on /v1/chat/completions: validation and rendering through the Flask test client, then
 the official openai client against a live server whose model really writes a tool call (a demo copy
-whose weights are set to say one fixed DeepSeek-format call, so the whole path is the real one)."""
+whose weights are set to say one fixed DeepSeek-format call, so the whole path is the real one:
+tests/tool_caller.py, served by conftest's caller_server, which tests/test_responses_api.py shares)."""
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import openai
 import pytest
 
-from tests.conftest import ROOT
-
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "lookup_weather", "description": "The weather in a city now",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
-CALLER_YAML = """
-  caller:        # the demo text model rewired to answer with one tool call, then with words after its result
-    repo_id: test/caller
-    family: text
-    path: demo/caller
-    generation: {max_new_tokens: 16}
-"""
-CALL_CHAIN = ["<｜Assistant｜>", "<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>", "function", "<｜tool▁sep｜>",
-              "lookup_weather", '{"city": "Paris"}', "<｜tool▁call▁end｜>", "<｜tool▁calls▁end｜>", "<｜end▁of▁sentence｜>"]
-ANSWER_CHAIN = ["<｜tool▁outputs▁end｜>", "the", "sun", "is", "hot", "<｜end▁of▁sentence｜>"]
 
 
 def chat(client, **body):
@@ -112,53 +99,9 @@ def test_a_model_whose_template_renders_no_tools_refuses_them_before_loading(cli
 
 # ------------------------------------------------------------------ a live server, the openai client
 
-def _build_caller(demo: Path) -> None:
-    """demo/caller: the demo text model with its layers' outputs zeroed, so each next token depends on
-    the last one only, and those of two chains wired in: after <｜Assistant｜> the model writes one
-    DeepSeek tool call, after the tool results it answers "the sun is hot"."""
-    import torch
-    from tokenizers import AddedToken
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    target = demo / "caller"
-    if target.exists():
-        return
-    tokenizer = AutoTokenizer.from_pretrained(demo / "deepseek")
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
-                          for t in ("function", "lookup_weather", '{"city": "Paris"}')])
-    model = AutoModelForCausalLM.from_pretrained(demo / "deepseek", dtype=torch.float32)
-    assert len(tokenizer) <= model.config.vocab_size
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        model.model.norm.weight.fill_(1.0)
-        embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-        state = 0
-        for chain in (CALL_CHAIN, ANSWER_CHAIN):
-            ids = tokenizer.convert_tokens_to_ids(chain)
-            assert tokenizer.unk_token_id not in ids
-            for here, following in zip(ids, ids[1:]):  # one basis direction per state: here -> following
-                embed[here] = 0.0
-                embed[here, state] = 1.0
-                head[:, state] = 0.0
-                head[following, state] = 5.0
-                state += 1
-    staging = target.with_name("caller.building")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    shutil.copy(demo / "deepseek" / "generation_config.json", staging / "generation_config.json")
-    staging.rename(target)
-
-
 @pytest.fixture(scope="module")
-def live(start_server, models_dir):
-    _build_caller(models_dir / "demo")
-    config = models_dir / "tools-models.yaml"
-    config.write_text((ROOT / "models.yaml").read_text() + CALLER_YAML)
-    server = start_server(MODELS_CONFIG=config, MAX_LOADED_MODELS=2)
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+def live(caller_server):
+    return openai.OpenAI(base_url=caller_server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]

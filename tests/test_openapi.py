@@ -162,9 +162,10 @@ def _outside(value, integer: bool, direction: float):
 
 
 def _parsers(settings):
+    from utils.api.openai_responses import parse_responses
+    from utils.api.openai_translation import parse_chat, parse_completion, parse_image_request
     from utils.serving.image_requests import parse_image_job
     from utils.serving.inference import parse_job
-    from utils.api.openai_translation import parse_chat, parse_completion, parse_image_request
     text, image = settings.models["deepseek"], settings.models["flux"]
     chat = {"model": "deepseek", "messages": [{"role": "user", "content": "hi"}]}
     return {
@@ -173,13 +174,14 @@ def _parsers(settings):
                           image),
         "ChatRequest": (lambda body: parse_chat(body, text), dict(chat, logprobs=True), text),  # top_logprobs needs it
         "CompletionRequest": (lambda body: parse_completion(body, text), {"model": "deepseek", "prompt": "hi"}, text),
+        "ResponsesRequest": (lambda body: parse_responses(body, text), {"model": "deepseek", "input": "hi"}, text),
         "ImageGenerationRequest": (lambda body: parse_image_request(body, image, edit=False),
                                    {"model": "flux", "prompt": "hi", "size": "64x64"}, image),
     }
 
 
 @pytest.mark.parametrize("component", ["GenerateText", "GenerateImage", "ChatRequest", "CompletionRequest",
-                                       "ImageGenerationRequest"])
+                                       "ResponsesRequest", "ImageGenerationRequest"])
 def test_declared_ranges_are_the_parsers_ranges(make_settings, component):
     """Each declared minimum and maximum is accepted by the route's parser, and the next value past
     it is refused (400): the description says what the code checks, for one model per family."""

@@ -7,7 +7,7 @@ from functools import partial
 
 from flask import Blueprint, Response, current_app, g, jsonify, request, stream_with_context
 
-from utils.api import openai_translation as oa, transcription
+from utils.api import openai_responses, openai_translation as oa, transcription
 from utils.api.context import client_gone_probe, services
 from utils.api.openai_choices import SingleChoice
 from utils.errors import InvalidInput, UnsupportedMediaType
@@ -95,6 +95,37 @@ def chat_completions():
     job, tools = oa.parse_chat(body, spec)
     return run(key, [job], partial(oa.chat_response, tools=tools, spec=spec),
                partial(oa.chat_chunks, tools=tools, spec=spec), body)
+
+
+def typed_sse(events) -> Response:
+    """Server-sent events of the Responses API: `event: <type>` beside each JSON event, no [DONE]
+    (response.completed, .incomplete or .failed is the last); failures are events of their own
+    (utils/api/openai_responses.py)."""
+    def lines():
+        for event in events:
+            yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+    return Response(stream_with_context(lines()), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@bp.post("/responses")
+def responses():
+    """OpenAI's Responses API, translated to the chat path (no stored responses; one answer, no n)."""
+    svc = services()
+    body = json_body()
+    key = oa.resolve_model(svc.settings, body.get("model"))
+    spec = svc.settings.models[key]
+    parsed = openai_responses.parse_responses(body, spec)
+    g.model = key
+    if parsed.job.stream:
+        stream = svc.inference.stream(key, parsed.job)
+        g.model_device = stream.device
+        response = typed_sse(openai_responses.response_events(key, stream, parsed, spec))
+        response.call_on_close(stream.close)
+        return response
+    result = svc.inference.generate(key, parsed.job, is_gone=client_gone_probe())
+    g.completion_tokens, g.model_device = result.completion_tokens, result.device
+    return jsonify(openai_responses.response_body(key, result, parsed, spec))
 
 
 @bp.post("/completions")

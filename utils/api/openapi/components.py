@@ -13,6 +13,7 @@ from pydantic.json_schema import models_json_schema
 from utils.api.openai_choices import MAX_N
 from utils.api.openapi import schemas
 from utils.families import accepted_media, family_class
+from utils.api.openai_responses import NEUTRAL as RESPONSES_NEUTRAL
 from utils.api.openai_translation import IMAGE_NEUTRAL, UNSUPPORTED
 from utils.config.settings import IMAGE_FAMILIES, ModelSpec, ServerSettings
 
@@ -21,6 +22,7 @@ EMPTY_IS_ABSENT = {name for name, neutral in UNSUPPORTED.items() if neutral is N
 TEXT_BODIES = ("GenerateText", "GenerateTextForm")
 IMAGE_BODIES = ("GenerateImage", "GenerateImageForm")
 OPENAI_TEXT = ("ChatRequest", "CompletionRequest")
+RESPONSES = ("ResponsesRequest",)
 OPENAI_IMAGES = ("ImageGenerationRequest", "ImageEditForm")
 
 
@@ -34,6 +36,8 @@ def _generated() -> dict[str, dict]:
         defs[name]["properties"].update(_neutral_only({k: (v,) for k, v in UNSUPPORTED.items()}))
     for name in OPENAI_IMAGES:
         defs[name]["properties"].update(_neutral_only(IMAGE_NEUTRAL, form=name.endswith("Form")))
+    for name in RESPONSES:
+        defs[name]["properties"].update(_neutral_only(RESPONSES_NEUTRAL))
     return defs
 
 
@@ -88,6 +92,7 @@ def component_schemas(settings: ServerSettings, *, show_models: bool) -> dict[st
     text = [spec for spec in specs if spec.family not in IMAGE_FAMILIES]
     images = [spec for spec in specs if spec.family in IMAGE_FAMILIES]
     if text:
+        _bound(defs, RESPONSES, "max_output_tokens", maximum=_most(text, "max_new_tokens"))
         _bound(defs, TEXT_BODIES, "max_new_tokens", maximum=_most(text, "max_new_tokens"))
         _bound(defs, TEXT_BODIES, "prompt", maxLength=_most(text, "max_prompt_chars"))
         _bound(defs, TEXT_BODIES, "system", maxLength=_most(text, "max_prompt_chars"))
@@ -134,6 +139,7 @@ def model_names(specs: Iterable[ModelSpec], fits=lambda spec: True, *, aliases: 
 MODEL_FIELDS = {
     "ChatRequest": lambda spec: spec.family not in IMAGE_FAMILIES,
     "CompletionRequest": lambda spec: spec.family == "text",
+    "ResponsesRequest": lambda spec: spec.family not in IMAGE_FAMILIES,
     "TranscriptionForm": lambda spec: "audio" in accepted_media(spec.family),
     "ImageGenerationRequest": lambda spec: spec.family == "text_to_image",
     "ImageEditForm": lambda spec: spec.family == "image_edit",

@@ -151,6 +151,19 @@ OPERATIONS: dict[str, Operation] = {
             "image": {"value": {"model": "qwen_vl", "max_tokens": 8, "messages": [{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": PNG_DATA_URL}},
                 {"type": "text", "text": "What color is this?"}]}]}}}}}),
+    "openai.responses": Operation(
+        "OpenAI: the Responses API (every text-out family; nothing stored)", "openai",
+        {200: reply("the response, or its typed events (response.created ... response.completed) with `stream: true`",
+                    "ResponseObject", also={SSE: STREAM})},
+        INFERENCE_ERRORS,
+        {JSON: {"schema": "ResponsesRequest", "examples": {
+            "text": {"value": {"model": "deepseek", "input": "Why is the sky blue?", "max_output_tokens": 8}},
+            "image": {"value": {"model": "qwen_vl", "max_output_tokens": 8, "input": [{"role": "user", "content": [
+                {"type": "input_image", "image_url": PNG_DATA_URL},
+                {"type": "input_text", "text": "What color is this?"}]}]}}}}},
+        description="A translation of /v1/chat/completions: the same models, media, tools and sampling. "
+                    "store, previous_response_id, conversation, background, include, built-in tools: 400 "
+                    "(docs/responses-api.md)."),
     "openai.completions": Operation(
         "OpenAI: legacy completions (text models)", "openai",
         {200: reply("the completion, or text_completion events with `stream: true`", "Completion",

@@ -11,12 +11,14 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
+from utils.api.openai_responses import DETAILS as RESPONSE_DETAILS, ROLES as RESPONSE_ROLES
 from utils.serving.image_requests import MAX_SCALE
 from utils.serving.inference import MIN_TEMPERATURE, SEED_MAX
 from utils.jobs.runner import STATES
 from utils.media.decode import MAX_GIVEN_FRAMES
 from utils.api.openai_choices import MAX_COMPLETION_LOGPROBS, MAX_N, MAX_PROMPTS, MAX_TOP_LOGPROBS
 from utils.api.openai_translation import MAX_STOPS, ROLES
+from utils.api.tool_parsers import FUNCTION_NAME
 
 # What the parsers check with literals of their own (utils/serving/inference.parse_params, parse_job):
 TEMPERATURE_MAX = 2.0
@@ -510,6 +512,154 @@ class ModelCapabilities(Doc):
     tools: bool = Field(description="the chat template renders `tools`")
     tool_format: str | None = Field(description="how it writes tool calls: hermes, mistral, llama3_json, deepseek")
     tool_call_tokens: list[str]
+# ---------------------------------------------------------------- POST /v1/responses
+
+class InputTextPart(Doc):
+    type: Literal["input_text"]
+    text: str
+
+
+class InputImagePart(Doc):
+    type: Literal["input_image"]
+    image_url: NonEmpty = Field(description="a data URL; http(s) only where REMOTE_MEDIA=1 (file_id: not stored)")
+    detail: Literal[RESPONSE_DETAILS] | None = Field(None, description="low: the image shrunk to about 512x512 "
+                                                                        "pixels; the others: the model's limits")
+
+
+class OutputTextPart(Doc):
+    type: Literal["output_text"]
+    text: str
+
+
+ResponsePart = Annotated[Union[InputTextPart, InputImagePart, OutputTextPart], Field(discriminator="type")]
+
+
+class InputMessage(Doc):
+    type: Literal["message"] | None = None
+    role: Literal[RESPONSE_ROLES] = Field(description="developer = system; images go in user messages")
+    content: str | Annotated[list[ResponsePart], Field(min_length=1)]
+
+
+class FunctionCallInput(Doc):
+    """An earlier answer's call, sent back with its output."""
+    type: Literal["function_call"]
+    call_id: NonEmpty
+    name: str = Field(pattern=FUNCTION_NAME.pattern)
+    arguments: str = Field(description="the JSON text of the arguments")
+
+
+class FunctionCallOutputInput(Doc):
+    type: Literal["function_call_output"]
+    call_id: NonEmpty = Field(description="the call it answers")
+    output: str | Annotated[list[InputTextPart], Field(min_length=1)]
+
+
+class FunctionTool(Doc):
+    type: Literal["function"]
+    name: str = Field(pattern=FUNCTION_NAME.pattern)
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="a JSON Schema of an object")
+    strict: bool | None = Field(None, description="true needs structured outputs")
+
+
+class FunctionChoice(Doc):
+    type: Literal["function"]
+    name: str
+
+
+class TextFormat(Doc):
+    type: Literal["text", "json_object", "json_schema"] = Field(
+        description="json_object and json_schema: refused (400) until structured outputs land")
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class TextConfig(Doc):
+    format: TextFormat | None = None
+    verbosity: Literal["medium"] | None = None
+
+
+class ResponsesRequest(Doc):
+    """OpenAI's Responses API over the chat path: nothing is stored (see docs/responses-api.md)."""
+    model: str = Field(description="a key of GET /v1/models, or its Hub id")
+    input: NonEmpty | Annotated[list[Union[InputMessage, FunctionCallInput, FunctionCallOutputInput]],
+                                Field(min_length=1)]
+    instructions: str | None = Field(None, description="a system message before the input")
+    max_output_tokens: int | None = Field(None, ge=1, description="1 .. the model's limits.max_new_tokens")
+    temperature: float | None = Field(None, ge=0, le=TEMPERATURE_MAX, description=f"0 or at least {MIN_TEMPERATURE}")
+    top_p: float | None = Field(None, ge=TOP_P_MIN, le=1.0)
+    top_k: int | None = Field(None, ge=0, le=TOP_K_MAX, description="extension")
+    repetition_penalty: float | None = Field(None, ge=REPETITION_PENALTY[0], le=REPETITION_PENALTY[1],
+                                             description="extension")
+    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="extension")
+    timeout: float | None = Field(None, ge=TIMEOUT[0], le=TIMEOUT[1], description="extension: seconds")
+    stream: bool | None = Field(None, description="typed server-sent events (response.created ... response.completed)")
+    stream_options: dict[str, bool] | None = None
+    tools: list[FunctionTool] | None = Field(None, description="function tools only")
+    tool_choice: Literal["auto", "none", "required"] | FunctionChoice | None = None
+    parallel_tool_calls: bool | None = None
+    text: TextConfig | None = None
+    metadata: dict[str, str] | None = Field(None, max_length=16, description="echoed back in the response")
+    user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+
+
+class ResponseOutputText(Doc):
+    type: Literal["output_text"]
+    text: str
+    annotations: list
+
+
+class ResponseMessage(Doc):
+    type: Literal["message"]
+    id: str
+    status: Literal["in_progress", "completed", "incomplete"]
+    role: Literal["assistant"]
+    content: list[ResponseOutputText]
+
+
+class ResponseFunctionCall(Doc):
+    type: Literal["function_call"]
+    id: str
+    call_id: str
+    name: str
+    arguments: str
+    status: Literal["in_progress", "completed", "incomplete"]
+
+
+class ReasoningText(Doc):
+    type: Literal["reasoning_text"]
+    text: str
+
+
+class ResponseReasoning(Doc):
+    type: Literal["reasoning"]
+    id: str
+    summary: list
+    content: list[ReasoningText]
+
+
+class ResponsesUsage(Doc):
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    input_tokens_details: dict[str, int]
+    output_tokens_details: dict[str, int]
+
+
+class ResponseObject(Doc):
+    id: str
+    object: Literal["response"]
+    created_at: int
+    status: Literal["completed", "incomplete", "in_progress", "failed"]
+    model: str
+    output: list[Annotated[Union[ResponseMessage, ResponseFunctionCall, ResponseReasoning],
+                           Field(discriminator="type")]]
+    usage: ResponsesUsage | None
+    incomplete_details: dict[str, str] | None
+    store: Literal[False]
 
 
 class ModelCard(Doc):
@@ -533,4 +683,4 @@ MODELS = [ErrorBody, OpenAIError, GenerateText, GenerateImage, GenerateTextForm,
           GenerateTextResult, GenerateImageResult, Job, JobPage, Health, Ready, ModelList, ModelStatus, MemoryStatus,
           TempStatus, TempSweep, JobsStatus, Loaded, Unloaded, Reloaded, Cleanup, ChatRequest, CompletionRequest,
           ChatCompletion, Completion, TranscriptionForm, Transcription, ImageGenerationRequest, ImageEditForm,
-          ImagesResponse, ModelCard, ModelCards]
+          ImagesResponse, ModelCard, ModelCards, ResponsesRequest, ResponseObject]
