@@ -205,11 +205,7 @@ def test_refusals_are_400_in_openais_shape_naming_the_responses_field(client, bo
     assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"], error
 
 
-def test_structured_output_formats_are_refused_until_the_chat_path_constrains_decoding(client):
-    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
-    for fmt in ({"type": "json_object"}, {"type": "json_schema", "name": "place", "schema": schema, "strict": True}):
-        error = respond(client, text={"format": fmt}).get_json()["error"]
-        assert error["param"] == "text.format" and error["code"] == "unsupported_parameter", error
+def test_text_format_text_is_echoed(client):
     assert ok(respond(client, text={"format": {"type": "text"}}))["text"] == {"format": {"type": "text"}}
 
 
@@ -331,3 +327,27 @@ def test_langchain_over_the_responses_api(chat_model, live):
     answer = chat_model(max_tokens=6, use_responses_api=True).invoke("hello there")
     expected = live.responses.create(model="deepseek", input="hello there", max_output_tokens=6, temperature=0)
     assert answer.text == expected.output_text
+
+
+# ------------------------------------------------------------------ structured outputs (text.format)
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+def test_text_format_json_schema_answers_in_the_schema_whole_and_streamed(client):
+    import jsonschema
+    fmt = {"type": "json_schema", "name": "person", "schema": PERSON, "strict": True}
+    got = ok(respond(client, input="describe a person", max_output_tokens=64, text={"format": fmt}))
+    assert got["status"] == "completed" and got["text"] == {"format": fmt}
+    jsonschema.validate(json.loads(text_of(got)), PERSON)
+    events = events_of(respond(client, input="describe a person", max_output_tokens=64, text={"format": fmt},
+                               stream=True))
+    streamed = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    assert streamed == text_of(got) and events[-1]["type"] == "response.completed"
+    free = ok(respond(client, input="describe a person", max_output_tokens=64))   # unconstrained: words
+    with pytest.raises(ValueError):
+        json.loads(text_of(free))
+    error = respond(client, text={"format": {**fmt, "schema": {"type": 5}}}).get_json()["error"]
+    assert error["param"] == "text.format.schema", error

@@ -58,9 +58,6 @@ LOW_DETAIL_PIXELS = 512 * 512          # input_image detail "low": the image is 
 DETAILS = ("auto", "low", "high", "original")
 ROLES = ("user", "system", "developer", "assistant")
 ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
-# text.format json_object / json_schema go to the chat path's response_format; until the chat path
-# constrains decoding to them (structured outputs), both routes refuse them rather than ignore them.
-CHAT_TAKES_RESPONSE_FORMAT = False
 
 
 @dataclass
@@ -275,9 +272,6 @@ def _text_format(text: Any) -> dict | None:
     if kind not in ("json_object", "json_schema"):
         raise InvalidInput("'text.format' is {\"type\": \"text\"}, {\"type\": \"json_object\"} or {\"type\": "
                            "\"json_schema\", \"name\", \"schema\", \"strict\"}", field="text.format")
-    if not CHAT_TAKES_RESPONSE_FORMAT:
-        raise InvalidInput(f"'text.format' {kind} needs structured outputs (grammar-constrained decoding), which "
-                           f"this server does not have yet", field="text.format", error="unsupported parameter")
     if kind == "json_object":
         return {"type": "json_object", **{k: v for k, v in fmt.items() if k != "type"}}
     return {"type": "json_schema", "json_schema": {k: v for k, v in fmt.items() if k != "type"}}
