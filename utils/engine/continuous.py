@@ -27,6 +27,10 @@ from utils.serving.memory import is_out_of_memory, release_cached_memory
 
 log = logging.getLogger("model_server.engine")
 GROW_BACK_STEPS = 64  # clean decode steps before a row limit lowered by an out-of-memory grows by one
+# A join is one prefill forward (plus a cache merge) whatever its row count, and on a small model that
+# forward costs about what a decode step does: newcomers to a running batch wait until they are half as
+# many as the running rows, or at most this many decode steps, and then join together (issue 29).
+JOIN_HOLD_STEPS = 4
 
 
 class ContinuousEngine(Engine):
@@ -66,13 +70,19 @@ class ContinuousEngine(Engine):
     def _loop(self) -> None:
         batch = DecodeBatch(self.adapter, self._prefix)
         limit, clean_steps = self.max_batch_size, 0  # the limit halves on out-of-memory, then grows back
+        held = 0  # decode steps the queued newcomers have waited for others to join with them
         while True:
             with self._cond:
                 while not self._queue and not batch.rows and not self._stopping:
                     self._cond.wait()
                 if not self._queue and not batch.rows:
                     return
-                joining = self._take_joining(limit - len(batch.rows))
+                room = limit - len(batch.rows)
+                if self._queue and batch.rows and room > 0 and held < JOIN_HOLD_STEPS and not self._stopping \
+                        and len(self._queue) < max(1, len(batch.rows) // 2):
+                    joining, held = [], held + 1
+                else:
+                    joining, held = self._take_joining(room), 0
                 self._running = [row.job for row in batch.rows] + joining
             self._observe("on_batch", self.key, len(batch.rows) + len(joining))
             self._peak = max(self._peak, len(batch.rows) + len(joining))
