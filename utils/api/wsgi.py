@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterable
 
 from utils.errors import BodyTimeout, InvalidInput, PayloadTooLarge, ServerError
+from utils.hub.model_folder import one_snapshot
 from utils.ops.lifecycle import Lifecycle
 
 REFUSED = "model_server.refused"          # environ key: set on requests refused while draining
@@ -236,7 +237,8 @@ class ServingMiddleware:
             return start_response(status, headers, exc_info)
 
         try:
-            result = self.app(environ, start)
+            with one_snapshot():  # the request's checks read its model folder's files once
+                result = self.app(environ, start)
         except BaseException:
             if admitted:
                 self.lifecycle.release()

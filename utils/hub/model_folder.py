@@ -6,8 +6,11 @@ the model takes, read from its configs and chat template (read_capabilities, bel
 tool-call format its template writes (checkpoint_tool_support). No torch, no transformers."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,14 +240,36 @@ class Capabilities:
                 "tool_call_tokens": list(self.tool_call_tokens)}
 
 
+# Inside one_snapshot(): each folder's stamp as first read there ({folder: stamp}); None outside.
+_SNAPSHOT: contextvars.ContextVar[dict | None] = contextvars.ContextVar("model_folder_snapshot", default=None)
+
+
+@contextlib.contextmanager
+def one_snapshot():
+    """Within it (one HTTP request: utils/api/wsgi.py), a folder's files are stat'ed once: a chat
+    request's checks read its model's capabilities six times, eight stats each, which measured ~0.5 ms
+    of the request (issue 29). A folder that changes meanwhile shows from the next request on; a
+    folder not there yet (a download to come) is looked at again each time."""
+    token = _SNAPSHOT.set({})
+    try:
+        yield
+    finally:
+        _SNAPSHOT.reset(token)
+
+
 def read_capabilities(folder: str | Path) -> Capabilities | None:
     """The folder's capabilities; None when it holds neither config.json nor model_index.json (not
     downloaded yet)."""
-    folder = Path(folder)
-    stamp = tuple(_mtime(folder / name) for name in _FILES)
+    name = os.fspath(folder)
+    seen = _SNAPSHOT.get()
+    stamp = seen.get(name) if seen is not None else None
+    if stamp is None:
+        stamp = tuple(_mtime_of(os.path.join(name, file)) for file in _FILES)  # os.stat: pathlib costs more
     if not (stamp[0] or stamp[1]):
         return None
-    return _read(str(folder), stamp)
+    if seen is not None:
+        seen[name] = stamp
+    return _read(str(Path(name)), stamp)
 
 
 def narrowed_media(folder: str | Path, family_accepts: frozenset[str]) -> frozenset[str]:
@@ -442,5 +467,12 @@ def _json(path: Path) -> dict[str, Any]:
 def _mtime(path: Path) -> int:
     try:
         return path.stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+def _mtime_of(path: str) -> int:
+    try:
+        return os.stat(path).st_mtime_ns
     except OSError:
         return 0
