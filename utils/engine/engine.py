@@ -97,10 +97,6 @@ class Job:
     def done(self) -> bool:
         return self._done.is_set()
 
-    @property
-    def started(self) -> bool:
-        return self._started.is_set()
-
     def cancel(self) -> None:
         """The client is gone: a queued job is skipped, a running row stops at the next step."""
         self._cancelled.set()
@@ -253,11 +249,6 @@ class Engine:
         client goes, so nobody waits forever behind a long queue."""
         deadline = min(job.submitted_at + self.queue_timeout, job.deadline or float("inf"))
         while not job.wait_started(min(POLL_SECONDS, max(0.0, deadline - time.monotonic()))):
-            self._leave_queue_if_due(job, deadline, is_gone)
-
-    def _leave_queue_if_due(self, job: Job, deadline: float, is_gone: Callable[[], bool] | None) -> None:
-        """A queued job whose client left, or that reached its deadline, leaves the queue (raising)."""
-        if not job.started:
             gone = bool(is_gone and is_gone())
             if (gone or time.monotonic() >= deadline) and self._withdraw(job):
                 if gone:
@@ -270,12 +261,7 @@ class Engine:
                                    f"(queue_timeout) without starting", retry_after=max(1.0, self._drain_estimate()))
 
     def run(self, job: Job, is_gone: Callable[[], bool] | None = None) -> GenerationResult:
-        """await_start, then the job's end, with one wake-up: the request thread sleeps on the job's
-        end alone (a start that woke it too cost the engine thread a hand-off per row; issue 29) and
-        looks at the queue every POLL_SECONDS while the job has not started."""
-        deadline = min(job.submitted_at + self.queue_timeout, job.deadline or float("inf"))
-        while not job.started and not job.wait_done(min(POLL_SECONDS, max(0.0, deadline - time.monotonic()))):
-            self._leave_queue_if_due(job, deadline, is_gone)
+        self.await_start(job, is_gone)
         return job.wait(is_gone)
 
     def _withdraw(self, job: Job) -> bool:
