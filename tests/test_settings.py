@@ -9,6 +9,7 @@ import pytest
 from tests.conftest import ROOT
 from utils.errors import ConfigError
 from utils.config.settings import GIB, MIB, load_settings
+from utils.hub.model_folder import one_snapshot, read_capabilities
 
 
 def test_shipped_config_has_the_reference_models():
@@ -321,3 +322,20 @@ def test_a_replica_gets_only_the_environment_settings_read():
            "MAX_BATCH_SIZE": "4", "MODEL_DEEPSEEK_QUANTIZATION": "8bit", "RAY_REPLICAS": "2", "DEMO_MODE": "1",
            "MODELS_CONFIG": "/c.yaml", "MODEL_SERVER_BACKEND": "ray", "RAM_TIER": "1"}
     assert settings_env(env) == {k: v for k, v in env.items() if "TOKEN" not in k and "SECRET" not in k}
+
+
+def test_a_request_snapshot_reads_a_model_folder_once_and_a_missing_one_each_time(tmp_path):
+    """utils/hub/model_folder.one_snapshot (one HTTP request): a folder's files are stat'ed once inside
+    it, so a change shows from the next snapshot on; a folder not there yet is looked at each time."""
+    folder = tmp_path / "m"
+    with one_snapshot():
+        assert read_capabilities(folder) is None
+        folder.mkdir()
+        (folder / "config.json").write_text('{"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}')
+        first = read_capabilities(folder)  # the download landed meanwhile: seen at once
+        assert first is not None and first.media == frozenset()
+        (folder / "preprocessor_config.json").write_text("{}")
+        (folder / "config.json").write_text('{"architectures": ["Qwen2VLForConditionalGeneration"], '
+                                            '"model_type": "qwen2_vl"}')
+        assert read_capabilities(folder) == first  # the same snapshot within one request
+    assert read_capabilities(folder) != first  # the next request sees the change
