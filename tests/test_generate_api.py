@@ -90,7 +90,7 @@ def test_health_and_models(client):
     assert client.get("/health").get_json()["status"] == "ok"
     keys = [m["key"] for m in client.get("/models").get_json()["models"]]
     assert keys == ["deepseek", "qwen_vl", "qwen_audio", "qwen_omni", "blip_vqa", "flux", "qwen_image_edit", "janus",
-                    "whisper"]
+                    "whisper", "qwen3_openvino"]
 
 
 # ------------------------------------------------------------------ bad input: 4xx JSON, never a 500

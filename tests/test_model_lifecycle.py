@@ -98,9 +98,9 @@ def test_model_that_cannot_fit_is_503_and_server_stays_healthy(make_settings):
 
 
 def test_memory_budget_evicts_before_loading(make_settings, extra_config):
-    from utils.serving.memory import estimate_model_bytes
+    from utils.runtimes import estimate_bytes  # the manager's estimate: weights and the engine's reserve
     settings = make_settings(MODELS_CONFIG=extra_config, MAX_LOADED_MODELS=5)
-    sizes = {k: estimate_model_bytes(settings.models[k]) for k in ("deepseek", "qwen_vl")}
+    sizes = {k: estimate_bytes(settings.models[k]) for k in ("deepseek", "qwen_vl")}
     budget = 1.2 * sizes["qwen_vl"]  # room for either model, not for both
     assert sizes["deepseek"] < budget < sizes["deepseek"] + sizes["qwen_vl"]
     budget_gb = budget / 2**30

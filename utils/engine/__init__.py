@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from utils.config.schema import MIB
 from utils.config.settings import ModelSpec
 from utils.engine.continuous import ContinuousEngine
 from utils.engine.engine import Engine, Job, QueueFull, QueueTimeout
+from utils.engine.prefix_cache import prefix_cache_cap
 
 
 class ServedModel:
@@ -72,7 +72,8 @@ def make_loader(load_adapter: Callable[[ModelSpec, str], Any], observer: Any = N
         def new_engine(adapter: Any) -> Engine:
             settings = spec.engine
             chosen = engine_class(spec, adapter)
-            extra = {"prefix_cache_bytes": settings.prefix_cache_mb * MIB} if chosen.kind == "continuous" else {}
+            cap = prefix_cache_cap(spec, adapter.memory_bytes()) if chosen.kind == "continuous" else 0
+            extra = {"prefix_cache_bytes": cap} if cap else {}
             return chosen(adapter, key=spec.key, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                           queue_timeout=settings.queue_timeout, observer=observer, **extra)
         return ServedModel(adapter, new_engine(adapter).start(), new_engine)

@@ -128,18 +128,6 @@ class ContinuousEngine(Engine):
         batch.intact = False
         return limit
 
-    def _take_joining(self, room: int) -> list[Job]:
-        """Under the lock: up to `room` queued jobs, oldest first, whatever their parameters."""
-        joining: list[Job] = []
-        while self._queue and len(joining) < room:
-            job = self._queue.popleft()
-            if job.cancelled:
-                self._fail_gone(job)
-                continue
-            self._start(job)
-            joining.append(job)
-        return joining
-
 
 class DecodeRow(RowState):
     """A running row: its state, with its own RowSampler (utils/engine/sampling.py) choosing its tokens."""

@@ -348,6 +348,19 @@ class Engine:
         family_key = getattr(self.adapter, "batch_key", None)
         return family_key(job) if family_key is not None else batch_key(job.params, job.id)
 
+    def _take_joining(self, room: int) -> list[Job]:
+        """Under the lock: up to `room` queued jobs, oldest first, whatever their parameters (for the
+        engines whose rows join a running batch: continuous, OpenVINO)."""
+        joining: list[Job] = []
+        while self._queue and len(joining) < room:
+            job = self._queue.popleft()
+            if job.cancelled:
+                self._fail_gone(job)
+                continue
+            self._start(job)
+            joining.append(job)
+        return joining
+
     def _start(self, job: Job) -> None:
         job.mark_started()
         self._observe("on_queue_wait", self.key, job.started_at - job.submitted_at)

@@ -14,7 +14,19 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
+from utils.config.schema import MIB
+
 BLOCK = 16  # tokens: reuse is a multiple of it (as vLLM's blocks), so lookups hash few prefixes
+
+
+def prefix_cache_cap(spec: Any, weight_bytes: int) -> int:
+    """Bytes a continuous engine may keep for reused prefixes: the `prefix_cache_mb` setting, but never
+    more than a quarter of the model's own weights (a tiny model needs no 256 MiB of cached prompts). The
+    manager's estimate before a load and the engine's reserve after it both use this one rule."""
+    if spec.family != "text" or spec.engine.batching == "dynamic" or spec.engine.static_cache \
+            or spec.trust_remote_code:
+        return 0  # what ContinuousEngine.supports refuses anyway; the loaded engine has the final word
+    return min(spec.engine.prefix_cache_mb * MIB, int(weight_bytes) // 4)
 
 
 class PrefixEntry:

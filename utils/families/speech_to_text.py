@@ -32,6 +32,7 @@ class TranscriptionParams:
     words: bool = False            # word timestamps too
     seed: int | None = None
     top_p: float = 1.0
+    grammar: None = None           # never constrained; read off every row like GenerationParams.grammar
 
     @property
     def do_sample(self) -> bool:

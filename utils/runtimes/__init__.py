@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from utils.config.settings import ModelSpec
+from utils.engine.prefix_cache import prefix_cache_cap
 from utils.families import load_family
 from utils.serving.memory import estimate_model_bytes
 
@@ -27,4 +28,5 @@ def estimate_bytes(spec: ModelSpec, *, openvino_cache: Any = None) -> int:
     if spec.runtime == "openvino":
         from utils.runtimes.openvino import estimate_openvino_bytes  # deferred: openvino
         return estimate_openvino_bytes(spec, openvino_cache)
-    return estimate_model_bytes(spec)
+    weights = estimate_model_bytes(spec)
+    return weights + prefix_cache_cap(spec, weights)  # a continuous engine's reserve for reused prefixes

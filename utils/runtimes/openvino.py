@@ -245,18 +245,6 @@ class OpenVINOEngine(Engine):
                 self._running = [row.job for row in rows]
             self._count(len(joining), finished)
 
-    def _take_joining(self, room: int) -> list[Job]:
-        """Under the lock: up to `room` queued jobs, oldest first, whatever their parameters."""
-        joining: list[Job] = []
-        while self._queue and len(joining) < room:
-            job = self._queue.popleft()
-            if job.cancelled:
-                self._fail_gone(job)
-                continue
-            self._start(job)
-            joining.append(job)
-        return joining
-
 
 def estimate_openvino_bytes(spec: ModelSpec, cache: OpenVINOCache) -> int:
     """The export's bytes when it exists (the compressed IR is what loads); else a prediction from
