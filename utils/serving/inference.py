@@ -387,16 +387,27 @@ class InferenceService:
     def open_stream(self, key: str, request: GenerationRequest, job: GenerateJob, deadline: float,
                     on_result: Callable[[GenerationResult], None] | None = None) -> "LeasedStream":
         """The part of `stream` that needs the model (a Ray replica runs this one)."""
-        lease = self.manager.lease(key, keep_alive=job.keep_alive)
+        def start(served: Any) -> Any:
+            engine_job = served.engine.submit(self._prepare(served, request, job), job.params, streaming=True,
+                                              timeout=deadline)
+            served.engine.await_start(engine_job)
+            return engine_job
+        return self._stream_under_lease(key, job.keep_alive, start,
+                                        lambda engine_job, release: LeasedStream(engine_job, release, on_result))
+
+    def _stream_under_lease(self, key: str, keep_alive: Any, start: Callable[[Any], Any],
+                            make_stream: Callable[[Any, Callable[[], None]], Any]) -> Any:
+        """Leases the model and runs `start(served)` (submit, then wait until the engine took it); the
+        stream made of what it returns releases the lease when it ends. A failure before that releases
+        it at once, so a queue error is still the request's status."""
+        lease = self.manager.lease(key, keep_alive=keep_alive)
         served = lease.__enter__()
         try:
-            prepared = self._prepare(served, request, job)
-            engine_job = served.engine.submit(prepared, job.params, streaming=True, timeout=deadline)
-            served.engine.await_start(engine_job)
+            started = start(served)
         except BaseException:
             lease.__exit__(None, None, None)
             raise
-        stream = LeasedStream(engine_job, lambda: lease.__exit__(None, None, None), on_result)
+        stream = make_stream(started, lambda: lease.__exit__(None, None, None))
         stream.device = served.adapter.device
         return stream
 
@@ -451,18 +462,14 @@ class InferenceService:
         spec = self.spec(key)
         requests = [self.decode_media(job, spec) for job in jobs]
         on_result = (lambda result: self._on_result(key, result)) if self._on_result else None
-        lease = self.manager.lease(key, keep_alive=jobs[0].keep_alive)
-        served = lease.__enter__()
-        try:
+
+        def start(served: Any) -> Any:
             group = served.engine.submit_group(self._choice_rows(served, requests, jobs, n), streaming=True,
                                                timeout=self._deadline(key, jobs[0]))
             served.engine.await_group(group)
-        except BaseException:
-            lease.__exit__(None, None, None)
-            raise
-        stream = ChoiceStream(group, lambda: lease.__exit__(None, None, None), on_result)
-        stream.device = served.adapter.device
-        return stream
+            return group
+        return self._stream_under_lease(key, jobs[0].keep_alive, start,
+                                        lambda group, release: ChoiceStream(group, release, on_result))
 
     def _choice_rows(self, served: Any, requests: list[GenerationRequest], jobs: list[GenerateJob],
                      n: int) -> list[tuple[Any, GenerationParams]]:
