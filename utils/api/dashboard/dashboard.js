@@ -28,6 +28,8 @@
     if (token) headers.Authorization = "Bearer " + token;
     const response = await fetch(path, { method, headers, cache: "no-store" });
     if (response.status === 401) {
+      // an answer to a token replaced while it was in flight says nothing about the new one
+      if (token !== sessionStorage.getItem(TOKEN_KEY)) throw new AuthError("stale token");
       askForToken(token ? "The token was rejected. Enter the admin token." : "This server needs the admin token.");
       throw new AuthError("unauthorized");
     }
