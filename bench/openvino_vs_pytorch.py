@@ -51,7 +51,7 @@ def build_checkpoint(out: Path) -> None:
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
     from utils.hub.demo_models import _WORDS
-    from utils.demo_openvino import EOS, PAD, _WORD_TOKEN, byte_level_tokenizer
+    from utils.hub.demo_openvino import EOS, PAD, _WORD_TOKEN, byte_level_tokenizer
 
     if (out / "config.json").is_file():
         return
