@@ -223,3 +223,35 @@ class RowTracker:
         """After generate returns: any row still open ends with what it has."""
         for state in self.states:
             state.close(reason)
+
+
+class AllRowsEnded(Exception):
+    """Raised from inside a family's model call once every row of it has ended: the call stops there."""
+
+
+class OpenRows:
+    """The rows of one call that runs a fixed number of steps with no token stream (a drawing, a
+    transcription, a diffusion): between steps a row whose client left or whose deadline passed ends
+    at once with what it is (cancelled / timeout), the others hear their progress, and once none is
+    left the call stops (AllRowsEnded) rather than spend steps nobody waits for."""
+
+    def __init__(self, rows: Sequence[BatchRow], total_steps: int | None = None) -> None:
+        self.rows, self.total_steps = list(rows), total_steps
+        self._ended: set[int] = set()
+
+    def ended(self, row: BatchRow) -> bool:
+        return id(row) in self._ended
+
+    def check(self, step: int | None = None) -> None:
+        """End the rows nobody waits for; report `step` of total_steps to the others (when given)."""
+        for row in self.rows:
+            if self.ended(row):
+                continue
+            reason = "cancelled" if row.cancelled else ("timeout" if getattr(row, "expired", False) else None)
+            if reason:
+                self._ended.add(id(row))
+                row.finish(GenerationResult(text="", prompt_tokens=0, completion_tokens=0, finish_reason=reason))
+            elif step is not None and getattr(row, "progress", None) is not None:
+                row.progress(step, self.total_steps)
+        if len(self._ended) == len(self.rows):
+            raise AllRowsEnded

@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Sequence
 
 from utils.config.settings import IMAGE_SIZE_MULTIPLE, ModelSpec
 from utils.errors import InvalidInput
+from utils.engine.rows import AllRowsEnded, OpenRows
 from utils.families.base import Family, GenerationRequest, GenerationResult, SoloRow
 from utils.families.loading import check_loaded_weights
 from utils.serving.memory import tensor_placement
@@ -174,11 +175,11 @@ class DiffusionFamily(Family):
         try:
             with torch.inference_mode():
                 images = self.model(**kwargs).images
-        except EveryRowEnded:  # no image to decode: the VAE would take as long as a few steps
+        except AllRowsEnded:  # no image to decode: the VAE would take as long as a few steps
             self.model.maybe_free_model_hooks()  # what the pipeline does at its end (offload)
             return
         for row in rows:
-            if not tracker.done(row):
+            if not tracker.ended(row):
                 pngs = [png_bytes(image) for image, owner in zip(images, owners) if owner is row]
                 row.finish(GenerationResult(text="", prompt_tokens=0, completion_tokens=0, images=pngs))
 
@@ -210,36 +211,14 @@ class DiffusionFamily(Family):
         return tokenizer, component("processor") or tokenizer
 
 
-class EveryRowEnded(Exception):
-    """Raised from the step callback once no row of the call is left: the call ends there."""
-
-
-class StepTracker:
+class StepTracker(OpenRows):
     """The pipeline's callback_on_step_end: progress per row, rows whose client left (or whose deadline
     passed) end at once (every image of the row with it), and the call stops when none is left,
-    skipping the remaining steps and the VAE decode of latents nobody waits for."""
-
-    def __init__(self, rows: Sequence[Any], total: int) -> None:
-        self.rows, self.total = list(rows), total
-        self._ended: set[int] = set()
-
-    def done(self, row: Any) -> bool:
-        return id(row) in self._ended
+    skipping the remaining steps and the VAE decode of latents nobody waits for (diffusers' own
+    interrupt skips the steps but still decodes every image)."""
 
     def __call__(self, pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
-        for row in self.rows:
-            if self.done(row):
-                continue
-            reason = "cancelled" if row.cancelled else ("timeout" if getattr(row, "expired", False) else None)
-            if reason:
-                self._ended.add(id(row))
-                row.finish(GenerationResult(text="", prompt_tokens=0, completion_tokens=0, finish_reason=reason))
-            else:
-                progress = getattr(row, "progress", None)
-                if progress is not None:
-                    progress(step + 1, self.total)
-        if len(self._ended) == len(self.rows):
-            raise EveryRowEnded  # diffusers' own interrupt skips the steps but still decodes every image
+        self.check(step + 1)
         return {}
 
 

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 from PIL import Image
 
-from utils.engine.rows import batch_key, collate
+from utils.engine.rows import AllRowsEnded, OpenRows, batch_key, collate
 from utils.errors import InvalidInput, ModelUnavailable
 from utils.families.base import Family, GenerationRequest, GenerationResult
 from utils.families.diffusion import SEED_SPACE, ImageParams, png_bytes
@@ -134,38 +134,21 @@ class JanusFamily(Family):
                                             images=[png for png, owner in zip(pngs, owners) if owner is row]))
 
 
-class AllRowsEnded(Exception):
-    """Raised out of generate when every row of a drawing has ended (client gone, deadline)."""
-
-
-class CodeSampler:
+class CodeSampler(OpenRows):
     """The last logits processor of a drawing: guidance, each image's draw from its own generator,
     progress, and the rows that end between steps. Scores arrive as [conditional rows;
     unconditional rows], one of each per image."""
 
     def __init__(self, rows: Sequence[Any], generators: list[Any], weight: float, steps: int) -> None:
-        self.rows, self.generators, self.weight, self.steps = list(rows), generators, weight, steps
+        super().__init__(rows, steps)
+        self.generators, self.weight = generators, weight
         self.step = 0
-        self._ended: set[int] = set()
-
-    def ended(self, row: Any) -> bool:
-        return id(row) in self._ended
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch  # deferred: torch
 
         self.step += 1
-        for row in self.rows:
-            if self.ended(row):
-                continue
-            reason = "cancelled" if row.cancelled else ("timeout" if getattr(row, "expired", False) else None)
-            if reason:
-                self._ended.add(id(row))
-                row.finish(GenerationResult(text="", prompt_tokens=0, completion_tokens=0, finish_reason=reason))
-            elif getattr(row, "progress", None) is not None:
-                row.progress(self.step, self.steps)
-        if len(self._ended) == len(self.rows):
-            raise AllRowsEnded
+        self.check(self.step)
         count = len(self.generators)
         conditional, unconditional = scores[:count].float(), scores[count:].float()
         guided = unconditional + self.weight * (conditional - unconditional)

@@ -18,6 +18,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from utils.engine.rows import AllRowsEnded, OpenRows
 from utils.errors import InvalidInput
 from utils.families.base import Family, GenerationRequest, GenerationResult
 
@@ -227,36 +228,14 @@ def compression_ratio(text: str) -> float:
     return round(len(data) / len(zlib.compress(data)), 3) if data else 0.0
 
 
-class AllRowsEnded(Exception):
-    """Raised out of generate when every row has ended (client gone, deadline)."""
-
-
-class RowStopper:
+class RowStopper(OpenRows):
     """A stopping criterion of every inner generate call: rows whose client left or whose deadline
     passed end here with what they are (cancelled / timeout); once no row is left the call stops."""
-
-    def __init__(self, rows: Sequence[Any]) -> None:
-        self.rows = list(rows)
-        self._ended: set[int] = set()
-
-    def ended(self, row: Any) -> bool:
-        return id(row) in self._ended
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         import torch  # deferred: torch
 
-        live = 0
-        for row in self.rows:
-            if self.ended(row):
-                continue
-            reason = "cancelled" if row.cancelled else ("timeout" if getattr(row, "expired", False) else None)
-            if reason:
-                self._ended.add(id(row))
-                row.finish(GenerationResult(text="", prompt_tokens=0, completion_tokens=0, finish_reason=reason))
-            else:
-                live += 1
-        if not live:
-            raise AllRowsEnded
+        self.check()
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
