@@ -20,7 +20,8 @@ from PIL import Image
 from tests.conftest import LiveServer, make_app, wait_for
 from tests.conftest import test_env as server_env
 from utils.errors import JobNotFinished, ModelUnavailable, UnknownJob
-from utils.jobs.runner import JobControl, JobOutcome, JobRunner, JobStore
+from utils.jobs.runner import JobControl, JobOutcome, JobRunner
+from utils.jobs.store import JobStore
 
 SLOW_IMAGE = {"prompt": "a slow one", "num_inference_steps": 16, "width": 1024, "height": 1024, "num_images": 4,
               "seed": 5}  # ~0.3-0.6 s a step on the demo pipeline on 2 cores: long enough to watch and to kill

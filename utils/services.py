@@ -6,7 +6,8 @@ from __future__ import annotations
 from utils.cluster.services import build_cluster_services
 from utils.config.settings import ServerSettings
 from utils.jobs.executor import JobExecutor
-from utils.jobs.runner import JobRunner, JobStore
+from utils.jobs.runner import JobRunner
+from utils.jobs.store import JobStore
 from utils.local_services import Services, Sweeper, build_local_services
 
 __all__ = ["Services", "Sweeper", "add_jobs", "build_services"]

@@ -16,7 +16,7 @@ from flask import Blueprint, g, jsonify, request, send_file, url_for
 from utils.api.context import request_body, services
 from utils.api.wsgi import body_guard
 from utils.errors import InvalidInput, PayloadTooLarge, UnknownJob
-from utils.jobs.runner import STATES
+from utils.jobs.store import STATES
 from utils.serving.inference import number_field
 
 log = logging.getLogger("model_server.jobs")

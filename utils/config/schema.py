@@ -201,7 +201,7 @@ class RaySettings:
 
 @dataclass(frozen=True)
 class JobSettings:
-    """Asynchronous jobs (utils/jobs/runner.py): records in SQLite and results as files under `dir`."""
+    """Asynchronous jobs (utils/jobs/runner.py): records in SQLite and results as files under `dir` (utils/jobs/store.py)."""
     dir: Path | None = None        # JOBS_DIR; None: <models_dir>/.jobs (kept across restarts, unlike tmp/)
     workers: int = 4               # JOB_WORKERS: jobs run at once (an engine batches those of one model)
     result_ttl: float = 86400.0    # JOB_RESULT_TTL: seconds a finished job and its result are kept

@@ -10,7 +10,8 @@ from typing import Any, Mapping
 from utils.errors import InvalidInput
 from utils.serving.image_requests import makes_images, parse_image_job, plan_images, run_images
 from utils.serving.inference import MEDIA_FIELDS, URL_SCHEME, parse_job, result_body
-from utils.jobs.runner import JobControl, JobOutcome, JobRecord
+from utils.jobs.runner import JobControl, JobOutcome
+from utils.jobs.store import JobRecord
 
 
 class ReadFields(Mapping):

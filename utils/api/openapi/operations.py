@@ -11,7 +11,7 @@ from utils.api.admin import DEVICE_RE
 from utils.api.dashboard import FILES as DASHBOARD_FILES
 from utils.api.openapi.docs import DOCS_FILES
 from utils.api.jobs import MAX_PAGE
-from utils.jobs.runner import STATES
+from utils.jobs.store import STATES
 
 JSON = "application/json"
 FORM = "multipart/form-data"

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from utils.api.openai_responses import DETAILS as RESPONSE_DETAILS, ROLES as RESPONSE_ROLES
 from utils.serving.image_requests import MAX_SCALE
 from utils.serving.inference import MIN_TEMPERATURE, SEED_MAX
-from utils.jobs.runner import STATES
+from utils.jobs.store import STATES
 from utils.media.decode import MAX_GIVEN_FRAMES
 from utils.api.openai_choices import MAX_COMPLETION_LOGPROBS, MAX_N, MAX_PROMPTS, MAX_TOP_LOGPROBS
 from utils.api.openai_translation import MAX_STOPS, ROLES
