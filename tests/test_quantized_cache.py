@@ -14,8 +14,8 @@ import time
 import pytest
 
 from tests.conftest import ROOT
-from utils.serving.quantized_cache import (META_NAME, TMP_PREFIX, QuantizedCache, build_quantized_cache, format_cache_report,
-                               model_signature)
+from utils.serving.quantized_cache import (META_NAME, TMP_PREFIX, Identity, QuantizedCache, build_quantized_cache,
+                                          format_cache_report, model_signature)
 from utils.errors import ConfigError
 from utils.families import load_family
 from utils.families.base import GenerationParams, GenerationRequest
@@ -194,6 +194,20 @@ def test_a_complete_looking_temporary_folder_is_never_served(spec_for, cache):
     adapter = load(spec, cache)
     assert served_from(adapter) == spec.path.name
     assert entries(cache) == [entry]  # our own dead temporary folder swept, the new entry in place
+
+
+def test_a_second_writer_of_one_entry_keeps_the_first(spec_for, cache):
+    """Two processes quantize the same model at once: the later rename fails, the later writer is
+    handed the entry already there (unchanged), and its own folder is gone."""
+    import json
+    spec = spec_for("4bit")
+    adapter = load(spec, cache)  # miss: quantized and written, no forward pass yet
+    (entry,) = entries(cache)
+    meta = json.loads((cache.root / entry / META_NAME).read_text())
+    ident = Identity(key=meta["key"], quantization=meta["quantization"], id=meta["id"], parts=meta["built_from"])
+    assert cache.store(adapter.model, spec, ident) == cache.root / entry
+    assert entries(cache) == [entry]
+    assert json.loads((cache.root / entry / META_NAME).read_text())["created"] == meta["created"]
 
 
 def test_a_write_that_fails_never_fails_the_load(spec_for, cache, monkeypatch):

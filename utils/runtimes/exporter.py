@@ -182,28 +182,12 @@ class OpenVINOCache(QuantizedCache):
         self.root.mkdir(parents=True, exist_ok=True)
         self.sweep_leftovers()
         started = time.perf_counter()
-        tmp = self.root / f"{TMP_PREFIX}{ident.name}-{os.getpid()}-{secrets.token_hex(4)}"
-        with self._lock:
-            self._writing.add(tmp.name)
-        try:
+        with self._new_entry(ident) as tmp:
             self.exporter.export(spec.path, tmp, spec.weight_format, timeout=self.export_timeout)
-            files = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(tmp.iterdir()) if p.is_file()}
-            meta = {"format": FORMAT, "id": ident.id, "key": spec.key, "quantization": spec.weight_format,
-                    "created": time.time(), "built_from": ident.parts, "files": files,
-                    "bytes": sum(size for size, _ in files.values()),
-                    "seconds": round(time.perf_counter() - started, 1)}
-            _write_json(tmp / META_NAME, meta)  # last: an entry without it is incomplete
+            final = self._publish(tmp, ident, {"seconds": round(time.perf_counter() - started, 1)})
+        if final is None:  # another process exported it first: serve that one
             final = self.root / ident.name
-            try:
-                os.rename(tmp, final)
-            except OSError:  # another process renamed its export first: serve that one
-                log.info("%s: another process exported %s first", spec.key, final.name)
-        finally:
-            with self._lock:
-                self._writing.discard(tmp.name)
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        self._touch(final)
+            self._touch(final)
         log.info("%s: exported to OpenVINO %s (%s, %d MiB) in %.1fs", spec.key, spec.weight_format, final.name,
                  _folder_bytes(final) >> 20, time.perf_counter() - started)
         self._remove_superseded(ident)

@@ -38,6 +38,7 @@ import secrets
 import shutil
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -274,10 +275,7 @@ class QuantizedCache:
                         free >> 20)
             return None
         started = time.perf_counter()
-        tmp = self.root / f"{TMP_PREFIX}{ident.name}-{os.getpid()}-{secrets.token_hex(4)}"
-        with self._lock:
-            self._writing.add(tmp.name)
-        try:
+        with self._new_entry(ident) as tmp:
             model.save_pretrained(tmp)  # before any forward pass: bitsandbytes' CPU repack would alter it
             layout = None
             if spec.quantization == "4bit":
@@ -290,28 +288,47 @@ class QuantizedCache:
                 if item.is_file() and not item.name.startswith(".") and not _is_weight_file(item.name) \
                         and not target.exists():
                     shutil.copy2(item, target)
-            files = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(tmp.iterdir()) if p.is_file()}
-            meta = {"format": FORMAT, "id": ident.id, "key": spec.key, "quantization": spec.quantization,
-                    "created": time.time(), "built_from": ident.parts, "files": files,
-                    "bytes": sum(size for size, _ in files.values()), "signature": model_signature(model),
-                    "cpu_layout": layout}
-            _write_json(tmp / META_NAME, meta)  # last: an entry without it is incomplete
-            final = self.root / ident.name
-            try:
-                os.rename(tmp, final)
-            except OSError:  # another process renamed its copy first (find() removed any invalid one): keep it
-                log.info("%s: another process wrote %s first", spec.key, final.name)
-                return final if final.is_dir() else None
+            final = self._publish(tmp, ident, {"signature": model_signature(model), "cpu_layout": layout})
+        if final is None:  # another process wrote it first (find() removed any invalid one): keep that
+            other = self.root / ident.name
+            return other if other.is_dir() else None
+        log.info("%s: wrote the %s model to the quantized cache (%s, %d MiB) in %.1fs", spec.key, spec.quantization,
+                 final.name, _folder_bytes(final) >> 20, time.perf_counter() - started)
+        self._remove_superseded(ident)
+        self.enforce_cap(keep=final)
+        return final
+
+    @contextmanager
+    def _new_entry(self, ident: Identity) -> Iterator[Path]:
+        """A folder to write ident's entry in, which sweeps leave alone while it is written; gone on
+        the way out unless _publish renamed it."""
+        tmp = self.root / f"{TMP_PREFIX}{ident.name}-{os.getpid()}-{secrets.token_hex(4)}"
+        with self._lock:
+            self._writing.add(tmp.name)
+        try:
+            yield tmp
         finally:
             with self._lock:
                 self._writing.discard(tmp.name)
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+
+    def _publish(self, tmp: Path, ident: Identity, extra: dict) -> Path | None:
+        """Completes the entry written in `tmp`: its meta (file list, sizes, what it was built from,
+        `extra`) goes last, since an entry without it is incomplete, then one rename makes it visible.
+        Returns its folder, or None when another process renamed its copy first."""
+        files = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(tmp.iterdir()) if p.is_file()}
+        meta = {"format": FORMAT, "id": ident.id, "key": ident.key, "quantization": ident.quantization,
+                "created": time.time(), "built_from": ident.parts, "files": files,
+                "bytes": sum(size for size, _ in files.values())} | extra
+        _write_json(tmp / META_NAME, meta)
+        final = self.root / ident.name
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            log.info("%s: another process wrote %s first", ident.key, final.name)
+            return None
         self._touch(final)
-        log.info("%s: wrote the %s model to the quantized cache (%s, %d MiB) in %.1fs", spec.key, spec.quantization,
-                 final.name, meta["bytes"] >> 20, time.perf_counter() - started)
-        self._remove_superseded(ident)
-        self.enforce_cap(keep=final)
         return final
 
     def _remove_superseded(self, ident: Identity) -> None:
