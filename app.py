@@ -2,6 +2,7 @@
 logs and metrics hooks."""
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import logging
@@ -30,7 +31,7 @@ from utils.errors import ServerError, ShuttingDown, Unauthorized
 from utils.hub.demo_models import DEMO_KEYS, all_demo_keys, build_demo_models
 from utils.ops.lifecycle import Lifecycle
 from utils.ops.logging_setup import log_access, setup_logging
-from utils.families.loading import warm_quantization
+from utils.families.loading import warm_imports
 from utils.services import Services, Sweeper, add_jobs, build_services
 
 log = logging.getLogger("model_server.app")
@@ -110,11 +111,11 @@ def create_app(settings: ServerSettings | None = None, *, background: bool = Tru
                                    [services.manager.expire_idle, services.manager.relieve_pressure,
                                     services.temp.sweep, services.jobs.sweep]
                                    ).start()
-        threading.Thread(target=services.lifecycle.run_preload, args=(services.manager.preload,), name="preload",
+        quantized = any(spec.quantization != "none" for spec in settings.models.values())
+        # The first request after a restart would otherwise pay the libraries' imports inside its load.
+        threading.Thread(target=services.lifecycle.run_preload, args=(services.manager.preload,),
+                         kwargs={"warm": functools.partial(warm_imports, quantized)}, name="preload",
                          daemon=True).start()
-        if any(spec.quantization != "none" for spec in settings.models.values()):
-            # The first quantized request would otherwise pay bitsandbytes' import inside its load.
-            threading.Thread(target=warm_quantization, name="warm-quantization", daemon=True).start()
     else:
         services.lifecycle.skip_preload()
     return app

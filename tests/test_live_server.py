@@ -22,9 +22,11 @@ def model_status(server, key):
     return requests.get(server.url + "/admin/model_status", timeout=10).json()["models"][key]
 
 
-def test_bitsandbytes_is_imported_in_the_background_at_start(server):
-    """A quantized model is configured (big8): its first load must not pay bitsandbytes' import."""
-    assert wait_for(lambda: "warmed bitsandbytes in" in server.log_path.read_text(errors="replace"), timeout=60)
+def test_the_libraries_are_imported_before_ready(server):
+    """A quantized model is configured (big8): no first load pays torch's, transformers' or
+    bitsandbytes' import, and /ready says ready only once they are in."""
+    assert wait_for(lambda: requests.get(server.url + "/ready", timeout=10).status_code == 200, timeout=60)
+    assert "warmed torch, transformers and bitsandbytes in" in server.log_path.read_text(errors="replace")
 
 
 def test_sixteen_simultaneous_requests_load_once(server):

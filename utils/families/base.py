@@ -20,7 +20,7 @@ from utils.engine.rows import RowTracker, collate
 from utils.engine.sampling import ForcedChoice, is_plain, prompt_logprobs
 from utils.engine.types import GenerationParams, GenerationRequest, GenerationResult
 from utils.errors import InvalidInput
-from utils.families.loading import check_loaded_weights
+from utils.families.loading import check_loaded_weights, import_bitsandbytes
 from utils.families.moves import park_module, unpark_module
 from utils.families.special_tokens import SpecialTokens, special_tokens
 from utils.hub.model_folder import media_limits, narrowed_media
@@ -424,6 +424,11 @@ def from_pretrained_kwargs(spec: ModelSpec, device: str, skip_modules: list[str]
     if spec.quantization != "none":
         import torch  # deferred: torch
         from transformers import BitsAndBytesConfig  # deferred: transformers
+
+        try:
+            import_bitsandbytes()  # the cheap way, if the background warm-up has not run yet
+        except ImportError:
+            pass  # from_pretrained says what is missing, with the model's name
 
         compute = kwargs["dtype"] if kwargs["dtype"] != "auto" else torch.bfloat16
         if spec.quantization == "4bit":

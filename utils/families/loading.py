@@ -12,6 +12,7 @@ never take this lock.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -112,27 +113,79 @@ def check_remote_code(spec: Any) -> None:
                      f"for '{spec.key}' in models.yaml")
 
 
-def warm_quantization() -> float | None:
-    """Imports bitsandbytes and transformers' bitsandbytes quantizers ahead of the first quantized
-    load; the server runs it in the background at start when a configured model is quantized.
+_bitsandbytes_lock = threading.Lock()
+_bitsandbytes_imported = False
 
-    Importing bitsandbytes costs 1-2 s of CPU once per process (most of it torch.compile, which
-    bitsandbytes calls at import on four of its CPU ops, importing torch._dynamo and torch._inductor);
-    the first 4-bit request after a restart paid it inside its load. Returns the seconds it took,
-    None when bitsandbytes is not installed (a quantized load then fails with its own message)."""
-    started = time.perf_counter()
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # as a quantized load sets it (base.py)
-    try:  # this module stays free of torch and bitsandbytes until asked
-        import bitsandbytes  # noqa: F401  # deferred: bitsandbytes
+
+def import_bitsandbytes() -> None:
+    """Imports bitsandbytes and transformers' bitsandbytes quantizers, once per process, whichever of
+    the background warm-up and the first quantized load asks first (the other waits here).
+
+    At import, bitsandbytes wraps four of its fallback ops in `torch.compile`, and merely building
+    those wrappers imports torch._dynamo and torch._inductor: 2-3 s of CPU before any quantized load,
+    for ops that compile only when first called (and a CPU or CUDA model calls its own backend's
+    kernels instead). So while it imports, the `torch.compile` it sees builds that wrapper at the
+    first call: the same wrapper, made when (if ever) it is used. Any other caller of torch.compile
+    in those moments gets the real one. Raises ImportError when bitsandbytes is not installed."""
+    global _bitsandbytes_imported
+    with _bitsandbytes_lock:
+        if _bitsandbytes_imported:
+            return
+        import torch  # deferred: torch
+
+        real_compile = torch.compile
+
+        def compile_when_called(fn=None, **options):
+            if fn is None:
+                return lambda inner: compile_when_called(inner, **options)
+            if not getattr(fn, "__module__", "").startswith("bitsandbytes"):
+                return real_compile(fn, **options)
+            compiled = []
+
+            @functools.wraps(fn)
+            def call(*args, **kwargs):
+                if not compiled:
+                    compiled.append(real_compile(fn, **options))
+                return compiled[0](*args, **kwargs)
+            return call
+
+        torch.compile = compile_when_called
+        try:
+            import bitsandbytes  # noqa: F401  # deferred: bitsandbytes
+        finally:
+            torch.compile = real_compile
         import transformers.integrations.bitsandbytes  # noqa: F401  # deferred: transformers
         import transformers.quantizers.quantizer_bnb_4bit  # noqa: F401  # deferred: transformers
         import transformers.quantizers.quantizer_bnb_8bit  # noqa: F401  # deferred: transformers
-    except ImportError as exc:
-        log.warning("bitsandbytes could not be imported ahead of the first quantized load: %s", exc)
-        return None
-    except Exception:  # a broken install shows at the load itself, with the model's name
-        log.exception("importing bitsandbytes ahead of the first quantized load failed")
-        return None
+        _bitsandbytes_imported = True
+
+
+def warm_imports(quantized: bool) -> float:
+    """Imports what every load imports (torch; transformers' model loading, its generation utilities,
+    which import torch._dynamo; the auto classes) and, when a configured model is quantized,
+    bitsandbytes: the serving process runs it at start, before it reports ready. In a fresh process
+    those imports took 3.5 s of the first load of a 0.1 s model on 2 cores (and the first 4-bit load
+    4-6 s), so a request sent after a restart paid them. Returns the seconds it took; an import that
+    fails is logged, and the load that needs it fails later with the model's name."""
+    started = time.perf_counter()
+    try:  # this module stays free of torch and transformers until asked
+        import torch  # noqa: F401  # deferred: torch
+        import transformers.core_model_loading  # noqa: F401  # deferred: transformers
+        import transformers.generation.utils  # noqa: F401  # deferred: transformers
+        import transformers.modeling_utils  # noqa: F401  # deferred: transformers
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401  # deferred: transformers
+    except Exception:
+        log.exception("importing torch and transformers ahead of the first load failed")
+    what = "torch and transformers"
+    if quantized:
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # as a quantized load sets it (base.py)
+        try:
+            import_bitsandbytes()
+            what = "torch, transformers and bitsandbytes"
+        except ImportError as exc:
+            log.warning("bitsandbytes could not be imported ahead of the first quantized load: %s", exc)
+        except Exception:  # a broken install shows at the load itself, with the model's name
+            log.exception("importing bitsandbytes ahead of the first quantized load failed")
     seconds = time.perf_counter() - started
-    log.info("warmed bitsandbytes in %.2fs, ahead of the first quantized load", seconds)
+    log.info("warmed %s in %.2fs, ahead of the first load", what, seconds)
     return seconds
