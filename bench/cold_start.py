@@ -24,8 +24,8 @@ One run, bounded in time:
    with the loads' grouping waits from /admin/model_status, against plain transformers' reload.
 6. the first 4-bit request after a restart: a fresh server process on the cache written in 4,
    whose very first request is q4_a (bitsandbytes not yet used in that process), sent as soon as
-   /health answers, and again in a second fresh process a few seconds after start (what a restart
-   costs once its background warm-up of bitsandbytes is done); against our bf16 reload.
+   /ready answers (the libraries imported: what a load balancer routes by), and in two more fresh
+   processes as soon as /health (liveness) answers and a few seconds after it; against our bf16 reload.
 
 stdout: JSON lines ("kind": meta | measurement | ratio | summary | error | skip); progress on stderr.
 A ratio is "met" when it reaches its target and no request of either side failed.
@@ -51,6 +51,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -173,6 +175,19 @@ def start_server(name: str, config: Path, work: Path, env: dict | None = None) -
     port = C.free_port()
     argv = [C.PYTHON, "main.py", "--host", "127.0.0.1", "--port", str(port), "--config", str(config)]
     return C.Server(name, argv, base, run_dir / "server.log", port, "/health")
+
+
+def wait_ready(server: C.Server, timeout: float) -> None:
+    """Until GET /ready is 200: the libraries imported and any preload over."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(server.url + "/ready", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{server.name}: /ready not 200 within {timeout:g} s")
 
 
 def request(server: C.Server, key: str, timeout: float) -> dict:
@@ -425,18 +440,25 @@ def main(argv=None) -> int:
 
         if "restart" in only and not any(e.startswith("q4_a--") for e in cache_entries(models_dir)["entries"]):
             raise RuntimeError("no 4-bit cache entry to restart on: run the reload phases first (--only reload)")
-        for label, settle in (("q4_first_after_restart", 0.0), ("q4_first_after_restart_settled", SETTLED_AFTER_START)):
+        for label, when in (("q4_first_after_restart_at_health", "health"), ("q4_first_after_restart", "ready"),
+                            ("q4_first_after_restart_settled", SETTLED_AFTER_START)):
             if "restart" not in only:
                 break
             C.log(f"fresh process, first request 4-bit ({label})")
             server = start_server(f"{label}_server", config, work)
             try:
-                time.sleep(settle)
+                healthy = time.monotonic()
+                if when == "ready":
+                    wait_ready(server, args.request_timeout)
+                elif when != "health":
+                    time.sleep(when)
+                after_health = time.monotonic() - healthy
                 row = request(server, "q4_a", args.request_timeout)
             finally:
                 server.stop()
             results[label] = summarize([row])
-            C.emit({"kind": "measurement", "name": label, "seconds_after_health": settle, **results[label],
+            C.emit({"kind": "measurement", "name": label, "sent": when if isinstance(when, str) else "settled",
+                    "seconds_after_health": round(after_health, 3), **results[label],
                     "rows": [row], "load_log": load_lines(work / f"{label}_server" / "server.log")})
 
         entry = next((models_dir / ".quantized" / e for e in cache_entries(models_dir)["entries"]
@@ -477,10 +499,12 @@ def main(argv=None) -> int:
                   "one client alternating two bf16 models, default settings / plain from_pretrained + 1 token"),
             ratio("q4_first_after_restart_vs_bf16", r("q4_first_after_restart"), r("bf16") or r("switch"),
                   TARGETS["q4_first_after_restart_vs_bf16"],
-                  "the first request of a fresh process, 4-bit, cache found, sent when /health answers / ours bf16 "
-                  "reload")]
+                  "the first request of a fresh process, 4-bit, cache found, sent when /ready answers (what a load "
+                  "balancer or the image's health check routes by) / ours bf16 reload")]
+    ratio("q4_first_after_restart_at_health_vs_bf16", r("q4_first_after_restart_at_health"), r("bf16") or r("switch"),
+          None, "the same sent when /health (liveness) answers, while the libraries still import / ours bf16 reload")
     ratio("q4_first_after_restart_settled_vs_bf16", r("q4_first_after_restart_settled"), r("bf16") or r("switch"), None,
-          f"the same {SETTLED_AFTER_START:g} s after /health (background warm-up done) / ours bf16 reload")
+          f"the same {SETTLED_AFTER_START:g} s after /health / ours bf16 reload")
     ratio("bf16_first_after_restart_vs_bf16", r("bf16_restarted_first"), r("bf16"), None,
           "the first requests of a fresh process, bf16 / ours bf16 reload")
     measured = [m for m in met if m["ratio"] is not None]  # --only runs some phases
