@@ -159,7 +159,7 @@ def test_engine_defaults_server_section_model_override_and_environment(tmp_path)
     settings = load_settings(write_config(tmp_path), env={"TORCH_THREADS": "3", "GROUP_WINDOW": "0"})
     assert settings.torch_threads == 3 and settings.group_window == 0.0
     default = load_settings(write_config(tmp_path), env={})
-    assert default.torch_threads is None and default.group_window is None and default.engine.max_batch_size == 16
+    assert default.torch_threads is None and default.group_window is None and default.engine.max_batch_size == 32
 
 
 @pytest.mark.parametrize("model_extra,needle", [

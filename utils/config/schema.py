@@ -97,7 +97,7 @@ class ModelLimits:
 class EngineSettings:
     """How a loaded model's engine runs (server `engine:` section, overridden per model)."""
     batching: str = "auto"          # auto: continuous where the family supports it, else dynamic
-    max_batch_size: int = 16        # rows in one forward pass; 1 = batching off
+    max_batch_size: int = 32        # rows in one forward pass; 1 = batching off (out of memory halves it for a while)
     max_queue: int = 64             # requests waiting per model; more get 503 + Retry-After
     queue_timeout: float = 60.0     # seconds a request may wait to start; then 503
     attn_implementation: str = "auto"  # auto = transformers' choice (sdpa where the model has it)
