@@ -2,7 +2,6 @@
 logs and metrics hooks."""
 from __future__ import annotations
 
-import functools
 import hmac
 import json
 import logging
@@ -106,15 +105,16 @@ def create_app(settings: ServerSettings | None = None, *, background: bool = Tru
     _install_serving_layer(app, services)
 
     if background:
+        # Before the process serves anything: the first request after a restart would otherwise pay
+        # these imports inside its load, and transformers' lazy module is not safe to read from one
+        # thread while another imports it (a request saw "no attribute 'AutoTokenizer'").
+        warm_imports(any(spec.quantization != "none" for spec in settings.models.values()))
         services.jobs.start()
         services.sweeper = Sweeper(settings.sweep_interval,
                                    [services.manager.expire_idle, services.manager.relieve_pressure,
                                     services.temp.sweep, services.jobs.sweep]
                                    ).start()
-        quantized = any(spec.quantization != "none" for spec in settings.models.values())
-        # The first request after a restart would otherwise pay the libraries' imports inside its load.
-        threading.Thread(target=services.lifecycle.run_preload, args=(services.manager.preload,),
-                         kwargs={"warm": functools.partial(warm_imports, quantized)}, name="preload",
+        threading.Thread(target=services.lifecycle.run_preload, args=(services.manager.preload,), name="preload",
                          daemon=True).start()
     else:
         services.lifecycle.skip_preload()

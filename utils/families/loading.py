@@ -163,7 +163,7 @@ def import_bitsandbytes() -> None:
 def warm_imports(quantized: bool) -> float:
     """Imports what every load imports (torch; transformers' model loading, its generation utilities,
     which import torch._dynamo; the auto classes) and, when a configured model is quantized,
-    bitsandbytes: the serving process runs it at start, before it reports ready. In a fresh process
+    bitsandbytes: the serving process runs it at start, before it serves anything. In a fresh process
     those imports took 3.5 s of the first load of a 0.1 s model on 2 cores (and the first 4-bit load
     4-6 s), so a request sent after a restart paid them. Returns the seconds it took; an import that
     fails is logged, and the load that needs it fails later with the model's name."""

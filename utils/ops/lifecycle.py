@@ -28,25 +28,20 @@ class Lifecycle:
         self._cond = threading.Condition()
         self._in_flight = 0
         self._deadline: float | None = None  # set when the drain begins
-        self._preload = "not started"          # not started / warming / running / done / failed / skipped
+        self._preload = "not started"          # not started / running / done / failed / skipped
         self._preload_error: str | None = None
         self._callbacks: list[tuple[str, Callable[[], object]]] = []
         self._shut_down = False
 
     # ------------------------------------------------------------ preload
 
-    def run_preload(self, preload: Callable[[], None], warm: Callable[[], object] | None = None) -> None:
-        """Runs `warm` (the libraries every load imports), then the manager's preload, in the caller's
-        thread, and records how it went: the process is not ready until both are over. A model that
+    def run_preload(self, preload: Callable[[], None]) -> None:
+        """Runs the manager's preload (in the caller's thread) and records how it went. A model that
         fails to preload is reported by the manager's own status; this records only that preloading
         is over (or that the preload step itself raised)."""
+        with self._cond:
+            self._preload = "running"
         try:
-            if warm is not None:
-                with self._cond:
-                    self._preload = "warming"
-                warm()
-            with self._cond:
-                self._preload = "running"
             preload()
         except Exception as exc:  # contained: reported by /ready, never fatal
             log.exception("preloading failed")
@@ -155,9 +150,7 @@ class Lifecycle:
         if not models_ok:
             reasons.append(f"the models folder is not a readable directory: {models_dir.name or models_dir}")
         preload = self._preload
-        if preload == "warming":
-            reasons.append("importing torch and transformers, ahead of the first load")
-        elif preload in ("not started", "running"):
+        if preload in ("not started", "running"):
             reasons.append(f"preloading models: {preload}")
         if self.draining:
             reasons.append("draining: the server is shutting down")
