@@ -24,8 +24,8 @@ One run, bounded in time:
    with the loads' grouping waits from /admin/model_status, against plain transformers' reload.
 6. the first 4-bit request after a restart: a fresh server process on the cache written in 4,
    whose very first request is q4_a (bitsandbytes not yet used in that process), sent as soon as
-   /ready answers (the libraries imported: what a load balancer routes by), and in two more fresh
-   processes as soon as /health (liveness) answers and a few seconds after it; against our bf16 reload.
+   /health answers (the target), and in two more fresh processes as soon as /ready answers (what a
+   load balancer routes by) and a few seconds after /health; against our bf16 reload.
 
 stdout: JSON lines ("kind": meta | measurement | ratio | summary | error | skip); progress on stderr.
 A ratio is "met" when it reaches its target and no request of either side failed.
@@ -497,12 +497,12 @@ def main(argv=None) -> int:
           "first 4-bit requests of a restarted server (cache found) / QUANT_CACHE=0 reload")
     met += [ratio("switch_vs_plain", r("switch"), r("plain_bf16"), TARGETS["switch_vs_plain"],
                   "one client alternating two bf16 models, default settings / plain from_pretrained + 1 token"),
-            ratio("q4_first_after_restart_vs_bf16", r("q4_first_after_restart"), r("bf16") or r("switch"),
+            ratio("q4_first_after_restart_vs_bf16", r("q4_first_after_restart_at_health"), r("bf16") or r("switch"),
                   TARGETS["q4_first_after_restart_vs_bf16"],
-                  "the first request of a fresh process, 4-bit, cache found, sent when /ready answers (what a load "
-                  "balancer or the image's health check routes by) / ours bf16 reload")]
-    ratio("q4_first_after_restart_at_health_vs_bf16", r("q4_first_after_restart_at_health"), r("bf16") or r("switch"),
-          None, "the same sent when /health (liveness) answers, while the libraries still import / ours bf16 reload")
+                  "the first request of a fresh process, 4-bit, cache found, sent when /health answers / ours bf16 "
+                  "reload")]
+    ratio("q4_first_after_restart_at_ready_vs_bf16", r("q4_first_after_restart"), r("bf16") or r("switch"), None,
+          "the same sent when /ready answers (what a load balancer or the image's health check routes by)")
     ratio("q4_first_after_restart_settled_vs_bf16", r("q4_first_after_restart_settled"), r("bf16") or r("switch"), None,
           f"the same {SETTLED_AFTER_START:g} s after /health / ours bf16 reload")
     ratio("bf16_first_after_restart_vs_bf16", r("bf16_restarted_first"), r("bf16"), None,
