@@ -52,8 +52,6 @@ import sys
 import time
 from pathlib import Path
 
-import requests
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import common as C  # noqa: E402
@@ -175,19 +173,6 @@ def start_server(name: str, config: Path, work: Path, env: dict | None = None) -
     port = C.free_port()
     argv = [C.PYTHON, "main.py", "--host", "127.0.0.1", "--port", str(port), "--config", str(config)]
     return C.Server(name, argv, base, run_dir / "server.log", port, "/health")
-
-
-def wait_ready(server: C.Server, timeout: float) -> None:
-    """Until GET /ready is 200: the libraries imported and any preload over."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(server.url + "/ready", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"{server.name}: /ready not 200 within {timeout:g} s")
 
 
 def request(server: C.Server, key: str, timeout: float) -> dict:
@@ -449,7 +434,7 @@ def main(argv=None) -> int:
             try:
                 healthy = time.monotonic()
                 if when == "ready":
-                    wait_ready(server, args.request_timeout)
+                    server.wait_for("/ready", args.request_timeout, poll=0.05)  # preloads over
                 elif when != "health":
                     time.sleep(when)
                 after_health = time.monotonic() - healthy

@@ -102,20 +102,21 @@ class Server:
         with _PROCS_LOCK:
             _PROCS.append(self)
         log(f"started {name} pid {self.process.pid} on {self.url} (log {log_path})")
-        self._wait_ready(health, ready_timeout)
+        self.wait_for(health, ready_timeout)
 
-    def _wait_ready(self, health: str, timeout: float) -> None:
+    def wait_for(self, path: str, timeout: float, poll: float = 0.3) -> None:
+        """Until GET `path` answers 200 (or the process exits, or `timeout` passes)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.name} exited early ({self.process.returncode}); log:\n{self.log_tail()}")
             try:
-                if requests.get(self.url + health, timeout=2).status_code == 200:
+                if requests.get(self.url + path, timeout=2).status_code == 200:
                     return
             except requests.RequestException:
                 pass
-            time.sleep(0.3)
-        raise RuntimeError(f"{self.name} not ready in {timeout:.0f}s; log:\n{self.log_tail()}")
+            time.sleep(poll)
+        raise RuntimeError(f"{self.name}: {path} not 200 in {timeout:.0f}s; log:\n{self.log_tail()}")
 
     def log_tail(self, n: int = 3000) -> str:
         try:
