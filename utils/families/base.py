@@ -426,7 +426,7 @@ def from_pretrained_kwargs(spec: ModelSpec, device: str, skip_modules: list[str]
         from transformers import BitsAndBytesConfig  # deferred: transformers
 
         try:
-            import_bitsandbytes()  # the cheap way, if the background warm-up has not run yet
+            import_bitsandbytes()  # without its eager compile wrappers, if warm_imports has not run
         except ImportError:
             pass  # from_pretrained says what is missing, with the model's name
 

@@ -118,15 +118,17 @@ _bitsandbytes_imported = False
 
 
 def import_bitsandbytes() -> None:
-    """Imports bitsandbytes and transformers' bitsandbytes quantizers, once per process, whichever of
-    the background warm-up and the first quantized load asks first (the other waits here).
+    """Imports bitsandbytes and transformers' bitsandbytes quantizers, once per process: from
+    warm_imports when the server starts, else (an app without background work) at the first
+    quantized load.
 
     At import, bitsandbytes wraps four of its fallback ops in `torch.compile`, and merely building
     those wrappers imports torch._inductor's compiler: about 1 s of CPU on 2 cores (torch._dynamo
     itself comes with transformers' generation utilities anyway), for ops that compile only when
-    first called (and a CPU or CUDA model calls its own backend's kernels instead). So while it imports, the `torch.compile` it sees builds that wrapper at the
-    first call: the same wrapper, made when (if ever) it is used. Any other caller of torch.compile
-    in those moments gets the real one. Raises ImportError when bitsandbytes is not installed."""
+    first called (and a CPU or CUDA model calls its own backend's kernels instead). So while it
+    imports, the `torch.compile` it sees builds that wrapper at the first call: the same wrapper,
+    made when (if ever) it is used. Any other caller of torch.compile in those moments gets the real
+    one. Raises ImportError when bitsandbytes is not installed."""
     global _bitsandbytes_imported
     with _bitsandbytes_lock:
         if _bitsandbytes_imported:
