@@ -2,12 +2,15 @@
 random weights, a byte-level BPE tokenizer), served by ONE server as two models:
   qwen06_pytorch   runtime pytorch, bfloat16 (our continuous engine)
   qwen06_openvino  runtime openvino, weight_format int4 (OpenVINO's default precision: bf16 on AMX)
-through /v1/chat/completions with `hey` (greedy, a ~32-token prompt, max_tokens 64) at c=1 and c=8,
-then bare openvino-genai in process (the same export, ContinuousBatchingPipeline, the same prompt ids)
-as the floor, after the server is stopped. Prints req/s and the ratios against the issue's targets:
-ours openvino >= 2x ours pytorch at c=1 and >= 1.5x at c=8; ours openvino >= 0.85x bare openvino-genai.
+through /v1/chat/completions with `hey` (greedy, a ~32-token prompt, max_tokens 64) at c=1 and c=8, and
+bare openvino-genai in this process (the same export, ContinuousBatchingPipeline, the same prompt ids)
+as the floor. The three are measured alternately (ours openvino, bare, ours pytorch, again: the server
+idles while the floor runs), so a box whose speed drifts over minutes moves every side alike. Prints
+req/s and the ratios against the issue's targets: ours openvino >= 2x ours pytorch at c=1 and >= 1.5x
+at c=8; ours openvino >= 0.85x bare openvino-genai.
 
     flock /tmp/heavy.lock .venv/bin/python bench/openvino_vs_pytorch.py [--requests-c1 6] [--requests-c8 24]
+                                                                        [--rounds 3]
 
 (Not bench/openvino.py: run as a script, its folder is on sys.path and that name shadows the openvino package.)
 """
@@ -18,8 +21,6 @@ import json
 import re
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -81,39 +82,40 @@ def hey(url: str, body: dict, n: int, c: int, work: Path) -> float:
     return float(re.search(r"Requests/sec:\s+([\d.]+)", done.stdout).group(1))
 
 
-def bare_openvino(folder: Path, ids: list[int], n: int, c: int) -> float:
+class BareOpenVINO:
     """openvino-genai alone: c requests in flight at a time, n in all, one thread stepping."""
-    import numpy
-    import openvino
-    import openvino_genai
 
-    scheduler = openvino_genai.SchedulerConfig()
-    scheduler.max_num_seqs, scheduler.cache_size, scheduler.enable_prefix_caching = 16, 0, False
-    pipe = openvino_genai.ContinuousBatchingPipeline(str(folder), scheduler, "CPU", {})
-    tensor = openvino.Tensor(numpy.asarray([ids], dtype=numpy.int64))
+    def __init__(self, folder: Path, ids: list[int]) -> None:
+        import numpy
+        import openvino
+        import openvino_genai
 
-    def config():
-        cfg = openvino_genai.GenerationConfig()
-        cfg.max_new_tokens, cfg.do_sample = NEW_TOKENS, False
-        return cfg
+        self.genai = openvino_genai
+        scheduler = openvino_genai.SchedulerConfig()
+        scheduler.max_num_seqs, scheduler.cache_size, scheduler.enable_prefix_caching = 16, 0, False
+        self.pipe = openvino_genai.ContinuousBatchingPipeline(str(folder), scheduler, "CPU", {})
+        self.tensor = openvino.Tensor(numpy.asarray([ids], dtype=numpy.int64))
+        self.sent = 0
+        self.rps(1, 1)  # warm
 
-    def run(count: int) -> float:
-        started, handles, sent = time.perf_counter(), [], 0
-        while sent < count or handles:
-            while sent < count and len(handles) < c:
-                handles.append(pipe.add_request(sent + 1000 * count, tensor, config()))
-                sent += 1
-            pipe.step()
-            handles = [h for h in handles if h.get_status() == openvino_genai.GenerationStatus.RUNNING]
-        return count / (time.perf_counter() - started)
-    run(min(c, 2))  # warm
-    return max(run(n) for _ in range(2))
+    def rps(self, n: int, c: int) -> float:
+        started, handles, left = time.perf_counter(), [], n
+        while left or handles:
+            while left and len(handles) < c:
+                config = self.genai.GenerationConfig()
+                config.max_new_tokens, config.do_sample = NEW_TOKENS, False
+                handles.append(self.pipe.add_request(self.sent, self.tensor, config))
+                self.sent, left = self.sent + 1, left - 1
+            self.pipe.step()
+            handles = [h for h in handles if h.get_status() == self.genai.GenerationStatus.RUNNING]
+        return n / (time.perf_counter() - started)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests-c1", type=int, default=6)
     parser.add_argument("--requests-c8", type=int, default=24)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per c, best kept (default 3)")
     parser.add_argument("--work", type=Path, default=ROOT / "models" / ".bench-openvino")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "openvino_cpu.json")
     args = parser.parse_args()
@@ -132,29 +134,32 @@ def main() -> int:
                      "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     try:
         url = server.url + "/v1/chat/completions"
+        body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": NEW_TOKENS, "temperature": 0}
         for key in ("qwen06_openvino", "qwen06_pytorch"):
-            body = {"model": key, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": NEW_TOKENS,
-                    "temperature": 0}
             started = time.perf_counter()
-            hey(url, body, 1, 1, work)  # loads (the openvino one exports first, once)
+            hey(url, {**body, "model": key}, 1, 1, work)  # loads (the openvino one exports first, once)
             results[f"{key}_first_request_s"] = round(time.perf_counter() - started, 1)
             status = C.model_status(server)[key]
             results[f"{key}_load_s"], results[f"{key}_bytes"] = status["last_load_seconds"], status["bytes_in_memory"]
-            for c, n in ((1, args.requests_c1), (8, args.requests_c8)):
-                rps = max(hey(url, body, n, c, work) for _ in range(2))
-                results[f"{key}_c{c}_rps"] = rps
-                C.log(f"{key} c={c}: {rps:.3f} req/s")
-        spec_folder = sorted((work / ".openvino").glob("qwen06_openvino--int4--*"))[-1]
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(ckpt)
         ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
                                       return_dict=True)["input_ids"]
         results["prompt_tokens"] = len(ids)
+        bare = BareOpenVINO(sorted((work / ".openvino").glob("qwen06_openvino--int4--*"))[-1], ids)
+        for c, n in ((1, args.requests_c1), (8, args.requests_c8)):
+            runs: dict[str, list[float]] = {"qwen06_openvino": [], "bare_openvino": [], "qwen06_pytorch": []}
+            for key in ("qwen06_openvino", "qwen06_pytorch"):
+                hey(url, {**body, "model": key}, c, c, work)  # warm at this c
+            for _ in range(args.rounds):
+                for side in runs:
+                    rps = bare.rps(n, c) if side == "bare_openvino" else hey(url, {**body, "model": side}, n, c, work)
+                    runs[side].append(round(rps, 3))
+                    C.log(f"{side} c={c}: {rps:.3f} req/s")
+            for side, values in runs.items():
+                results[f"{side}_c{c}_rps"], results[f"{side}_c{c}_runs"] = max(values), values
     finally:
         server.stop()
-    for c, n in ((1, args.requests_c1), (8, args.requests_c8)):
-        results[f"bare_openvino_c{c}_rps"] = bare_openvino(spec_folder, ids, n, c)
-        C.log(f"bare openvino-genai c={c}: {results[f'bare_openvino_c{c}_rps']:.3f} req/s")
     for c, target in ((1, 2.0), (8, 1.5)):
         ratio = results[f"qwen06_openvino_c{c}_rps"] / results[f"qwen06_pytorch_c{c}_rps"]
         results[f"openvino_vs_pytorch_c{c}"] = round(ratio, 2)

@@ -396,3 +396,61 @@ def test_prefix_cache_drops_the_least_recently_used_past_its_bytes():
     assert cache.stats()["evictions"] == 1 and cache.bytes <= cache.max_bytes
     cache.clear()
     assert cache.bytes == 0 and cache.lookup(prompts[0] + [7]) == (0, None)
+
+
+def test_a_visit_is_busy_but_while_it_waits_on_an_engine():
+    from utils.engine.arrivals import Arrivals
+
+    tally = Arrivals()
+    assert tally.current() is None and tally.busy() == 0
+    with tally.visit() as visit:
+        assert tally.busy() == 1 and tally.current() is visit
+        with tally.visit() as inner:  # the WSGI middleware inside gunicorn's worker: the same visit
+            assert inner is visit and tally.busy() == 1
+        assert tally.busy() == 1
+        visit.wait_on_engine()
+        visit.wait_on_engine()
+        assert tally.busy() == 0 and tally.wait_quiet(0)
+        visit.wake()
+        visit.wake()
+        assert tally.busy() == 1 and not tally.wait_quiet(0.01)
+    assert tally.busy() == 0 and tally.current() is None
+    visit.wake()  # a job that ends after its request has gone counts nothing
+    assert tally.busy() == 0
+
+    entered, leave = threading.Event(), threading.Event()
+
+    def request():
+        with tally.visit() as other:
+            entered.set()
+            leave.wait(5)
+            other.wait_on_engine()
+            time.sleep(30)  # waits on its engine: not busy
+    threading.Thread(target=request, daemon=True).start()
+    entered.wait(5)
+    assert tally.busy() == 1
+    threading.Timer(0.1, leave.set).start()
+    started = time.monotonic()
+    assert tally.wait_quiet(5) and time.monotonic() - started < 4
+
+
+def test_submit_marks_the_request_waiting_and_its_end_wakes_it(adapters):
+    from utils.engine.arrivals import ARRIVALS
+
+    adapter = adapters["deepseek"]
+    engine = make_engine(adapter).start()
+    try:
+        prepared = adapter.prepare(request_for("deepseek", 1))
+        with ARRIVALS.visit() as visit:
+            job = engine.submit(prepared, greedy(4))
+            assert job.visit is visit
+            job.wait()
+            assert visit.busy  # woken to write the answer
+            streamed = engine.submit(prepared, greedy(4), streaming=True)
+            assert "".join(streamed.pieces()) == job.result.text
+            group = engine.submit_group([(prepared, greedy(4))] * 2)
+            assert not visit.busy
+            assert engine.run_group(group)[1].text == job.result.text and visit.busy
+        assert not visit.busy and engine.submit(prepared, greedy(2)).visit is None
+    finally:
+        engine.stop()

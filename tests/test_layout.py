@@ -27,6 +27,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "config.reload": {"errors", "config", "media"},  # applies re-read settings to the running services
     "media": {"errors", "config"},
     "engine": {"errors", "observer", "config", "serving.memory"},
+    "engine.arrivals": set(),  # requests busy in Python: gunicorn's worker and the middleware count them
     "engine.grammar": {"errors"},  # what a constrained row must generate, and its matcher (no Flask)
     "families": {"errors", "config", "engine", "media", "serving.memory", "serving.quantized_cache",
                  "hub.model_folder"},  # what a checkpoint takes (read_capabilities)
@@ -38,9 +39,10 @@ MAY_IMPORT: dict[str, set[str]] = {
                  "serving.quantized_cache"},
     "jobs": {"errors", "observer", "config", "serving"},
     "hub": {"errors", "config", "hub"},
-    "ops": {"errors", "config", "serving"},
+    "ops": {"errors", "config", "serving", "engine.arrivals"},
     # engine.grammar: response_format and forced tool calls become a Grammar (a schema's 400 before the lease)
-    "api": {"errors", "config", "media", "families", "serving", "jobs", "ops", "hub.model_folder", "engine.grammar"},
+    "api": {"errors", "config", "media", "families", "serving", "jobs", "ops", "hub.model_folder", "engine.grammar",
+            "engine.arrivals"},
     "local_services": {"errors", "config", "media", "engine", "families", "serving", "ops", "runtimes"},
     "cluster": {"errors", "config", "media", "families", "serving", "ops", "hub", "local_services"},
     "download_model": {"hub"},

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,37 @@ def test_exporter_environment_keeps_the_servers_transformers():
                             " torch.__file__)"], capture_output=True, text=True, timeout=120).stdout.split()
     assert found[0] == "5.5.4" and found[0] != transformers.__version__
     assert Path(found[1]).is_relative_to(Path(transformers.__file__).parents[1])  # torch shared, not installed twice
+
+
+def test_the_engine_waits_for_requests_busy_in_python_before_it_steps(app, monkeypatch):
+    """openvino-genai's step() holds the GIL: a request still being parsed when another reaches the
+    engine would wait out the step. The engine waits (bounded) until no request is busy in Python, so
+    both join one step: here the first is taken only once the second has been submitted."""
+    import utils.runtimes.openvino as runtime
+    from utils.engine.arrivals import ARRIVALS
+    from utils.families.base import GenerationParams, GenerationRequest
+
+    monkeypatch.setattr(runtime, "MIN_PAUSE", 20.0)  # the bound, raised so that only quiet ends the wait
+    params = GenerationParams(max_new_tokens=3, temperature=1.0, top_p=1.0, do_sample=False)
+    with manager(app).lease(KEY) as served:
+        prepared = served.adapter.prepare(GenerationRequest(prompt="hello there"))
+        parsing, submitted = threading.Event(), {}
+
+        def slow_request():
+            with ARRIVALS.visit():
+                parsing.set()
+                time.sleep(0.5)  # still reading its body, templating, tokenizing
+                submitted["at"] = time.monotonic()
+                submitted["job"] = served.engine.submit(prepared, params)
+                submitted["job"].wait()
+        thread = threading.Thread(target=slow_request)
+        thread.start()
+        parsing.wait(5)
+        started = time.monotonic()
+        first = served.engine.submit(prepared, params)
+        assert first.wait().completion_tokens == 3
+        thread.join(30)
+        assert first.started_at >= submitted["at"], "the engine stepped while a request was busy in Python"
+        assert submitted["job"].result.text == first.result.text
+        assert time.monotonic() - started < 15  # it woke when the request reached it, not at the bound
+    assert ARRIVALS.busy() == 0

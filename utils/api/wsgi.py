@@ -19,9 +19,10 @@
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
-from typing import Callable, Iterable
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable, Iterable
 
+from utils.engine.arrivals import ARRIVALS
 from utils.errors import BodyTimeout, InvalidInput, PayloadTooLarge, ServerError
 from utils.hub.model_folder import one_snapshot
 from utils.ops.lifecycle import Lifecycle
@@ -205,6 +206,12 @@ def mounted_path(environ) -> None:
         environ["SCRIPT_NAME"] = ""
 
 
+def _visit(environ) -> Any:
+    """A POST (the requests that reach an engine) is busy in Python until its view returns, but for
+    the time it waits on an engine (utils/engine/arrivals.py)."""
+    return ARRIVALS.visit() if environ.get("REQUEST_METHOD") == "POST" else nullcontext()
+
+
 class ServingMiddleware:
     def __init__(self, app, *, lifecycle: Lifecycle, max_bytes: Callable[[], int | None],
                  body_timeout: float | None, stream_end: Callable[[str], bytes]) -> None:
@@ -237,7 +244,7 @@ class ServingMiddleware:
             return start_response(status, headers, exc_info)
 
         try:
-            with one_snapshot():  # the request's checks read its model folder's files once
+            with one_snapshot(), _visit(environ):  # one read of the model folder's files; busy in Python
                 result = self.app(environ, start)
         except BaseException:
             if admitted:

@@ -18,6 +18,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Iterator
 
+from utils.engine.arrivals import ARRIVALS
 from utils.engine.phases import phase
 from utils.engine.rows import batch_key
 from utils.engine.types import GenerationParams, GenerationResult
@@ -58,6 +59,7 @@ class Job:
         self._started = threading.Event()
         self._done = threading.Event()
         self._pieces: Any = pieces if pieces is not None else queue.SimpleQueue()  # a JobGroup's shares one
+        self.visit = ARRIVALS.current()  # the submitting request's (utils/engine/arrivals.py); None off one
 
     # -- the worker's side (BatchRow)
     @property
@@ -70,6 +72,8 @@ class Job:
 
     def emit(self, piece: str) -> None:
         self.emitted_any = True
+        if self.visit is not None:  # its request thread wakes to write the piece
+            self.visit.wake()
         self._pieces.put(piece)
 
     def progress(self, step: int, total: int) -> None:
@@ -79,14 +83,18 @@ class Job:
     def finish(self, result: GenerationResult) -> None:
         if not self._done.is_set():
             self.result = result
-            self._done.set()
-            self._pieces.put(_END)
+            self._ended()
 
     def fail(self, error: BaseException) -> None:
         if not self._done.is_set():
             self.error = error
-            self._done.set()
-            self._pieces.put(_END)
+            self._ended()
+
+    def _ended(self) -> None:
+        if self.visit is not None:  # its request thread wakes to write the answer
+            self.visit.wake()
+        self._done.set()
+        self._pieces.put(_END)
 
     def mark_started(self) -> None:
         self.started_at = time.monotonic()
@@ -119,6 +127,8 @@ class Job:
     def pieces(self) -> Iterator[str]:
         """Text pieces as the worker produces them; returns the result when the row finishes."""
         while True:
+            if self.visit is not None:
+                self.visit.wait_on_engine()
             piece = self._pieces.get()
             if piece is _END:
                 break
@@ -148,8 +158,10 @@ class JobGroup:
     def pieces(self) -> Iterator[tuple[int, str | None]]:
         """(index, piece) as the rows produce them, and (index, None) when a job has ended (its
         `result` or `error` is set), until every job has."""
-        left = len(self.jobs)
+        left, visit = len(self.jobs), self.jobs[0].visit
         while left:
+            if visit is not None:
+                visit.wait_on_engine()
             index, piece = self._shared.get()
             if piece is _END:
                 left -= 1
@@ -198,6 +210,8 @@ class Engine:
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"'{self.key}' has {len(self._queue)} requests queued (max_queue="
                                 f"{self.max_queue}); retry later", retry_after=max(1.0, self._drain_estimate()))
+            if job.visit is not None:  # before the worker can end it
+                job.visit.wait_on_engine()
             self._queue.append(job)
             self._cond.notify_all()
         return job
@@ -215,6 +229,8 @@ class Engine:
                 raise QueueFull(f"'{self.key}' has {len(self._queue)} requests queued and this one brings "
                                 f"{len(jobs)} rows (max_queue={self.max_queue}); retry later",
                                 retry_after=max(1.0, self._drain_estimate()))
+            if jobs[0].visit is not None:
+                jobs[0].visit.wait_on_engine()
             self._queue.extend(jobs)
             self._cond.notify_all()
         return JobGroup(jobs, shared)

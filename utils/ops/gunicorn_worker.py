@@ -36,6 +36,7 @@ from gunicorn.arbiter import Arbiter
 from gunicorn.workers.gthread import ThreadWorker
 
 from utils.config.reload import reload_config
+from utils.engine.arrivals import ARRIVALS
 from utils.errors import ConfigError
 from utils.ops.logging_setup import ConsoleFormatter
 
@@ -87,6 +88,12 @@ def error_response(status: int, exc: BaseException, cfg=None) -> tuple[bytes, st
 
 
 class ModelServerWorker(ThreadWorker):
+
+    def handle(self, conn):
+        """One request of a connection: reading it, the app, writing the answer are busy in Python
+        (utils/engine/arrivals.py), but for the time the request waits on an engine."""
+        with ARRIVALS.visit():
+            return super().handle(conn)
 
     def handle_error(self, req, client, addr, exc):
         captured = _Captured()

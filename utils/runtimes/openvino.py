@@ -8,6 +8,10 @@ for every running request; our engine thread alone calls it (one owner of the co
 request's new tokens and hands them to the same RowState as the PyTorch engine (eos, stop strings,
 max_new_tokens, streaming, cancellation and deadlines), then cancels in OpenVINO the rows it closed.
 
+`step()` holds the GIL for the whole step, so before a step the engine waits (bounded) while requests of
+the process are busy in Python (utils/engine/arrivals.py): they join the next step together instead of
+a few lines of Python per step.
+
 Prompts are tokenized by the checkpoint's own transformers tokenizer and chat template (exactly as
 for PyTorch: same prompt ids, same special-token checks), and answers decoded by it: the OpenVINO
 tokenizer the export converts is not used for serving.
@@ -26,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.config.settings import ModelSpec
+from utils.engine.arrivals import ARRIVALS
 from utils.engine.engine import Engine, Job
 from utils.engine.rows import RowState
 from utils.families.base import GenerationParams, check_processor
@@ -35,6 +40,11 @@ from utils.serving.memory import LOAD_OVERHEAD, MIN_ESTIMATE, _safetensors_heade
 
 log = logging.getLogger("model_server.openvino")
 
+# openvino-genai's step() holds the GIL (utils/engine/arrivals.py): before a step the engine waits for
+# requests busy in Python, at most this share of a step while rows run (their decode waits meanwhile),
+# at most one step when none runs (nobody but the newcomers waits), and at least MIN_PAUSE seconds.
+PAUSE_SHARE = 0.1
+MIN_PAUSE = 0.002
 PRECISION_HINTS = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 
 
@@ -199,12 +209,16 @@ class OpenVINOEngine(Engine):
 
         pipeline = self.adapter.model.pipeline
         rows: list[OpenVINORow] = []
+        step_seconds = 0.0  # the last step's
         while True:
             with self._cond:
                 while not self._queue and not rows and not self._stopping:
                     self._cond.wait()
                 if not self._queue and not rows:
                     return
+            if ARRIVALS.busy():  # the step will hold the GIL: requests busy in Python move first
+                ARRIVALS.wait_quiet(max(MIN_PAUSE, step_seconds * (PAUSE_SHARE if rows else 1.0)))
+            with self._cond:
                 joining = self._take_joining(self.max_batch_size - len(rows))
                 self._running = [row.job for row in rows] + joining
             self._observe("on_batch", self.key, len(rows) + len(joining))
@@ -216,7 +230,9 @@ class OpenVINOEngine(Engine):
                     handle = pipeline.add_request(job.id, openvino.Tensor(ids),
                                                   self.adapter.generation_config(job.params))
                     rows.append(OpenVINORow(job, self.adapter, handle))
+                started = time.perf_counter()
                 pipeline.step()
+                step_seconds = time.perf_counter() - started
                 for row in rows:
                     row.take_tokens()
                 still, reap = [], False
