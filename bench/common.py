@@ -420,3 +420,31 @@ def model_status(server: Server, timeout: float = 10) -> dict:
     resp = requests.get(server.url + "/admin/model_status", timeout=timeout)
     resp.raise_for_status()
     return resp.json().get("models", {})
+
+
+def build_tiny_qwen3(out: Path, *, vocab_size: int | None = None, words_only: bool = False, **config) -> None:
+    """A random-weight bf16 Qwen3 in `out` (once) with the demo's byte-level BPE tokenizer and chat template
+    (they convert to OpenVINO and load in vLLM). vocab_size: the tokenizer's when None. words_only: every
+    token but the demo's words gets a zero embedding (tied: never chosen), so greedy never ends early."""
+    import torch
+    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+
+    from utils.hub.demo_models import _WORDS
+    from utils.hub.demo_openvino import EOS, PAD, _WORD_TOKEN, byte_level_tokenizer
+
+    if (out / "config.json").is_file():
+        return
+    tok = byte_level_tokenizer(_WORDS)
+    eos_id, pad_id = tok.convert_tokens_to_ids([EOS, PAD])
+    vocab_size = vocab_size or len(tok)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=vocab_size, eos_token_id=eos_id, pad_token_id=pad_id,
+                                         **config)).to(torch.bfloat16)
+    if words_only:
+        keep = torch.zeros(vocab_size, dtype=torch.bool)
+        keep[[i for token, i in tok.get_vocab().items() if _WORD_TOKEN.match(token)]] = True
+        with torch.no_grad():
+            model.model.embed_tokens.weight[~keep] *= 0.0
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    GenerationConfig(eos_token_id=eos_id, pad_token_id=pad_id, do_sample=False).save_pretrained(out)

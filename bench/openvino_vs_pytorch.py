@@ -47,28 +47,10 @@ models:
 
 
 def build_checkpoint(out: Path) -> None:
-    """Qwen3-0.6B shapes, random bf16 weights, the demo's byte-level BPE tokenizer and chat template."""
-    import torch
-    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
-
-    from utils.hub.demo_models import _WORDS
-    from utils.hub.demo_openvino import EOS, PAD, _WORD_TOKEN, byte_level_tokenizer
-
-    if (out / "config.json").is_file():
-        return
-    tok = byte_level_tokenizer(_WORDS)
-    eos_id, pad_id = tok.convert_tokens_to_ids([EOS, PAD])
-    torch.manual_seed(0)
-    config = Qwen3Config(vocab_size=VOCAB, head_dim=128, eos_token_id=eos_id, pad_token_id=pad_id,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, **SHAPES)
-    model = Qwen3ForCausalLM(config).to(torch.bfloat16)
-    keep = torch.zeros(VOCAB, dtype=torch.bool)  # words only: greedy never ends early, every answer is 64 tokens
-    keep[[i for token, i in tok.get_vocab().items() if _WORD_TOKEN.match(token)]] = True
-    with torch.no_grad():
-        model.model.embed_tokens.weight[~keep] *= 0.0  # tied: the lm_head rows too
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    GenerationConfig(eos_token_id=eos_id, pad_token_id=pad_id, do_sample=False).save_pretrained(out)
+    """Qwen3-0.6B shapes, random bf16 weights, the demo's byte-level BPE tokenizer and chat template;
+    words only, so every answer is 64 tokens."""
+    C.build_tiny_qwen3(out, vocab_size=VOCAB, words_only=True, head_dim=128,
+                       rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, **SHAPES)
 
 
 def hey(url: str, body: dict, n: int, c: int, work: Path) -> float:

@@ -44,23 +44,8 @@ models:
 
 def build_checkpoint(out: Path) -> None:
     """Qwen3, head_dim 64, hidden 256, 2 layers, random bf16 weights; the demo's byte-level tokenizer."""
-    import torch
-    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
-
-    from utils.hub.demo_models import _WORDS
-    from utils.hub.demo_openvino import EOS, PAD, byte_level_tokenizer
-
-    if (out / "config.json").is_file():
-        return
-    tok = byte_level_tokenizer(_WORDS)
-    eos_id, pad_id = tok.convert_tokens_to_ids([EOS, PAD])
-    torch.manual_seed(0)
-    config = Qwen3Config(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=2048,
-                         eos_token_id=eos_id, pad_token_id=pad_id, tie_word_embeddings=True)
-    Qwen3ForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
-    tok.save_pretrained(out)
-    GenerationConfig(eos_token_id=eos_id, pad_token_id=pad_id, do_sample=False).save_pretrained(out)
+    C.build_tiny_qwen3(out, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=64, max_position_embeddings=2048, tie_word_embeddings=True)
 
 
 def ensure_vllm_venv(venv: Path) -> Path:
