@@ -20,7 +20,7 @@ two sides of a ratio are measured alternately in the same run (A, B, A, B, ...).
   m. (issue 29) 8-turn chats at c=8 (a shared system prompt; every turn sends the earlier turns again):
      ours with prefix reuse vs ours with PREFIX_CACHE_MB=0: time to first token (p50 latency of
      max_tokens=1 requests; target on/off <= 0.5x) and req/s at 16 tokens
-  --profile: ours under the distinct-prompt load at c=8 while POST /admin/profile records; prints
+  --profile: ours under the distinct-prompt load at c=8 (--profile-concurrency) while POST /admin/profile records; prints
      the engine's phases by total time and the operators by self time (one "profile" JSON line)
 
 a, b and c use the older Python client (a requests.Session per thread): on 2 cores it takes CPU from
@@ -285,10 +285,11 @@ class Bench:
         from utils.ops.profiler import PHASES, phase_totals
 
         url = f"{ours.url}/v1/chat/completions"
-        self.warm_wrk("ours deepseek", url, "deepseek", 8)
+        c = self.args.profile_concurrency
+        self.warm_wrk("ours deepseek", url, "deepseek", c)
         seconds = self.args.profile_seconds
         load = threading.Thread(target=run_wrk, args=(url,), kwargs=dict(
-            concurrency=8, seconds=seconds + 2, model="deepseek", salt="profile"))
+            concurrency=c, seconds=seconds + 2, model="deepseek", salt="profile", chats=c))
         load.start()
         time.sleep(1)
         reply = C._session().post(f"{ours.url}/admin/profile", params={"seconds": seconds, "model": "deepseek"},
@@ -302,7 +303,7 @@ class Bench:
             if event.get("ph") == "X" and event.get("cat") == "cpu_op":
                 ops[event["name"]] = ops.get(event["name"], 0.0) + event.get("dur", 0) / 1e6
         top_phases = sorted(phases.items(), key=lambda kv: -kv[1]["seconds"])
-        record = {"kind": "profile", "bench": "profile", "model": "deepseek", "c": 8, "seconds": seconds,
+        record = {"kind": "profile", "bench": "profile", "model": "deepseek", "c": c, "seconds": seconds,
                   "phases": {name: {"seconds": round(v["seconds"], 3), "count": v["count"],
                                     "share_of_window": round(v["seconds"] / seconds, 3)} for name, v in top_phases},
                   "top_operators_total_s": {name: round(t, 3) for name, t in
@@ -369,6 +370,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-peer", action="store_true", help="bench e without transformers serve")
     parser.add_argument("--profile", action="store_true", help="profile ours under load instead of the benches")
     parser.add_argument("--profile-seconds", type=float, default=3)
+    parser.add_argument("--profile-concurrency", type=int, default=8, help="--profile: wrk's connections (default 8)")
     parser.add_argument("--trace-out", type=Path, default=None, help="--profile: save the trace (.json.gz) here")
     parser.add_argument("--peer-vl-cb", action="store_true",
                         help="start the qwen_vl peer with --continuous-batching anyway (it falls back)")
