@@ -211,3 +211,19 @@ def test_jobs_of_a_model_gone_from_the_config_are_listed_and_wait_for_it(reloada
     view = client.get(f"/jobs/{job_id}").get_json()
     assert view["status"] == "queued" and "note" not in view, view
     services.jobs.store.close()
+
+
+def test_the_openvino_folders_wait_for_a_restart_and_its_limits_apply(reloadable, tmp_path):
+    config, app, client = reloadable
+    services = app.extensions["model_server"]
+    before = services.settings.openvino
+    write(config, DEEPSEEK, BLIP, server="  max_loaded_models: 3\n  openvino: {cache_dir: other-exports, "
+                                         "cache_max_gb: 2, export_timeout: 60}\n")
+    status, diff = reload(client)
+    # The test environment sets OPENVINO_EXPORTER_DIR (it wins over the file): only the cache folder is kept.
+    assert status == 200 and diff["needs_restart"] == ["openvino.cache_dir"] and "openvino" in diff["server"]
+    now = services.settings.openvino
+    assert now.cache_dir == before.cache_dir and now.exporter_dir == before.exporter_dir
+    assert now.cache_max_bytes == 2 * 1024 ** 3 and now.export_timeout == 60
+    assert services.openvino_cache.max_bytes == 2 * 1024 ** 3 and services.openvino_cache.export_timeout == 60
+    assert services.openvino_cache.root == services.settings.openvino_cache_path

@@ -16,7 +16,11 @@ log = logging.getLogger("model_server.config")
 # its auth checks were built with, demo mode.
 RESTART_ONLY = ("models_dir", "tmp_dir", "log_dir", "torch_threads", "admin_token", "api_token", "demo",
                 "quant_cache_dir", "backend", "ray")
-JOBS_RESTART_ONLY = ("dir", "workers")  # the open job store, the worker threads
+# Fields of a section a running process cannot take on, named "<section>.<field>" in needs_restart.
+SECTION_RESTART_ONLY = {
+    "jobs": ("dir", "workers"),                   # the open job store, the worker threads
+    "openvino": ("cache_dir", "exporter_dir"),    # the export cache and the exporter's venv it opened
+}
 
 
 def apply(services: Any, new: ServerSettings) -> dict:
@@ -25,19 +29,21 @@ def apply(services: Any, new: ServerSettings) -> dict:
     "needs_restart": [fields kept as they were]}."""
     old: ServerSettings = services.settings
     keep = {name: getattr(old, name) for name in RESTART_ONLY if getattr(old, name) != getattr(new, name)}
-    jobs_kept = {name: getattr(old.jobs, name) for name in JOBS_RESTART_ONLY
-                 if getattr(old.jobs, name) != getattr(new.jobs, name)}
-    if jobs_kept:
-        keep["jobs"] = dataclasses.replace(new.jobs, **jobs_kept)
+    needs_restart = sorted(keep)
+    for section, fields in SECTION_RESTART_ONLY.items():  # the section's other fields apply
+        was, now = getattr(old, section), getattr(new, section)
+        kept = {name: getattr(was, name) for name in fields if getattr(was, name) != getattr(now, name)}
+        if kept:
+            keep[section] = dataclasses.replace(now, **kept)
+            needs_restart += [f"{section}.{name}" for name in sorted(kept)]
     applied = dataclasses.replace(new, **keep)
     server_changes = [f.name for f in dataclasses.fields(ServerSettings)
-                      if f.name not in ("models", "config_path", "env") and f.name not in set(keep) - {"jobs"}
+                      if f.name not in ("models", "config_path", "env") and f.name not in RESTART_ONLY
                       and getattr(old, f.name) != getattr(applied, f.name)]
     models = services.manager.reconfigure(applied)
     services.settings = applied
     _apply_services(services, applied)
-    needs_restart = sorted([name for name in keep if name != "jobs"] + [f"jobs.{name}" for name in jobs_kept])
-    diff = {"models": models, "server": server_changes, "needs_restart": needs_restart}
+    diff = {"models": models, "server": server_changes, "needs_restart": sorted(needs_restart)}
     log.info("config reloaded: %s", diff)
     return diff
 
