@@ -417,6 +417,11 @@ def test_a_visit_is_busy_but_while_it_waits_on_an_engine():
     assert tally.busy() == 0 and tally.current() is None
     visit.wake()  # a job that ends after its request has gone counts nothing
     assert tally.busy() == 0
+    with tally.visit() as visit:
+        visit.leave()  # a GET: it will not reach an engine
+        visit.wake()
+        assert tally.busy() == 0 and tally.current() is visit
+    assert tally.busy() == 0
 
     entered, leave = threading.Event(), threading.Event()
 

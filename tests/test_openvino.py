@@ -225,3 +225,18 @@ def test_the_engine_waits_for_requests_busy_in_python_before_it_steps(app, monke
         assert submitted["job"].result.text == first.result.text
         assert time.monotonic() - started < 15  # it woke when the request reached it, not at the bound
     assert ARRIVALS.busy() == 0
+
+
+def test_only_requests_that_can_reach_an_engine_are_counted_busy(client):
+    """gunicorn's worker opens a visit per request; the middleware lets a GET's go (a slow download
+    of a job's result must not pause an OpenVINO engine), a POST's stays busy until it submits."""
+    from utils.engine.arrivals import ARRIVALS
+
+    with ARRIVALS.visit() as visit:
+        assert ARRIVALS.busy() == 1
+        assert client.get("/health").status_code == 200
+        assert ARRIVALS.busy() == 0 and visit.over
+    with ARRIVALS.visit() as visit:
+        assert chat(client, KEY, "why")["usage"]["completion_tokens"] == 12
+        assert visit.busy and ARRIVALS.busy() == 1  # woken by its job's end, writing its answer
+    assert ARRIVALS.busy() == 0

@@ -208,8 +208,14 @@ def mounted_path(environ) -> None:
 
 def _visit(environ) -> Any:
     """A POST (the requests that reach an engine) is busy in Python until its view returns, but for
-    the time it waits on an engine (utils/engine/arrivals.py)."""
-    return ARRIVALS.visit() if environ.get("REQUEST_METHOD") == "POST" else nullcontext()
+    the time it waits on an engine (utils/engine/arrivals.py); a request of another method is not
+    counted (it leaves the visit gunicorn's worker opened)."""
+    if environ.get("REQUEST_METHOD") == "POST":
+        return ARRIVALS.visit()
+    visit = ARRIVALS.current()
+    if visit is not None:
+        visit.leave()
+    return nullcontext()
 
 
 class ServingMiddleware:

@@ -5,13 +5,15 @@ Why an engine wants to know: openvino-genai's `ContinuousBatchingPipeline.step()
 whole step (its binding does not release it), so while an OpenVINO engine steps no request thread of the
 process runs a line of Python. Without a pause, a request that arrives while 7 others decode waits a
 step per few lines: its prefill lands many steps after the others' and every wave of a closed loop ends
-staggered, with fewer rows per step (c=8: ~10 % more steps than the same requests in lockstep). The
+staggered, with fewer rows per step (c=8: 10-28 % more steps than the same requests in lockstep). The
 OpenVINO engine therefore waits, GIL released and bounded, while requests are busy here (see
 utils/runtimes/openvino.py). PyTorch releases the GIL inside its ops, so its engines do not wait.
 
-One process-wide tally (`ARRIVALS`): the WSGI middleware opens a `Visit` per POST request and ends it
-when the view returns; `Engine.submit` marks the calling thread's visit as waiting on an engine, and the
-job's end marks it busy again (the thread wakes to build its answer).
+One process-wide tally (`ARRIVALS`): gunicorn's worker opens a `Visit` per request (reading it, the app,
+writing the answer), the WSGI middleware one per POST under any other server; a request of another
+method never reaches an engine, and the middleware stops counting it (a slow download of a job's
+result must not pause an engine). `Engine.submit` marks the calling thread's visit as waiting on an
+engine, and the job's end (or a streamed piece) marks it busy again (the thread wakes to write it).
 """
 from __future__ import annotations
 
@@ -33,6 +35,11 @@ class Visit:
 
     def wake(self) -> None:
         self._tally._set(self, busy=True)
+
+    def leave(self) -> None:
+        """Counts no more (a request that will not reach an engine)."""
+        self._tally._set(self, busy=False)
+        self.over = True
 
 
 class Arrivals:
