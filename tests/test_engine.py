@@ -459,3 +459,62 @@ def test_submit_marks_the_request_waiting_and_its_end_wakes_it(adapters):
         assert not visit.busy and engine.submit(prepared, greedy(2)).visit is None
     finally:
         engine.stop()
+
+
+def test_a_compiled_decode_step_answers_as_eager_and_compiles_only_at_its_warm_up(adapters):
+    """engine.compile on the continuous engine: the warm-up compiles the decode step for one row and
+    for several; then rows joining, leaving (the cache trimmed) and prefilling from reused prefixes
+    run on those graphs, without one more compile, and answer as the eager engine does."""
+    import torch._dynamo.utils
+
+    adapter = adapters["deepseek"]
+    prepared = [adapter.prepare(request_for("deepseek", i)) for i in range(12)]
+    params = [greedy(3 + (i * 5) % 11) for i in range(12)]
+    solo = [adapter.generate(p, q) for p, q in zip(prepared, params)]
+    engine = make_engine(adapter, compile_decode=True, prefix_cache_bytes=1 << 20)
+    stats = engine.stats()
+    assert stats["decode"] == "compiled" and stats["compile_seconds"] > 0, stats
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    engine.start()
+    results: list = [None] * 12
+    barrier = threading.Barrier(12)
+
+    def client(i: int) -> None:
+        barrier.wait()
+        time.sleep(0.003 * i)
+        results[i] = engine.run(engine.submit(prepared[i], params[i]))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    again = engine.run(engine.submit(prepared[3], params[3]))  # one row alone, its prompt's KV reused
+    engine.stop()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "a request shape recompiled"
+    mismatched = [i for i in range(12) if not same(solo[i], results[i])]
+    assert not mismatched, [(solo[i].text, results[i].text) for i in mismatched]
+    assert same(again, solo[3]) and engine.stats()["peak_batch"] > 1
+
+
+def test_the_loader_compiles_what_engine_compile_asks_of_the_continuous_engine(make_settings):
+    """models.yaml's engine.compile (no static_cache) reaches the continuous engine through the
+X
+    import dataclasses
+
+    from utils.engine import make_loader
+
+    settings = make_settings()
+    spec = settings.models["deepseek"]
+    compiled = dataclasses.replace(spec, engine=dataclasses.replace(spec.engine, compile=True))
+    served = make_loader(load_family)(compiled, "cpu")
+    try:
+        assert served.status()["decode"] == "compiled"
+        answer = served.engine.run(served.engine.submit(served.adapter.prepare(request_for("deepseek", 2)), greedy(4)))
+        assert answer.completion_tokens == 4
+    finally:
+        served.release()
+    dynamic = dataclasses.replace(compiled, engine=dataclasses.replace(compiled.engine, batching="dynamic",
+                                                                      static_cache=True))
+    with pytest.raises(ValueError, match="CUDA only"):  # static_cache + compile: generate's, on CUDA
+        make_loader(load_family)(dynamic, "cpu")

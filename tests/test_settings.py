@@ -166,7 +166,8 @@ def test_engine_defaults_server_section_model_override_and_environment(tmp_path)
     ("    engine: {max_batch_size: 0}\n", "models.m.engine.max_batch_size"),
     ("    engine: {batching: magic}\n", "models.m.engine.batching"),
     ("    engine: {queue_timeout: -1}\n", "models.m.engine.queue_timeout"),
-    ("    engine: {compile: true}\n", "needs static_cache"),
+    ("    engine: {compile: true, batching: dynamic}\n", "compiles with static_cache: true only"),
+    ("    engine: {compile: true}\n    trust_remote_code: true\n    revision: 0123abc\n", "models.m.engine.compile"),
     ("    engine: {attn_implementation: flash_attention_2}\n", "flash-attn"),
     ("    engine: {speed: 11}\n", "unknown key(s) speed"),
 ])

@@ -102,7 +102,9 @@ class EngineSettings:
     queue_timeout: float = 60.0     # seconds a request may wait to start; then 503
     attn_implementation: str = "auto"  # auto = transformers' choice (sdpa where the model has it)
     static_cache: bool = False      # generate(cache_implementation="static"): fixed shapes, for GPUs
-    compile: bool = False           # torch.compile the forward (needs static_cache)
+    # torch.compile: with static_cache, generate's forward (CUDA); without, the continuous engine's
+    # decode step (dynamic shapes, any device; compiled at load, so the load takes longer)
+    compile: bool = False
     # Prefix reuse (continuous engine): the KV of recent prompts, least recently used out past this
     # many MiB, reserved in the model's bytes (its memory budget); 0 = off.
     prefix_cache_mb: int = 256

@@ -21,7 +21,7 @@ from utils.config.schema import (_DEVICE_RE, _KEY_RE, _OPENVINO_DEVICE_RE, RUNTI
                                  IMAGE_SIZE_MULTIPLE, MIB, OFFLOADS, PROJECT_ROOT, QUANTIZATIONS, SEED_MAX,
                                  EngineSettings, GenerationDefaults, JobSettings, MediaSettings, ModelLimits, ModelSpec,
                                  RamTierSettings, RayGroup, RaySettings, RemoteMediaSettings, ServerSettings)
-from utils.config.validation import (_bool, _check_image_model, _check_openvino_model, _check_remote_code, _choice, _fail, _float, _gib, _int,
+from utils.config.validation import (_bool, _check_compile, _check_image_model, _check_openvino_model, _check_remote_code, _choice, _fail, _float, _gib, _int,
                                      _keep_alive, _list, _mapping, _only_known, _optional, _resolve, _size)
 from utils.config.yaml_file import read_document
 from utils.hub.model_folder import checkpoint_state, read_capabilities
@@ -182,9 +182,10 @@ def _engine(raw: Any, where: str, defaults: EngineSettings) -> EngineSettings:
         compile=_bool(get("compile"), f"{where}.compile"),
         prefix_cache_mb=_int(get("prefix_cache_mb"), f"{where}.prefix_cache_mb", minimum=0),
     )
-    if out.compile and not out.static_cache:
-        _fail(f"{where}.compile", "torch.compile needs static_cache: true (fixed shapes; otherwise every "
-                                  "new batch shape recompiles)")
+    if out.compile and not out.static_cache and out.batching == "dynamic":
+        _fail(f"{where}.compile", "batching dynamic runs generate, which compiles with static_cache: true only "
+                                  "(fixed shapes, CUDA); without static_cache, compile is the continuous "
+                                  "engine's (its decode step, dynamic shapes, any device)")
     if out.attn_implementation == "flash_attention_2":
         if importlib.util.find_spec("flash_attn") is None:
             _fail(f"{where}.attn_implementation", "flash_attention_2 needs the flash-attn package (CUDA only); "
@@ -249,6 +250,7 @@ def _model(key: str, raw: Any, models_dir: Path, env: Mapping[str, str],
     _check_image_model(spec, where)
     _check_openvino_model(spec, where, raw)
     _check_remote_code(spec, where, pinned="revision" in raw)
+    _check_compile(spec, where, raw)
     return spec
 
 

@@ -122,6 +122,19 @@ def _check_remote_code(spec: ModelSpec, where: str, *, pinned: bool) -> None:
                                             f"(a commit sha or a tag; the revision is {given})")
 
 
+def _check_compile(spec: ModelSpec, where: str, raw: Mapping) -> None:
+    """engine.compile without static_cache compiles the continuous engine's decode step: a model that
+    sets it itself must be one that engine serves (a server-wide compile leaves the others eager)."""
+    engine = spec.engine
+    if not engine.compile or engine.static_cache or not (raw.get("engine") or {}).get("compile"):
+        return
+    if spec.family != "text" or spec.trust_remote_code:
+        what = "a remote-code model" if spec.trust_remote_code else f"the {spec.family} family"
+        _fail(f"{where}.engine.compile", f"without static_cache, compile is the continuous engine's (text models, "
+                                         f"not remote code), and {what} does not run it; set static_cache: true "
+                                         f"(generate compiles on CUDA) or leave compile off")
+
+
 def _check_openvino_model(spec: ModelSpec, where: str, raw: Mapping) -> None:
     """What an openvino model can be configured with: its weights are compressed at export
     (weight_format), it runs in openvino-genai's own continuous batching, on one device."""

@@ -6,12 +6,15 @@ weights are dropped, and the manager only unloads a model no request holds, so n
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 from utils.config.settings import ModelSpec
 from utils.engine.continuous import ContinuousEngine
 from utils.engine.engine import Engine, Job, QueueFull, QueueTimeout
 from utils.engine.prefix_cache import prefix_cache_cap
+
+log = logging.getLogger("model_server.engine")
 
 
 class ServedModel:
@@ -73,7 +76,13 @@ def make_loader(load_adapter: Callable[[ModelSpec, str], Any], observer: Any = N
             settings = spec.engine
             chosen = engine_class(spec, adapter)
             cap = prefix_cache_cap(spec, adapter.memory_bytes()) if chosen.kind == "continuous" else 0
-            extra = {"prefix_cache_bytes": cap} if cap else {}
+            extra: dict = {"prefix_cache_bytes": cap} if cap else {}
+            if settings.compile and not settings.static_cache:  # static_cache: generate compiles (CUDA)
+                if chosen.kind == "continuous":
+                    extra["compile_decode"] = True
+                else:
+                    log.warning("engine.compile is set for '%s' but it runs the %s engine; only the continuous "
+                                "engine compiles its decode step, so it runs eager", spec.key, chosen.kind)
             return chosen(adapter, key=spec.key, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                           queue_timeout=settings.queue_timeout, observer=observer, **extra)
         return ServedModel(adapter, new_engine(adapter).start(), new_engine)

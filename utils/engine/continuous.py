@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from typing import Any
 
 from utils.engine.engine import Engine, Job
@@ -31,20 +32,57 @@ GROW_BACK_STEPS = 64  # clean decode steps before a row limit lowered by an out-
 # forward costs about what a decode step does: newcomers to a running batch wait until they are half as
 # many as the running rows, or at most this many decode steps, and then join together (issue 29).
 JOIN_HOLD_STEPS = 4
+# engine.compile: torch.compile of the decode step. dynamo specializes sizes 0 and 1, so one batch row
+# and several rows are two graphs per architecture; the warm-up (at load) compiles both.
+WARM_UP_ROWS = (1, 2)
+# The warm-up's prompt length: a size no other dimension of the model is likely to share (dynamo's
+# "duck sizing" ties dimensions that are equal when it traces, and would recompile when they part).
+WARM_UP_PROMPT = 13
+RECOMPILE_LIMIT = 64  # dynamo's graphs per code object (default 8): several compiled models of one class
 
 
 class ContinuousEngine(Engine):
     kind = "continuous"
 
-    def __init__(self, adapter: Any, *, prefix_cache_bytes: int = 0, **settings: Any) -> None:
+    def __init__(self, adapter: Any, *, prefix_cache_bytes: int = 0, compile_decode: bool = False,
+                 **settings: Any) -> None:
         super().__init__(adapter, **settings)
         self._prefix = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
+        self._decode = adapter.model  # what runs a decode step: the model, or its compiled form
+        self._compile: dict = {"decode": "eager"}
+        if compile_decode:
+            self._compile_decode()
+
+    def _compile_decode(self) -> None:
+        """engine.compile: the decode step through torch.compile (inductor), dynamic shapes (the batch
+        and the cache grow without a recompile). The prefill stays eager: one forward per request
+        against one per token, and its shapes (prompt lengths, reused prefixes) vary far more. The
+        warm-up compiles before the engine serves (the model shows as loading meanwhile); inductor
+        keeps what it built on disk (TORCHINDUCTOR_CACHE_DIR), so a reload compiles faster. A compile
+        that fails leaves the step eager: the model serves, its status says why."""
+        import torch  # deferred: torch
+        import torch._dynamo  # deferred: torch
+
+        started = time.monotonic()
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        compiled = torch.compile(self.adapter.model, dynamic=True)
+        try:
+            for rows in WARM_UP_ROWS:
+                _warm_up(self.adapter, compiled, rows)
+        except Exception as exc:  # contained: eager decoding still serves this model
+            log.warning("compiling the decode step of %s failed; it runs eager: %s", self.key, exc, exc_info=True)
+            self._compile = {"decode": "eager", "compile_error": f"{type(exc).__name__}: {exc}"[:300]}
+            return
+        self._decode = compiled
+        self._compile = {"decode": "compiled", "compile_seconds": round(time.monotonic() - started, 1)}
+        log.info("compiled the decode step of %s in %.1f s", self.key, time.monotonic() - started)
 
     def reserved_bytes(self) -> int:
         return self._prefix.max_bytes if self._prefix is not None else 0
 
     def stats(self) -> dict:
         out = super().stats()
+        out.update(self._compile)
         if self._prefix is not None:  # read off the worker thread: plain integers, a torn read is harmless
             out["prefix_cache"] = self._prefix.stats()
         return out
@@ -61,14 +99,19 @@ class ContinuousEngine(Engine):
         return all(kind == "full_attention" for kind in layer_types)
 
     def _run(self) -> None:
+        import torch  # deferred: torch
+
         try:
-            self._loop()
+            # Every tensor the loop makes is an inference tensor, the caches of prefills and merges alike:
+            # a compiled decode step guards on that, and would recompile for a mix (it costs nothing eager).
+            with torch.inference_mode():
+                self._loop()
         finally:
             if self._prefix is not None:  # a stopped engine's KV goes with it (a park moves the weights away)
                 self._prefix.clear()
 
     def _loop(self) -> None:
-        batch = DecodeBatch(self.adapter, self._prefix)
+        batch = DecodeBatch(self.adapter, self._prefix, self._decode)
         limit, clean_steps = self.max_batch_size, 0  # the limit halves on out-of-memory, then grows back
         held = 0  # decode steps the queued newcomers have waited for others to join with them
         while True:
@@ -97,7 +140,7 @@ class ContinuousEngine(Engine):
                     limit, clean_steps = limit + 1, 0
             except Exception as exc:
                 limit, clean_steps = self._recover(batch, joining, exc, limit), 0
-                batch = DecodeBatch(self.adapter, self._prefix) if not batch.intact else batch
+                batch = DecodeBatch(self.adapter, self._prefix, self._decode) if not batch.intact else batch
             with phase("engine.collect"):
                 finished = batch.collect_finished()
             with self._cond:
@@ -147,12 +190,11 @@ class DecodeBatch:
     """The running rows, their shared KV cache and attention mask; every forward pass of a
     continuous engine happens here, on the engine's thread."""
 
-    def __init__(self, adapter: Any, prefix: PrefixCache | None = None) -> None:
+    def __init__(self, adapter: Any, prefix: PrefixCache | None = None, decode: Any = None) -> None:
         self.adapter, self.model = adapter, adapter.model
+        self.decode = decode if decode is not None else adapter.model  # the decode step's forward
         self.prefix = prefix
-        # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns).
-        self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters \
-            else "past_key_values"
+        self._cache_arg = cache_argument(self.model)
         self.rows: list[DecodeRow] = []
         self.cache: Any = None
         self.mask: Any = None            # [rows, cache length]: 1 for real tokens, 0 for padding
@@ -245,15 +287,10 @@ class DecodeBatch:
 
         if all(row.done for row in self.rows):  # e.g. every joining row finished at its prefill (1 token,
             return                               # or eos first): a forward now would only be thrown away
-        length = self.mask.shape[1]
         last = torch.tensor([[row.tokens[-1]] for row in self.rows], device=self.mask.device)
-        positions = self.mask.sum(-1, keepdim=True)  # each row's count of real tokens so far
-        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
         self.intact = False  # a forward that fails half-way leaves some layers one token longer
-        with phase("engine.forward"), torch.inference_mode():
-            logits = self.model(input_ids=last, attention_mask=self.mask, position_ids=positions, use_cache=True,
-                                cache_position=torch.arange(length, length + 1, device=self.mask.device),
-                                **{self._cache_arg: self.cache}).logits[:, -1, :]
+        with phase("engine.forward"):
+            logits, self.mask = decode_step(self.decode, self._cache_arg, last, self.mask, self.cache)
         self.intact = True
         with phase("engine.sample"):
             self._advance(self.rows, logits)
@@ -305,9 +342,54 @@ class DecodeBatch:
         real = self.mask.any(dim=0).nonzero()
         start = int(real[0]) if len(real) else 0
         if start:
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+            for layer in self.cache.layers:  # contiguous: the shape of cache a compiled decode step expects
+                layer.keys = layer.keys[:, :, start:].contiguous()
+                layer.values = layer.values[:, :, start:].contiguous()
             self.mask = self.mask[:, start:]
+
+
+def cache_argument(model: Any) -> str:
+    """transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def decode_step(forward: Any, cache_arg: str, last: Any, mask: Any, cache: Any) -> tuple[Any, Any]:
+    """One decode forward of every row (`last`: [rows, 1], each row's newest token; `mask`: [rows, cache
+    length]); the next-token logits and the mask one column longer. The one call a compiled decode step
+    is traced from: the warm-up goes through here too, so it compiles the graphs the engine will run."""
+    import torch  # deferred: torch
+
+    length = mask.shape[1]
+    positions = mask.sum(-1, keepdim=True)  # each row's count of real tokens so far
+    mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+    with torch.inference_mode():
+        logits = forward(input_ids=last, attention_mask=mask, position_ids=positions, use_cache=True,
+                         cache_position=torch.arange(length, length + 1, device=mask.device),
+                         **{cache_arg: cache}).logits[:, -1, :]
+    return logits, mask
+
+
+def _warm_up(adapter: Any, compiled: Any, rows: int) -> None:
+    """Compiles the decode step for `rows` rows: an eager prefill of a few tokens, then decode steps
+    through `compiled` on inputs of the kinds and dtypes a served batch has (a tokenizer's int64 ids
+    and mask, left padding in one row when there are several)."""
+    import torch  # deferred: torch
+    from transformers import DynamicCache  # deferred: transformers
+
+    model = adapter.model
+    device = next(model.parameters()).device
+    length = WARM_UP_PROMPT
+    with torch.inference_mode():  # as the engine's loop runs
+        ids = torch.full((rows, length), adapter._pad_id(), dtype=torch.long, device=device)
+        mask = torch.ones((rows, length), dtype=torch.long, device=device)
+        if rows > 1:
+            mask[-1, :2] = 0
+        cache, cache_arg = DynamicCache(config=model.config), cache_argument(model)
+        model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
+              cache_position=torch.arange(length, device=device), logits_to_keep=1, **{cache_arg: cache})
+        last = torch.full((rows, 1), adapter._pad_id(), dtype=torch.long, device=device)  # as step makes it
+        for _ in range(3):  # the first call compiles; the next ones check that the graph is reused
+            _, mask = decode_step(compiled, cache_arg, last, mask, cache)
 
 
 def _fill_prefixes(cache: Any, reuse: list, width: int) -> None:

@@ -106,9 +106,10 @@ class Family:
         already quantized when it holds a valid entry, else quantized here and written to it)."""
         import transformers  # deferred: transformers
 
-        if spec.engine.compile and not device.startswith("cuda"):
-            raise ValueError(f"engine.compile is set for '{spec.key}' but it loads on {device}: transformers "
-                             f"compiles generation on CUDA only; turn compile off for this model")
+        if spec.engine.compile and spec.engine.static_cache and not device.startswith("cuda"):
+            raise ValueError(f"engine.compile with static_cache is set for '{spec.key}' but it loads on {device}: "
+                             f"transformers compiles a static-cache generate on CUDA only; without static_cache "
+                             f"the continuous engine compiles its decode step on any device")
 
         processor = getattr(transformers, cls.processor_class).from_pretrained(
             spec.path, **({"trust_remote_code": True} if spec.trust_remote_code else {}))
