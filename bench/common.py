@@ -203,6 +203,29 @@ def parse_env_pairs(pairs: list[str] | None) -> dict:
     return out
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) used so far by a process and every process under it (vLLM's API
+    server and its engine core; gunicorn's arbiter and worker), from /proc: how many cores a server
+    keeps busy is the CPU it used over a measurement divided by the measurement's length."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [child for child, (ppid, _) in stats.items() if ppid == parent and child not in tree]
+        tree.update(children)
+        frontier += children
+    return sum(stats[member][1] for member in tree if member in stats)
+
+
 def start_ours(name: str, models_dir: Path, work: Path, env: dict | None = None, threads: int | None = None,
                unset: tuple[str, ...] = ()) -> Server:
     """`python main.py --demo` (gunicorn, one worker, threads) with the demo checkpoints in models_dir."""

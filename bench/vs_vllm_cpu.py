@@ -112,6 +112,7 @@ def main() -> int:
         vllm = start_vllm(python, checkpoint, args.work)
         sides = [(side, f"{server.url}/v1/chat/completions") for side, server in servers.items()]
         sides.append(("vllm", f"{vllm.url}/v1/chat/completions"))
+        pids = {**{side: server.process.pid for side, server in servers.items()}, "vllm": vllm.process.pid}
         for c in [int(x) for x in args.concurrency.split(",")]:
             for side, url in sides:
                 warm(side, url, c)
@@ -119,13 +120,16 @@ def main() -> int:
             for _ in range(args.runs):
                 for side, url in sides:
                     salt += 1
+                    cpu_before = C.tree_cpu_seconds(pids[side])
                     result = run_wrk(url, concurrency=c, seconds=args.seconds, model=KEY, salt=f"v{salt}", chats=c)
+                    result.server_cores = (C.tree_cpu_seconds(pids[side]) - cpu_before) / result.seconds
                     runs[side].append(round(result.rps, 3))
                     if side not in best or result.rps > best[side].rps:
                         best[side] = result
-            for side, _ in sides:
+            for side, _ in sides:  # server_cores: how many of the box's cores the server kept busy
                 C.emit({"kind": "measurement", "bench": "vs_vllm_cpu", "side": side, "c": c, "client": "wrk",
-                        **best[side].summary(), "rps_runs": runs[side]})
+                        **best[side].summary(), "server_cores": round(best[side].server_cores, 2),
+                        "rps_runs": runs[side]})
             for side in servers:
                 clean = best[side].errors == 0 and best["vllm"].errors == 0
                 ratio = best[side].rps / best["vllm"].rps if best["vllm"].rps else None
