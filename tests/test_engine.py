@@ -499,7 +499,8 @@ def test_a_compiled_decode_step_answers_as_eager_and_compiles_only_at_its_warm_u
 
 def test_the_loader_compiles_what_engine_compile_asks_of_the_continuous_engine(make_settings):
     """models.yaml's engine.compile (no static_cache) reaches the continuous engine through the
-X
+    manager's loader: the model is served compiled, and its status says so. With static_cache, compile is
+    generate's, which transformers runs on CUDA only: on a CPU that load is refused with the reason."""
     import dataclasses
 
     from utils.engine import make_loader
