@@ -54,6 +54,25 @@ def same(a, b) -> bool:
         (b.text, b.reasoning, b.completion_tokens, b.finish_reason, b.prompt_tokens)
 
 
+def run_together(engine, prepared, params, *, spread: float) -> list:
+    """Every request from its own thread, released at once and then `spread` seconds apart (arrivals
+    over the first steps: a continuous engine takes them as joins); the results in request order."""
+    results: list = [None] * len(prepared)
+    barrier = threading.Barrier(len(prepared))
+
+    def client(i: int) -> None:
+        barrier.wait()
+        time.sleep(spread * i)
+        results[i] = engine.run(engine.submit(prepared[i], params[i]))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prepared))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
 @pytest.mark.parametrize("key", FAMILIES)
 def test_sixteen_concurrent_requests_each_get_their_solo_answer(adapters, key):
     adapter = adapters[key]
@@ -62,19 +81,7 @@ def test_sixteen_concurrent_requests_each_get_their_solo_answer(adapters, key):
     solo = [adapter.generate(p, q) for p, q in zip(prepared, params)]
     assert len({r.text for r in solo}) > 8, "the prompts must give different answers to catch mix-ups"
     engine = make_engine(adapter).start()
-    results: list = [None] * 16
-    barrier = threading.Barrier(16)
-
-    def client(i: int) -> None:
-        barrier.wait()
-        time.sleep(0.002 * i)  # arrivals spread over the first steps: continuous engines take joins
-        results[i] = engine.run(engine.submit(prepared[i], params[i]))
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results = run_together(engine, prepared, params, spread=0.002)
     engine.stop()
     mismatched = [i for i in range(16) if not same(solo[i], results[i])]
     assert not mismatched, [(solo[i].text, results[i].text) for i in mismatched]
@@ -476,19 +483,7 @@ def test_a_compiled_decode_step_answers_as_eager_and_compiles_only_at_its_warm_u
     assert stats["decode"] == "compiled" and stats["compile_seconds"] > 0, stats
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     engine.start()
-    results: list = [None] * 12
-    barrier = threading.Barrier(12)
-
-    def client(i: int) -> None:
-        barrier.wait()
-        time.sleep(0.003 * i)
-        results[i] = engine.run(engine.submit(prepared[i], params[i]))
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results = run_together(engine, prepared, params, spread=0.003)
     again = engine.run(engine.submit(prepared[3], params[3]))  # one row alone, its prompt's KV reused
     engine.stop()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "a request shape recompiled"
