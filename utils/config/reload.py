@@ -12,10 +12,10 @@ from utils.media.remote import RemoteFetcher
 
 log = logging.getLogger("model_server.config")
 
-# Server settings a running process cannot take on: folders it opened, torch's thread pool, the tokens
-# its auth checks were built with, demo mode.
-RESTART_ONLY = ("models_dir", "tmp_dir", "log_dir", "torch_threads", "admin_token", "api_token", "demo",
-                "quant_cache_dir", "backend", "ray")
+# Server settings a running process cannot take on: folders it opened, torch's thread pool and the GIL's
+# switch interval (set once per process), the tokens its auth checks were built with, demo mode.
+RESTART_ONLY = ("models_dir", "tmp_dir", "log_dir", "torch_threads", "gil_switch_interval", "admin_token",
+                "api_token", "demo", "quant_cache_dir", "backend", "ray")
 # Fields of a section a running process cannot take on, named "<section>.<field>" in needs_restart.
 SECTION_RESTART_ONLY = {
     "jobs": ("dir", "workers"),                   # the open job store, the worker threads

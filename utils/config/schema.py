@@ -270,6 +270,11 @@ class ServerSettings:
     ram_tier: RamTierSettings = field(default_factory=RamTierSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)  # defaults for every model's engine
     torch_threads: int | None = None  # torch's intra-op threads; None = the cores this process may use, less one
+    # GIL_SWITCH_INTERVAL: seconds a thread holding the GIL keeps it while another waits (sys.setswitchinterval).
+    # torch gives the GIL up around every operator, so the engine thread takes it back hundreds of times a step,
+    # each time waiting out a busy request thread's interval: Python's 5 ms made a decode step beside busy
+    # request threads ~1000x slower than alone (docs/engine_speed.md). None: Python's own.
+    gil_switch_interval: float | None = 0.0005
     # Grouping (utils/serving/grouping.py): None = auto, an idle model is spared from another model's load
     # only while it is in demand; a number = one that served within that many seconds is spared; 0 = off...
     group_window: float | None = None
@@ -372,6 +377,7 @@ class ServerSettings:
             "ram_tier": dataclasses.asdict(self.ram_tier),
             "engine": dataclasses.asdict(self.engine),
             "torch_threads": self.torch_threads,
+            "gil_switch_interval": self.gil_switch_interval,
             "group_window": self.group_window,
             "max_pass_over": self.max_pass_over,
             "request_timeout": self.request_timeout,

@@ -37,6 +37,7 @@ _MODEL_FIELDS = {"repo_id", "family", "path", "revision", "trust_remote_code", "
 _SERVER_FIELDS = {"max_loaded_models", "idle_timeout", "models_dir", "tmp_dir", "log_dir", "max_content_length_mb",
                   "ram_budget_gb", "ram_headroom_gb", "gpu_budget_gb", "gpu_headroom_gb", "failed_load_backoff",
                   "sweep_interval", "tmp_ttl", "tmp_max_mb", "media", "remote_media", "engine", "torch_threads",
+                  "gil_switch_interval",
                   "group_window", "max_pass_over", "memory_pressure_release", "pressure_margin_gb",
                   "request_timeout", "profile_max_seconds", "quant_cache", "quant_cache_dir", "quant_cache_max_gb",
                   "jobs", "ram_tier", "backend", "ray", "default_seed", "openvino"}
@@ -67,6 +68,7 @@ SERVER_ENV = {
     "TMP_TTL": "tmp_ttl",
     "TMP_MAX_MB": "tmp_max_mb",
     "TORCH_THREADS": "torch_threads",
+    "GIL_SWITCH_INTERVAL": "gil_switch_interval",
     "GROUP_WINDOW": "group_window",
     "MAX_PASS_OVER": "max_pass_over",
     "MEMORY_PRESSURE_RELEASE": "memory_pressure_release",
@@ -498,6 +500,13 @@ def settings_env(env: Mapping[str, str]) -> dict[str, str]:
             if name in known or (name.startswith("MODEL_") and name.endswith(per_model))}
 
 
+def _gil_switch_interval(value: Any) -> float | None:
+    """server.gil_switch_interval: seconds, 1 us to 0.1 s, or `python` / null for Python's own (5 ms)."""
+    if value is None or str(value).strip().lower() in ("", "python", "default"):
+        return None
+    return _float(value, "server.gil_switch_interval", minimum=1e-6, maximum=0.1)
+
+
 def load_settings(config_path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
                   *, demo: bool | str = False) -> ServerSettings:
     """Reads models.yaml (or MODELS_CONFIG / config_path) and applies environment overrides."""
@@ -554,6 +563,7 @@ def load_settings(config_path: str | os.PathLike | None = None, env: Mapping[str
         engine=engine,
         torch_threads=None if torch_threads in (None, "", "auto") else _int(torch_threads, "server.torch_threads",
                                                                            minimum=1),
+        gil_switch_interval=_gil_switch_interval(server.get("gil_switch_interval", ServerSettings.gil_switch_interval)),
         group_window=(None if server.get("group_window") in (None, "", "auto") else
                       _float(server["group_window"], "server.group_window", minimum=0, maximum=3600)),
         max_pass_over=_float(server.get("max_pass_over", ServerSettings.max_pass_over), "server.max_pass_over",
