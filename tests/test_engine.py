@@ -378,6 +378,7 @@ def test_prefix_reuse_gives_a_fresh_prefills_tokens_on_a_multi_turn_chat(adapter
     cached = stats["prefix_cache"]
     assert cached["hits"] >= 9 and cached["tokens_reused"] > 16 * cached["hits"] / 2, cached
     assert 0 < cached["bytes"] <= cached["max_bytes"]
+    assert cached["superseded"] >= 6 and cached["entries"] <= 4, cached  # a turn replaces the chat's last
     assert stats["peak_batch"] > 1, "the turns' requests never joined together"
 
 
@@ -403,6 +404,35 @@ def test_prefix_cache_drops_the_least_recently_used_past_its_bytes():
     assert cache.stats()["evictions"] == 1 and cache.bytes <= cache.max_bytes
     cache.clear()
     assert cache.bytes == 0 and cache.lookup(prompts[0] + [7]) == (0, None)
+
+
+def test_a_prompt_that_extends_a_cached_one_replaces_it_and_matches_all_it_did():
+    """A chat's next turn starts with the whole previous prompt: the cache keeps the longer one only,
+    which answers every lookup the shorter one did; prompts that only share a prefix both stay."""
+    import torch
+
+    from utils.engine.prefix_cache import BLOCK, PrefixCache
+
+    def kv(tokens):
+        return [(torch.zeros(1, 2, len(tokens), 8), torch.zeros(1, 2, len(tokens), 8))]
+
+    system = list(range(BLOCK + 5))
+    turn1 = system + [100] * (BLOCK + 2)
+    turn2 = turn1 + [200] * (2 * BLOCK)
+    other = system + [300] * (2 * BLOCK)          # another chat: shares the system prompt only
+    cache = PrefixCache(max_bytes=1 << 30)
+    for prompt in (turn1, other, turn2):
+        cache.add(prompt, kv(prompt))
+    stats = cache.stats()
+    assert (stats["entries"], stats["superseded"], stats["evictions"]) == (2, 1, 0), stats
+    assert cache.bytes == sum(len(p) for p in (turn2, other)) * 2 * 2 * 8 * 4
+    aligned = len(turn1) // BLOCK * BLOCK
+    assert cache.lookup(turn1 + [9])[0] == aligned     # what turn 1's entry answered, turn 2's answers
+    reused, entry = cache.lookup(turn2 + [9])
+    assert reused == len(turn2) // BLOCK * BLOCK and entry.tokens == tuple(turn2)
+    assert cache.lookup(other + [9])[1].tokens == tuple(other)
+    cache.add(system, kv(system))                   # shorter than what is held: kept beside it
+    assert cache.stats()["entries"] == 3
 
 
 def test_a_visit_is_busy_but_while_it_waits_on_an_engine():
