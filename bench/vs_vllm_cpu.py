@@ -10,7 +10,10 @@ to start (torch.compile). Ours serves the same folder (bfloat16, our continuous 
 installed (eager) and with `engine: {compile: true}` (its decode step compiled at load, as vLLM compiles
 its model at start); the target is read on the compiled one, the setting a CPU user after speed sets.
 `--also-gil python,0.0002` adds a compiled side per GIL switch interval (server.gil_switch_interval;
-`python`: Python's 5 ms), to compare with the server's default in the same run.
+`python`: Python's 5 ms), to compare with the server's default in the same run. `--bare` adds the bare
+dynamic-batching loop (bench/bare_loop.py, one process like ours) on the same checkpoint: what one
+process can do against vLLM's two, and the same loop split in two processes as vLLM is
+(bench/bare_loop_split.py: HTTP, template and tokenizer in one, the generate loop in the other).
 
 Both through /v1/chat/completions with wrk (bench/load_client.py: a distinct prompt per request, greedy,
 16 new tokens), c = 1, 8, 32, measured alternately --runs times, best req/s per side. Target: ours /
@@ -96,6 +99,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=6)
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--also-gil", default="", help="more compiled sides, one per GIL_SWITCH_INTERVAL")
+    parser.add_argument("--bare", action="store_true", help="also the bare dynamic-batching loop (bench/bare_loop.py)")
     args = parser.parse_args()
     C.install_cleanup()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -115,9 +119,15 @@ def main() -> int:
     servers = {side: C.start_ours(side, args.work, args.work, env=env[side]) for side in configs}
     try:
         vllm = start_vllm(python, checkpoint, args.work)
+        if args.bare:  # not in `servers`: no ratio to vLLM is a target for it
+            bare = C.start_bare_loop("bare", checkpoint, args.work)
+            split = C.start_bare_loop("bare_split", checkpoint, args.work, module="bench.bare_loop_split")
         sides = [(side, f"{server.url}/v1/chat/completions") for side, server in servers.items()]
+        if args.bare:
+            sides += [("bare", f"{bare.url}/v1/chat/completions"), ("bare_split", f"{split.url}/v1/chat/completions")]
         sides.append(("vllm", f"{vllm.url}/v1/chat/completions"))
-        pids = {**{side: server.process.pid for side, server in servers.items()}, "vllm": vllm.process.pid}
+        pids = {**{side: server.process.pid for side, server in servers.items()}, "vllm": vllm.process.pid,
+                **({"bare": bare.process.pid, "bare_split": split.process.pid} if args.bare else {})}
         for c in [int(x) for x in args.concurrency.split(",")]:
             for side, url in sides:
                 warm(side, url, c)
@@ -145,6 +155,10 @@ def main() -> int:
                     record.update(target=TARGET, target_is="at least", met=bool(clean and ratio and ratio >= TARGET))
                     results.append(record)
                 C.emit(record)
+            for side in ("bare", "bare_split") if args.bare else ():
+                C.emit({"kind": "ratio", "bench": "vs_vllm_cpu", "c": c, "compare": f"{side} / vllm (rps)",
+                        "ours_rps": round(best[side].rps, 3), "vllm_rps": round(best["vllm"].rps, 3),
+                        "ratio": round(best[side].rps / best["vllm"].rps, 3) if best["vllm"].rps else None})
     finally:
         C.stop_all()
     C.emit({"kind": "summary", "bench": "vs_vllm_cpu", "targets": len(results),

@@ -1,0 +1,89 @@
+"""The bare dynamic-batching loop in two processes, as vLLM splits its API server from its engine core:
+the HTTP process (Flask + gunicorn, gthread) renders the chat template, tokenizes and detokenizes; an
+engine process it starts drains a queue of token ids into one left-padded greedy `generate` and sends
+the new ids back over a pipe. Otherwise bench/bare_loop.py. A probe of what the second process buys
+on 2 cores (issue 29: vLLM's CPU build keeps two cores busy, one process of ours one), not a server.
+
+    BARE_MODEL=DIR gunicorn -w 1 -k gthread --threads 32 -b 127.0.0.1:PORT bench.bare_loop_split:app
+"""
+import itertools
+import multiprocessing
+import os
+import threading
+import time
+
+from flask import Flask, jsonify, request
+from transformers import AutoTokenizer
+
+PATH = os.environ["BARE_MODEL"]
+
+
+def engine(path: str, conn) -> None:
+    """The engine process: batches of (id, ids, tokens) in, (id, new ids) out."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    pad = tokenizer.pad_token_id or tokenizer.eos_token_id
+    while True:
+        batch = [conn.recv()]
+        while len(batch) < 32 and conn.poll():
+            batch.append(conn.recv())
+        width = max(len(ids) for _, ids, _ in batch)
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for _, ids, _ in batch])
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for _, ids, _ in batch])
+        with torch.inference_mode():
+            out = model.generate(input_ids=input_ids, attention_mask=mask,
+                                 max_new_tokens=max(tokens for _, _, tokens in batch), do_sample=False,
+                                 pad_token_id=pad)
+        conn.send([(job_id, row[:tokens].tolist()) for (job_id, _, tokens), row in zip(batch, out[:, width:])])
+
+
+tokenizer = AutoTokenizer.from_pretrained(PATH)
+IN_ENGINE = os.environ.get("BARE_SPLIT_ENGINE") == "1"  # the engine process imports this module too
+if not IN_ENGINE:
+    ours, theirs = multiprocessing.get_context("spawn").Pipe()
+    os.environ["BARE_SPLIT_ENGINE"] = "1"  # inherited by the child
+    multiprocessing.get_context("spawn").Process(target=engine, args=(PATH, theirs), daemon=True).start()
+    del os.environ["BARE_SPLIT_ENGINE"]
+waiting: dict[int, dict] = {}
+send_lock = threading.Lock()
+ids = itertools.count()
+app = Flask(__name__)
+
+
+def receiver() -> None:
+    while True:
+        for job_id, new_ids in ours.recv():
+            job = waiting.pop(job_id)
+            job["ids"] = new_ids
+            job["done"].set()
+
+
+if not IN_ENGINE:
+    threading.Thread(target=receiver, daemon=True).start()
+
+
+@app.get("/health")
+def health():
+    return "ok"
+
+
+@app.post("/v1/chat/completions")
+def chat():
+    body = request.get_json()
+    prompt_ids = tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True, tokenize=True,
+                                               return_dict=False)
+    job = {"done": threading.Event()}
+    job_id = next(ids)
+    waiting[job_id] = job
+    with send_lock:
+        ours.send((job_id, list(prompt_ids), int(body.get("max_tokens", 16))))
+    job["done"].wait()
+    text = tokenizer.decode(job["ids"], skip_special_tokens=True)
+    return jsonify({"id": "bare", "object": "chat.completion", "created": int(time.time()), "model": body.get("model"),
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                 "finish_reason": "length"}],
+                    "usage": {"completion_tokens": len(job["ids"])}})
