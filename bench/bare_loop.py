@@ -7,18 +7,17 @@ No limits, no streaming, no model manager: what a few dozen lines give.
 import os
 import queue
 import threading
-import time
 
 import torch
-from flask import Flask, jsonify, request
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bench.bare_http import make_app
 
 torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
 PATH = os.environ["BARE_MODEL"]
 tokenizer = AutoTokenizer.from_pretrained(PATH, padding_side="left")
 model = AutoModelForCausalLM.from_pretrained(PATH, dtype=torch.float32).eval()
 jobs: queue.Queue = queue.Queue()
-app = Flask(__name__)
 
 
 def worker() -> None:
@@ -41,20 +40,12 @@ def worker() -> None:
 threading.Thread(target=worker, daemon=True).start()
 
 
-@app.get("/health")
-def health():
-    return "ok"
-
-
-@app.post("/v1/chat/completions")
-def chat():
-    body = request.get_json()
+def submit(body: dict) -> list[int]:
     prompt = tokenizer.apply_chat_template(body["messages"], tokenize=False, add_generation_prompt=True)
     job = {"prompt": prompt, "tokens": int(body.get("max_tokens", 16)), "done": threading.Event()}
     jobs.put(job)
     job["done"].wait()
-    text = tokenizer.decode(job["ids"], skip_special_tokens=True)
-    return jsonify({"id": "bare", "object": "chat.completion", "created": int(time.time()), "model": body.get("model"),
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                 "finish_reason": "length"}],
-                    "usage": {"completion_tokens": len(job["ids"])}})
+    return job["ids"]
+
+
+app = make_app(tokenizer, submit)

@@ -10,10 +10,10 @@ import itertools
 import multiprocessing
 import os
 import threading
-import time
 
-from flask import Flask, jsonify, request
 from transformers import AutoTokenizer
+
+from bench.bare_http import make_app
 
 PATH = os.environ["BARE_MODEL"]
 
@@ -51,7 +51,6 @@ if not IN_ENGINE:
 waiting: dict[int, dict] = {}
 send_lock = threading.Lock()
 ids = itertools.count()
-app = Flask(__name__)
 
 
 def receiver() -> None:
@@ -66,14 +65,7 @@ if not IN_ENGINE:
     threading.Thread(target=receiver, daemon=True).start()
 
 
-@app.get("/health")
-def health():
-    return "ok"
-
-
-@app.post("/v1/chat/completions")
-def chat():
-    body = request.get_json()
+def submit(body: dict) -> list[int]:
     prompt_ids = tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True, tokenize=True,
                                                return_dict=False)
     job = {"done": threading.Event()}
@@ -82,8 +74,7 @@ def chat():
     with send_lock:
         ours.send((job_id, list(prompt_ids), int(body.get("max_tokens", 16))))
     job["done"].wait()
-    text = tokenizer.decode(job["ids"], skip_special_tokens=True)
-    return jsonify({"id": "bare", "object": "chat.completion", "created": int(time.time()), "model": body.get("model"),
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                 "finish_reason": "length"}],
-                    "usage": {"completion_tokens": len(job["ids"])}})
+    return job["ids"]
+
+
+app = make_app(tokenizer, submit)
