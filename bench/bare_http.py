@@ -6,8 +6,8 @@ from typing import Any, Callable
 from flask import Flask, jsonify, request
 
 
-def make_app(tokenizer: Any, submit: Callable[[dict], list[int]]) -> Flask:
-    """`submit(body)` waits for the loop and returns the new token ids."""
+def make_app(tokenizer: Any, submit: Callable[[dict], Any]) -> Flask:
+    """`submit(body)` waits for the loop and returns the new token ids, or (text, token count)."""
     app = Flask(__name__)
 
     @app.get("/health")
@@ -17,12 +17,12 @@ def make_app(tokenizer: Any, submit: Callable[[dict], list[int]]) -> Flask:
     @app.post("/v1/chat/completions")
     def chat():
         body = request.get_json()
-        ids = submit(body)
-        text = tokenizer.decode(ids, skip_special_tokens=True)
+        out = submit(body)
+        text, count = out if isinstance(out, tuple) else (tokenizer.decode(out, skip_special_tokens=True), len(out))
         return jsonify({"id": "bare", "object": "chat.completion", "created": int(time.time()),
                         "model": body.get("model"),
                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                      "finish_reason": "length"}],
-                        "usage": {"completion_tokens": len(ids)}})
+                        "usage": {"completion_tokens": count}})
 
     return app

@@ -13,7 +13,9 @@ its model at start); the target is read on the compiled one, the setting a CPU u
 `python`: Python's 5 ms), to compare with the server's default in the same run. `--bare` adds the bare
 dynamic-batching loop (bench/bare_loop.py, one process like ours) on the same checkpoint: what one
 process can do against vLLM's two, and the same loop split in two processes as vLLM is
-(bench/bare_loop_split.py: HTTP, template and tokenizer in one, the generate loop in the other).
+(bench/bare_loop_split.py: HTTP, template and tokenizer in one, the generate loop in the other), and
+that split with our continuous engine (compiled) as the other process (`ours_split`): what moving our
+engine loop out of the HTTP process would buy.
 
 Both through /v1/chat/completions with wrk (bench/load_client.py: a distinct prompt per request, greedy,
 16 new tokens), c = 1, 8, 32, measured alternately --runs times, best req/s per side. Target: ours /
@@ -122,12 +124,16 @@ def main() -> int:
         if args.bare:  # not in `servers`: no ratio to vLLM is a target for it
             bare = C.start_bare_loop("bare", checkpoint, args.work)
             split = C.start_bare_loop("bare_split", checkpoint, args.work, module="bench.bare_loop_split")
+            ours_split = C.start_bare_loop("ours_split", checkpoint, args.work, module="bench.bare_loop_split",
+                                           env={"BARE_SPLIT_ENGINE_KIND": "ours"})
         sides = [(side, f"{server.url}/v1/chat/completions") for side, server in servers.items()]
         if args.bare:
-            sides += [("bare", f"{bare.url}/v1/chat/completions"), ("bare_split", f"{split.url}/v1/chat/completions")]
+            sides += [("bare", f"{bare.url}/v1/chat/completions"), ("bare_split", f"{split.url}/v1/chat/completions"),
+                      ("ours_split", f"{ours_split.url}/v1/chat/completions")]
         sides.append(("vllm", f"{vllm.url}/v1/chat/completions"))
         pids = {**{side: server.process.pid for side, server in servers.items()}, "vllm": vllm.process.pid,
-                **({"bare": bare.process.pid, "bare_split": split.process.pid} if args.bare else {})}
+                **({"bare": bare.process.pid, "bare_split": split.process.pid, "ours_split": ours_split.process.pid}
+                   if args.bare else {})}
         for c in [int(x) for x in args.concurrency.split(",")]:
             for side, url in sides:
                 warm(side, url, c)
@@ -155,7 +161,7 @@ def main() -> int:
                     record.update(target=TARGET, target_is="at least", met=bool(clean and ratio and ratio >= TARGET))
                     results.append(record)
                 C.emit(record)
-            for side in ("bare", "bare_split") if args.bare else ():
+            for side in ("bare", "bare_split", "ours_split") if args.bare else ():
                 C.emit({"kind": "ratio", "bench": "vs_vllm_cpu", "c": c, "compare": f"{side} / vllm (rps)",
                         "ours_rps": round(best[side].rps, 3), "vllm_rps": round(best["vllm"].rps, 3),
                         "ratio": round(best[side].rps / best["vllm"].rps, 3) if best["vllm"].rps else None})
