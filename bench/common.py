@@ -268,11 +268,11 @@ def start_peer(name: str, checkpoint: Path, work: Path, continuous_batching: boo
 
 
 def start_bare_loop(name: str, checkpoint: Path, work: Path, module: str = "bench.bare_loop",
-                    env: dict | None = None) -> Server:
+                    extra_env: dict | None = None) -> Server:
     """bench/bare_loop.py (or `module`: bench.bare_loop_split) under gunicorn (one worker, gthread, 32
     threads) on that checkpoint."""
     env = dict(os.environ, BARE_MODEL=str(checkpoint), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               PYTHONUNBUFFERED="1", **(env or {}))
+               PYTHONUNBUFFERED="1", **(extra_env or {}))
     port = free_port()
     argv = [PYTHON, "-m", "gunicorn", "-w", "1", "-k", "gthread", "--threads", "32", "-b", f"127.0.0.1:{port}",
             "--timeout", "300", f"{module}:app"]

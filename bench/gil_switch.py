@@ -30,14 +30,16 @@ def decode_step(model, rows: int, context: int):
     import torch
     from transformers import DynamicCache
 
+    from utils.engine.continuous import cache_argument
+
     ids = torch.randint(0, model.config.vocab_size, (rows, context))
+    cache, step_ids, name = DynamicCache(), ids[:, -1:], cache_argument(model)  # the engine's own call
     with torch.inference_mode():
-        prefill = model(ids, past_key_values=DynamicCache(), use_cache=True)
-    cache, step_ids = prefill.past_key_values, ids[:, -1:]
+        model(ids, use_cache=True, **{name: cache})
 
     def step():
         with torch.inference_mode():
-            model(step_ids, past_key_values=cache, use_cache=True)
+            model(step_ids, use_cache=True, **{name: cache})
             cache.crop(-1)  # back to the same cache length every step
     return step
 
@@ -56,9 +58,8 @@ def beside_busy(step, steps: int, busy: int) -> tuple[float, float]:
     stop, counts = threading.Event(), [0] * busy
 
     def spin(i):
-        n = 0
         while not stop.is_set():
-            n += sum(range(50))  # a few us of bytecode per iteration
+            sum(range(50))  # a few us of bytecode per iteration
             counts[i] += 1
     threads = [threading.Thread(target=spin, args=(i,), daemon=True) for i in range(busy)]
     started = time.perf_counter()

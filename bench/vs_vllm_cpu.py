@@ -121,19 +121,14 @@ def main() -> int:
     servers = {side: C.start_ours(side, args.work, args.work, env=env[side]) for side in configs}
     try:
         vllm = start_vllm(python, checkpoint, args.work)
-        if args.bare:  # not in `servers`: no ratio to vLLM is a target for it
-            bare = C.start_bare_loop("bare", checkpoint, args.work)
-            split = C.start_bare_loop("bare_split", checkpoint, args.work, module="bench.bare_loop_split")
-            ours_split = C.start_bare_loop("ours_split", checkpoint, args.work, module="bench.bare_loop_split",
-                                           env={"BARE_SPLIT_ENGINE_KIND": "ours"})
-        sides = [(side, f"{server.url}/v1/chat/completions") for side, server in servers.items()]
-        if args.bare:
-            sides += [("bare", f"{bare.url}/v1/chat/completions"), ("bare_split", f"{split.url}/v1/chat/completions"),
-                      ("ours_split", f"{ours_split.url}/v1/chat/completions")]
-        sides.append(("vllm", f"{vllm.url}/v1/chat/completions"))
-        pids = {**{side: server.process.pid for side, server in servers.items()}, "vllm": vllm.process.pid,
-                **({"bare": bare.process.pid, "bare_split": split.process.pid, "ours_split": ours_split.process.pid}
-                   if args.bare else {})}
+        probes = {} if not args.bare else {  # not in `servers`: no ratio to vLLM is a target for them
+            "bare": C.start_bare_loop("bare", checkpoint, args.work),
+            "bare_split": C.start_bare_loop("bare_split", checkpoint, args.work, module="bench.bare_loop_split"),
+            "ours_split": C.start_bare_loop("ours_split", checkpoint, args.work, module="bench.bare_loop_split",
+                                            extra_env={"BARE_SPLIT_ENGINE_KIND": "ours"})}
+        everyone = {**servers, **probes, "vllm": vllm}
+        sides = [(side, f"{server.url}/v1/chat/completions") for side, server in everyone.items()]
+        pids = {side: server.process.pid for side, server in everyone.items()}
         for c in [int(x) for x in args.concurrency.split(",")]:
             for side, url in sides:
                 warm(side, url, c)
@@ -161,7 +156,7 @@ def main() -> int:
                     record.update(target=TARGET, target_is="at least", met=bool(clean and ratio and ratio >= TARGET))
                     results.append(record)
                 C.emit(record)
-            for side in ("bare", "bare_split", "ours_split") if args.bare else ():
+            for side in probes:
                 C.emit({"kind": "ratio", "bench": "vs_vllm_cpu", "c": c, "compare": f"{side} / vllm (rps)",
                         "ours_rps": round(best[side].rps, 3), "vllm_rps": round(best["vllm"].rps, 3),
                         "ratio": round(best[side].rps / best["vllm"].rps, 3) if best["vllm"].rps else None})

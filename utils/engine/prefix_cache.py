@@ -6,8 +6,8 @@ Entries are whole prompts' KV (one [1, heads, tokens, head_dim] pair per layer),
 prefixes at BLOCK-token boundaries (a dict from the hash of each block-aligned prefix to the entries
 that start so), least recently used out past `max_bytes`. A prompt that extends a cached one (a chat's
 next turn) replaces it: whatever the shorter one matched, the longer one matches as far, so the cache
-holds one entry per chat in flight, not one per turn (8 chats of 8 turns: ~4.5x fewer bytes). Reuse is exact: a position's KV depends
-only on the tokens before it, so the cached part is what a fresh prefill computes (up to float
+holds one entry per chat in flight, not one per turn (8 chats of 8 turns: ~4.5x fewer bytes). Reuse is
+exact: a position's KV depends only on the tokens before it, so the cached part is what a fresh prefill computes (up to float
 rounding of different shapes, as batching already has; tests compare tokens under greedy decoding).
 
 One owner: the engine's worker thread alone reads and writes it (no lock)."""
@@ -73,16 +73,15 @@ class PrefixCache:
         entry = PrefixEntry(key, layers)
         if entry.bytes > self.max_bytes:
             return
-        for shorter in self._prefixes_of(key):
+        for shorter in self._prefixes_of(key):  # not evicted: replaced by what extends it
             self._drop(shorter)
-            self.evictions -= 1  # not pushed out by the cap: replaced by what extends it
             self.superseded += 1
         self._entries[key] = entry
         self.bytes += entry.bytes
         for length in range(BLOCK, len(key) + 1, BLOCK):
             self._by_prefix.setdefault(hash(key[:length]), set()).add(key)
         while self.bytes > self.max_bytes:
-            self._drop(next(iter(self._entries)))
+            self._evict(next(iter(self._entries)))
 
     def _prefixes_of(self, key: tuple[int, ...]) -> list[tuple[int, ...]]:
         """Cached prompts that `key` starts with (every one shares its first block)."""
@@ -91,17 +90,20 @@ class PrefixCache:
 
     def clear(self) -> None:
         for key in list(self._entries):
-            self._drop(key)
+            self._evict(key)
 
     def stats(self) -> dict:
         return {"entries": len(self._entries), "bytes": self.bytes, "max_bytes": self.max_bytes, "hits": self.hits,
                 "misses": self.misses, "tokens_reused": self.tokens_reused, "evictions": self.evictions,
                 "superseded": self.superseded}
 
+    def _evict(self, key: tuple[int, ...]) -> None:
+        self._drop(key)
+        self.evictions += 1
+
     def _drop(self, key: tuple[int, ...]) -> None:
         entry = self._entries.pop(key)
         self.bytes -= entry.bytes
-        self.evictions += 1
         for length in range(BLOCK, len(key) + 1, BLOCK):
             holders = self._by_prefix.get(hash(key[:length]))
             if holders is not None:
